@@ -1,0 +1,350 @@
+"""Feature distillation on Accelerate: teacher features -> student + regressor, MSE on whitened targets + AT.
+
+The loop reads in one screen (:func:`train`); the pieces are built by ``build_*`` functions that the probe, the
+export and the tests reuse. A run directory holds ``config.yaml`` (the resolved recipe), ``metrics.csv`` (loss
+terms per logged step) and ``checkpoint-{step}/`` directories written atomically (temporary name, then rename).
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from .augment import build_augment
+from .config import Recipe, save_recipe
+from .data import build_dataset, collate, dataset_mean_std, to_student, to_teacher, to_unit
+from .losses import feature_distillation_loss
+from .regressor import FeatureRegressor
+from .student import DistillModel, Student
+from .teacher import DiffusionTeacher, load_teacher
+
+_logger = logging.getLogger(__name__)
+
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RunExistsError(FileExistsError):
+    """The output directory already holds a run."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or Inf."""
+
+
+# ----------------------------------------------------------------------------------------------- builders
+def build_train_data(recipe: Recipe, split: str = "train") -> tuple[Dataset, int]:
+    """The dataset of the recipe and its number of channels."""
+    channels = recipe.image_channels or (1 if recipe.dataset == "fashion-mnist" else 3)
+    ds = build_dataset(recipe.dataset, recipe.data_root, split, channels=channels)
+    return ds, channels
+
+
+def resolve_mean_std(recipe: Recipe, ds: Dataset) -> tuple[list[float], list[float]]:
+    if recipe.mean is not None and recipe.std is not None:
+        if len(recipe.mean) != 3 or len(recipe.std) != 3:
+            raise ValueError(f"mean/std need 3 values (the student takes RGB), got mean={recipe.mean} std={recipe.std}.")
+        return [float(v) for v in recipe.mean], [float(v) for v in recipe.std]
+    mean, std = dataset_mean_std(ds)
+    return [round(v, 4) for v in mean], [round(v, 4) for v in std]
+
+
+def build_teacher(recipe: Recipe, data_channels: int) -> DiffusionTeacher:
+    teacher = load_teacher(recipe.teacher, recipe.teacher_blocks, recipe.timesteps,
+                           torch_dtype=_DTYPES[recipe.teacher_dtype])
+    check_channels(data_channels, teacher.in_channels, recipe.teacher)
+    return teacher
+
+
+def check_channels(data_channels: int, teacher_channels: int, teacher_name) -> None:
+    """Grayscale data feeds an RGB teacher (replicated); any other mismatch is an error."""
+    if data_channels == teacher_channels or (data_channels == 1 and teacher_channels == 3):
+        return
+    raise ValueError(
+        f"teacher {teacher_name!r} takes in_channels={teacher_channels} images but the dataset has "
+        f"{data_channels} channel(s); valid: a teacher with in_channels={data_channels} (or 3 for grayscale data). "
+        f"Fix: use a teacher trained on {data_channels}-channel images, or set image_channels: {teacher_channels} "
+        f"for an image-folder dataset."
+    )
+
+
+def build_model(recipe: Recipe, teacher: DiffusionTeacher) -> DistillModel:
+    student = Student(recipe.student, recipe.student_size, recipe.student_indices, recipe.student_kwargs)
+    targets = [(f.num_chs, f.size) for f in teacher.feature_info]
+    regressor = FeatureRegressor(student.channels, targets, sources=recipe.sources, width=recipe.regressor_width,
+                                 use_ppm=recipe.use_ppm, level_sizes=student.sizes)
+    return DistillModel(student, regressor)
+
+
+def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """timm's optimizer factory (no weight decay on norms and biases; LAMB, AdamW or SGD)."""
+    from timm.optim import create_optimizer_v2
+
+    kwargs = {"momentum": recipe.momentum} if recipe.optimizer == "sgd" else {}
+    return create_optimizer_v2(model, opt=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay, **kwargs)
+
+
+def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer):
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, min(recipe.warmup_steps, recipe.steps), recipe.steps)
+
+
+def _loader(ds: Dataset, recipe: Recipe, generator: torch.Generator) -> DataLoader:
+    if recipe.batch_size > len(ds):
+        raise ValueError(
+            f"batch_size={recipe.batch_size} is larger than the dataset ({len(ds)} images); use batch_size <= {len(ds)}."
+        )
+    return DataLoader(ds, batch_size=recipe.batch_size, sampler=RandomSampler(ds, generator=generator),
+                      drop_last=True, collate_fn=collate, num_workers=recipe.num_workers,
+                      persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those that were renamed into place), oldest first."""
+    out = []
+    if run_dir.is_dir():
+        for p in run_dir.iterdir():
+            m = _CKPT_RE.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    ckpts = list_checkpoints(Path(run_dir))
+    return ckpts[-1][1] if ckpts else None
+
+
+def _save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    final = run_dir / f"checkpoint-{step}"
+    tmp = run_dir / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic: resume never sees a half-written checkpoint
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------- training
+@dataclass
+class Batch:
+    teacher_x: torch.Tensor  # (B, C_t, S_t, S_t) in [-1, 1]
+    student_x: torch.Tensor  # (B, 3, S_s, S_s) normalised
+
+
+def make_views(images: torch.Tensor, augment, teacher: DiffusionTeacher, student_size: int, mean, std) -> Batch:
+    """One augmented view of a uint8 batch, converted for the teacher and for the student."""
+    x = to_unit(images)  # (B, C, H, W) in [0, 1]
+    x = augment(x)
+    return Batch(to_teacher(x, teacher.in_channels, teacher.sample_size), to_student(x, student_size, mean, std))
+
+
+def train_step(model, teacher: DiffusionTeacher, batch: Batch, keys: list[str], recipe: Recipe,
+               accelerator) -> dict[str, torch.Tensor]:
+    """Forward + backward of one micro-batch; returns the loss terms (not yet synchronised)."""
+    feats = teacher(batch.teacher_x)
+    targets = [feats[k].float() for k in keys]  # each (B, C_k, H_k, W_k)
+    preds = model(batch.student_x)
+    losses = feature_distillation_loss(preds, targets, mse_weight=recipe.mse_weight, at_weight=recipe.at_weight,
+                                       cos_weight=recipe.cos_weight, at_mode=recipe.at_mode)
+    accelerator.backward(losses["total"])
+    return losses
+
+
+def _epoch_batches(ds, recipe: Recipe, accelerator, start_step: int) -> Iterator:
+    """Infinite stream of batches; epoch ``e`` is shuffled with seed ``recipe.seed + e`` so resume repeats it."""
+    per_step = recipe.grad_accum_steps
+    g = torch.Generator()
+    loader = accelerator.prepare_data_loader(_loader(ds, recipe, g), device_placement=True)
+    n = len(loader)
+    micro = start_step * per_step
+    epoch, skip = divmod(micro, n)
+    while True:
+        g.manual_seed(recipe.seed * 100003 + epoch)
+        it = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in it:
+            yield batch
+        epoch, skip = epoch + 1, 0
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Optional[Path]:
+    """Refuse to mix runs: an existing run is resumed (``resume``), replaced (``overwrite``) or an error."""
+    has_run = run_dir.is_dir() and ((run_dir / "config.yaml").exists() or list_checkpoints(run_dir))
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            _logger.warning("--resume: no checkpoint in '%s'; starting from step 0", run_dir)
+        return ckpt
+    if has_run:
+        if not overwrite:
+            raise RunExistsError(
+                f"output directory '{run_dir}' already holds a run; pass --resume to continue it, --overwrite to "
+                f"replace it, or choose another --output-dir."
+            )
+        shutil.rmtree(run_dir)
+    return None
+
+
+def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool = False,
+          accelerator=None, progress: bool = True) -> dict:
+    """Distill ``recipe.teacher`` into ``recipe.student``; returns a summary dict (also in ``summary.json``)."""
+    import json
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from tqdm.auto import tqdm
+
+    run_dir = Path(output_dir)
+    accelerator = accelerator or Accelerator(
+        mixed_precision=recipe.mixed_precision, gradient_accumulation_steps=recipe.grad_accum_steps,
+        log_with=recipe.log_with, project_dir=str(run_dir),
+        # ViT students leave their final norm unused in forward_intermediates
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    ckpt = prepare_run_dir(run_dir, resume, overwrite) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process and resume:
+        ckpt = latest_checkpoint(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(recipe.seed)
+
+    ds, channels = build_train_data(recipe)
+    mean, std = resolve_mean_std(recipe, ds)
+    teacher = build_teacher(recipe, channels).to(accelerator.device)  # never prepared: frozen, no DDP
+    keys = [f.key for f in teacher.feature_info]
+    model = build_model(recipe, teacher)
+    optimizer = build_optimizer(recipe, model)
+    scheduler = build_scheduler(recipe, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    augment = build_augment(recipe.augment, ds[0][0].shape[-1]).to(accelerator.device)
+
+    resolved = {
+        "mean": mean, "std": std, "data_channels": channels,
+        "teacher_features": [vars(f) | {"size": list(f.size)} for f in teacher.feature_info],
+        "teacher_in_channels": teacher.in_channels, "teacher_sample_size": teacher.sample_size,
+        "student_features": [vars(f) | {"size": list(f.size)} for f in accelerator.unwrap_model(model).student.feature_info],
+        "sources": accelerator.unwrap_model(model).regressor.sources,
+        "num_processes": accelerator.num_processes,
+    }
+    if accelerator.is_main_process:
+        save_recipe(recipe, run_dir / "config.yaml", resolved)
+
+    start = 0
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        start = int(_CKPT_RE.match(ckpt.name).group(1))
+        accelerator.print(f"resumed from {ckpt} (step {start})")
+    if recipe.log_with:
+        accelerator.init_trackers("distill", config={k: v for k, v in recipe.to_dict().items()
+                                                     if isinstance(v, (int, float, str, bool))})
+
+    batches = _epoch_batches(ds, recipe, accelerator, start)
+    metrics_path = run_dir / "metrics.csv"
+    new_file = not metrics_path.exists() or start == 0
+    log_f = open(metrics_path, "w" if start == 0 else "a", newline="") if accelerator.is_main_process else None
+    writer = csv.writer(log_f) if log_f else None
+    bar = tqdm(total=recipe.steps, initial=start, desc="distill", disable=not (progress and accelerator.is_main_process),
+               dynamic_ncols=True)
+    model.train()
+    t0, seen, last = time.time(), 0, {}
+    try:
+        for step in range(start + 1, recipe.steps + 1):
+            sums: dict[str, float] = {}
+            for _ in range(recipe.grad_accum_steps):
+                images, _labels = next(batches)
+                batch = make_views(images, augment, teacher, recipe.student_size, mean, std)
+                with accelerator.accumulate(model):
+                    losses = train_step(model, teacher, batch, keys, recipe, accelerator)
+                    grad_norm = None
+                    if accelerator.sync_gradients and recipe.grad_clip > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach()
+                seen += images.shape[0] * accelerator.num_processes
+            scheduler.step()
+            if step % recipe.log_every == 0 or step == recipe.steps or step == start + 1:
+                terms = {k: accelerator.reduce(v, "mean").item() / recipe.grad_accum_steps for k, v in sums.items()}
+                bad = [k for k, v in terms.items() if not math.isfinite(v)]
+                if bad:
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step}: {', '.join(f'{k}={terms[k]}' for k in bad)}; the last good "
+                        f"checkpoint is kept in '{run_dir}'. Lower lr, enable grad_clip, or check the data."
+                    )
+                last = terms
+                row = {"step": step, **{k: round(v, 6) for k, v in terms.items()},
+                       "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": round(float(grad_norm), 4) if grad_norm is not None else "",
+                       "img_per_s": round(seen / (time.time() - t0), 1)}
+                if writer:
+                    if new_file:
+                        writer.writerow(list(row))
+                        new_file = False
+                    writer.writerow(list(row.values()))
+                    log_f.flush()
+                if recipe.log_with:
+                    accelerator.log({k: v for k, v in row.items() if isinstance(v, float)}, step=step)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
+            bar.update(1)
+            if step % recipe.checkpoint_every == 0 or step == recipe.steps:
+                _save_checkpoint(accelerator, run_dir, step, recipe.keep_checkpoints)
+    finally:
+        bar.close()
+        if log_f:
+            log_f.close()
+        if recipe.log_with:
+            accelerator.end_training()
+    summary = {"steps": recipe.steps, "final_losses": last, "seconds": round(time.time() - t0, 1),
+               "img_per_s": round(seen / max(time.time() - t0, 1e-9), 1), "run_dir": str(run_dir),
+               "checkpoint": str(latest_checkpoint(run_dir))}
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def load_trained(run_dir: str, checkpoint: Optional[str] = None, map_location="cpu") -> tuple[DistillModel, Recipe, dict]:
+    """Rebuild student + regressor of a run and load a checkpoint's weights (default: the latest)."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from .config import make_recipe
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"'{run}' is not a run directory (no config.yaml); give the --output-dir of `distill train`.")
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    resolved = data.pop("_resolved", {})
+    recipe = make_recipe(data, source=f"'{run / 'config.yaml'}'")
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run)
+    if ckpt is None or not (ckpt / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no complete checkpoint in '{run}'; train first (or pass a checkpoint directory).")
+    student = Student(recipe.student, recipe.student_size, recipe.student_indices, recipe.student_kwargs)
+    targets = [(f["num_chs"], tuple(f["size"])) for f in resolved["teacher_features"]]
+    regressor = FeatureRegressor(student.channels, targets, sources=resolved["sources"], width=recipe.regressor_width,
+                                 use_ppm=recipe.use_ppm)
+    model = DistillModel(student, regressor)
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(map_location)), strict=True)
+    resolved["checkpoint"] = str(ckpt)
+    return model.eval(), recipe, resolved

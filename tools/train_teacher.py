@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Train a small diffusers ``UNet2DModel`` DDPM teacher on a dataset of ``distill.data``.
+
+The loop follows diffusers' ``examples/unconditional_image_generation/train_unconditional.py``: epsilon
+prediction, ``DDPMScheduler`` with 1000 steps, AdamW with warmup + cosine, optional EMA, Accelerate. It
+saves a ``DDPMPipeline`` directory (``model_index.json``, ``unet/``, ``scheduler/``) in safetensors, which
+``distill.teacher.load_teacher`` and ``diffusers.DDPMPipeline.from_pretrained`` both load.
+
+The shipped Fashion-MNIST teacher was trained with (see distill/teachers/fashion-mnist-ddpm/TRAINING.md):
+
+    python tools/train_teacher.py --dataset fashion-mnist --out distill/teachers/fashion-mnist-ddpm \
+        --steps 4000 --batch-size 32 --lr 5e-4 --ema
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distill.data import build_dataset, collate, to_teacher, to_unit  # noqa: E402
+
+# A small UNet sized for CPU training: 1.1M parameters (4.5 MB in fp32), attention at 8x8.
+SMALL_UNET = dict(
+    sample_size=32,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    norm_num_groups=16,
+    attention_head_dim=32,
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or image-folder")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--channels", type=int, default=None, help="image channels (default: 1 for fashion-mnist, else 3)")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--out", required=True, help="output pipeline directory")
+    p.add_argument("--unet-config", default=None, help="JSON file of UNet2DModel kwargs (default: SMALL_UNET)")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--weight-decay", type=float, default=1e-6)
+    p.add_argument("--ema", action="store_true", help="keep an EMA of the weights and save it (as diffusers does)")
+    p.add_argument("--ema-max-decay", type=float, default=0.999)
+    p.add_argument("--hflip", action="store_true", help="random horizontal flips")
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--workers", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def save(unet, ema, scheduler, out: Path, info: dict):
+    if ema is not None:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+    tmp = out.with_name(out.name + ".tmp")
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+    (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    if ema is not None:
+        ema.restore(unet.parameters())
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    set_seed(args.seed)
+    channels = args.channels or (1 if args.dataset == "fashion-mnist" else 3)
+    ds = build_dataset(args.dataset, args.data_root, "train", channels=channels)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+        num_workers=args.workers, persistent_workers=args.workers > 0,
+    )
+    cfg = dict(SMALL_UNET)
+    if args.unet_config:
+        cfg.update(json.loads(Path(args.unet_config).read_text()))
+    cfg.update(sample_size=args.resolution, in_channels=channels, out_channels=channels)
+    unet = UNet2DModel(**cfg)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    lr_sched = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps)
+    unet, opt, loader, lr_sched = accelerator.prepare(unet, opt, loader, lr_sched)
+    ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, power=0.75) if args.ema else None
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    out = Path(args.out)
+    log_path = out.with_name(out.name + ".loss.csv")
+    n_params = sum(p.numel() for p in unet.parameters())
+    accelerator.print(f"UNet2DModel: {n_params / 1e6:.2f}M parameters; {len(ds)} images; {args.steps} steps")
+    step, t0, ema_loss = 0, time.time(), None
+    bar = tqdm(total=args.steps, disable=not accelerator.is_main_process, desc="teacher")
+    with open(log_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "loss", "loss_ema", "lr", "seconds"])
+        while step < args.steps:
+            for images, _ in loader:
+                x0 = to_teacher(to_unit(images), channels, args.resolution)  # (B, C, R, R) in [-1, 1]
+                if args.hflip:
+                    flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
+                    x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+                noise = torch.randn_like(x0)
+                t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+                xt = scheduler.add_noise(x0, noise, t)
+                with accelerator.accumulate(unet):
+                    pred = unet(xt, t).sample
+                    loss = F.mse_loss(pred.float(), noise)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+                    opt.step()
+                    lr_sched.step()
+                    opt.zero_grad()
+                if ema is not None:
+                    ema.step(unet.parameters())
+                step += 1
+                lv = loss.item()
+                ema_loss = lv if ema_loss is None else 0.98 * ema_loss + 0.02 * lv
+                writer.writerow([step, f"{lv:.5f}", f"{ema_loss:.5f}", f"{lr_sched.get_last_lr()[0]:.3e}",
+                                 f"{time.time() - t0:.1f}"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{ema_loss:.4f}")
+                if accelerator.is_main_process and (step % args.save_every == 0 or step == args.steps):
+                    f.flush()
+                    info = dict(command="python tools/train_teacher.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                                step=step, loss_ema=round(ema_loss, 5), seconds=round(time.time() - t0, 1),
+                                params=n_params, dataset=args.dataset, resolution=args.resolution, ema=args.ema,
+                                torch=torch.__version__, threads=torch.get_num_threads())
+                    save(accelerator.unwrap_model(unet), ema, scheduler, out, info)
+                if step >= args.steps:
+                    break
+    bar.close()
+    accelerator.print(f"done: {step} steps, smoothed loss {ema_loss:.4f}, {time.time() - t0:.0f}s -> {out}")
+
+
+if __name__ == "__main__":
+    main()
