@@ -13,7 +13,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import re
+
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``3e-4`` as a float (YAML 1.1 wants a dot: ``3.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?$"
+               r"|^[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 OPTIMIZERS = ("adamw", "lamb", "sgd")
 AUGMENTS = ("none", "flip", "crop-flip")
@@ -112,7 +130,8 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
 def make_recipe(values: dict, source: str = "recipe") -> Recipe:
     """Build a :class:`Recipe` from a dict, checking keys, types and choices."""
     fields_ = recipe_fields()
-    for key, value in values.items():
+    values = dict(values)
+    for key, value in list(values.items()):
         if key not in fields_:
             close = difflib.get_close_matches(key, list(fields_), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -148,7 +167,7 @@ def load_recipe(path: Union[str, Path], overrides: Optional[dict] = None) -> Rec
     if not path.is_file():
         bundled = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
         raise FileNotFoundError(f"recipe '{path}' not found. Recipes in the repository's recipes/: {', '.join(bundled)}.")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = yaml_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"recipe '{path}' must be a YAML mapping of key: value, got {type(values).__name__}.")
     values.update(overrides or {})
@@ -162,7 +181,7 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"--set {item!r} is not of the form key=value (e.g. --set steps=100).")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        out[k.strip()] = yaml_load(v)
     return out
 
 

@@ -45,6 +45,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (magic bytes {data[:4]!r}).")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is truncated inside its header ({len(data)} bytes for {ndim} dimensions).")
     dims = struct.unpack(f">{ndim}I", data[4: 4 + 4 * ndim])
     expected = int(np.prod(dims))
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
@@ -78,7 +80,7 @@ class FashionMNIST(Dataset):
     def __init__(self, root: Optional[str] = None, split: str = "train"):
         if split not in _FMNIST_FILES:
             raise ValueError(f"split={split!r} is not valid for Fashion-MNIST; valid: {sorted(_FMNIST_FILES)}.")
-        root = Path(root or FASHION_MNIST_DIR)
+        root = Path(root or FASHION_MNIST_DIR).expanduser()
         if not root.is_dir():
             _find_idx(root, _FMNIST_FILES[split][0])  # raises with the install hint
         images = read_idx(_find_idx(root, _FMNIST_FILES[split][0]))  # (N, 28, 28)
@@ -108,7 +110,7 @@ class ImageFolder(Dataset):
     """
 
     def __init__(self, root: str, channels: int = 3, on_error: str = "skip"):
-        root_p = Path(root)
+        root_p = Path(root).expanduser()
         if not root_p.is_dir():
             raise DatasetNotFoundError(
                 f"image folder '{root}' does not exist. For the CIFAR-10 JPEGs shipped beside the project run "
@@ -177,8 +179,8 @@ def build_dataset(name: str, root: Optional[str] = None, split: str = "train", c
     if name == "image-folder":
         if root is None:
             raise ValueError("dataset 'image-folder' needs `data_root` (a folder of images or of class folders).")
-        if (Path(root) / split).is_dir():
-            root = str(Path(root) / split)
+        if (Path(root).expanduser() / split).is_dir():
+            root = str(Path(root).expanduser() / split)
         return ImageFolder(root, channels=channels)
     raise ValueError(f"unknown dataset {name!r}; valid: {list(DATASETS)}.")
 

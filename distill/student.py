@@ -86,7 +86,8 @@ class Student(nn.Module):
         bad = [i for i in indices if not -n_feat <= i < n_feat]
         if bad:
             raise ValueError(f"student_indices {bad} out of range for {name!r}, which has {n_feat} feature levels.")
-        self.indices = [i % n_feat for i in indices]
+        # forward_intermediates returns maps in network order whatever the order asked: keep ours sorted to match
+        self.indices = sorted({i % n_feat for i in indices})
         self.feature_info = self._dry_run()
 
     @torch.no_grad()

@@ -105,8 +105,10 @@ def _loader(ds: Dataset, recipe: Recipe, generator: torch.Generator) -> DataLoad
         raise ValueError(
             f"batch_size={recipe.batch_size} is larger than the dataset ({len(ds)} images); use batch_size <= {len(ds)}."
         )
+    # The loader's own generator too: otherwise creating an iterator draws a seed from the global RNG, which
+    # would shift augmentation and noise after a resume.
     return DataLoader(ds, batch_size=recipe.batch_size, sampler=RandomSampler(ds, generator=generator),
-                      drop_last=True, collate_fn=collate, num_workers=recipe.num_workers,
+                      generator=generator, drop_last=True, collate_fn=collate, num_workers=recipe.num_workers,
                       persistent_workers=False)
 
 
@@ -215,6 +217,12 @@ def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool
     from tqdm.auto import tqdm
 
     run_dir = Path(output_dir)
+    if accelerator is None:
+        # AcceleratorState is a process-wide singleton that refuses a second Accelerator with another precision
+        # (a notebook running two recipes); the process group (PartialState) is kept.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = accelerator or Accelerator(
         mixed_precision=recipe.mixed_precision, gradient_accumulation_steps=recipe.grad_accum_steps,
         log_with=recipe.log_with, project_dir=str(run_dir),

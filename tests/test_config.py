@@ -1,0 +1,322 @@
+"""Tests for distill.config: recipe checking at the boundary, YAML loading, --set overrides, save/load round trip."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.config import (
+    yaml_load,
+    AT_MODES,
+    AUGMENTS,
+    MIXED_PRECISION,
+    OPTIMIZERS,
+    Recipe,
+    load_recipe,
+    make_recipe,
+    parse_overrides,
+    recipe_fields,
+    save_recipe,
+)
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPE_FILES = sorted(RECIPES_DIR.glob("*.yaml"))
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- make_recipe
+
+def test_empty_recipe_is_the_defaults():
+    assert make_recipe({}) == Recipe()
+
+
+def test_values_are_set():
+    r = make_recipe({"steps": 7, "student": "convnext_atto", "timesteps": [5, 11], "use_ppm": True,
+                     "teacher": {"sample_size": 32}, "mean": [0.5], "std": None})
+    assert (r.steps, r.student, r.timesteps, r.use_ppm, r.teacher, r.mean, r.std) == (
+        7, "convnext_atto", [5, 11], True, {"sample_size": 32}, [0.5], None)
+    # Everything else keeps its default.
+    d, d0 = r.to_dict(), Recipe().to_dict()
+    changed = {k for k in d if d[k] != d0[k]}
+    assert changed == {"steps", "student", "timesteps", "use_ppm", "teacher", "mean"}
+
+
+@pytest.mark.parametrize("key, closest", [
+    ("teacher_block", "teacher_blocks"),
+    ("timestep", "timesteps"),
+    ("learning_rate_", None),
+    ("optimiser", "optimizer"),
+    ("batchsize", "batch_size"),
+])
+def test_unknown_key_suggests_closest(key, closest):
+    with pytest.raises(ValueError) as e:
+        make_recipe({key: 1}, source="my.yaml")
+    msg = str(e.value)
+    assert f"unknown key {key!r}" in msg and "my.yaml" in msg
+    if closest is not None:
+        assert f"Did you mean {closest!r}" in msg
+    # All valid keys are listed.
+    for name in recipe_fields():
+        assert name in msg
+
+
+def test_unknown_key_with_no_close_match_has_no_guess():
+    with pytest.raises(ValueError) as e:
+        make_recipe({"zzzzqqqq": 1})
+    assert "Did you mean" not in str(e.value)
+
+
+@pytest.mark.parametrize("key, value, type_name", [
+    ("steps", "ten", "int"),
+    ("lr", "fast", "float"),
+    ("student", 18, "str"),
+    ("timesteps", 11, "list"),
+    ("student_kwargs", [1], "dict"),
+    ("data_root", 3, "str or null"),
+    ("use_ppm", "yes", "bool"),
+])
+def test_wrong_type_names_key_value_and_type(key, value, type_name):
+    with pytest.raises(ValueError) as e:
+        make_recipe({key: value}, source="r.yaml")
+    msg = str(e.value)
+    assert repr(key) in msg
+    assert repr(value) in msg
+    assert f"must be {type_name}" in msg
+    assert type(value).__name__ in msg
+
+
+@pytest.mark.parametrize("key", ["lr", "mse_weight", "at_weight", "grad_clip", "probe_train_fraction", "momentum"])
+def test_int_for_float_field_becomes_float(key):
+    r = make_recipe({key: 1})
+    assert type(getattr(r, key)) is float and getattr(r, key) == 1.0
+
+
+@pytest.mark.parametrize("key", ["steps", "batch_size", "seed", "lr", "mse_weight"])
+@pytest.mark.parametrize("value", [True, False])
+def test_bool_is_not_a_number(key, value):
+    with pytest.raises(ValueError) as e:
+        make_recipe({key: value})
+    assert repr(key) in str(e.value) and repr(value) in str(e.value)
+
+
+def test_float_for_int_field_is_rejected():
+    with pytest.raises(ValueError, match="'steps' must be int, got 10.5"):
+        make_recipe({"steps": 10.5})
+
+
+@pytest.mark.parametrize("key, value, choices", [
+    ("optimizer", "adam2", OPTIMIZERS),
+    ("augment", "x", AUGMENTS),
+    ("mixed_precision", "fp8", MIXED_PRECISION),
+    ("at_mode", "foo", AT_MODES),
+    ("teacher_dtype", "float64", ("float32", "bfloat16", "float16")),
+])
+def test_bad_choice_names_value_and_lists_choices(key, value, choices):
+    with pytest.raises(ValueError) as e:
+        make_recipe({key: value})
+    msg = str(e.value)
+    assert repr(key) in msg and repr(value) in msg
+    for c in choices:
+        assert c in msg
+
+
+@pytest.mark.parametrize("key, value, choices", [
+    ("optimizer", OPTIMIZERS, ("adamw", "lamb", "sgd")),
+    ("augment", AUGMENTS, ("none", "flip", "crop-flip")),
+    ("mixed_precision", MIXED_PRECISION, ("no", "fp16", "bf16")),
+    ("at_mode", AT_MODES, ("code", "paper")),
+])
+def test_every_choice_is_accepted(key, value, choices):
+    assert tuple(value) == choices
+    for c in choices:
+        assert getattr(make_recipe({key: c}), key) == c
+
+
+@pytest.mark.parametrize("key", ["steps", "batch_size", "grad_accum_steps", "student_size", "regressor_width",
+                                 "log_every", "checkpoint_every", "probe_epochs", "knn_k", "keep_checkpoints"])
+@pytest.mark.parametrize("value", [0, -3])
+def test_counts_must_be_positive(key, value):
+    with pytest.raises(ValueError) as e:
+        make_recipe({key: value})
+    assert f"{key} must be >= 1, got {value}" in str(e.value)
+    assert getattr(make_recipe({key: 1}), key) == 1
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -0.5, 1.01, 2])
+def test_probe_train_fraction_outside_unit_interval(value):
+    with pytest.raises(ValueError) as e:
+        make_recipe({"probe_train_fraction": value})
+    assert "probe_train_fraction" in str(e.value) and "(0, 1]" in str(e.value)
+    assert str(float(value)) in str(e.value)
+
+
+@pytest.mark.parametrize("value", [1e-9, 0.01, 1.0])
+def test_probe_train_fraction_inside_unit_interval(value):
+    assert make_recipe({"probe_train_fraction": value}).probe_train_fraction == value
+
+
+@pytest.mark.parametrize("lr", [0, -1e-3])
+def test_lr_must_be_positive(lr):
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        make_recipe({"lr": lr})
+
+
+@pytest.mark.parametrize("timesteps", [[5.0], [5, "11"], [True], [5, None]])
+def test_timesteps_must_be_ints(timesteps):
+    with pytest.raises(ValueError) as e:
+        make_recipe({"timesteps": timesteps}, source="t.yaml")
+    assert "timesteps must be a list of integers" in str(e.value)
+    assert repr(timesteps) in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------- load_recipe
+
+def test_load_recipe_from_yaml(tmp_path):
+    path = write_yaml(tmp_path / "r.yaml", """
+# a comment
+student: convnext_atto
+steps: 20
+lr: 0.002
+at_weight: 5          # an int for a float field
+timesteps: [5, 11]
+teacher_blocks: [up_blocks.1]
+student_kwargs: {drop_path_rate: 0.1}
+data_root: null
+""")
+    r = load_recipe(path)
+    assert r == dataclasses.replace(Recipe(), student="convnext_atto", steps=20, lr=0.002, at_weight=5.0,
+                                    timesteps=[5, 11], teacher_blocks=["up_blocks.1"],
+                                    student_kwargs={"drop_path_rate": 0.1})
+    assert type(r.at_weight) is float
+
+
+def test_load_recipe_empty_file_is_defaults(tmp_path):
+    assert load_recipe(write_yaml(tmp_path / "empty.yaml", "")) == Recipe()
+
+
+def test_load_recipe_overrides_win(tmp_path):
+    path = write_yaml(tmp_path / "r.yaml", "steps: 20\nseed: 3\n")
+    r = load_recipe(path, {"steps": 5, "batch_size": 8})
+    assert (r.steps, r.seed, r.batch_size) == (5, 3, 8)
+
+
+def test_load_recipe_errors_name_the_file(tmp_path):
+    path = write_yaml(tmp_path / "bad.yaml", "teacher_block: [mid_block]\n")
+    with pytest.raises(ValueError) as e:
+        load_recipe(path)
+    assert str(path) in str(e.value) and "Did you mean 'teacher_blocks'" in str(e.value)
+    path = write_yaml(tmp_path / "bad2.yaml", "steps: ten\n")
+    with pytest.raises(ValueError) as e:
+        load_recipe(path)
+    assert str(path) in str(e.value) and "'steps'" in str(e.value) and "'ten'" in str(e.value)
+
+
+def test_load_recipe_not_a_mapping(tmp_path):
+    path = write_yaml(tmp_path / "list.yaml", "- steps\n- 10\n")
+    with pytest.raises(ValueError, match="mapping") as e:
+        load_recipe(path)
+    assert "list" in str(e.value)
+
+
+def test_missing_recipe_lists_bundled_recipes(tmp_path):
+    missing = tmp_path / "no-such-recipe.yaml"
+    with pytest.raises(FileNotFoundError) as e:
+        load_recipe(missing)
+    msg = str(e.value)
+    assert str(missing) in msg
+    assert "recipes/" in msg
+    bundled = sorted(p.name for p in RECIPES_DIR.glob("*.yaml"))
+    assert msg.rstrip(".").endswith(", ".join(bundled))
+    for name in bundled:
+        assert name in msg
+
+
+@pytest.mark.parametrize(
+    "path", RECIPE_FILES or [None], ids=[p.name for p in RECIPE_FILES] or ["no-recipes-found"])
+def test_bundled_recipe_loads(path):
+    if path is None:  # no recipe at collection time: fail loudly rather than run nothing
+        assert sorted(RECIPES_DIR.glob("*.yaml")), f"no *.yaml recipes in {RECIPES_DIR}"
+        path = sorted(RECIPES_DIR.glob("*.yaml"))[0]
+    r = load_recipe(path)
+    assert isinstance(r, Recipe)
+    # Every key written in the file is a Recipe field and was applied as written (ints for floats aside).
+    raw = yaml_load(path.read_text()) or {}  # the recipe loader's YAML (reads 2e-3 as a float)
+    for key, value in raw.items():
+        assert getattr(r, key) == value, key
+
+
+# --------------------------------------------------------------------------------------------------- parse_overrides
+
+def test_parse_overrides_parses_yaml_values():
+    out = parse_overrides(["steps=10", "timesteps=[5, 11]", "lr=0.002", "use_ppm=true", "data_root=null",
+                           " student = resnet50", "student_kwargs={patch_size: 4}", "teacher=a=b"])
+    assert out == {"steps": 10, "timesteps": [5, 11], "lr": 0.002, "use_ppm": True, "data_root": None,
+                   "student": "resnet50", "student_kwargs": {"patch_size": 4}, "teacher": "a=b"}
+    assert isinstance(out["timesteps"], list) and type(out["steps"]) is int
+
+
+@pytest.mark.parametrize("items", [[], None])
+def test_parse_overrides_empty(items):
+    assert parse_overrides(items) == {}
+
+
+@pytest.mark.parametrize("item", ["steps", "steps:10", "--steps 10"])
+def test_parse_overrides_rejects_items_without_equals(item):
+    with pytest.raises(ValueError) as e:
+        parse_overrides(["seed=1", item])
+    assert repr(item) in str(e.value) and "key=value" in str(e.value)
+
+
+def test_overrides_go_through_the_same_checks(tmp_path):
+    path = write_yaml(tmp_path / "r.yaml", "steps: 20\n")
+    assert load_recipe(path, parse_overrides(["timesteps=[5, 11]"])).timesteps == [5, 11]
+    with pytest.raises(ValueError, match="Did you mean 'timesteps'"):
+        load_recipe(path, parse_overrides(["timestep=5"]))
+    with pytest.raises(ValueError, match="'adam2'"):
+        load_recipe(path, parse_overrides(["optimizer=adam2"]))
+
+
+@pytest.mark.parametrize("source", ["recipe-file", "override"])
+def test_scientific_notation_learning_rates_are_floats(tmp_path, source):
+    # `lr: 3e-4` is how learning rates are usually written; PyYAML's YAML 1.1 resolver reads it as a string.
+    if source == "recipe-file":
+        r = load_recipe(write_yaml(tmp_path / "r.yaml", "lr: 3e-4\nweight_decay: 1e-2\n"))
+    else:
+        r = load_recipe(write_yaml(tmp_path / "r.yaml", ""), parse_overrides(["lr=3e-4", "weight_decay=1e-2"]))
+    assert r.lr == pytest.approx(3e-4) and r.weight_decay == pytest.approx(1e-2)
+
+
+# --------------------------------------------------------------------------------------------------- save_recipe
+
+@pytest.mark.parametrize("values", [
+    {},
+    {"student": "vit_tiny_patch16_224", "student_kwargs": {"patch_size": 4}, "student_size": 32,
+     "timesteps": [5, 11, 50], "lr": 0.0003, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+     "teacher": {"sample_size": 32, "block_out_channels": [8, 16]}, "sources": [1, 2], "log_with": "tensorboard",
+     "optimizer": "sgd", "mixed_precision": "bf16", "at_weight": 3},
+])
+def test_save_then_load_round_trip(tmp_path, values):
+    r = make_recipe(dict(values))
+    path = tmp_path / "config.yaml"
+    save_recipe(r, path)
+    again = load_recipe(path)
+    assert again == r
+    assert again.to_dict() == r.to_dict()
+    assert {type(v) for v in (again.lr, again.at_weight)} == {float}
+
+
+def test_save_recipe_with_extra_writes_resolved_section(tmp_path):
+    r = make_recipe({"steps": 3})
+    path = tmp_path / "config.yaml"
+    save_recipe(r, path, extra={"mean": [0.1, 0.2, 0.3], "teacher_channels": [16]})
+    data = yaml.safe_load(path.read_text())
+    assert data.pop("_resolved") == {"mean": [0.1, 0.2, 0.3], "teacher_channels": [16]}
+    assert data == r.to_dict()
+    assert list(data) == [f.name for f in dataclasses.fields(Recipe)]  # field order kept
+    assert make_recipe(data) == r
