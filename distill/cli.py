@@ -84,7 +84,7 @@ def cmd_probe(args) -> int:
         from .data import dataset_mean_std
 
         mean, std = dataset_mean_std(data.train)
-        rows.append(probe_random_init(target, size, mean, std, data, seed=args.seed, **kw))
+        rows.append(probe_random_init(target, size, mean, std, data, **kw))
     if args.pixels:
         rows.append(probe_fn(pixels_fn, data, name="raw pixels (linear on [0,1] pixels)", **kw))
     print(format_table(rows))
@@ -114,7 +114,7 @@ def cmd_run(args) -> int:
     kw = dict(epochs=recipe.probe_epochs, k=recipe.knn_k, seed=recipe.seed, progress=not args.no_progress)
     rows = [probe_exported(str(out), data, name=f"{recipe.student} distilled", **kw),
             probe_random_init(recipe.student, recipe.student_size, resolved["mean"], resolved["std"], data,
-                              seed=recipe.seed, model_kwargs=recipe.student_kwargs,
+                              model_kwargs=recipe.student_kwargs,
                               name=f"{recipe.student} random init", **kw),
             probe_fn(pixels_fn, data, name="raw pixels", **kw)]
     total = time.time() - t0

@@ -61,7 +61,7 @@ def probe_fn(fn: Callable, data: ProbeData, batch_size: int = 256, epochs: int =
     lin = linear_probe(tr_x, tr_y, te_x, te_y, epochs=epochs, seed=seed, device=device)
     knn = knn_probe(tr_x, tr_y, te_x, te_y, k=k)
     return {"name": name, "linear_top1": round(lin["top1"], 2), "linear_top5": round(lin["top5"], 2),
-            "knn_top1": round(knn["top1"], 2), "knn_top5": round(knn["top5"], 2), "dim": lin["dim"],
+            "knn_top1": round(knn["top1"], 2), "knn_top5": round(knn["top5"], 2), "k": k, "dim": lin["dim"],
             "num_train": lin["num_train"], "num_test": len(te_y), "seconds": round(time.time() - t0, 1)}
 
 
@@ -88,11 +88,11 @@ def probe_random_init(student: str, size: int, mean, std, data: ProbeData, seed:
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table of probe results."""
-    lines = ["| model | linear top-1 | kNN top-1 (k=20) | linear top-5 | feature dim |",
-             "|---|---|---|---|---|"]
+    lines = ["| model | linear top-1 | kNN top-1 | linear top-5 | feature dim | probe train / test images |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['linear_top1']:.2f} | {r['knn_top1']:.2f} | {r['linear_top5']:.2f} | "
-                     f"{r['dim']} |")
+        lines.append(f"| {r['name']} | {r['linear_top1']:.2f} | {r['knn_top1']:.2f} (k={r['k']}) | "
+                     f"{r['linear_top5']:.2f} | {r['dim']} | {r['num_train']} / {r['num_test']} |")
     return "\n".join(lines)
 
 

@@ -35,15 +35,18 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-untrained", action="store_true", help="skip the untrained-UNet baseline")
+    p.add_argument("--models", nargs="+", default=["trained", "untrained"], choices=["trained", "untrained"],
+                   help="the teacher's weights, and/or the same config at random init (seeded)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     unet, scheduler = load_unet(args.teacher)
     channels = unet.config.in_channels
     data = probe_data(args.dataset, args.data_root, channels, args.train_fraction, args.seed)
-    models = {"trained": unet}
-    if not args.no_untrained:
+    models = {}
+    if "trained" in args.models:
+        models["trained"] = unet
+    if "untrained" in args.models:
         torch.manual_seed(args.seed)
         models["untrained"] = type(unet).from_config(unet.config)
     out = {"teacher": args.teacher, "train_images": len(data.train), "test_images": len(data.test),

@@ -1,0 +1,28 @@
+"""The README's component example runs as written, and the README's commands name things that exist."""
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks():
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_component_example_runs():
+    block = next(b for b in _python_blocks() if "FeatureRegressor(" in b)
+    ns = {}
+    exec(compile(block, "README.md", "exec"), ns)
+    assert set(ns["losses"]) == {"mse", "at", "total"}
+    assert ns["feats"]["up_blocks.0@t11"].shape == (8, 64, 16, 16)
+    assert [p.shape[-2:] for p in ns["preds"]] == [f.shape[-2:] for f in ns["feats"].values()]
+
+
+def test_readme_commands_exist():
+    text = README.read_text()
+    root = README.parent
+    for path in re.findall(r"(recipes/[\w.-]+\.yaml|tools/[\w.-]+\.(?:sh|py))", text):
+        assert (root / path).is_file(), path
+    ci = (root / ".ci" / "run").read_text()
+    assert "bash tools/setup.sh" in ci and "pytest -q tests" in ci
+    assert "bash tools/setup.sh && .venv/bin/python -m pytest -q tests" in text
