@@ -179,6 +179,13 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"distill {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from .trainer import NonFiniteLossError, UntrustedCheckpointError
+
+        if isinstance(e, (NonFiniteLossError, UntrustedCheckpointError)):
+            print(f"distill {args.command}: error: {e}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

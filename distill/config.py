@@ -79,6 +79,7 @@ class Recipe:
     warmup_steps: int = 50
     grad_clip: float = 1.0
     mixed_precision: str = "no"
+    on_nonfinite: str = "error"  # error: stop, keep the last good checkpoint | skip: drop the batch, count it
     augment: str = "crop-flip"
     # run
     seed: int = 0
@@ -149,6 +150,7 @@ def make_recipe(values: dict, source: str = "recipe") -> Recipe:
     _check_choice("augment", r.augment, AUGMENTS)
     _check_choice("mixed_precision", r.mixed_precision, MIXED_PRECISION)
     _check_choice("at_mode", r.at_mode, AT_MODES)
+    _check_choice("on_nonfinite", r.on_nonfinite, ("error", "skip"))
     _check_choice("teacher_dtype", r.teacher_dtype, ("float32", "bfloat16", "float16"))
     for key in ("steps", "batch_size", "grad_accum_steps", "student_size", "regressor_width", "log_every",
                 "checkpoint_every", "probe_epochs", "knn_k", "keep_checkpoints"):

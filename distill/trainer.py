@@ -147,6 +147,36 @@ def _save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
     return final
 
 
+class UntrustedCheckpointError(RuntimeError):
+    """A checkpoint file holds a pickle that would import or run code."""
+
+
+def load_checkpoint(accelerator, ckpt: Path) -> int:
+    """Restore model, optimizer and RNG states; every pickle is read with ``torch.load(weights_only=True)``."""
+    import pickle
+
+    unexpected = sorted(p.name for p in ckpt.glob("custom_checkpoint_*"))
+    if unexpected:
+        raise UntrustedCheckpointError(
+            f"checkpoint '{ckpt}' holds {unexpected}, which Accelerate would unpickle with weights_only=False "
+            f"(able to run code); distill never writes them. Delete them if you trust the checkpoint's source."
+        )
+    from accelerate.utils.other import load as accelerate_load
+
+    try:
+        # Accelerate ignores a random_states file it cannot read (resume would silently lose determinism):
+        # read them first with the same weights_only loader, so a bad one is an error.
+        for rng_file in sorted(ckpt.glob("random_states_*.pkl")):
+            accelerate_load(rng_file)
+        accelerator.load_state(str(ckpt))  # weights_only=True for optimizer.bin and random_states_*.pkl
+    except pickle.UnpicklingError as e:
+        raise UntrustedCheckpointError(
+            f"refused to load checkpoint '{ckpt}': a file in it is a pickle that would import or call code, which "
+            f"torch.load(weights_only=True) does not allow. Only resume checkpoints you wrote. ({str(e)[:300]})"
+        ) from e
+    return int(_CKPT_RE.match(ckpt.name).group(1))
+
+
 # ----------------------------------------------------------------------------------------------- training
 @dataclass
 class Batch:
@@ -171,6 +201,17 @@ def train_step(model, teacher: DiffusionTeacher, batch: Batch, keys: list[str], 
                                        cos_weight=recipe.cos_weight, at_mode=recipe.at_mode)
     accelerator.backward(losses["total"])
     return losses
+
+
+def nonfinite_terms(losses: dict[str, torch.Tensor], accelerator) -> list[str]:
+    """Names of the loss terms that are NaN/Inf on any process (one host sync per call)."""
+    vals = torch.stack([v.detach().float() for v in losses.values()])
+    flag = (~torch.isfinite(vals)).any().float()
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, "max")
+    if not flag.item():
+        return []
+    return [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()] or ["(another process)"]
 
 
 def _epoch_batches(ds, recipe: Recipe, accelerator, start_step: int) -> Iterator:
@@ -244,7 +285,8 @@ def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool
     optimizer = build_optimizer(recipe, model)
     scheduler = build_scheduler(recipe, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    # The LR schedule is a function of the step: it is not checkpointed (Accelerate unpickles custom objects with
+    # weights_only=False, which would run code from a stranger's checkpoint) but stepped forward on resume.
     augment = build_augment(recipe.augment, ds[0][0].shape[-1]).to(accelerator.device)
 
     resolved = {
@@ -260,8 +302,13 @@ def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool
 
     start = 0
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        start = int(_CKPT_RE.match(ckpt.name).group(1))
+        start = load_checkpoint(accelerator, ckpt)
+        import warnings
+
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start):
+                scheduler.step()
         accelerator.print(f"resumed from {ckpt} (step {start})")
     if recipe.log_with:
         accelerator.init_trackers("distill", config={k: v for k, v in recipe.to_dict().items()
@@ -275,37 +322,48 @@ def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool
     bar = tqdm(total=recipe.steps, initial=start, desc="distill", disable=not (progress and accelerator.is_main_process),
                dynamic_ncols=True)
     model.train()
-    t0, seen, last = time.time(), 0, {}
+    t0, seen, last, skipped = time.time(), 0, {}, 0
     try:
         for step in range(start + 1, recipe.steps + 1):
             sums: dict[str, float] = {}
+            bad: list[str] = []
             for _ in range(recipe.grad_accum_steps):
                 images, _labels = next(batches)
                 batch = make_views(images, augment, teacher, recipe.student_size, mean, std)
                 with accelerator.accumulate(model):
                     losses = train_step(model, teacher, batch, keys, recipe, accelerator)
+                    bad = bad or nonfinite_terms(losses, accelerator)
                     grad_norm = None
-                    if accelerator.sync_gradients and recipe.grad_clip > 0:
+                    if accelerator.sync_gradients and recipe.grad_clip > 0 and not bad:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-                    optimizer.step()
+                        if not torch.isfinite(grad_norm):
+                            bad = ["grad_norm"]
+                    if bad and recipe.on_nonfinite == "error":
+                        raise NonFiniteLossError(
+                            f"non-finite loss at step {step}: {', '.join(bad)} "
+                            f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); no update was "
+                            f"applied and the last good checkpoint in '{run_dir}' is kept "
+                            f"({latest_checkpoint(run_dir) or 'none yet'}). Lower lr, check the data, or set "
+                            f"on_nonfinite: skip to drop such batches."
+                        )
+                    if not bad:
+                        optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.detach()
                 seen += images.shape[0] * accelerator.num_processes
+            if bad:
+                skipped += 1
+                _logger.warning("step %d: non-finite %s; batch skipped (%d so far)", step, ", ".join(bad), skipped)
+                sums = {}
             scheduler.step()
-            if step % recipe.log_every == 0 or step == recipe.steps or step == start + 1:
+            if sums and (step % recipe.log_every == 0 or step == recipe.steps or step == start + 1):
                 terms = {k: accelerator.reduce(v, "mean").item() / recipe.grad_accum_steps for k, v in sums.items()}
-                bad = [k for k, v in terms.items() if not math.isfinite(v)]
-                if bad:
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step}: {', '.join(f'{k}={terms[k]}' for k in bad)}; the last good "
-                        f"checkpoint is kept in '{run_dir}'. Lower lr, enable grad_clip, or check the data."
-                    )
                 last = terms
                 row = {"step": step, **{k: round(v, 6) for k, v in terms.items()},
                        "lr": scheduler.get_last_lr()[0],
                        "grad_norm": round(float(grad_norm), 4) if grad_norm is not None else "",
-                       "img_per_s": round(seen / (time.time() - t0), 1)}
+                       "img_per_s": round(seen / (time.time() - t0), 1), "skipped": skipped}
                 if writer:
                     if new_file:
                         writer.writerow(list(row))
@@ -324,7 +382,7 @@ def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool
             log_f.close()
         if recipe.log_with:
             accelerator.end_training()
-    summary = {"steps": recipe.steps, "final_losses": last, "seconds": round(time.time() - t0, 1),
+    summary = {"steps": recipe.steps, "final_losses": last, "skipped_steps": skipped, "seconds": round(time.time() - t0, 1),
                "img_per_s": round(seen / max(time.time() - t0, 1e-9), 1), "run_dir": str(run_dir),
                "checkpoint": str(latest_checkpoint(run_dir))}
     if accelerator.is_main_process:

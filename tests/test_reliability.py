@@ -1,0 +1,102 @@
+"""Faults: non-finite losses, malicious pickles in checkpoints, half-written checkpoints."""
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import distill.trainer as trainer_mod
+from distill.config import make_recipe
+from distill.trainer import NonFiniteLossError, UntrustedCheckpointError, latest_checkpoint, list_checkpoints, train
+
+from .conftest import tiny_unet_config
+
+
+def _recipe(rgb_folder, **kw):
+    base = dict(dataset="image-folder", data_root=str(rgb_folder), teacher=tiny_unet_config(3),
+                teacher_blocks=["mid_block"], timesteps=[11], student="resnet18", student_size=32,
+                regressor_width=16, steps=6, batch_size=6, checkpoint_every=2, keep_checkpoints=5, log_every=1)
+    base.update(kw)
+    return make_recipe(base)
+
+
+@pytest.fixture
+def nan_at_call(monkeypatch):
+    """Make the AT term NaN on the n-th loss evaluation."""
+    def install(n, term="at"):
+        real = trainer_mod.feature_distillation_loss
+        calls = {"n": 0}
+
+        def fake(*a, **k):
+            out = real(*a, **k)
+            calls["n"] += 1
+            if calls["n"] == n:
+                out[term] = out[term] * float("nan")
+                out["total"] = out["total"] + out[term]
+            return out
+
+        monkeypatch.setattr(trainer_mod, "feature_distillation_loss", fake)
+    return install
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(rgb_folder, tmp_path, nan_at_call):
+    nan_at_call(5)
+    with pytest.raises(NonFiniteLossError) as e:
+        train(_recipe(rgb_folder), str(tmp_path / "run"), progress=False)
+    msg = str(e.value)
+    assert "step 5" in msg and "at" in msg and "total" in msg and "checkpoint-4" in msg
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-4"
+    weights = load_file(str(tmp_path / "run" / "checkpoint-4" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_nonfinite_batches_can_be_skipped(rgb_folder, tmp_path, nan_at_call):
+    nan_at_call(3)
+    summary = train(_recipe(rgb_folder, on_nonfinite="skip"), str(tmp_path / "run"), progress=False)
+    assert summary["skipped_steps"] == 1
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",")[-1] == "skipped" and rows[-1].split(",")[-1] == "1"
+    weights = load_file(str(latest_checkpoint(tmp_path / "run") / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("victim", ["optimizer.bin", "random_states_0.pkl"])
+def test_malicious_pickle_in_checkpoint_is_refused(rgb_folder, tmp_path, victim):
+    run = tmp_path / "run"
+    train(_recipe(rgb_folder, steps=2), str(run), progress=False)
+    marker = tmp_path / "pwned"
+    with open(run / "checkpoint-2" / victim, "wb") as f:
+        pickle.dump(_Evil(marker), f)
+    with pytest.raises(UntrustedCheckpointError, match="would import or call code"):
+        train(_recipe(rgb_folder, steps=4), str(run), resume=True, progress=False)
+    assert not marker.exists()
+
+
+def test_custom_pickles_are_refused(rgb_folder, tmp_path):
+    run = tmp_path / "run"
+    train(_recipe(rgb_folder, steps=2), str(run), progress=False)
+    marker = tmp_path / "pwned"
+    with open(run / "checkpoint-2" / "custom_checkpoint_0.pkl", "wb") as f:
+        pickle.dump(_Evil(marker), f)
+    with pytest.raises(UntrustedCheckpointError, match="custom_checkpoint_0.pkl"):
+        train(_recipe(rgb_folder, steps=4), str(run), resume=True, progress=False)
+    assert not marker.exists()
+
+
+def test_half_written_checkpoint_is_never_resumed(rgb_folder, tmp_path):
+    run = tmp_path / "run"
+    train(_recipe(rgb_folder, steps=2), str(run), progress=False)
+    (run / ".tmp-checkpoint-4").mkdir()  # what a kill during a checkpoint write leaves
+    (run / ".tmp-checkpoint-4" / "model.safetensors").write_bytes(b"truncated")
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+    summary = train(_recipe(rgb_folder, steps=4), str(run), resume=True, progress=False)
+    assert summary["steps"] == 4 and [s for s, _ in list_checkpoints(run)] == [2, 4]
