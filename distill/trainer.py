@@ -230,6 +230,14 @@ def _epoch_batches(ds, recipe: Recipe, accelerator, start_step: int) -> Iterator
         epoch, skip = epoch + 1, 0
 
 
+def _truncate_log(path: Path, last_step: int) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Optional[Path]:
     """Refuse to mix runs: an existing run is resumed (``resume``), replaced (``overwrite``) or an error."""
     has_run = run_dir.is_dir() and ((run_dir / "config.yaml").exists() or list_checkpoints(run_dir))
@@ -316,6 +324,8 @@ def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool
 
     batches = _epoch_batches(ds, recipe, accelerator, start)
     metrics_path = run_dir / "metrics.csv"
+    if start and accelerator.is_main_process and metrics_path.exists():
+        _truncate_log(metrics_path, start)  # rows logged after the checkpoint were lost with the killed run
     new_file = not metrics_path.exists() or start == 0
     log_f = open(metrics_path, "w" if start == 0 else "a", newline="") if accelerator.is_main_process else None
     writer = csv.writer(log_f) if log_f else None

@@ -100,3 +100,58 @@ def test_half_written_checkpoint_is_never_resumed(rgb_folder, tmp_path):
     assert [s for s, _ in list_checkpoints(run)] == [2]
     summary = train(_recipe(rgb_folder, steps=4), str(run), resume=True, progress=False)
     assert summary["steps"] == 4 and [s for s, _ in list_checkpoints(run)] == [2, 4]
+
+
+def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(rgb_folder, tmp_path):
+    """Kill `distill train` with SIGKILL several times at random points (also mid-checkpoint); --resume must end
+    with the same weights, bit for bit, as a run that was never interrupted."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    recipe = dict(_recipe(rgb_folder, steps=10, checkpoint_every=1, keep_checkpoints=2).to_dict())
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses: float reductions depend on the thread count
+    try:
+        train(make_recipe(recipe), str(tmp_path / "ref"), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "distill.cli", "train", str(path), "-o", str(run), "--no-progress", "--resume"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(8):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if kills < 3:
+            target = (latest_checkpoint(run).name.split("-")[-1] if latest_checkpoint(run) else "0")
+            target = int(target) + rng.randint(1, 3)
+            deadline = time.time() + 120
+            while proc.poll() is None and time.time() < deadline:
+                ckpt = latest_checkpoint(run)
+                if ckpt is not None and int(ckpt.name.split("-")[-1]) >= target:
+                    time.sleep(rng.random() * 0.5)  # land anywhere: mid-step or mid-checkpoint
+                    proc.send_signal(signal.SIGKILL)
+                    kills += 1
+                    break
+                time.sleep(0.02)
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert kills >= 2, "the run finished before it could be killed twice"
+    assert latest_checkpoint(run).name == "checkpoint-10"
+    ref = load_file(str(tmp_path / "ref" / "checkpoint-10" / "model.safetensors"))
+    got = load_file(str(run / "checkpoint-10" / "model.safetensors"))
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    steps = [int(ln.split(",")[0]) for ln in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps))  # no duplicated rows after resumes
