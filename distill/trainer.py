@@ -242,6 +242,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Optional[Pa
     """Refuse to mix runs: an existing run is resumed (``resume``), replaced (``overwrite``) or an error."""
     has_run = run_dir.is_dir() and ((run_dir / "config.yaml").exists() or list_checkpoints(run_dir))
     if resume:
+        for stale in run_dir.glob(".tmp-checkpoint-*"):  # a write that was killed: never a checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             _logger.warning("--resume: no checkpoint in '%s'; starting from step 0", run_dir)

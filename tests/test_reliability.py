@@ -100,6 +100,7 @@ def test_half_written_checkpoint_is_never_resumed(rgb_folder, tmp_path):
     assert [s for s, _ in list_checkpoints(run)] == [2]
     summary = train(_recipe(rgb_folder, steps=4), str(run), resume=True, progress=False)
     assert summary["steps"] == 4 and [s for s, _ in list_checkpoints(run)] == [2, 4]
+    assert not list(run.glob(".tmp-*"))
 
 
 def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(rgb_folder, tmp_path):
@@ -155,3 +156,44 @@ def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(rgb_folder, tm
         assert torch.equal(ref[k], got[k]), k
     steps = [int(ln.split(",")[0]) for ln in (run / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == sorted(set(steps))  # no duplicated rows after resumes
+
+
+def _folder_with_broken_files(root):
+    """Two classes of small PNGs plus a truncated JPEG, a text file named .jpg and a non-image file."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="JPEG")
+    (root / "a" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / "b" / "notes.jpg").write_text("not an image")
+    (root / "b" / "README.txt").write_text("ignored: not an image extension")
+    return root
+
+
+def test_broken_images_are_skipped_inside_dataloader_workers(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from distill.data import ImageFolder, collate
+
+    ds = ImageFolder(str(_folder_with_broken_files(tmp_path / "imgs")), channels=3)
+    assert len(ds) == 10  # 8 good + 2 broken with image extensions; README.txt is not listed
+    batches = list(DataLoader(ds, batch_size=5, num_workers=2, collate_fn=collate))
+    images = torch.cat([b[0] for b in batches])
+    assert images.shape == (10, 3, 8, 8)  # every broken file replaced by a readable neighbour, no worker crash
+
+
+def test_broken_images_can_be_an_error_naming_the_file(tmp_path):
+    from distill.data import ImageFolder
+
+    ds = ImageFolder(str(_folder_with_broken_files(tmp_path / "imgs")), channels=3, on_error="raise")
+    bad = [i for i, (p, _) in enumerate(ds.files) if p.endswith(("truncated.jpg", "notes.jpg"))]
+    for i in bad:
+        with pytest.raises(ValueError, match=r"cannot read image '.*(truncated|notes)\.jpg'"):
+            ds[i]
