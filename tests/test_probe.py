@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from distill.probe import extract_features, knn_probe, linear_probe, multi_linear_probe

@@ -129,7 +129,7 @@ def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(rgb_folder, tm
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rng = random.Random(0)
     kills = 0
-    for attempt in range(8):
+    for _attempt in range(8):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if kills < 3:
             target = (latest_checkpoint(run).name.split("-")[-1] if latest_checkpoint(run) else "0")
