@@ -197,3 +197,16 @@ def test_broken_images_can_be_an_error_naming_the_file(tmp_path):
     for i in bad:
         with pytest.raises(ValueError, match=r"cannot read image '.*(truncated|notes)\.jpg'"):
             ds[i]
+
+
+def test_cli_exits_nonzero_on_nonfinite_loss(rgb_folder, tmp_path, nan_at_call, capsys):
+    import yaml
+
+    from distill.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_recipe(rgb_folder).to_dict()))
+    nan_at_call(3)
+    assert main(["train", str(path), "-o", str(tmp_path / "run"), "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 3: at" in err and "checkpoint-2" in err
