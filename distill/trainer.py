@@ -128,8 +128,14 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return ckpts[-1][1] if ckpts else None
 
 
-def _save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+def _save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, model=None) -> Path:
     final = run_dir / f"checkpoint-{step}"
+    if model is not None and accelerator.num_processes > 1:
+        # DDP broadcasts buffers only at the start of a forward, so BN running stats end rank-local: average them
+        # (timm's distribute_bn) so every rank, and the checkpoint, hold the same statistics.
+        from timm.utils import distribute_bn
+
+        distribute_bn(model, accelerator.num_processes, reduce=True)
     tmp = run_dir / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
@@ -386,7 +392,7 @@ def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool
                 bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
             bar.update(1)
             if step % recipe.checkpoint_every == 0 or step == recipe.steps:
-                _save_checkpoint(accelerator, run_dir, step, recipe.keep_checkpoints)
+                _save_checkpoint(accelerator, run_dir, step, recipe.keep_checkpoints, model)
     finally:
         bar.close()
         if log_f:
