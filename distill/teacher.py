@@ -11,7 +11,6 @@ takes ``(noisy_image, timestep)``. It is never given to ``accelerator.prepare``:
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,10 +248,6 @@ class DiffusionTeacher(nn.Module):
                 out[key] = feats[b][k * B:(k + 1) * B]  # (B, C_b, H_b, W_b)
         return out
 
-    def full_forward(self, x_t: torch.Tensor, t: torch.Tensor) -> Any:
-        """The model's own forward without hooks (for timing the early exit against it)."""
-        with torch.no_grad():
-            return self.model(x_t, t, **self.forward_kwargs)
 
 
 def _resolve_source(source: str) -> str:
@@ -323,7 +318,3 @@ def load_teacher(
     name = source if isinstance(source, str) else type(model).__name__
     return DiffusionTeacher(model, blocks, timesteps, scheduler=scheduler, name=name, **kwargs)
 
-
-def teacher_fingerprint(teacher: DiffusionTeacher) -> str:
-    """A short description of the teacher for export metadata."""
-    return json.dumps({"teacher": teacher.name, "blocks": teacher.blocks, "timesteps": teacher.timesteps})

@@ -6,9 +6,9 @@ prediction, ``DDPMScheduler`` with 1000 steps, AdamW with warmup + cosine, optio
 saves a ``DDPMPipeline`` directory (``model_index.json``, ``unet/``, ``scheduler/``) in safetensors, which
 ``distill.teacher.load_teacher`` and ``diffusers.DDPMPipeline.from_pretrained`` both load.
 
-The shipped Fashion-MNIST teacher was trained with (see distill/teachers/fashion-mnist-ddpm/TRAINING.md):
+The shipped Fashion-MNIST teacher was trained with (see distill/teachers/fashion-mnist-ddpm/README.md):
 
-    python tools/train_teacher.py --dataset fashion-mnist --out distill/teachers/fashion-mnist-ddpm \
+    OMP_NUM_THREADS=1 python tools/train_teacher.py --dataset fashion-mnist --out distill/teachers/fashion-mnist-ddpm \
         --steps 4000 --batch-size 32 --lr 5e-4 --ema
 """
 from __future__ import annotations
