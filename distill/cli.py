@@ -40,9 +40,11 @@ def cmd_export(args) -> int:
 
 
 def _resolve_probe_target(model: str):
-    """(kind, value): 'exported' dir, 'run' dir, or 'timm' name at random init."""
+    """(kind, value): 'exported' dir, 'run' dir, 'timm' name at random init, or a 'teacher'."""
     if model.startswith("timm:"):
         return "timm", model[5:]
+    if model.startswith("teacher:"):
+        return "teacher", model[8:]
     p = Path(model)
     if (p / "config.json").is_file():
         return "exported", p
@@ -50,7 +52,8 @@ def _resolve_probe_target(model: str):
         return "run", p
     raise FileNotFoundError(
         f"cannot probe {model!r}: give an exported student directory (config.json), a run directory "
-        f"(config.yaml), or timm:NAME for a random-init baseline."
+        f"(config.yaml), timm:NAME for a random-init baseline, or teacher:NAME_OR_DIR for a diffusion teacher's own "
+        f"pooled features."
     )
 
 
@@ -59,6 +62,12 @@ def cmd_probe(args) -> int:
                            probe_random_init)
 
     kind, target = _resolve_probe_target(args.model)
+    if args.ensemble and kind != "teacher":
+        raise ValueError(f"--ensemble soft-votes one probe per timestep of a diffusion teacher; {args.model!r} is a "
+                         f"{kind} target. Use: distill probe teacher:fashion-mnist-ddpm --blocks mid_block "
+                         f"--timesteps 1 11 50 --ensemble")
+    if kind == "teacher":
+        return _probe_teacher(target, args)
     kw = dict(epochs=args.epochs, k=args.k, seed=args.seed, progress=not args.no_progress)
     size, mean, std, dataset, root, channels = args.size, None, None, args.dataset, args.data_root, 3
     if kind == "run":
@@ -90,6 +99,50 @@ def cmd_probe(args) -> int:
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def _probe_teacher(source: str, args) -> int:
+    """Linear probes of a teacher's pooled features, one per (block, timestep); ``--ensemble`` soft-votes the
+    timesteps of each block (averaged logits)."""
+    from .evaluate import probe_data
+    from .grid import pooled_teacher_features
+    from .probe import ensemble_probe
+    from .teacher import load_teacher
+
+    if not args.blocks:
+        raise ValueError("probing a teacher needs --blocks, e.g. --blocks mid_block (see `distill select`).")
+    timesteps = args.timesteps or [11]
+    if args.ensemble and len(timesteps) < 2:
+        raise ValueError(f"--ensemble needs two or more --timesteps (one probe each), got {timesteps}; e.g. "
+                         f"--timesteps 1 5 11 25 50 (the best t, two finer, two coarser).")
+    teacher = load_teacher(source, args.blocks, timesteps)
+    dataset = args.dataset or "fashion-mnist"
+    channels = 1 if dataset == "fashion-mnist" else 3
+    data = probe_data(dataset, args.data_root, channels, args.train_fraction, args.seed)
+    tr, tr_y = pooled_teacher_features(teacher, data.train, seed=args.seed, progress=not args.no_progress,
+                                       desc="teacher: train features")
+    te, te_y = pooled_teacher_features(teacher, data.test, seed=args.seed + 1, progress=not args.no_progress,
+                                       desc="teacher: test features")
+    print(f"| block | timestep(s) | linear top-1 | linear top-5 |\n|---|---|---|---|")
+    out = []
+    for b in teacher.blocks:
+        keys = [f"{b}@t{t}" for t in teacher.timesteps]
+        res = ensemble_probe(tr, tr_y, te, te_y, members=keys, epochs=args.epochs, seed=args.seed)
+        for k in keys:
+            r = res["members"][k]
+            print(f"| {b} | {k.split('@t')[1]} | {r['top1']:.2f} | {r['top5']:.2f} |")
+            out.append({"block": b, "timestep": int(k.split("@t")[1]), "linear_top1": round(r["top1"], 2),
+                        "linear_top5": round(r["top5"], 2)})
+        if args.ensemble:
+            e = res["ensemble"]
+            print(f"| {b} | ensemble {teacher.timesteps} (soft vote) | **{e['top1']:.2f}** | {e['top5']:.2f} |")
+            out.append({"block": b, "timestep": "ensemble", "members": teacher.timesteps,
+                        "linear_top1": round(e["top1"], 2), "linear_top5": round(e["top5"], 2),
+                        "best_member": res["best_member"]})
+    print(f"\nprobe: {len(tr_y)} train / {len(te_y)} test {dataset} images, one noise draw per image")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 
@@ -135,6 +188,64 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    """Fine-tune an exported student or timm:NAME (random init) with a label fraction; one run or a sweep."""
+    from .finetune import FinetuneConfig, finetune, finetune_sweep, result_line
+
+    cfg = FinetuneConfig(
+        model=args.model, dataset=args.dataset, data_root=args.data_root, test_root=args.test_root,
+        fraction=args.fraction, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+        warmup_steps=args.warmup_steps, augment=args.augment, label_smoothing=args.label_smoothing,
+        grad_clip=args.grad_clip, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+        log_every=args.log_every, size=args.size, mean=args.mean, std=args.std, like=args.like, label=args.label,
+        mixed_precision=args.mixed_precision, num_workers=args.num_workers, eval_train=args.eval_train,
+        save_model=args.save_model)
+    progress = not args.no_progress
+    if args.fractions or args.seeds:
+        finetune_sweep(cfg, args.output_dir, args.fractions or [args.fraction], args.seeds or [args.seed],
+                       overwrite=args.overwrite, skip_existing=args.skip_existing, progress=progress,
+                       on_result=lambda r: print(result_line(r), flush=True))
+        print(f"results in {args.output_dir}/frac*-seed*/result.json; table and plots: "
+              f"distill report {args.output_dir} --out {args.output_dir}/report")
+    else:
+        print(result_line(finetune(cfg, args.output_dir, overwrite=args.overwrite, progress=progress)))
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Markdown table + PNG plots from distillation and fine-tuning run directories."""
+    from .report import write_report
+
+    summary = write_report(args.runs, args.out, teacher_probe=args.teacher_probe, title=args.title)
+    print(f"wrote {summary['report']}")
+    for name, path in summary["plots"].items():
+        print(f"  {name}: {path or '(no data)'}")
+    return 0
+
+
+def cmd_extract(args) -> int:
+    """Write the teacher's features of every training image (N noise draws each) to a feature cache."""
+    from .cache import extract_features_cache
+
+    recipe = load_recipe(args.recipe, parse_overrides(args.set))
+    res = extract_features_cache(recipe, args.out, num_draws=args.draws, batch_size=args.batch_size,
+                                 overwrite=args.overwrite, progress=not args.no_progress, max_images=args.max_images)
+    mib = res["bytes"] / 2**20
+    print(f"wrote {res['num_images']} images x {res['num_draws']} draws of {', '.join(res['keys'])} (float16) to "
+          f"{res['path']}: {mib:.1f} MiB on disk, {res['bytes_per_image'] / 1024:.1f} KiB per image "
+          f"({res['bytes_per_image'] / res['num_draws'] / 1024:.1f} KiB per draw), {res['seconds']:.1f} s")
+    print(f"train from it with: --set feature_cache={res['path']} augment=none")
+    return 0
+
+
+def cmd_select(args) -> int:
+    from .select import select_command
+
+    select_command(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Distill diffusion-model features into timm students.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -166,8 +277,99 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--pixels", action="store_true", help="also probe raw pixels")
     pr.add_argument("--json", default=None, help="write results to this file")
+    pr.add_argument("--blocks", nargs="+", default=None, help="teacher:NAME only: blocks to probe")
+    pr.add_argument("--timesteps", nargs="+", type=int, default=None, help="teacher:NAME only: timesteps (default 11)")
+    pr.add_argument("--ensemble", action="store_true",
+                    help="teacher:NAME only: one probe per timestep, soft vote by averaging logits")
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=cmd_probe)
+
+    se = sub.add_parser("select", help="choose teacher block + timestep: grid probe (DDAE 3.2) and/or label-free "
+                                       "alignment/uniformity (DDAE 3.3); CSV, heatmap PNG, recipe-ready best_*.yaml")
+    se.add_argument("--method", choices=["grid", "label-free", "both"], default="both")
+    se.add_argument("--recipe", default=None, help="take teacher, data, blocks and timestep_candidates from a recipe")
+    se.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys")
+    se.add_argument("--teacher", default=None, help="packaged name, directory or hub id (default: the recipe's)")
+    se.add_argument("--blocks", nargs="+", default=None, help="candidate blocks, e.g. mid_block up_blocks.0")
+    se.add_argument("--timesteps", nargs="*", type=int, default=None, help="candidate timesteps, e.g. 1 11 50 100")
+    se.add_argument("--dataset", default=None)
+    se.add_argument("--data-root", default=None)
+    se.add_argument("--images", type=int, default=None, help="grid: train images the probes fit on (default 3000)")
+    se.add_argument("--val-images", type=int, default=None, help="grid: held-out train images scored (default 2000)")
+    se.add_argument("--score-on", choices=["val", "test"], default="val",
+                    help="grid: score probes on held-out train images (default) or on the test split (DDAE's table)")
+    se.add_argument("--epochs", type=int, default=None, help="grid: passes, fresh noise every step (default 2)")
+    se.add_argument("--label-free-images", type=int, default=None, help="label-free: images (default 750)")
+    se.add_argument("--batch-size", type=int, default=64)
+    se.add_argument("--augment", choices=["none", "flip", "crop-flip"], default="flip")
+    se.add_argument("--max-memory-gb", type=float, default=None,
+                    help="refuse a grid whose estimated step memory exceeds this (default: the free memory)")
+    se.add_argument("--compare", default=None, help="label-free only: a grid.csv to rank against")
+    se.add_argument("--seed", type=int, default=None)
+    se.add_argument("--out", required=True, help="output directory")
+    se.add_argument("--no-progress", action="store_true")
+    se.set_defaults(func=cmd_select)
+
+    x = sub.add_parser("extract", help="cache the teacher's features of every training image (fp16, memory-mapped)")
+    x.add_argument("recipe", help="YAML recipe, e.g. recipes/quickstart.yaml")
+    x.add_argument("--out", required=True, help="cache directory (written atomically; manifest.json + one .npy per "
+                                                "teacher feature)")
+    x.add_argument("--draws", type=int, default=2, help="noise draws per image (training picks one per step)")
+    x.add_argument("--batch-size", type=int, default=None, help="images per teacher forward (default: the recipe's)")
+    x.add_argument("--max-images", type=int, default=None, help="cache only the first N training images")
+    x.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys, e.g. timesteps=[11]")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
+    x.add_argument("--no-progress", action="store_true")
+    x.set_defaults(func=cmd_extract)
+
+    ft = sub.add_parser("finetune", help="fine-tune an exported student or timm:NAME (scratch) with a label "
+                                         "fraction; top-1/top-5 on the test split")
+    ft.add_argument("model", help="exported student directory (distill export) or timm:NAME for random init")
+    ft.add_argument("--output-dir", "-o", required=True, help="run directory (result.json, train_log.csv); with "
+                                                              "--fractions/--seeds one frac{F}-seed{S}/ per run")
+    ft.add_argument("--dataset", default=None, help="fashion-mnist or image-folder (default: the export's dataset)")
+    ft.add_argument("--data-root", default=None)
+    ft.add_argument("--test-root", default=None, help="image-folder test split if not DATA_ROOT/test")
+    ft.add_argument("--fraction", type=float, default=1.0, help="share of training labels (stratified, seeded)")
+    ft.add_argument("--seed", type=int, default=0, help="subset, head init, data order and augmentation seed")
+    ft.add_argument("--fractions", type=float, nargs="+", default=None, metavar="F",
+                    help="sweep: one run per fraction (x --seeds)")
+    ft.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S", help="sweep: one run per seed")
+    ft.add_argument("--steps", type=int, default=500, help="optimizer steps, the same for every fraction")
+    ft.add_argument("--batch-size", type=int, default=64)
+    ft.add_argument("--optimizer", default="adamw", help="adamw, sgd or lamb (timm create_optimizer_v2)")
+    ft.add_argument("--lr", type=float, default=1e-3)
+    ft.add_argument("--weight-decay", type=float, default=0.05)
+    ft.add_argument("--momentum", type=float, default=0.9, help="sgd only")
+    ft.add_argument("--warmup-steps", type=int, default=50)
+    ft.add_argument("--augment", default="crop-flip", help="none, flip or crop-flip (kornia)")
+    ft.add_argument("--label-smoothing", type=float, default=0.0)
+    ft.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm; 0: no clipping")
+    ft.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end); 0: end")
+    ft.add_argument("--eval-batch-size", type=int, default=256)
+    ft.add_argument("--log-every", type=int, default=10)
+    ft.add_argument("--like", default=None, metavar="EXPORTED_DIR",
+                    help="timm:NAME runs copy this export's input size, mean/std and model args")
+    ft.add_argument("--size", type=int, default=None, help="input size (default: the export's / --like's, else 64)")
+    ft.add_argument("--mean", type=float, nargs="+", default=None, help="default: the export's, else the data's")
+    ft.add_argument("--std", type=float, nargs="+", default=None)
+    ft.add_argument("--label", default=None, help="name in reports (default: '<arch> distilled' / '<arch> scratch')")
+    ft.add_argument("--mixed-precision", default="no", help="no, fp16 or bf16")
+    ft.add_argument("--num-workers", type=int, default=0)
+    ft.add_argument("--eval-train", action="store_true", help="also report accuracy on the labelled subset")
+    ft.add_argument("--save-model", action="store_true", help="write the fine-tuned model to OUT/model (timm format)")
+    ft.add_argument("--overwrite", action="store_true", help="replace an existing result.json")
+    ft.add_argument("--skip-existing", action="store_true", help="sweep: keep runs that already have a result")
+    ft.add_argument("--no-progress", action="store_true")
+    ft.set_defaults(func=cmd_finetune)
+
+    rp = sub.add_parser("report", help="Markdown table + PNG plots from train/run/finetune directories")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories holding them")
+    rp.add_argument("--out", required=True, help="output directory (report.md, report.json, *.png)")
+    rp.add_argument("--teacher-probe", default=None, metavar="JSON",
+                    help="teacher probe rows, e.g. distill/teachers/fashion-mnist-ddpm/probe.json")
+    rp.add_argument("--title", default="distill report")
+    rp.set_defaults(func=cmd_report)
     return p
 
 
@@ -176,7 +378,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, MemoryError) as e:
         print(f"distill {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:

@@ -37,6 +37,23 @@ OPTIMIZERS = ("adamw", "lamb", "sgd")
 AUGMENTS = ("none", "flip", "crop-flip")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 AT_MODES = ("code", "paper")
+TIMESTEP_MODES = ("auto-grid", "auto-label-free", "policy")
+MULTI_TIMESTEP = ("heads", "concat")
+POLICY_BASELINES = ("batch-mean", "ema", "none")
+
+
+def check_timesteps_value(value: Any, source: str = "recipe") -> None:
+    """``timesteps`` is a non-empty list of integers or one of :data:`TIMESTEP_MODES`."""
+    if isinstance(value, str):
+        if value not in TIMESTEP_MODES:
+            raise ValueError(f"{source}: timesteps {value!r} is not a mode; valid: a list of integers such as [11] or "
+                             f"[5, 11, 50], or one of {', '.join(TIMESTEP_MODES)}.")
+        return
+    if not isinstance(value, list) or not value or any(not isinstance(t, int) or isinstance(t, bool) for t in value):
+        raise ValueError(f"{source}: timesteps must be a non-empty list of integers (e.g. [11] or [5, 11, 50]) or one "
+                         f"of {', '.join(TIMESTEP_MODES)}; got {value!r}.")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{source}: timesteps has duplicates: {value}.")
 
 
 @dataclass
@@ -52,8 +69,11 @@ class Recipe:
     # teacher
     teacher: Any = "fashion-mnist-ddpm"  # packaged name, local dir, hub id, or a UNet2DModel config dict
     teacher_blocks: list = field(default_factory=lambda: ["up_blocks.0", "up_blocks.1"])
-    timesteps: list = field(default_factory=lambda: [11])
+    timesteps: Any = field(default_factory=lambda: [11])  # [t, ...] | auto-grid | auto-label-free | policy
     teacher_dtype: str = "float32"  # float32 | bfloat16 | float16
+    teacher_resolution: Optional[int] = None  # px the teacher sees; default its sample_size (x VAE factor for SD/DiT)
+    vae_dtype: str = "float32"  # SD/DiT VAE: float32 | bfloat16 (float16 is refused: the VAE overflows)
+    prompt_embedding: Optional[str] = None  # SD: [1, 77, D] tensor file; default: empty prompt, computed and cached
     # student
     student: str = "resnet18"
     student_size: int = 64  # input resize (px) for the student
@@ -63,6 +83,19 @@ class Recipe:
     regressor_width: int = 256
     use_ppm: bool = False
     sources: Optional[list] = None  # student level per teacher feature; default: closest spatial size
+    feature_cache: Optional[str] = None  # a `distill extract` directory: targets read from it (needs augment: none)
+    # timestep selection (timesteps: auto-grid | auto-label-free | policy; see docs/selection.md)
+    timestep_candidates: list = field(default_factory=lambda: [1, 11, 25, 50, 100, 200])
+    multi_timestep: str = "heads"  # several timesteps: heads (one 1x1 head per timestep) | concat (one head)
+    select_images: int = 3000  # auto-grid: train images the probes are fit on (stratified subset of train)
+    select_val_images: int = 2000  # auto-grid: held-out train images the probes are scored on
+    select_epochs: int = 2  # auto-grid: passes over select_images, fresh noise each step
+    select_label_free_images: int = 750  # auto-label-free: images (two noisings each), labels unused
+    select_max_memory_gb: Optional[float] = None  # refuse a grid whose estimated step memory exceeds this
+    policy_baseline: str = "batch-mean"  # batch-mean (leave-one-out) | ema | none (RepFusion's plain REINFORCE)
+    policy_lr: float = 1e-3
+    policy_entropy: float = 0.1  # entropy bonus at step 0, decays linearly to 0
+    policy_entropy_steps: Optional[int] = None  # step where the bonus reaches 0; default steps // 2
     # losses
     mse_weight: float = 1.0
     at_weight: float = 10.0
@@ -144,15 +177,29 @@ def make_recipe(values: dict, source: str = "recipe") -> Recipe:
                 f"{source}: key {key!r} must be {_type_name(fields_[key])}, got {value!r} ({type(value).__name__})."
             )
     r = Recipe(**values)
-    if isinstance(r.timesteps, list) and any(not isinstance(t, int) or isinstance(t, bool) for t in r.timesteps):
-        raise ValueError(f"{source}: timesteps must be a list of integers, got {r.timesteps!r}.")
+    check_timesteps_value(r.timesteps, source)
+    if not isinstance(r.timestep_candidates, list) or not r.timestep_candidates or any(
+            not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in r.timestep_candidates):
+        raise ValueError(f"{source}: timestep_candidates must be a non-empty list of integers >= 0 (e.g. [1, 11, 50, "
+                         f"100]), got {r.timestep_candidates!r}.")
+    if len(set(r.timestep_candidates)) != len(r.timestep_candidates):
+        raise ValueError(f"{source}: timestep_candidates has duplicates: {r.timestep_candidates}.")
+    if r.timesteps == "policy" and len(r.timestep_candidates) < 2:
+        raise ValueError(f"{source}: timesteps: policy needs at least 2 timestep_candidates, got "
+                         f"{r.timestep_candidates}.")
+    _check_choice("multi_timestep", r.multi_timestep, MULTI_TIMESTEP)
+    if r.vae_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"{source}: vae_dtype {r.vae_dtype!r} is not valid; use float32 or bfloat16 (a float16 VAE "
+                         f"overflows in the encoder and gives NaN/garbage latents).")
+    _check_choice("policy_baseline", r.policy_baseline, POLICY_BASELINES)
     _check_choice("optimizer", r.optimizer, OPTIMIZERS)
     _check_choice("augment", r.augment, AUGMENTS)
     _check_choice("mixed_precision", r.mixed_precision, MIXED_PRECISION)
     _check_choice("at_mode", r.at_mode, AT_MODES)
     _check_choice("on_nonfinite", r.on_nonfinite, ("error", "skip"))
     _check_choice("teacher_dtype", r.teacher_dtype, ("float32", "bfloat16", "float16"))
-    for key in ("steps", "batch_size", "grad_accum_steps", "student_size", "regressor_width", "log_every",
+    for key in ("select_images", "select_val_images", "select_epochs", "select_label_free_images",
+                "steps", "batch_size", "grad_accum_steps", "student_size", "regressor_width", "log_every",
                 "checkpoint_every", "probe_epochs", "knn_k", "keep_checkpoints"):
         if getattr(r, key) < 1:
             raise ValueError(f"{source}: {key} must be >= 1, got {getattr(r, key)}.")
@@ -160,6 +207,9 @@ def make_recipe(values: dict, source: str = "recipe") -> Recipe:
         raise ValueError(f"{source}: probe_train_fraction {r.probe_train_fraction} is outside (0, 1]; e.g. 0.1 for 10%.")
     if r.lr <= 0:
         raise ValueError(f"{source}: lr must be > 0, got {r.lr}.")
+    if r.policy_lr <= 0 or r.policy_entropy < 0:
+        raise ValueError(f"{source}: policy_lr must be > 0 and policy_entropy >= 0, got {r.policy_lr} and "
+                         f"{r.policy_entropy}.")
     return r
 
 

@@ -29,8 +29,9 @@ def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, ove
     S = recipe.student_size
     teacher = recipe.teacher if isinstance(recipe.teacher, str) else "UNet2DModel(config dict)"
     step = Path(resolved["checkpoint"]).name.split("-")[-1]
+    timesteps = resolved.get("timesteps_used", recipe.timesteps)  # what the run used (auto modes resolved)
     description = (f"{recipe.student} distilled with distill from teacher {teacher} (blocks {recipe.teacher_blocks}, "
-                   f"timesteps {recipe.timesteps}) on {recipe.dataset} for {step} steps at {S}px.")
+                   f"timesteps {timesteps}) on {recipe.dataset} for {step} steps at {S}px.")
     tag = f"distill-{Path(str(teacher)).name}-{recipe.dataset}"
     data_config = {"input_size": (3, S, S), "mean": tuple(resolved["mean"]), "std": tuple(resolved["std"]),
                    "crop_pct": 1.0, "interpolation": "bilinear", "crop_mode": "center"}
@@ -44,7 +45,7 @@ def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, ove
     cfg_path = tmp / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["distill"] = {  # extra top-level key: timm ignores it, people and tools can read it
-        "teacher": teacher, "teacher_blocks": recipe.teacher_blocks, "timesteps": recipe.timesteps,
+        "teacher": teacher, "teacher_blocks": recipe.teacher_blocks, "timesteps": timesteps,
         "dataset": recipe.dataset, "steps": int(step), "student_size": S, "data_channels": resolved["data_channels"],
         "run_dir": str(Path(run_dir).resolve()), "checkpoint": resolved["checkpoint"],
     }

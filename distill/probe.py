@@ -112,6 +112,7 @@ def multi_linear_probe(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    return_logits: bool = False,
 ) -> dict[str, dict]:
     """Train one linear probe per feature key, all in the same pass over the data.
 
@@ -130,6 +131,7 @@ def multi_linear_probe(
         seed: shuffling and init seed.
         device: where the heads train.
         progress: tqdm bar over epochs.
+        return_logits: also return each key's test logits ``[M, C]`` (``'test_logits'``), e.g. for soft voting.
 
     Returns:
         ``{key: {'top1', 'top5', 'train_top1', 'epochs', 'num_train', 'dim'}}``, accuracies in percent.
@@ -178,7 +180,27 @@ def multi_linear_probe(
             "num_train": n,
             "dim": train_feats[k].shape[1],
         }
+        if return_logits:
+            results[k]["test_logits"] = test_logits
     return results
+
+
+def ensemble_probe(train_feats: dict[str, Tensor], train_y: Tensor, test_feats: dict[str, Tensor], test_y: Tensor,
+                   members: Optional[list[str]] = None, **kwargs) -> dict:
+    """Soft-voting ensemble (representation-dynamics paper, section 4.1): one linear probe per member (e.g. one per
+    timestep of a block), trained as :func:`multi_linear_probe` does; the prediction averages the members' logits.
+
+    Returns:
+        ``{'members': {key: {'top1', 'top5', ...}}, 'ensemble': {'top1', 'top5'}, 'best_member': key}``.
+    """
+    members = list(members or train_feats)
+    res = multi_linear_probe({k: train_feats[k] for k in members}, train_y, {k: test_feats[k] for k in members},
+                             test_y, return_logits=True, **kwargs)
+    num_classes = res[members[0]]["test_logits"].shape[1]
+    avg = torch.stack([res[k].pop("test_logits") for k in members]).mean(0)  # (M, C)
+    best = max(members, key=lambda k: res[k]["top1"])
+    return {"members": res, "best_member": best,
+            "ensemble": {"top1": _accuracy(avg, test_y, num_classes, 1), "top5": _accuracy(avg, test_y, num_classes, 5)}}
 
 
 def linear_probe(

@@ -10,6 +10,8 @@ from distill.config import load_recipe
 from distill.teacher import packaged_teachers
 from distill.trainer import load_trained, train
 
+from ._tiny_latent import save_dit_pipeline, save_sd_pipeline, sd15_like_unet_config, tiny_dit_config, tiny_vae_config
+
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
 # Tiny models with the class, block types and layers_per_block of the hub models the recipes name.
@@ -19,6 +21,16 @@ HUB_STANDINS = {
         down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
         up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], norm_num_groups=4,
         attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6),
+    # Pipelines: a function that saves the stand-in directory. SD 1.5: unet/ with SD's block types and
+    # layers_per_block, a VAE with SD's factor 8 (256 px -> 32x32 latents), PNDM scheduler config, and a cached
+    # empty-prompt embedding in place of text_encoder/ + tokenizer/.
+    "runwayml/stable-diffusion-v1-5": lambda path: save_sd_pipeline(
+        path, sd15_like_unet_config(sample_size=32), tiny_vae_config(levels=4),
+        embedding=torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(0))),
+    # DiT-XL/2 at 256: 28 blocks, patch 2, 1000 classes + null, factor-8 VAE, transformer config named
+    # Transformer2DModel as on the hub.
+    "facebook/DiT-XL-2-256": lambda path: save_dit_pipeline(
+        path, tiny_dit_config(num_layers=28, sample_size=32, num_classes=1000), tiny_vae_config(levels=4)),
 }
 
 
@@ -30,14 +42,18 @@ def test_recipes_exist():
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_runs_two_steps(path, tmp_path, rgb_folder, fmnist_dir):
     recipe = load_recipe(path)
-    overrides = dict(steps=2, checkpoint_every=1, log_every=1, num_workers=0, batch_size=4, warmup_steps=1)
+    overrides = dict(steps=2, checkpoint_every=1, log_every=1, num_workers=0, batch_size=4, warmup_steps=1,
+                     grad_accum_steps=1)  # ImageNet recipes accumulate 4 micro-batches: 4x the CPU time
     teacher = recipe.teacher
     if isinstance(teacher, str) and teacher not in packaged_teachers() and not Path(teacher).exists():
         assert teacher in HUB_STANDINS, f"recipe {path.name} names hub teacher {teacher!r}: add a stand-in config"
         torch.manual_seed(0)
         standin = tmp_path / "teacher"
-        DDPMPipeline(unet=UNet2DModel(**HUB_STANDINS[teacher]), scheduler=DDPMScheduler(num_train_timesteps=1000)
-                     ).save_pretrained(standin)
+        if callable(HUB_STANDINS[teacher]):
+            HUB_STANDINS[teacher](standin)
+        else:
+            DDPMPipeline(unet=UNet2DModel(**HUB_STANDINS[teacher]), scheduler=DDPMScheduler(num_train_timesteps=1000)
+                         ).save_pretrained(standin)
         overrides["teacher"] = str(standin)
     if recipe.dataset == "image-folder":
         overrides["data_root"] = str(rgb_folder)

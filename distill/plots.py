@@ -1,0 +1,95 @@
+"""PNG plots of the selection methods: grid heatmap, label-free vs probe ranking, policy timestep histogram.
+
+matplotlib with the Agg backend (no display needed). Each function writes one PNG and returns its path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def grid_heatmap(rows: Sequence[dict], path, value: str = "linear_top1", title: str = "") -> Path:
+    """Blocks (rows, in the order first seen) x timesteps (columns, ascending) heatmap of ``value``, as DDAE Fig. 2."""
+    plt = _plt()
+    blocks = list(dict.fromkeys(r["block"] for r in rows))
+    ts = sorted({int(r["timestep"]) for r in rows})
+    grid = [[float("nan")] * len(ts) for _ in blocks]
+    for r in rows:
+        grid[blocks.index(r["block"])][ts.index(int(r["timestep"]))] = float(r[value])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(ts), 1.0 + 0.55 * len(blocks)))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(ts)), [str(t) for t in ts])
+    ax.set_yticks(range(len(blocks)), blocks)
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("teacher block")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if v == v:
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, ax=ax, label=value)
+    ax.set_title(title or f"{value} per (block, timestep)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def ranking_scatter(label_free: Sequence[dict], probe: Sequence[dict], path, spearman: float | None = None) -> Path:
+    """Label-free score (x, lower is better) against linear-probe accuracy (y) for the same (block, timestep)s."""
+    plt = _plt()
+    acc = {(r["block"], int(r["timestep"])): float(r["linear_top1"]) for r in probe}
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    blocks = list(dict.fromkeys(r["block"] for r in label_free))
+    cmap = plt.get_cmap("tab10")
+    for r in label_free:
+        k = (r["block"], int(r["timestep"]))
+        if k not in acc:
+            continue
+        c = cmap(blocks.index(r["block"]) % 10)
+        ax.scatter(float(r["score"]), acc[k], color=c, label=r["block"])
+        ax.annotate(f"t{k[1]}", (float(r["score"]), acc[k]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+    ax.set_xlabel("label-free score = alignment + uniformity (lower = predicted better)")
+    ax.set_ylabel("linear probe top-1 (%)")
+    ax.set_title("label-free score vs probe accuracy" + (f" (Spearman {spearman:.2f})" if spearman is not None else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def policy_histogram(steps: Sequence[int], counts: Sequence[Sequence[float]], candidates: Sequence[int], path) -> Path:
+    """Share of each candidate timestep among the policy's samples, per logging interval (stacked areas)."""
+    plt = _plt()
+    import numpy as np
+
+    c = np.asarray(counts, dtype=float)  # (intervals, K)
+    share = c / np.clip(c.sum(1, keepdims=True), 1, None)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    ax.stackplot(list(steps), share.T, labels=[f"t={t}" for t in candidates])
+    ax.set_xlabel("training step")
+    ax.set_ylabel("share of sampled timesteps")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("policy timestep histogram over training")
+    half = max(1, len(c) // 5)
+    ax2.bar([str(t) for t in candidates], c[:half].sum(0) / max(c[:half].sum(), 1), alpha=0.5, label="first 20%")
+    ax2.bar([str(t) for t in candidates], c[-half:].sum(0) / max(c[-half:].sum(), 1), alpha=0.5, label="last 20%")
+    ax2.set_xlabel("timestep")
+    ax2.set_ylabel("share")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

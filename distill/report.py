@@ -1,0 +1,447 @@
+"""Collect run directories into a Markdown report and PNG plots.
+
+Inputs are directories of ``distill train`` / ``distill run`` (``metrics.csv``, and ``results.json`` with probe
+rows) and of ``distill finetune`` (``result.json``); a directory holding such runs (a fine-tuning sweep) is searched.
+Outputs, in ``--out``:
+
+* ``report.md``: distillation runs (final loss terms, probes), probes of teacher / distilled / random init, and
+  fine-tuning accuracy per (model, label fraction): mean and min-max over seeds, with the difference to scratch;
+* ``loss_curves.png``: distillation loss per term against step, one line per run;
+* ``finetune_fraction.png``: fine-tuning top-1 against label fraction, mean with a min-max band over seeds;
+* ``probes.png``: linear / kNN probe top-1 of the teacher (``--teacher-probe``), distilled and random-init students;
+* ``report.json``: the numbers of the tables.
+
+Plots use matplotlib's object API with the Agg canvas: no display and no pyplot global state.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+# metrics.csv columns that are not loss terms
+NON_LOSS_COLUMNS = ("step", "lr", "grad_norm", "img_per_s", "skipped")
+
+
+@dataclass
+class DistillRun:
+    path: Path
+    name: str
+    metrics: dict[str, list[float]] = field(default_factory=dict)  # column -> values (NaN where empty)
+    probes: list[dict] = field(default_factory=list)  # results.json rows
+    info: dict = field(default_factory=dict)  # results.json / summary.json extras
+
+    @property
+    def loss_terms(self) -> list[str]:
+        return [c for c in self.metrics if c not in NON_LOSS_COLUMNS]
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def _float(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def read_metrics(path: Path) -> dict[str, list[float]]:
+    """``metrics.csv`` -> ``{column: [values]}``; empty cells are NaN."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise ValueError(f"'{path}' is empty; a `distill train` metrics.csv starts with a header row.")
+    header, body = rows[0], [r for r in rows[1:] if r]
+    if "step" not in header:
+        raise ValueError(f"'{path}' has no 'step' column (header: {header}); is it a `distill train` metrics.csv?")
+    return {c: [_float(r[i]) if i < len(r) else math.nan for r in body] for i, c in enumerate(header)}
+
+
+def _is_finetune(d: Path) -> bool:
+    return (d / "result.json").is_file()
+
+
+def _is_distill(d: Path) -> bool:
+    return (d / "metrics.csv").is_file() or (d / "results.json").is_file()
+
+
+def discover(paths: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """(distillation run dirs, fine-tuning run dirs) among ``paths`` and, for a path that is neither, below it."""
+    distill_runs, finetune_runs = [], []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"run directory '{p}' does not exist.")
+        if p.is_file():
+            p = p.parent
+        if _is_finetune(p) or _is_distill(p):
+            found = [p]
+        else:
+            found = sorted({f.parent for pat in ("result.json", "metrics.csv", "results.json") for f in p.rglob(pat)
+                            if not any(part.startswith(("checkpoint-", ".tmp")) for part in f.relative_to(p).parts)})
+        for d in found:
+            (finetune_runs if _is_finetune(d) else distill_runs).append(d)
+    dedup = lambda xs: list(dict.fromkeys(x.resolve() for x in xs))  # noqa: E731
+    distill_runs, finetune_runs = dedup(distill_runs), dedup(finetune_runs)
+    if not distill_runs and not finetune_runs:
+        raise ValueError(f"no runs found in {list(paths)}: give directories of `distill train`/`distill run` "
+                         f"(metrics.csv, results.json) or of `distill finetune` (result.json).")
+    return distill_runs, finetune_runs
+
+
+def _short_names(paths: list[Path]) -> list[str]:
+    names = [p.name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    common = Path(os.path.commonpath([str(p) for p in paths])) if len(paths) > 1 else paths[0].parent
+    return [str(p.relative_to(common)) if p != common else p.name for p in paths]
+
+
+def load_distill_runs(dirs: list[Path]) -> list[DistillRun]:
+    runs = []
+    for d, name in zip(dirs, _short_names(dirs)):
+        run = DistillRun(d, name)
+        if (d / "metrics.csv").is_file():
+            run.metrics = read_metrics(d / "metrics.csv")
+        if (d / "results.json").is_file():
+            data = json.loads((d / "results.json").read_text())
+            run.probes = list(data.get("results", [])) if isinstance(data, dict) else list(data)
+            run.info = {k: v for k, v in data.items() if k != "results"} if isinstance(data, dict) else {}
+        elif (d / "summary.json").is_file():
+            run.info = {"train_summary": json.loads((d / "summary.json").read_text())}
+        runs.append(run)
+    return runs
+
+
+def load_finetune_results(dirs: list[Path]) -> list[dict]:
+    out = []
+    for d in dirs:
+        r = json.loads((d / "result.json").read_text())
+        for key in ("label", "fraction", "seed", "last_top1", "best_top1"):
+            if key not in r:
+                raise ValueError(f"'{d / 'result.json'}' has no {key!r}; is it a `distill finetune` result?")
+        r["_dir"] = str(d)
+        out.append(r)
+    return out
+
+
+def load_teacher_probe(path: str) -> list[dict]:
+    """Probe rows from a teacher probe JSON (``tools/probe_teacher.py``: best of ``trained`` and ``untrained``),
+    a ``results.json`` (``{'results': [...]}``) or a ``distill probe --json`` list."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"--teacher-probe '{p}' does not exist (e.g. "
+                                f"distill/teachers/fashion-mnist-ddpm/probe.json).")
+    data = json.loads(p.read_text())
+    if isinstance(data, dict) and "trained" in data:
+        teacher = data.get("teacher", p.parent.name)
+        rows = []
+        for key, what in (("trained", f"teacher {teacher}"), ("untrained", f"teacher {teacher} untrained")):
+            cands = data.get(key) or []
+            if not cands:
+                continue
+            best = max(cands, key=lambda r: r["linear_top1"])
+            where = f"{best.get('block')}@t{best.get('timestep')}" if "block" in best else "best"
+            rows.append({"name": f"{what} ({where}, best of {len(cands)})", "linear_top1": best["linear_top1"],
+                         "knn_top1": best.get("knn_top1"), "num_train": data.get("train_images"),
+                         "num_test": data.get("test_images"), "source": str(p)})
+        return rows
+    rows = data.get("results", []) if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "linear_top1" in r for r in rows):
+        raise ValueError(f"--teacher-probe '{p}' is not a probe JSON: expected 'trained' rows "
+                         f"(tools/probe_teacher.py), a results.json or a `distill probe --json` list.")
+    return [{**r, "name": r.get("name", "teacher"), "source": str(p)} for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------- numbers
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def summarize_finetune(results: list[dict]) -> list[dict]:
+    """One row per (label, fraction): statistics over seeds of last/best top-1 and last top-5, plus the
+    difference of the mean last top-1 to the scratch run(s) of the same fraction and budget."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["label"], float(r["fraction"])), []).append(r)
+    rows = []
+    for (label, frac), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        rows.append({
+            "label": label, "fraction": frac, "model_kind": rs[0].get("model_kind"),
+            "architecture": rs[0].get("architecture"), "seeds": [r["seed"] for r in rs],
+            "train_images": sorted({r.get("train_images") for r in rs}, key=str),
+            "steps": sorted({r.get("steps") for r in rs}, key=str),
+            "budget": sorted({_budget(r) for r in rs}),
+            "last_top1": _stats([r["last_top1"] for r in rs]),
+            "best_top1": _stats([r["best_top1"] for r in rs]),
+            "last_top5": _stats([r.get("last_top5", math.nan) for r in rs]),
+        })
+    order = {lab: i for i, lab in enumerate(dict.fromkeys(r["label"] for r in sorted(
+        results, key=lambda r: (r.get("model_kind") == "timm", r["label"]))))}
+    rows.sort(key=lambda r: (order[r["label"]], r["fraction"]))
+    for row in rows:  # compare with scratch at the same fraction and the same budget
+        scratch = [s for s in rows if s["model_kind"] == "timm" and s["fraction"] == row["fraction"]
+                   and s["budget"] == row["budget"] and s is not row]
+        row["vs_scratch"] = (row["last_top1"]["mean"] - scratch[0]["last_top1"]["mean"]
+                             if row["model_kind"] != "timm" and len(scratch) == 1 else None)
+        row["scratch_label"] = scratch[0]["label"] if row["vs_scratch"] is not None else None
+    return rows
+
+
+def _budget(r: dict) -> str:
+    """What must match for a fair comparison: steps, batch, input size, augmentation, optimizer, lr."""
+    return (f"{r.get('steps')} steps x {r.get('batch_size')}, {r.get('input_size')}px, {r.get('augment')}, "
+            f"{r.get('optimizer')} lr {r.get('lr')}")
+
+
+def budget_warnings(results: list[dict]) -> list[str]:
+    by_frac: dict[float, set] = {}
+    for r in results:
+        by_frac.setdefault(float(r["fraction"]), set()).add(_budget(r))
+    return [f"label fraction {_pct(f)}: runs differ in budget ({'; '.join(sorted(b))}), so they are not compared"
+            for f, b in sorted(by_frac.items()) if len(b) > 1]
+
+
+def probe_rows(runs: list[DistillRun], teacher_rows: Optional[list[dict]] = None) -> list[dict]:
+    rows = [dict(r, source=r.get("source", "teacher probe")) for r in (teacher_rows or [])]
+    prefix = len([r for r in runs if r.probes]) > 1
+    for run in runs:
+        for r in run.probes:
+            rows.append({**r, "name": f"{run.name}: {r['name']}" if prefix else r["name"], "source": str(run.path)})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- formatting
+def _pct(f: float) -> str:
+    return f"{100 * f:g}%"
+
+
+def _fmt(v, nd: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{nd}f}"
+
+
+def _fmt_loss(v: float) -> str:
+    return "-" if v is None or math.isnan(v) else f"{v:.4g}"
+
+
+def _last_finite(values: list[float]) -> float:
+    for v in reversed(values):
+        if not math.isnan(v):
+            return v
+    return math.nan
+
+
+def distill_table(runs: list[DistillRun]) -> str:
+    terms = list(dict.fromkeys(t for r in runs for t in r.loss_terms))
+    lines = ["| run | steps | " + " | ".join(f"final {t}" for t in terms) + " | img/s | probes (linear / kNN top-1) |",
+             "|---|---|" + "---|" * len(terms) + "---|---|"]
+    for r in runs:
+        steps = _last_finite(r.metrics.get("step", [])) if r.metrics else math.nan
+        final = [_fmt_loss(_last_finite(r.metrics[t])) if t in r.metrics else "-" for t in terms]
+        ips = _last_finite(r.metrics.get("img_per_s", [])) if r.metrics else math.nan
+        probes = "; ".join(f"{p['name']}: {_fmt(p.get('linear_top1'))} / {_fmt(p.get('knn_top1'))}" for p in r.probes)
+        lines.append(f"| {r.name} | {_fmt(steps, 0)} | " + " | ".join(final) + f" | {_fmt(ips, 1)} | {probes or '-'} |")
+    return "\n".join(lines)
+
+
+def probe_table(rows: list[dict]) -> str:
+    lines = ["| model | linear top-1 | kNN top-1 | probe train / test images |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {_fmt(r.get('linear_top1'))} | {_fmt(r.get('knn_top1'))} | "
+                     f"{r.get('num_train') or '-'} / {r.get('num_test') or '-'} |")
+    return "\n".join(lines)
+
+
+def finetune_table(rows: list[dict]) -> str:
+    lines = ["| model | label fraction | train images | seeds | steps | top-1 last: mean (min-max) | vs scratch | "
+             "top-1 best: mean | top-5 last: mean |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["last_top1"]
+        vs = "-" if r["vs_scratch"] is None else f"{r['vs_scratch']:+.2f}"
+        lines.append(
+            f"| {r['label']} | {_pct(r['fraction'])} | {', '.join(map(str, r['train_images']))} | "
+            f"{len(r['seeds'])} | {', '.join(map(str, r['steps']))} | **{s['mean']:.2f}** ({s['min']:.2f}-"
+            f"{s['max']:.2f}) | {vs} | {r['best_top1']['mean']:.2f} | {_fmt(r['last_top5']['mean'])} |")
+    return "\n".join(lines)
+
+
+def finetune_runs_table(results: list[dict]) -> str:
+    lines = ["| model | fraction | seed | train images | steps | top-1 last | top-1 best (step) | top-5 last | "
+             "seconds | directory |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["label"], r["fraction"], r["seed"])):
+        lines.append(f"| {r['label']} | {_pct(r['fraction'])} | {r['seed']} | {r.get('train_images', '-')} | "
+                     f"{r.get('steps', '-')} | {r['last_top1']:.2f} | {r['best_top1']:.2f} ({r.get('best_step', '-')})"
+                     f" | {_fmt(r.get('last_top5'))} | {r.get('seconds', '-')} | {r['_dir']} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- plots
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h))
+    FigureCanvasAgg(fig)  # Agg canvas: no display, no pyplot state
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.tight_layout()
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_loss_curves(runs: list[DistillRun], path: Path) -> Optional[Path]:
+    runs = [r for r in runs if r.metrics and r.loss_terms]
+    if not runs:
+        return None
+    terms = list(dict.fromkeys(t for r in runs for t in r.loss_terms))
+    fig = _figure(4.2 * len(terms), 3.4)
+    axes = fig.subplots(1, len(terms), squeeze=False)[0]
+    for ax, term in zip(axes, terms):
+        positive = True
+        for r in runs:
+            if term in r.metrics:
+                xs, ys = zip(*[(x, y) for x, y in zip(r.metrics["step"], r.metrics[term]) if not math.isnan(y)] or
+                             [(math.nan, math.nan)])
+                positive &= all(y > 0 for y in ys if not math.isnan(y))
+                ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=r.name)
+        if positive:
+            ax.set_yscale("log")
+        ax.set_title(term)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("loss")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle("distillation loss per term")
+    return _save(fig, path)
+
+
+def plot_fraction(rows: list[dict], path: Path) -> Optional[Path]:
+    if not rows:
+        return None
+    fig = _figure(6.0, 4.2)
+    ax = fig.subplots()
+    fractions = sorted({r["fraction"] for r in rows})
+    for label in dict.fromkeys(r["label"] for r in rows):
+        rs = sorted((r for r in rows if r["label"] == label), key=lambda r: r["fraction"])
+        xs = [r["fraction"] for r in rs]
+        mean = [r["last_top1"]["mean"] for r in rs]
+        lo, hi = [r["last_top1"]["min"] for r in rs], [r["last_top1"]["max"] for r in rs]
+        line, = ax.plot(xs, mean, marker="o", linestyle="--" if rs[0]["model_kind"] == "timm" else "-",
+                        label=f"{label} (n={max(r['last_top1']['n'] for r in rs)} seeds)")
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.vlines(xs, lo, hi, color=line.get_color(), alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_xticks(fractions, [_pct(f) for f in fractions])
+    ax.minorticks_off()
+    ax.set_xlabel("label fraction (log scale)")
+    ax.set_ylabel("test top-1 (%), last step")
+    ax.set_title("fine-tuning: mean and min-max over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_probes(rows: list[dict], path: Path) -> Optional[Path]:
+    rows = [r for r in rows if r.get("linear_top1") is not None]
+    if not rows:
+        return None
+    fig = _figure(max(5.0, 1.3 * len(rows) + 1.5), 4.4)
+    ax = fig.subplots()
+    w = 0.38
+    xs = list(range(len(rows)))
+    for off, key, name in ((-w / 2, "linear_top1", "linear probe"), (w / 2, "knn_top1", "kNN probe")):
+        pts = [(x + off, r[key]) for x, r in zip(xs, rows) if r.get(key) is not None]
+        if not pts:
+            continue
+        bars = ax.bar([p[0] for p in pts], [p[1] for p in pts], width=w, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    import textwrap
+
+    ax.set_xticks(xs, [textwrap.fill(r["name"], 22) for r in rows], fontsize=7)
+    lows = [r[k] for r in rows for k in ("linear_top1", "knn_top1") if r.get(k) is not None]
+    ax.set_ylim(max(0.0, min(lows) - 10), min(100.0, max(lows) + 5))
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("frozen-feature probes")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------- report
+def _no_nan(x):
+    """NaN -> None, so report.json is strict JSON."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_no_nan(v) for v in x]
+    return x
+
+
+def write_report(paths: Sequence[str], out: str, teacher_probe: Optional[str] = None,
+                 title: str = "distill report") -> dict:
+    """Read the runs under ``paths``, write ``report.md``, ``report.json`` and the PNGs to ``out``; returns
+    ``{'report', 'plots', 'finetune', 'probes', 'distill_runs'}``."""
+    distill_dirs, finetune_dirs = discover(paths)
+    runs = load_distill_runs(distill_dirs)
+    results = load_finetune_results(finetune_dirs)
+    teacher_rows = load_teacher_probe(teacher_probe) if teacher_probe else []
+    ft_rows = summarize_finetune(results)
+    p_rows = probe_rows(runs, teacher_rows)
+    out_p = Path(out).expanduser()
+    out_p.mkdir(parents=True, exist_ok=True)
+    plots = {
+        "loss_curves": plot_loss_curves(runs, out_p / "loss_curves.png"),
+        "finetune_fraction": plot_fraction(ft_rows, out_p / "finetune_fraction.png"),
+        "probes": plot_probes(p_rows, out_p / "probes.png"),
+    }
+    md = [f"# {title}", ""]
+    if runs:
+        md += ["## Distillation runs", "", distill_table(runs), ""]
+        if plots["loss_curves"]:
+            md += ["![distillation loss per term](loss_curves.png)", ""]
+    if p_rows:
+        md += ["## Probes: teacher, distilled student, random init", "",
+               "Frozen features; each row's own probe protocol (see its source). Compare rows with the same "
+               "probe train/test images.", "", probe_table(p_rows), ""]
+        if plots["probes"]:
+            md += ["![probe accuracy](probes.png)", ""]
+    if results:
+        warn = budget_warnings(results)
+        md += ["## Fine-tuning with a fraction of the labels", "",
+               "Test top-1 on the full test split after the last step (mean, min-max over seeds); 'vs scratch' is "
+               "the difference of the means to the random-init run with the same fraction and budget. 'best' is "
+               "the best of the periodic evaluations on the test split (optimistic).", "",
+               finetune_table(ft_rows), ""]
+        md += [f"Note: {w}." for w in warn] + ([""] if warn else [])
+        if plots["finetune_fraction"]:
+            md += ["![accuracy vs label fraction](finetune_fraction.png)", ""]
+        budgets = sorted({_budget(r) for r in results})
+        md += [f"Budget: {'; '.join(budgets)}.", "", "### Runs", "", finetune_runs_table(results), ""]
+    report_md = out_p / "report.md"
+    tmp = out_p / ".tmp-report.md"
+    tmp.write_text("\n".join(md))
+    os.replace(tmp, report_md)
+    summary = {"report": str(report_md), "plots": {k: str(v) if v else None for k, v in plots.items()},
+               "finetune": ft_rows, "probes": p_rows,
+               "distill_runs": [{"name": r.name, "path": str(r.path), "loss_terms": r.loss_terms,
+                                 "final": {t: _last_finite(r.metrics[t]) for t in r.loss_terms},
+                                 "probes": r.probes} for r in runs]}
+    tmp = out_p / ".tmp-report.json"
+    tmp.write_text(json.dumps(_no_nan(summary), indent=2, default=str) + "\n")
+    os.replace(tmp, out_p / "report.json")
+    return summary

@@ -1,0 +1,206 @@
+"""distill finetune: label subsets, equal budgets for distilled and scratch, weight loading, evaluation, errors."""
+import json
+import math
+from collections import Counter
+
+import pytest
+import timm
+import timm.models
+import torch
+from safetensors.torch import load_file
+
+from distill.cli import main
+from distill.data import build_dataset, collate, to_student, to_unit
+from distill.finetune import (FinetuneConfig, StepBatchSampler, build_model, finetune, finetune_data,
+                              parse_model_source)
+
+MEAN, STD = (0.45, 0.40, 0.35), (0.25, 0.26, 0.27)
+
+
+def fake_export(path, arch="resnet10t", size=32, seed=123, dataset="image-folder", channels=3):
+    """A directory laid out as `distill export` writes it (timm save_for_hf + a 'distill' key), random weights
+    with BN statistics moved away from their init so a load is visible in every tensor."""
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, num_classes=0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    timm.models.save_for_hf(
+        model, str(path), model_config={"pretrained_cfg": {"tag": "distill-test"}}, safe_serialization=True,
+        data_config={"input_size": (3, size, size), "mean": MEAN, "std": STD, "crop_pct": 1.0,
+                     "interpolation": "bilinear", "crop_mode": "center"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["distill"] = {"dataset": dataset, "data_channels": channels, "student_size": size}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return fake_export(tmp_path_factory.mktemp("export") / "student")
+
+
+def _cfg(model, rgb_folder, **kw):
+    base = dict(model=str(model), dataset="image-folder", data_root=str(rgb_folder), steps=6, batch_size=8,
+                warmup_steps=2, eval_every=3, log_every=1, lr=1e-3)
+    return FinetuneConfig(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------------------------- data
+def test_stratified_subset_has_the_per_class_counts(fmnist_dir):
+    d = finetune_data("fashion-mnist", fmnist_dir, 0.01, seed=0, channels=1)
+    labels = [d.full_train.labels[i].item() for i in d.train.indices]
+    assert d.num_classes == 10 and len(d.train) == 600 and len(d.test) == 10000
+    assert Counter(labels) == {c: 60 for c in range(10)}  # Fashion-MNIST: 6,000 per class
+    again = finetune_data("fashion-mnist", fmnist_dir, 0.01, seed=0, channels=1)
+    other = finetune_data("fashion-mnist", fmnist_dir, 0.01, seed=1, channels=1)
+    assert d.train.indices == again.train.indices and d.train.indices != other.train.indices
+    assert finetune_data("fashion-mnist", fmnist_dir, 1.0, seed=0, channels=1).train is not None
+
+
+def test_stratified_subset_of_an_image_folder(rgb_folder):
+    d = finetune_data("image-folder", str(rgb_folder), 0.25, seed=0, channels=3)
+    assert d.classes == ("cat", "dog", "ship") and len(d.test) == 18
+    assert Counter(d.full_train.labels[i].item() for i in d.train.indices) == {0: 3, 1: 3, 2: 3}
+
+
+def test_step_sampler_gives_full_batches_for_every_step():
+    batches = list(StepBatchSampler(n=5, batch_size=8, steps=4, seed=0))
+    assert len(batches) == 4 and all(len(b) == 8 for b in batches)
+    counts = Counter(i for b in batches for i in b)  # 32 draws from epochs of 5: each index 6 or 7 times
+    assert set(counts) == set(range(5)) and max(counts.values()) - min(counts.values()) <= 1
+    assert batches == list(StepBatchSampler(5, 8, 4, seed=0)) and batches != list(StepBatchSampler(5, 8, 4, seed=1))
+    shards = [list(StepBatchSampler(5, 8, 4, seed=0, rank=r, world=2)) for r in range(2)]
+    for step, b in enumerate(batches):  # two processes split each global batch between them
+        assert sorted(shards[0][step] + shards[1][step]) == sorted(b)
+
+
+# ----------------------------------------------------------------------------------------------- model
+def test_exported_student_loads_its_weights_and_gets_a_new_head(exported):
+    saved = load_file(str(exported / "model.safetensors"))
+    model = build_model(parse_model_source(str(exported)), num_classes=3, size=32)
+    state = model.state_dict()
+    assert set(state) - set(saved) == {"fc.weight", "fc.bias"}  # the head is new, nothing else is
+    for k, v in saved.items():
+        assert torch.equal(state[k], v), k
+    assert model.fc.out_features == 3
+    scratch = build_model(parse_model_source("timm:resnet10t"), num_classes=3, size=32)
+    assert not torch.equal(scratch.state_dict()["conv1.0.weight"], saved["conv1.0.weight"])
+    assert not torch.equal(scratch.state_dict()["bn1.running_mean"], saved["bn1.running_mean"])
+
+
+# ----------------------------------------------------------------------------------------------- runs
+def test_distilled_and_scratch_get_the_same_budget_schedule_and_augmentation(exported, rgb_folder, tmp_path):
+    seen = {}
+
+    def recorder(key):
+        seen[key] = []
+        return lambda b: seen[key].append((b["step"], b["inputs"].clone(), b["labels"].clone(), b["lr"]))
+
+    dist = finetune(_cfg(exported, rgb_folder), tmp_path / "d", progress=False, callback=recorder("d"))
+    scr = finetune(_cfg("timm:resnet10t", rgb_folder, like=str(exported)), tmp_path / "s", progress=False,
+                   callback=recorder("s"))
+    finetune(_cfg(exported, rgb_folder, seed=1, steps=1, eval_every=0), tmp_path / "d1", progress=False,
+             callback=recorder("d1"))
+    assert [s for s, *_ in seen["d"]] == [s for s, *_ in seen["s"]] == list(range(1, 7))
+    for (_, xd, yd, lrd), (_, xs, ys, lrs) in zip(seen["d"], seen["s"]):
+        assert torch.equal(xd, xs) and torch.equal(yd, ys) and lrd == lrs  # same images, same augmentation draws
+    assert not torch.equal(seen["d"][0][1], seen["d1"][0][1])  # ... and the seed does change them
+    # linear warmup over 2 steps, then cosine to 0 over the remaining 4 (diffusers' schedule), per update
+    expected = [1e-3 * s / 2 if s < 2 else 1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(6)]
+    assert [lr for *_, lr in seen["d"]] == pytest.approx(expected)
+    # the model sees the export's size and mean/std, also for the scratch run (--like)
+    x = seen["d"][0][1]
+    assert x.shape == (8, 3, 32, 32)
+    for r in (dist, scr):
+        assert (r["input_size"], r["mean"], r["std"]) == (32, list(MEAN), list(STD))
+        assert (r["steps"], r["train_images_seen"], r["augment"], r["warmup_steps"]) == (6, 48, "crop-flip", 2)
+        assert [h["step"] for h in r["history"]] == [3, 6] and r["test_images"] == 18
+    assert (dist["label"], dist["model_kind"], scr["label"], scr["model_kind"]) == (
+        "resnet10t distilled", "exported", "resnet10t scratch", "timm")
+    on_disk = json.loads((tmp_path / "d" / "result.json").read_text())
+    assert on_disk["last_top1"] == dist["last_top1"] and on_disk["fraction"] == 1.0 and on_disk["seed"] == 0
+    log = (tmp_path / "d" / "train_log.csv").read_text().splitlines()
+    assert log[0] == "step,loss,batch_top1,lr,img_per_s" and [ln.split(",")[0] for ln in log[1:]] == list("123456")
+
+
+def test_reported_accuracy_equals_argmax_on_the_saved_model(exported, rgb_folder, tmp_path):
+    r = finetune(_cfg(exported, rgb_folder, steps=4, eval_every=0, save_model=True), tmp_path / "ft",
+                 progress=False)
+    model = timm.create_model(f"local-dir:{tmp_path / 'ft' / 'model'}", pretrained=True).eval()
+    assert tuple(model.pretrained_cfg["mean"]) == MEAN and model.num_classes == 3
+    test = build_dataset("image-folder", str(rgb_folder), "test", 3)
+    images, labels = collate([test[i] for i in range(len(test))])
+    with torch.no_grad():
+        logits = model(to_student(to_unit(images), 32, MEAN, STD))
+    top1 = 100.0 * (logits.argmax(1) == labels).float().mean().item()
+    top2 = 100.0 * (logits.topk(2, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+    assert r["last_top1"] == pytest.approx(top1, abs=0.01) and len(r["history"]) == 1
+    assert r["top5_k"] == 3 and r["last_top5"] == 100.0  # 3 classes: top-5 is top-3
+    assert top2 < 100.0 or top1 == 100.0
+
+
+def test_overfits_a_tiny_fashion_mnist_subset(fmnist_dir, tmp_path):
+    cfg = FinetuneConfig(model="timm:test_resnet", dataset="fashion-mnist", data_root=fmnist_dir, fraction=0.002,
+                         size=32, steps=50, batch_size=32, lr=3e-3, warmup_steps=5, augment="none", eval_every=0,
+                         eval_train=True)
+    r = finetune(cfg, tmp_path / "of", progress=False)
+    assert r["train_images"] == 120 and r["train_images_total"] == 60000 and r["test_images"] == 10000
+    assert r["train_top1"] >= 95.0  # memorised its 120 labelled images
+    assert r["last_top1"] > 40.0  # and learned something that transfers (chance: 10%)
+    assert r["preprocessing_from"] == "dataset + explicit" and r["mean"][0] == r["mean"][2]  # grey: dataset stats
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def test_cli_sweep_writes_one_directory_per_run(exported, rgb_folder, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["finetune", str(exported), "--data-root", str(rgb_folder), "-o", str(out), "--steps", "2",
+            "--batch-size", "4", "--eval-every", "0", "--fractions", "0.5", "1.0", "--seeds", "0", "1",
+            "--no-progress"]
+    assert main(args) == 0
+    runs = sorted(p.parent.name for p in out.glob("*/result.json"))
+    assert runs == ["frac0.5-seed0", "frac0.5-seed1", "frac1-seed0", "frac1-seed1"]
+    r = json.loads((out / "frac0.5-seed1" / "result.json").read_text())
+    assert (r["fraction"], r["seed"], r["train_images"], r["steps"]) == (0.5, 1, 18, 2)
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    before = (out / "frac1-seed0" / "result.json").read_text()
+    assert main(args + ["--skip-existing"]) == 0
+    assert (out / "frac1-seed0" / "result.json").read_text() == before
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--fraction", "0"], "--fraction 0.0 is outside (0, 1]"),
+    (["--fraction", "1.5"], "--fraction 1.5 is outside (0, 1]"),
+    (["--fractions", "0.1", "2"], "--fraction 2.0 is outside (0, 1]"),
+    (["--steps", "0"], "--steps must be an integer >= 1"),
+    (["--optimizer", "adam"], "--optimizer 'adam' is not valid; valid: adamw, sgd, lamb"),
+    (["--augment", "mixup"], "--augment 'mixup' is not valid"),
+    (["--like", "/nonexistent/student"], "--like '/nonexistent/student' does not exist"),
+])
+def test_bad_arguments_exit_2_naming_the_argument(exported, rgb_folder, tmp_path, capsys, extra, expected):
+    assert main(["finetune", str(exported), "--data-root", str(rgb_folder), "-o", str(tmp_path / "o"),
+                 "--no-progress", *extra]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "o" / "result.json").exists()
+
+
+def test_bad_models_and_datasets_exit_2(exported, rgb_folder, tmp_path, capsys):
+    def err(*args):
+        assert main(["finetune", *args, "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+        return capsys.readouterr().err
+
+    assert "--model '/nonexistent/student' does not exist" in err("/nonexistent/student")
+    e = err("timm:resnet181", "--data-root", str(rgb_folder))
+    assert "timm has no model 'resnet181'" in e and "resnet18" in e.split("Closest timm names:")[1]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("steps: 1\n")
+    assert "distill export" in err(str(run_dir))
+    assert "has no test/ split" in err(str(exported), "--data-root", str(rgb_folder / "train"))
+    flat = tmp_path / "flat" / "train"
+    flat.mkdir(parents=True)
+    (tmp_path / "flat" / "test").mkdir()
+    for src in sorted((rgb_folder / "train" / "cat").iterdir())[:2]:
+        (flat / src.name).write_bytes(src.read_bytes())
+    assert "has no labels" in err(str(exported), "--data-root", str(tmp_path / "flat"))
