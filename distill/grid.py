@@ -201,7 +201,8 @@ def grid_probe(teacher: DiffusionTeacher, data: ProbeData, epochs: int = 2, batc
                          "linear_top1": round(_accuracy(logits, test_y, num_classes, 1), 2),
                          "linear_top5": round(_accuracy(logits, test_y, num_classes, 5), 2)})
     rows.sort(key=lambda r: -r["linear_top1"])
-    return {"rows": rows, "best": rows[0], "teacher_forwards": forwards, "image_forwards": image_forwards,
+    return {"rows": rows, "best": rows[0], "blocks": teacher.blocks, "timesteps": teacher.timesteps,
+            "teacher_forwards": forwards, "image_forwards": image_forwards,
             "train_images": len(data.train), "test_images": len(data.test), "epochs": epochs,
             "batch_size": batch_size, "augment": augment, "seconds": round(time.time() - t0, 1),
             "memory_estimate_gb": round(mem["bytes"] / GiB, 3)}

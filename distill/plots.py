@@ -17,10 +17,11 @@ def _plt():
     return plt
 
 
-def grid_heatmap(rows: Sequence[dict], path, value: str = "linear_top1", title: str = "") -> Path:
-    """Blocks (rows, in the order first seen) x timesteps (columns, ascending) heatmap of ``value``, as DDAE Fig. 2."""
+def grid_heatmap(rows: Sequence[dict], path, value: str = "linear_top1", title: str = "",
+                 blocks: Sequence[str] | None = None) -> Path:
+    """Blocks (rows: ``blocks`` order, default first seen) x timesteps (ascending) heatmap of ``value`` (DDAE Fig. 2)."""
     plt = _plt()
-    blocks = list(dict.fromkeys(r["block"] for r in rows))
+    blocks = list(blocks or dict.fromkeys(r["block"] for r in rows))
     ts = sorted({int(r["timestep"]) for r in rows})
     grid = [[float("nan")] * len(ts) for _ in blocks]
     for r in rows:

@@ -141,7 +141,7 @@ def write_grid_outputs(result: dict, out_dir, teacher_name: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_rows_csv(result["rows"], out / "grid.csv")
     grid_heatmap(result["rows"], out / "grid_heatmap.png",
-                 title=f"linear probe top-1 on {result['test_images']} held-out images")
+                 title=f"linear probe top-1 on {result['test_images']} held-out images", blocks=result.get("blocks"))
     best = result["best"]
     (out / "best_grid.yaml").write_text(yaml.safe_dump(
         {"teacher": teacher_name, "teacher_blocks": [best["block"]], "timesteps": [int(best["timestep"])]},

@@ -76,7 +76,6 @@ def test_unknown_key_with_no_close_match_has_no_guess():
     ("steps", "ten", "int"),
     ("lr", "fast", "float"),
     ("student", 18, "str"),
-    ("timesteps", 11, "list"),
     ("student_kwargs", [1], "dict"),
     ("data_root", 3, "str or null"),
     ("use_ppm", "yes", "bool"),
@@ -167,11 +166,12 @@ def test_lr_must_be_positive(lr):
         make_recipe({"lr": lr})
 
 
-@pytest.mark.parametrize("timesteps", [[5.0], [5, "11"], [True], [5, None]])
+@pytest.mark.parametrize("timesteps", [[5.0], [5, "11"], [True], [5, None], 11, []])
 def test_timesteps_must_be_ints(timesteps):
     with pytest.raises(ValueError) as e:
         make_recipe({"timesteps": timesteps}, source="t.yaml")
-    assert "timesteps must be a list of integers" in str(e.value)
+    assert "t.yaml: timesteps must be a non-empty list of integers" in str(e.value)
+    assert "one of auto-grid, auto-label-free, policy" in str(e.value)
     assert repr(timesteps) in str(e.value)
 
 
