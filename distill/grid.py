@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from .data import collate, dataset_labels, to_teacher, to_unit
 from .evaluate import ProbeData
-from .probe import _accuracy, _probe_head
+from .probe import _accuracy, _probe_head, multi_linear_probe
 from .teacher import DiffusionTeacher
 
 GiB = 1024 ** 3
@@ -209,10 +209,30 @@ def grid_probe(teacher: DiffusionTeacher, data: ProbeData, epochs: int = 2, batc
 
 
 def teacher_grid_probe(teacher: DiffusionTeacher, data: ProbeData, batch_size: int = 64, epochs: int = 2,
-                       seed: int = 0, progress: bool = True, **kwargs) -> list[dict]:
-    """Rows of :func:`grid_probe`, best first (kept for ``tools/probe_teacher.py``)."""
-    return grid_probe(teacher, data, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
-                      **kwargs)["rows"]
+                       seed: int = 0, progress: bool = True, protocol: str = "online", **kwargs) -> list[dict]:
+    """Linear-probe rows of every (block, timestep) of ``teacher``, best first (``tools/probe_teacher.py``).
+
+    ``protocol='online'``: :func:`grid_probe` (fresh noise every step, few epochs, lr 1e-2).
+    ``protocol='offline'``: the probe students get (:func:`distill.probe.multi_linear_probe`, Adam lr 1e-3, cosine,
+    ``epochs`` over features pooled once, one seeded noise draw per image), so a teacher's and a student's numbers
+    compare like for like.
+    """
+    if protocol == "online":
+        return grid_probe(teacher, data, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
+                          **kwargs)["rows"]
+    if protocol != "offline":
+        raise ValueError(f"protocol must be 'online' or 'offline', got {protocol!r}")
+    t0 = time.time()
+    tr, tr_y = pooled_teacher_features(teacher, data.train, batch_size, seed, progress, "teacher: train features")
+    te, te_y = pooled_teacher_features(teacher, data.test, batch_size, seed + 1, progress, "teacher: test features")
+    res = multi_linear_probe(tr, tr_y, te, te_y, epochs=epochs, seed=seed, device=str(teacher.device))
+    info = {f.key: f for f in teacher.feature_info}
+    rows = [{"block": info[k].block, "timestep": info[k].timestep, "channels": info[k].num_chs,
+             "linear_top1": round(r["top1"], 2), "linear_top5": round(r["top5"], 2)} for k, r in res.items()]
+    rows.sort(key=lambda r: -r["linear_top1"])
+    for r in rows:
+        r["seconds_total"] = round(time.time() - t0, 1)
+    return rows
 
 
 def write_rows_csv(rows: list[dict], path) -> None:

@@ -12,7 +12,7 @@ from distill.cli import main
 from distill.config import make_recipe
 from distill.data import ImageFolder
 from distill.evaluate import ProbeData
-from distill.grid import check_grid_memory, estimate_grid_memory, grid_probe
+from distill.grid import check_grid_memory, estimate_grid_memory, grid_probe, teacher_grid_probe
 from distill.policy import LeNetPolicy, TimestepPolicy, entropy_weight, per_sample_grad_variance
 from distill.probe import ensemble_probe, multi_linear_probe
 from distill.select import check_candidates, selection_split
@@ -35,6 +35,27 @@ def _count_forwards(teacher):
 
 
 # ------------------------------------------------------------------------------------------------ grid probe
+def test_offline_teacher_probe_uses_one_forward_per_batch_and_the_students_probe(rgb_folder):
+    """tools/probe_teacher.py's default protocol: features pooled once (one forward per batch, fixed noise), the
+    same multi_linear_probe the students get; the rows match that probe run on the pooled features directly."""
+    from distill.grid import pooled_teacher_features
+
+    torch.manual_seed(0)
+    teacher = load_teacher(tiny_unet_config(3), ["mid_block", "up_blocks.0"], [1, 11])
+    data = _rgb_data(rgb_folder)
+    calls = _count_forwards(teacher)
+    rows = teacher_grid_probe(teacher, data, batch_size=12, epochs=200, seed=3, progress=False, protocol="offline")
+    assert calls == [12 * 2] * 3 + [12 * 2, 6 * 2]  # 36 train + 18 test images, once each (no epochs), 2 t each
+    tr, tr_y = pooled_teacher_features(teacher, data.train, 12, 3, False)
+    te, te_y = pooled_teacher_features(teacher, data.test, 12, 4, False)
+    ref = multi_linear_probe(tr, tr_y, te, te_y, epochs=200, seed=3)
+    assert {f"{r['block']}@t{r['timestep']}": r["linear_top1"] for r in rows} == {
+        k: round(v["top1"], 2) for k, v in ref.items()}
+    assert rows[0]["linear_top1"] > 60
+    with pytest.raises(ValueError, match="protocol must be 'online' or 'offline', got 'both'"):
+        teacher_grid_probe(teacher, data, protocol="both")
+
+
 def test_grid_probe_one_forward_per_batch_fresh_noise_and_learns(rgb_folder):
     torch.manual_seed(0)
     teacher = load_teacher(tiny_unet_config(3), ["mid_block", "up_blocks.0"], [1, 11, 50])

@@ -32,7 +32,11 @@ def main(argv=None):
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-root", default=None)
     p.add_argument("--train-fraction", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--protocol", default="offline", choices=["offline", "online"],
+                   help="offline (default): the students' probe (features pooled once, one noise draw per image, "
+                        "Adam lr 1e-3, 30 epochs), so teacher and student numbers compare; online: distill select's "
+                        "grid probe (fresh noise every step, lr 1e-2, 2 epochs)")
+    p.add_argument("--epochs", type=int, default=None, help="probe epochs (default: 30 offline, 2 online)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models", nargs="+", default=["trained", "untrained"], choices=["trained", "untrained"],
@@ -40,6 +44,7 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
+    epochs = args.epochs or (30 if args.protocol == "offline" else 2)
     unet, scheduler = load_unet(args.teacher)
     channels = unet.config.in_channels
     data = probe_data(args.dataset, args.data_root, channels, args.train_fraction, args.seed)
@@ -55,7 +60,7 @@ def main(argv=None):
     for name, model in models.items():
         t0 = time.time()
         teacher = DiffusionTeacher(model, args.blocks, args.timesteps, scheduler=scheduler, name=name)
-        rows = teacher_grid_probe(teacher, data, args.batch_size, args.epochs, args.seed)
+        rows = teacher_grid_probe(teacher, data, args.batch_size, epochs, args.seed, protocol=args.protocol)
         print(f"\n## {name} UNet ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params): "
               f"linear probe on {len(data.train)} train / {len(data.test)} test images, {time.time() - t0:.0f}s")
         print("| block | t | channels | linear top-1 |\n|---|---|---|---|")

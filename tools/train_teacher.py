@@ -9,7 +9,13 @@ saves a ``DDPMPipeline`` directory (``model_index.json``, ``unet/``, ``scheduler
 The shipped Fashion-MNIST teacher was trained with (see distill/teachers/fashion-mnist-ddpm/README.md):
 
     OMP_NUM_THREADS=1 python tools/train_teacher.py --dataset fashion-mnist --out distill/teachers/fashion-mnist-ddpm \
-        --steps 4000 --batch-size 32 --lr 5e-4 --ema
+        --steps 3500 --batch-size 32 --lr 5e-4 --ema
+
+and the shipped CIFAR-10 teacher with (see distill/teachers/cifar10-ddpm-small/README.md):
+
+    OMP_NUM_THREADS=1 python tools/train_teacher.py --dataset image-folder --data-root ~/.cache/distill/cifar10-jpg \
+        --out distill/teachers/cifar10-ddpm-small --unet-config tools/unet_cifar10_small.json \
+        --steps 3000 --stop-after 1250 --batch-size 32 --lr 5e-4 --ema --hflip
 """
 from __future__ import annotations
 
@@ -61,11 +67,17 @@ def parse_args(argv=None):
     p.add_argument("--ema", action="store_true", help="keep an EMA of the weights and save it (as diffusers does)")
     p.add_argument("--ema-max-decay", type=float, default=0.999)
     p.add_argument("--hflip", action="store_true", help="random horizontal flips")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop (and save) after this many steps, keeping the lr schedule of --steps; "
+                        "how the shipped cifar10-ddpm-small teacher was cut at step 1250 of 3000")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--workers", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.stop_after is not None and not 0 < args.stop_after <= args.steps:
+        p.error(f"--stop-after must be in [1, --steps={args.steps}], got {args.stop_after}")
+    return args
 
 
 def save(unet, ema, scheduler, out: Path, info: dict):
@@ -111,12 +123,13 @@ def main(argv=None):
     log_path = out.with_name(out.name + ".loss.csv")
     n_params = sum(p.numel() for p in unet.parameters())
     accelerator.print(f"UNet2DModel: {n_params / 1e6:.2f}M parameters; {len(ds)} images; {args.steps} steps")
+    last = args.stop_after or args.steps
     step, t0, ema_loss = 0, time.time(), None
-    bar = tqdm(total=args.steps, disable=not accelerator.is_main_process, desc="teacher")
+    bar = tqdm(total=last, disable=not accelerator.is_main_process, desc="teacher")
     with open(log_path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["step", "loss", "loss_ema", "lr", "seconds"])
-        while step < args.steps:
+        while step < last:
             for images, _ in loader:
                 x0 = to_teacher(to_unit(images), channels, args.resolution)  # (B, C, R, R) in [-1, 1]
                 if args.hflip:
@@ -143,14 +156,14 @@ def main(argv=None):
                                  f"{time.time() - t0:.1f}"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{ema_loss:.4f}")
-                if accelerator.is_main_process and (step % args.save_every == 0 or step == args.steps):
+                if accelerator.is_main_process and (step % args.save_every == 0 or step == last):
                     f.flush()
                     info = dict(command="python tools/train_teacher.py " + " ".join(sys.argv[1:] if argv is None else argv),
                                 step=step, loss_ema=round(ema_loss, 5), seconds=round(time.time() - t0, 1),
                                 params=n_params, dataset=args.dataset, resolution=args.resolution, ema=args.ema,
                                 torch=torch.__version__, threads=torch.get_num_threads())
                     save(accelerator.unwrap_model(unet), ema, scheduler, out, info)
-                if step >= args.steps:
+                if step >= last:
                     break
     bar.close()
     accelerator.print(f"done: {step} steps, smoothed loss {ema_loss:.4f}, {time.time() - t0:.0f}s -> {out}")
