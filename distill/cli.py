@@ -80,6 +80,9 @@ def cmd_probe(args) -> int:
         cfg = json.loads((target / "config.json").read_text())
         d = cfg.get("distill", {})
         dataset, channels = dataset or d.get("dataset"), d.get("data_channels", channels)
+        from .finetune import export_data_root
+
+        root = root or export_data_root(d, dataset)
     dataset = dataset or "fashion-mnist"
     if dataset == "fashion-mnist":
         channels = 1

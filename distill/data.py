@@ -178,7 +178,8 @@ def build_dataset(name: str, root: Optional[str] = None, split: str = "train", c
         return FashionMNIST(root, split)
     if name == "image-folder":
         if root is None:
-            raise ValueError("dataset 'image-folder' needs `data_root` (a folder of images or of class folders).")
+            raise ValueError("dataset 'image-folder' needs a data root (a folder of images or of class folders): set "
+                             "`data_root` in the recipe, or pass --data-root on the command line.")
         if (Path(root).expanduser() / split).is_dir():
             root = str(Path(root).expanduser() / split)
         return ImageFolder(root, channels=channels)

@@ -193,6 +193,15 @@ class FinetuneData:
     full_train: Dataset
 
 
+def export_data_root(distill_meta: dict, dataset: str) -> Optional[str]:
+    """The data root an export was distilled on (its config.json 'distill' key), when the dataset is the same and the
+    folder exists here; else None (the dataset's default, or an error asking for --data-root)."""
+    root = distill_meta.get("data_root")
+    if root and distill_meta.get("dataset") == dataset and Path(root).expanduser().is_dir():
+        return str(Path(root).expanduser())
+    return None
+
+
 def finetune_data(dataset: str, data_root: Optional[str], fraction: float, seed: int, channels: int,
                   test_root: Optional[str] = None) -> FinetuneData:
     """Train subset (seeded, stratified ``fraction``), full test split and the number of classes."""
@@ -387,7 +396,8 @@ def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, acce
     out = Path(output_dir)
     if (out / RESULT_FILE).exists() and not overwrite:
         prepare_output_dir(out, overwrite)  # raises: fail before the data is read
-    data = finetune_data(dataset, cfg.data_root, cfg.fraction, cfg.seed, channels, cfg.test_root)
+    data_root = cfg.data_root or export_data_root(d, dataset)
+    data = finetune_data(dataset, data_root, cfg.fraction, cfg.seed, channels, cfg.test_root)
     size, mean, std, prep_origin = resolve_preprocessing(cfg, source, like_config, data.full_train)
 
     if accelerator is None:
@@ -488,7 +498,7 @@ def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, acce
     result = {
         "label": cfg.label or _default_label(source),
         "model": cfg.model, "model_kind": source.kind, "architecture": source.name,
-        "like": cfg.like, "dataset": dataset, "data_root": cfg.data_root, "num_classes": data.num_classes,
+        "like": cfg.like, "dataset": dataset, "data_root": data_root, "num_classes": data.num_classes,
         "fraction": float(cfg.fraction), "seed": cfg.seed, "steps": cfg.steps, "batch_size": cfg.batch_size,
         "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
         "momentum": cfg.momentum if cfg.optimizer == "sgd" else None, "warmup_steps": min(cfg.warmup_steps, cfg.steps),

@@ -169,6 +169,24 @@ def test_cli_sweep_writes_one_directory_per_run(exported, rgb_folder, tmp_path, 
     assert (out / "frac1-seed0" / "result.json").read_text() == before
 
 
+def test_export_data_root_is_the_default_and_a_missing_one_asks_for_data_root(rgb_folder, tmp_path, capsys):
+    """An export records the data root it was distilled on; finetune (and probe) use it when --data-root is not
+    given and the folder exists here; otherwise the error names --data-root."""
+    exp = fake_export(tmp_path / "student")
+    cfg = json.loads((exp / "config.json").read_text())
+    cfg["distill"]["data_root"] = str(rgb_folder)
+    (exp / "config.json").write_text(json.dumps(cfg))
+    args = ["finetune", str(exp), "-o", str(tmp_path / "o"), "--steps", "1", "--batch-size", "4",
+            "--eval-every", "0", "--no-progress"]
+    assert main(args) == 0
+    r = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert r["data_root"] == str(rgb_folder) and r["train_images"] == 36
+    cfg["distill"]["data_root"] = str(tmp_path / "moved-away")
+    (exp / "config.json").write_text(json.dumps(cfg))
+    assert main(args[:3] + [str(tmp_path / "o2")] + args[4:]) == 2
+    assert "--data-root" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra,expected", [
     (["--fraction", "0"], "--fraction 0.0 is outside (0, 1]"),
     (["--fraction", "1.5"], "--fraction 1.5 is outside (0, 1]"),

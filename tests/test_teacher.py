@@ -155,3 +155,23 @@ def test_packaged_teacher_is_shipped():
     teacher = load_teacher("fashion-mnist-ddpm", ["up_blocks.0"])
     assert teacher.in_channels == 1 and teacher.sample_size == 32
     assert sum(p.numel() for p in teacher.parameters()) * 4 < 10e6  # fits the 10 MB budget in fp32
+
+
+def test_packaged_cifar10_teacher_is_shipped_trained_and_small():
+    """The CIFAR-10 teacher: 3 channels at 32 px, under the 25 MB budget; its training record says 1,250 EMA steps
+    and its probe file shows the trained UNet above the untrained one (the card's table)."""
+    import json
+    from pathlib import Path
+
+    from distill.teacher import PACKAGED_TEACHERS_DIR
+
+    assert "cifar10-ddpm-small" in packaged_teachers()
+    root = Path(PACKAGED_TEACHERS_DIR) / "cifar10-ddpm-small"
+    assert (root / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size < 25e6
+    teacher = load_teacher("cifar10-ddpm-small", ["mid_block"])
+    assert teacher.in_channels == 3 and teacher.sample_size == 32
+    info = json.loads((root / "training.json").read_text())
+    assert info["step"] == 1250 and info["ema"] is True
+    probe = json.loads((root / "probe.json").read_text())
+    assert probe["trained"][0]["block"] == "mid_block"
+    assert probe["trained"][0]["linear_top1"] > probe["untrained"][0]["linear_top1"]

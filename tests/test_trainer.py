@@ -66,7 +66,7 @@ def test_export_roundtrip_gives_same_features(trained_run, tmp_path):
     assert cfg["tag"].startswith("distill-")
     assert "up_blocks.0" in cfg["description"] and "[11]" in cfg["description"]
     meta = json.loads((out / "config.json").read_text())["distill"]
-    assert meta["timesteps"] == [11] and meta["steps"] == 40
+    assert meta["timesteps"] == [11] and meta["steps"] == 40 and meta["data_root"] == recipe.data_root
     # a head for fine-tuning, with the distilled backbone underneath
     head = load_exported(str(out), num_classes=7)
     assert head(x).shape == (2, 7)
