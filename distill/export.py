@@ -46,7 +46,8 @@ def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, ove
     cfg = json.loads(cfg_path.read_text())
     cfg["distill"] = {  # extra top-level key: timm ignores it, people and tools can read it
         "teacher": teacher, "teacher_blocks": recipe.teacher_blocks, "timesteps": timesteps,
-        "dataset": recipe.dataset, "data_root": recipe.data_root, "steps": int(step), "student_size": S, "data_channels": resolved["data_channels"],
+        "dataset": recipe.dataset, "data_root": recipe.data_root, "steps": int(step), "student_size": S,
+        "data_channels": resolved["data_channels"],
         "run_dir": str(Path(run_dir).resolve()), "checkpoint": resolved["checkpoint"],
     }
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
