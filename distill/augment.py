@@ -4,7 +4,7 @@ from __future__ import annotations
 import kornia.augmentation as K
 import torch.nn as nn
 
-from .config import AUGMENTS
+from .vocab import AUGMENTS
 
 
 def build_augment(name: str, size: int) -> nn.Module:

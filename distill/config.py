@@ -10,12 +10,14 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
+import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import re
-
 import yaml
+
+from .vocab import (AT_MODES, AUGMENTS, MIXED_PRECISION, MULTI_TIMESTEP, ON_NONFINITE, OPTIMIZERS,
+                    POLICY_BASELINES, TEACHER_DTYPES, TIMESTEP_MODES, VAE_DTYPES)
 
 
 class _Loader(yaml.SafeLoader):
@@ -33,13 +35,6 @@ _Loader.add_implicit_resolver(
 def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
-OPTIMIZERS = ("adamw", "lamb", "sgd")
-AUGMENTS = ("none", "flip", "crop-flip")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-AT_MODES = ("code", "paper")
-TIMESTEP_MODES = ("auto-grid", "auto-label-free", "policy")
-MULTI_TIMESTEP = ("heads", "concat")
-POLICY_BASELINES = ("batch-mean", "ema", "none")
 
 
 def check_timesteps_value(value: Any, source: str = "recipe") -> None:
@@ -188,7 +183,7 @@ def make_recipe(values: dict, source: str = "recipe") -> Recipe:
         raise ValueError(f"{source}: timesteps: policy needs at least 2 timestep_candidates, got "
                          f"{r.timestep_candidates}.")
     _check_choice("multi_timestep", r.multi_timestep, MULTI_TIMESTEP)
-    if r.vae_dtype not in ("float32", "bfloat16"):
+    if r.vae_dtype not in VAE_DTYPES:
         raise ValueError(f"{source}: vae_dtype {r.vae_dtype!r} is not valid; use float32 or bfloat16 (a float16 VAE "
                          f"overflows in the encoder and gives NaN/garbage latents).")
     _check_choice("policy_baseline", r.policy_baseline, POLICY_BASELINES)
@@ -196,8 +191,8 @@ def make_recipe(values: dict, source: str = "recipe") -> Recipe:
     _check_choice("augment", r.augment, AUGMENTS)
     _check_choice("mixed_precision", r.mixed_precision, MIXED_PRECISION)
     _check_choice("at_mode", r.at_mode, AT_MODES)
-    _check_choice("on_nonfinite", r.on_nonfinite, ("error", "skip"))
-    _check_choice("teacher_dtype", r.teacher_dtype, ("float32", "bfloat16", "float16"))
+    _check_choice("on_nonfinite", r.on_nonfinite, ON_NONFINITE)
+    _check_choice("teacher_dtype", r.teacher_dtype, TEACHER_DTYPES)
     for key in ("select_images", "select_val_images", "select_epochs", "select_label_free_images",
                 "steps", "batch_size", "grad_accum_steps", "student_size", "regressor_width", "log_every",
                 "checkpoint_every", "probe_epochs", "knn_k", "keep_checkpoints"):

@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from .errors import DatasetNotFoundError
+from .vocab import DATASETS, ON_BAD_IMAGE
+
 _logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -30,10 +33,6 @@ _FMNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """Raised when a dataset directory or file is missing; the message says how to get it."""
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -119,8 +118,8 @@ class ImageFolder(Dataset):
             )
         if channels not in (1, 3):
             raise ValueError(f"channels={channels!r} is not valid; use 1 (grayscale) or 3 (RGB).")
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error={on_error!r} is not valid; use 'skip' or 'raise'.")
+        if on_error not in ON_BAD_IMAGE:
+            raise ValueError(f"on_error={on_error!r} is not valid; valid: {', '.join(ON_BAD_IMAGE)}.")
         subdirs = sorted(d.name for d in root_p.iterdir() if d.is_dir() and not d.name.startswith("."))
         files: list[tuple[str, int]] = []
         if subdirs:
@@ -164,9 +163,6 @@ class ImageFolder(Dataset):
                 self.num_skipped += 1
                 _logger.warning("skipping unreadable image '%s': %s", path, e)
         raise ValueError(f"no readable image in '{self.root}'")
-
-
-DATASETS = ("fashion-mnist", "image-folder")
 
 
 def build_dataset(name: str, root: Optional[str] = None, split: str = "train", channels: int = 3) -> Dataset:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-AT_MODES = ("code", "paper")
+from .vocab import AT_MODES
+
 AT_REDUCTIONS = ("mean", "sum")
 
 

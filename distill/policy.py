@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-BASELINES = ("batch-mean", "ema", "none")
+from .vocab import POLICY_BASELINES
 
 
 class LeNetPolicy(nn.Module):
@@ -66,8 +66,8 @@ class TimestepPolicy(nn.Module):
     def __init__(self, candidates: Sequence[int], in_channels: int, feature_dim: int, num_classes: int,
                  baseline: str = "batch-mean", ema_momentum: float = 0.9, hidden: int = 256):
         super().__init__()
-        if baseline not in BASELINES:
-            raise ValueError(f"policy_baseline {baseline!r} is not one of {', '.join(BASELINES)}.")
+        if baseline not in POLICY_BASELINES:
+            raise ValueError(f"policy_baseline {baseline!r} is not one of {', '.join(POLICY_BASELINES)}.")
         if len(candidates) < 2:
             raise ValueError(f"the policy needs at least 2 candidate timesteps, got {list(candidates)}.")
         self.register_buffer("candidates", torch.tensor([int(t) for t in candidates], dtype=torch.long))

@@ -1,0 +1,42 @@
+"""The public exceptions of distill, in one place.
+
+Each subclasses the built-in exception that callers would already catch (``ValueError`` for bad input,
+``FileNotFoundError`` for missing files, ...), so ``except ValueError`` keeps working; the CLI maps bad input to
+exit code 2 and a refused or diverged run to exit code 3 (:data:`EXIT_CODES`).
+"""
+from __future__ import annotations
+
+
+class RunExistsError(FileExistsError):
+    """The output directory already holds a run (pass resume or overwrite)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term or the gradient norm became NaN or Inf; no update was applied."""
+
+
+class UntrustedCheckpointError(RuntimeError):
+    """A checkpoint file holds a pickle that would import or run code."""
+
+
+class CacheMismatchError(ValueError):
+    """A feature cache was written for another teacher, data, blocks, timesteps or resolution."""
+
+
+class IncompleteCacheError(ValueError):
+    """A feature-cache directory has no manifest (an interrupted ``distill extract``)."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are missing; the message says how to install or point to them."""
+
+
+class MissingDependencyError(ImportError, ValueError):
+    """An optional package is needed (e.g. transformers for a Stable Diffusion text encoder)."""
+
+
+#: CLI exit code per exception kind: 2 for bad input, 3 for a run that was refused or stopped.
+EXIT_CODES = (
+    ((NonFiniteLossError, UntrustedCheckpointError), 3),
+    ((ValueError, FileNotFoundError, FileExistsError, MemoryError), 2),
+)
