@@ -51,9 +51,25 @@ class TeacherFeatureInfo:
         return feature_key(self.block, self.timestep)
 
 
-def feature_key(block: str, timestep: int) -> str:
-    """Key of a teacher feature in the dict returned by :class:`DiffusionTeacher`: ``'up_blocks.1@t11'``."""
-    return f"{block}@t{int(timestep)}"
+def feature_key(block: str, timestep: Optional[int]) -> str:
+    """Key of a teacher feature in the dict returned by :class:`DiffusionTeacher`: ``'up_blocks.1@t11'``, or
+    ``'up_blocks.1@t*'`` for ``timestep=None`` (each image at its own, per-image timestep). The one place keys are
+    built; :func:`parse_feature_key` is its inverse."""
+    return f"{block}@t{'*' if timestep is None else int(timestep)}"
+
+
+def parse_feature_key(key: str) -> tuple[str, Optional[int]]:
+    """Inverse of :func:`feature_key`: ``'up_blocks.1@t11'`` -> ``('up_blocks.1', 11)``, ``'mid_block@t*'`` ->
+    ``('mid_block', None)``.
+
+    Raises:
+        ValueError: ``key`` is not of the form ``'<block>@t<int>'`` or ``'<block>@t*'``.
+    """
+    block, sep, t = key.rpartition("@t")
+    if not sep or not block or not (t == "*" or t.isdigit()):
+        raise ValueError(f"feature key {key!r} is not of the form '<block>@t<timestep>' (e.g. 'mid_block@t11') or "
+                         f"'<block>@t*'.")
+    return block, None if t == "*" else int(t)
 
 
 def packaged_teachers() -> list[str]:
@@ -288,7 +304,7 @@ class DiffusionTeacher(nn.Module):
         out = {}
         for k, t_ in enumerate(keys_t):
             for b in self.blocks:
-                key = f"{b}@t{t_}"
+                key = feature_key(b, None if t_ == "*" else t_)
                 out[key] = feats[b][k * B:(k + 1) * B]  # (B, C_b, H_b, W_b)
         return out
 
