@@ -70,8 +70,8 @@ def save(path: str, data: dict, machine_at_start: dict) -> None:
 # ----------------------------------------------------------------------------------------------- training steps
 def quickstart_setup(recipe_path: str, overrides: dict):
     """Recipe, dataset, mean/std, teacher, feature keys and one initial model (built as ``distill.train`` does)."""
+    from distill.build import build_model, build_teacher, build_train_data, resolve_mean_std
     from distill.config import load_recipe
-    from distill.trainer import build_model, build_teacher, build_train_data, resolve_mean_std
 
     recipe = load_recipe(recipe_path, overrides)
     ds, ch = build_train_data(recipe)
@@ -83,48 +83,43 @@ def quickstart_setup(recipe_path: str, overrides: dict):
     return recipe, ds, mean, std, teacher, keys, model
 
 
-def library_step(recipe, teacher, keys, model, mean, std, image_size: int):
-    """One step of ``distill.trainer.train``'s loop body (grad_accum_steps=1): make_views, train_step inside an
-    Accelerate-prepared model/optimizer, the non-finite check, clip, optimizer step, zero_grad, scheduler step, loss
-    sums and the every-``log_every`` reduce. Returns ``step(images, i) -> total loss``."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs
+def library_step(recipe, teacher, keys, model, mean, std, image_size: int, source=None, accelerator=None):
+    """One step of ``distill.train``'s loop, by the library's own functions: the live-teacher target source (or
+    ``source``, e.g. :class:`distill.trainer.targets.CacheTargets`),
+    ``distill.trainer.loop.optimizer_step`` (``train_step`` inside ``accelerator.accumulate``, the non-finite check,
+    clipping, the optimizer update) on an Accelerate-prepared model and optimizer, the scheduler step and, every
+    ``log_every`` steps, ``log_step``'s reduce (its CSV row discarded). Returns ``step(images, i) -> total loss``."""
+    import tempfile
 
     from distill.augment import build_augment
-    from distill.trainer import (build_optimizer, build_scheduler, make_views, nonfinite_terms, train_step)
+    from distill.build import build_loss, build_optimizer, build_scheduler
+    from distill.rundir import CsvLog
+    from distill.trainer.loop import Session, log_step, make_accelerator, optimizer_step
+    from distill.trainer.targets import LiveTeacherTargets
 
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=recipe.mixed_precision,
-                              gradient_accumulation_steps=recipe.grad_accum_steps,
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    run_dir = Path(tempfile.gettempdir())
+    accelerator = accelerator or make_accelerator(recipe, run_dir)
     optimizer = build_optimizer(recipe, model)
     scheduler = build_scheduler(recipe, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     augment = build_augment(recipe.augment, image_size).to(accelerator.device)
-    state = {"sums": {}}
+    source = source or LiveTeacherTargets(teacher, [[k] for k in keys], augment, recipe.student_size, mean, std)
+    session = Session(recipe, run_dir, accelerator, model, optimizer, scheduler, source, build_loss(recipe),
+                      ds=None, resolved={})
+    no_log = CsvLog(run_dir / "unused.csv", 0, enabled=False)
+    t0 = time.time()
 
-    def step(images, i):
-        batch = make_views(images, augment, teacher, recipe.student_size, mean, std)
-        with accelerator.accumulate(model):
-            losses = train_step(model, teacher, batch, keys, recipe, accelerator)
-            bad = nonfinite_terms(losses, accelerator)
-            if accelerator.sync_gradients and recipe.grad_clip > 0 and not bad:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-                if not torch.isfinite(grad_norm):
-                    bad = ["grad_norm"]
-            if bad:
-                raise RuntimeError(f"non-finite {bad}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        for k, v in losses.items():
-            state["sums"][k] = state["sums"].get(k, 0.0) + v.detach()
+    def step(images, i, batch=None):
+        """``batch``: a whole collated batch (e.g. with indices for a cache source); default ``images`` alone."""
+        batch = batch or (images, torch.zeros(images.shape[0], dtype=torch.long))
+        sums, grad_norm, _ = optimizer_step(session, iter([batch]), i + 1, None)
+        if not sums:
+            raise RuntimeError(f"non-finite loss at bench step {i}")
         scheduler.step()
         if (i + 1) % recipe.log_every == 0:
-            {k: accelerator.reduce(v, "mean").item() for k, v in state["sums"].items()}
-            state["sums"] = {}
-        return losses["total"].detach()
+            log_step(session, i + 1, sums, grad_norm, t0, no_log)
+        return sums["total"] / recipe.grad_accum_steps
 
     return step
 

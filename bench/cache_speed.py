@@ -24,17 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import interleave, machine, med, save
+from _common import interleave, library_step, machine, med, save
 
 import torch
 from torch.utils.data import Subset
 
 from distill.cache import FeatureCache, expected_key, extract_features_cache
 from distill.config import load_recipe
-from distill.data import to_student, to_teacher, to_unit
-from distill.losses import feature_distillation_loss
-from distill.trainer import (build_model, build_optimizer, build_scheduler, build_teacher, build_train_data,
-                             resolve_mean_std)
+from distill.build import build_model, build_teacher, build_train_data, resolve_mean_std
+from distill.trainer.targets import CacheTargets, LiveTeacherTargets
 
 
 def main(argv=None):
@@ -70,44 +68,38 @@ def main(argv=None):
     torch.manual_seed(recipe.seed)
     model_live = build_model(recipe, teacher).train()
     model_cache = copy.deepcopy(model_live)
-    arms = {}
-    for name, model in (("live", model_live), ("cache", model_cache)):
-        opt = build_optimizer(recipe, model)
-        arms[name] = (model, opt, build_scheduler(recipe, opt))
     images = torch.stack([ds[i][0] for i in range(n)])  # (n, 1, 28, 28) uint8, in memory for both arms
+    labels = torch.zeros(n, dtype=torch.long)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed)).view(steps, B)
-    last = {}
+    last, target_s = {}, {}
 
-    def student_step(name, x, targets):
-        model, opt, sched = arms[name]
-        preds = model(to_student(x, recipe.student_size, mean, std))
-        losses = feature_distillation_loss(preds, targets, mse_weight=recipe.mse_weight, at_weight=recipe.at_weight,
-                                           cos_weight=recipe.cos_weight, at_mode=recipe.at_mode)
-        losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        last[name] = losses["total"].item()
+    class Timed:
+        """A target source whose calls are timed (the 'targets' share of a step)."""
 
-    def live(i):
-        idx = order[i % steps]
-        x = to_unit(images[idx])
-        t0 = time.perf_counter()
-        feats = teacher(to_teacher(x, teacher.in_channels, teacher.sample_size))
-        targets = [feats[k].float() for k in keys]
-        t1 = time.perf_counter()
-        student_step("live", x, targets)
-        return {"targets": t1 - t0}
+        def __init__(self, name, source):
+            self.name, self.source = name, source
 
-    def cached(i):
-        idx = order[i % steps]
-        x = to_unit(images[idx])
-        t0 = time.perf_counter()
-        targets = cache.targets(idx, cache.draw_ids(idx, i, recipe.seed), keys)
-        t1 = time.perf_counter()
-        student_step("cache", x, targets)
-        return {"targets": t1 - t0}
+        def __call__(self, batch, micro):
+            t0 = time.perf_counter()
+            out = self.source(batch, micro)
+            target_s[self.name] = time.perf_counter() - t0
+            return out
+
+    groups = [[k] for k in keys]
+    # the library's own loop step (distill.trainer.loop.optimizer_step) for both arms, with its two target sources
+    arms = {"live": library_step(recipe, teacher, keys, model_live, mean, std, images.shape[-1], source=Timed(
+                "live", LiveTeacherTargets(teacher, groups, torch.nn.Identity(), recipe.student_size, mean, std))),
+            "cache": library_step(recipe, teacher, keys, model_cache, mean, std, images.shape[-1], source=Timed(
+                "cache", CacheTargets(cache, groups, recipe.student_size, mean, std, recipe.seed, "cpu")))}
+
+    def arm(name):
+        def call(i):
+            idx = order[i % steps]
+            last[name] = float(arms[name](None, i, batch=(images[idx], labels[idx], idx)))
+            return {"targets": target_s[name]}
+        return call
+
+    live, cached = arm("live"), arm("cache")
 
     t0 = time.time()
     r_live, r_cache = interleave([live, cached], repeats=steps, warmup=1)

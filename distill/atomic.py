@@ -98,23 +98,22 @@ def atomic_write_csv(path: PathLike, header: Sequence[str], rows: Iterable[Seque
 
 
 @contextlib.contextmanager
-def atomic_dir(path: PathLike, replace: Optional[Callable[[Path], None]] = None,
-               token: Optional[str] = None) -> Iterator[Path]:
+def atomic_dir(path: PathLike, replace: bool = False, token: Optional[str] = None) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``path``; fill it; on a clean exit its tree is fsync'd and it is
     renamed to ``path``. An exception removes the temporary directory and leaves ``path`` as it was.
 
     Args:
-        path: the final directory.
-        replace: called with ``path`` when it already exists, after the new tree is complete and just before the
-            rename; it must remove ``path`` (the caller proves the old directory is its own to delete). Without it
-            an existing ``path`` is an error (``FileExistsError``) and nothing is written.
+        path: the final directory. An existing empty directory is replaced.
+        replace: an existing non-empty ``path`` is replaced: it is moved aside only once the new tree is complete,
+            the new tree is renamed into place, then the old one is deleted. The caller must have proven that the
+            old directory is its own to delete (an export by its files, a cache by its manifest).
         token: a fixed temporary name suffix (see :func:`temp_path`); a leftover of that name is removed first.
 
     Raises:
-        FileExistsError: ``path`` exists and no ``replace`` was given.
+        FileExistsError: ``path`` exists, is not an empty directory, and ``replace`` is false.
     """
     final = Path(path)
-    if final.exists() and replace is None:
+    if final.exists() and not replace and not (final.is_dir() and not any(final.iterdir())):
         raise FileExistsError(f"'{final}' already exists; refusing to replace it.")
     tmp = temp_path(final, token)
     if token is not None and tmp.exists():
@@ -122,14 +121,31 @@ def atomic_dir(path: PathLike, replace: Optional[Callable[[Path], None]] = None,
     tmp.mkdir(parents=False)
     try:
         yield tmp
-        fsync_tree(tmp)
-        if final.exists():
-            replace(final)
-        os.replace(tmp, final)
+        commit_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def commit_dir(tmp: PathLike, path: PathLike) -> Path:
+    """Put a complete temporary directory ``tmp`` in place as ``path``: fsync its tree, move an existing
+    non-empty ``path`` aside, rename ``tmp`` to ``path``, fsync the parent, delete the old one. The step of
+    :func:`atomic_dir` that renames; for writers whose temporary directory is filled by several processes
+    (a distributed checkpoint), which call it once, on the main process. The caller has proven that an existing
+    ``path`` is its own to replace."""
+    tmp, final = Path(tmp), Path(path)
+    fsync_tree(tmp)
+    old = None
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        old = temp_path(final.with_name(f"{final.name}-old"))
+        os.replace(final, old)
+    os.replace(tmp, final)
     fsync_dir(final.parent)
+    if old is not None and old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old is not None:
+        old.unlink()
+    return final
 
 
 def stale_temps(path: PathLike) -> list[Path]:
@@ -138,11 +154,29 @@ def stale_temps(path: PathLike) -> list[Path]:
     return sorted(p.parent.glob(f"{TMP_PREFIX}{p.name}-*")) if p.parent.is_dir() else []
 
 
+def _writer_alive(tmp: Path, name: str) -> bool:
+    """Whether the process whose pid is in a temporary's name (``.tmp-<name>-<pid>-<hex>``) is another live one."""
+    rest = tmp.name[len(TMP_PREFIX) + len(name) + 1:]
+    pid = rest.split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def remove_stale_temps(path: PathLike) -> list[Path]:
     """Remove the temporaries of ``path`` left by a killed write; returns what was removed. Only names of this
-    module's convention are touched."""
+    module's convention are touched, and never one whose writing process is still alive."""
     removed = []
+    name = Path(path).name
     for t in stale_temps(path):
+        if _writer_alive(t, name):
+            continue
         if t.is_dir() and not t.is_symlink():
             shutil.rmtree(t, ignore_errors=True)
         else:

@@ -25,10 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -36,8 +34,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .atomic import atomic_dir, atomic_write_json, remove_stale_temps
+from .build import build_teacher, build_train_data
 from .data import collate, dataset_labels, to_teacher, to_unit
+from .errors import CacheMismatchError, IncompleteCacheError
 from .teacher import DiffusionTeacher, TeacherFeatureInfo
+from .version import __version__
 
 _logger = logging.getLogger(__name__)
 
@@ -48,14 +50,6 @@ STORAGE_DTYPE = "float16"
 _FP16_MAX = 65504.0
 _REBUILD_HINT = ("Fix: rebuild it with `distill extract RECIPE --out {path} --overwrite` (with the run's --set "
                  "overrides), or point feature_cache at the cache made for this recipe.")
-
-
-class CacheMismatchError(ValueError):
-    """The cache was made for another teacher, blocks, timesteps, dataset or number of draws."""
-
-
-class IncompleteCacheError(ValueError):
-    """The directory is not a complete feature cache (half-written, truncated or not a cache)."""
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
@@ -203,20 +197,6 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
-def _remove_stale_tmp(out: Path) -> None:
-    for stale in out.parent.glob(f".tmp-{out.name}-*"):
-        try:
-            pid = int(stale.name.rsplit("-", 2)[-2])
-            os.kill(pid, 0)  # the writer is still running: leave it alone
-            if pid != os.getpid():
-                continue
-        except PermissionError:  # alive, another user's
-            continue
-        except (ValueError, IndexError, ProcessLookupError):
-            pass
-        shutil.rmtree(stale, ignore_errors=True)
-
-
 def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2, batch_size: Optional[int] = None,
                            overwrite: bool = False, progress: bool = True, max_images: Optional[int] = None,
                            device: Union[str, torch.device, None] = None, seed: Optional[int] = None,
@@ -241,9 +221,6 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-
-    from . import __version__
-    from .trainer import build_teacher, build_train_data
 
     t0 = time.time()
     out = Path(out_dir).expanduser()
@@ -289,10 +266,9 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
         raise ValueError(f"the cache needs {nbytes / 2**30:.2f} GiB ({nbytes // max(N, 1)} bytes per image) but "
                          f"'{out.parent}' has {free / 2**30:.2f} GiB free; lower --draws, use --max-images, or "
                          f"choose another --out.")
-    _remove_stale_tmp(out)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    remove_stale_temps(out)
+    # atomic: `out` is the old cache or the complete new one, never half of one (replacing a cache was allowed above)
+    with atomic_dir(out, replace=True) as tmp:
         arrays = {k: np.lib.format.open_memmap(tmp / _cache_file(k), mode="w+", dtype=np.float16, shape=tuple(s))
                   for k, s in shapes.items()}
         bs = int(batch_size or recipe.batch_size)
@@ -331,22 +307,7 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extract_seconds": round(seconds, 2),
             "bytes": nbytes,
         }
-        with open(tmp / (MANIFEST + ".part"), "w") as f:  # written last: marks the cache complete
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp / (MANIFEST + ".part"), tmp / MANIFEST)
-        old = None
-        if out.exists():
-            old = out.parent / f".old-{out.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        os.replace(tmp, out)  # atomic: `out` is the old cache or the complete new one, never half of one
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / MANIFEST, manifest)  # written last: marks the cache complete
     total = _dir_bytes(out)
     return {"path": str(out), "num_images": N, "num_draws": num_draws, "keys": list(shapes), "bytes": total,
             "bytes_per_image": total / max(N, 1), "seconds": round(time.time() - t0, 2)}
@@ -536,26 +497,6 @@ def _short(v: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- training glue
-class IndexedDataset(Dataset):
-    """Wraps a dataset to return ``(image, label, index)`` so a training step can look up cached features."""
-
-    def __init__(self, ds: Dataset):
-        self.dataset = ds
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        image, label = self.dataset[i]
-        return image, label, i
-
-
-def collate_indexed(batch):
-    """Collate ``(image, label, index)`` triples: ``(images uint8 [B,C,H,W], labels [B], indices [B])``."""
-    images, labels = collate([(im, lb) for im, lb, _ in batch])
-    return images, labels, torch.tensor([i for _, _, i in batch], dtype=torch.int64)
-
-
 def check_recipe_for_cache(recipe) -> None:
     """A cache holds features of un-augmented images at fixed timesteps: ``augment`` must be ``'none'`` and
     ``timesteps`` not ``policy`` (per-image sampled timesteps)."""

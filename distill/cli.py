@@ -5,10 +5,11 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
+from .atomic import atomic_write_json
 from .config import load_recipe, parse_overrides
+from .errors import EXIT_CODES
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -39,69 +40,21 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _resolve_probe_target(model: str):
-    """(kind, value): 'exported' dir, 'run' dir, 'timm' name at random init, or a 'teacher'."""
-    if model.startswith("timm:"):
-        return "timm", model[5:]
-    if model.startswith("teacher:"):
-        return "teacher", model[8:]
-    p = Path(model)
-    if (p / "config.json").is_file():
-        return "exported", p
-    if (p / "config.yaml").is_file():
-        return "run", p
-    raise FileNotFoundError(
-        f"cannot probe {model!r}: give an exported student directory (config.json), a run directory "
-        f"(config.yaml), timm:NAME for a random-init baseline, or teacher:NAME_OR_DIR for a diffusion teacher's own "
-        f"pooled features."
-    )
-
-
 def cmd_probe(args) -> int:
-    from .evaluate import (backbone_fn, format_table, pixels_fn, probe_data, probe_exported, probe_fn,
-                           probe_random_init)
+    from .evaluate import format_table, probe_model, resolve_probe_target
 
-    kind, target = _resolve_probe_target(args.model)
+    kind, target = resolve_probe_target(args.model)
     if args.ensemble and kind != "teacher":
         raise ValueError(f"--ensemble soft-votes one probe per timestep of a diffusion teacher; {args.model!r} is a "
                          f"{kind} target. Use: distill probe teacher:fashion-mnist-ddpm --blocks mid_block "
                          f"--timesteps 1 11 50 --ensemble")
     if kind == "teacher":
         return _probe_teacher(target, args)
-    kw = dict(epochs=args.epochs, k=args.k, seed=args.seed, progress=not args.no_progress)
-    size, mean, std, dataset, root, channels = args.size, None, None, args.dataset, args.data_root, 3
-    if kind == "run":
-        from .trainer import load_trained
-
-        model, recipe, resolved = load_trained(str(target))
-        size, mean, std = recipe.student_size, resolved["mean"], resolved["std"]
-        dataset, root, channels = dataset or recipe.dataset, root or recipe.data_root, resolved["data_channels"]
-    elif kind == "exported":
-        cfg = json.loads((target / "config.json").read_text())
-        d = cfg.get("distill", {})
-        dataset, channels = dataset or d.get("dataset"), d.get("data_channels", channels)
-        from .finetune import export_data_root
-
-        root = root or export_data_root(d, dataset)
-    dataset = dataset or "fashion-mnist"
-    if dataset == "fashion-mnist":
-        channels = 1
-    data = probe_data(dataset, root, channels, args.train_fraction, args.seed)
-    rows = []
-    if kind == "exported":
-        rows.append(probe_exported(str(target), data, **kw))
-    elif kind == "run":
-        rows.append(probe_fn(backbone_fn(model.student.model, size, mean, std), data, name=f"{target} (run)", **kw))
-    else:
-        from .data import dataset_mean_std
-
-        mean, std = dataset_mean_std(data.train)
-        rows.append(probe_random_init(target, size, mean, std, data, **kw))
-    if args.pixels:
-        rows.append(probe_fn(pixels_fn, data, name="raw pixels (linear on [0,1] pixels)", **kw))
+    rows = probe_model(kind, target, args.dataset, args.data_root, args.size, args.train_fraction, args.pixels,
+                       args.seed, epochs=args.epochs, k=args.k, progress=not args.no_progress)
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        atomic_write_json(args.json, rows)
     return 0
 
 
@@ -151,43 +104,15 @@ def _probe_teacher(source: str, args) -> int:
 
 def cmd_run(args) -> int:
     """Pretrain, export, then probe the distilled student next to random init and raw pixels."""
-    from .evaluate import (format_table, pixels_fn, probe_data, probe_exported, probe_fn, probe_random_init,
-                           save_results)
-    from .export import export_student
-    from .trainer import train
+    from .pipeline import run_recipe
 
-    t0 = time.time()
     recipe = load_recipe(args.recipe, parse_overrides(args.set))
-    run_dir = Path(args.output_dir)
-    summary = train(recipe, str(run_dir), resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    t_train = time.time() - t0
-    out = export_student(str(run_dir), str(run_dir / "student"), overwrite=True)
-    import yaml
-
-    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())["_resolved"]
-    channels = resolved["data_channels"]
-    data = probe_data(recipe.dataset, recipe.data_root, channels, recipe.probe_train_fraction, recipe.seed)
-    kw = dict(epochs=recipe.probe_epochs, k=recipe.knn_k, seed=recipe.seed, progress=not args.no_progress)
-    rows = [probe_exported(str(out), data, name=f"{recipe.student} distilled", **kw),
-            probe_random_init(recipe.student, recipe.student_size, resolved["mean"], resolved["std"], data,
-                              model_kwargs=recipe.student_kwargs,
-                              name=f"{recipe.student} random init", **kw),
-            probe_fn(pixels_fn, data, name="raw pixels", **kw)]
-    total = time.time() - t0
-    table = format_table(rows)
-    import platform
-
-    import torch
-
-    machine = (f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, "
-               f"torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
-    print(f"\n{table}\n\nprobe: train on {rows[0]['num_train']} {recipe.dataset} train images "
+    res = run_recipe(recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite,
+                     progress=not args.no_progress, recipe_name=str(args.recipe), overrides=args.set)
+    rows = res["rows"]
+    print(f"\n{res['table']}\n\nprobe: train on {rows[0]['num_train']} {recipe.dataset} train images "
           f"(fraction {recipe.probe_train_fraction}), test on {rows[0]['num_test']}; distillation {recipe.steps} steps "
-          f"in {t_train:.0f}s; total {total:.0f}s on {machine}")
-    save_results(rows, run_dir / "results.json",
-                 {"train_summary": summary, "train_seconds": round(t_train, 1), "total_seconds": round(total, 1),
-                  "machine": machine, "recipe": str(args.recipe), "overrides": args.set})
-    (run_dir / "results.md").write_text(table + "\n")
+          f"in {res['train_seconds']:.0f}s; total {res['total_seconds']:.0f}s on {res['machine']}")
     return 0
 
 
@@ -381,15 +306,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, MemoryError) as e:
-        print(f"distill {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        from .trainer import NonFiniteLossError, UntrustedCheckpointError
-
-        if isinstance(e, (NonFiniteLossError, UntrustedCheckpointError)):
-            print(f"distill {args.command}: error: {e}", file=sys.stderr)
-            return 3
+    except Exception as e:
+        for kinds, code in EXIT_CODES:
+            if isinstance(e, kinds):
+                print(f"distill {args.command}: error: {e}", file=sys.stderr)
+                return code
         raise
 
 

@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .atomic import atomic_write_text
 from .vocab import (AT_MODES, AUGMENTS, MIXED_PRECISION, MULTI_TIMESTEP, ON_NONFINITE, OPTIMIZERS,
                     POLICY_BASELINES, TEACHER_DTYPES, TIMESTEP_MODES, VAE_DTYPES)
 
@@ -233,7 +234,8 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def save_recipe(recipe: Recipe, path: Union[str, Path], extra: Optional[dict] = None) -> None:
+    """Write the recipe as YAML (atomically), with ``extra`` under ``_resolved`` (the values a run resolved)."""
     data = recipe.to_dict()
     if extra:
         data = {**data, "_resolved": extra}
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

@@ -224,6 +224,26 @@ def collate(batch):
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
+class IndexedDataset(Dataset):
+    """Wraps a dataset to return ``(image, label, index)`` so a training step can look up cached features."""
+
+    def __init__(self, ds: Dataset):
+        self.dataset = ds
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, label = self.dataset[i]
+        return image, label, i
+
+
+def collate_indexed(batch):
+    """Collate ``(image, label, index)`` triples: ``(images uint8 [B,C,H,W], labels [B], indices [B])``."""
+    images, labels = collate([(im, lb) for im, lb, _ in batch])
+    return images, labels, torch.tensor([i for _, _, i in batch], dtype=torch.int64)
+
+
 def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     c = x.shape[1]
     if c == channels:

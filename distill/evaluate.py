@@ -13,8 +13,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from .data import build_dataset, collate, label_subset, to_student, to_unit
+from .atomic import atomic_write_json
+from .data import build_dataset, collate, dataset_mean_std, label_subset, to_student, to_unit
+from .export import export_data_root, load_exported
 from .probe import extract_features, knn_probe, linear_probe
+from .rundir import load_trained
+from .student import Student
+from .vocab import dataset_channels
 
 _logger = logging.getLogger(__name__)
 
@@ -67,8 +72,6 @@ def probe_fn(fn: Callable, data: ProbeData, batch_size: int = 256, epochs: int =
 
 def probe_exported(path: str, data: ProbeData, **kwargs) -> dict:
     """Probe a student exported by ``distill export`` with the input size and mean/std of its pretrained_cfg."""
-    from .export import load_exported
-
     model = load_exported(path)
     cfg = model.pretrained_cfg
     return probe_fn(backbone_fn(model, cfg["input_size"][-1], cfg["mean"], cfg["std"]), data,
@@ -78,12 +81,63 @@ def probe_exported(path: str, data: ProbeData, **kwargs) -> dict:
 def probe_random_init(student: str, size: int, mean, std, data: ProbeData, seed: int = 0,
                       model_kwargs: Optional[dict] = None, **kwargs) -> dict:
     """The same student architecture at random init, same input pipeline: the baseline distillation must beat."""
-    from .student import Student
-
     torch.manual_seed(seed)
     model = Student(student, size, model_kwargs=model_kwargs).model
     return probe_fn(backbone_fn(model, size, mean, std), data, name=kwargs.pop("name", f"{student} (random init)"),
                     **kwargs)
+
+
+def resolve_probe_target(model: str) -> tuple:
+    """``(kind, value)`` of a probe target: ``('exported', dir)``, ``('run', dir)``, ``('timm', name)`` (random
+    init) or ``('teacher', name_or_dir)``.
+
+    Raises:
+        FileNotFoundError: none of these, with the forms that are accepted.
+    """
+    if model.startswith("timm:"):
+        return "timm", model[5:]
+    if model.startswith("teacher:"):
+        return "teacher", model[8:]
+    p = Path(model)
+    if (p / "config.json").is_file():
+        return "exported", p
+    if (p / "config.yaml").is_file():
+        return "run", p
+    raise FileNotFoundError(
+        f"cannot probe {model!r}: give an exported student directory (config.json), a run directory "
+        f"(config.yaml), timm:NAME for a random-init baseline, or teacher:NAME_OR_DIR for a diffusion teacher's own "
+        f"pooled features."
+    )
+
+
+def probe_model(kind: str, target, dataset: Optional[str] = None, data_root: Optional[str] = None, size: int = 64,
+                train_fraction: float = 1.0, pixels: bool = False, seed: int = 0, **kw) -> list[dict]:
+    """Linear + kNN probe rows of a student target (see :func:`resolve_probe_target`; not a teacher), and of raw
+    pixels with ``pixels``. The dataset defaults to the run's or the export's, else Fashion-MNIST; ``kw`` go to
+    :func:`probe_fn` (epochs, k, progress)."""
+    mean = std = None
+    channels = 3
+    if kind == "run":
+        model, recipe, resolved = load_trained(str(target))
+        size, mean, std = recipe.student_size, resolved["mean"], resolved["std"]
+        dataset, data_root, channels = dataset or recipe.dataset, data_root or recipe.data_root, resolved["data_channels"]
+    elif kind == "exported":
+        d = json.loads((Path(target) / "config.json").read_text()).get("distill", {})
+        dataset, channels = dataset or d.get("dataset"), d.get("data_channels", channels)
+        data_root = data_root or export_data_root(d, dataset)
+    dataset = dataset or "fashion-mnist"
+    data = probe_data(dataset, data_root, dataset_channels(dataset, channels), train_fraction, seed)
+    kw["seed"] = seed
+    if kind == "exported":
+        rows = [probe_exported(str(target), data, **kw)]
+    elif kind == "run":
+        rows = [probe_fn(backbone_fn(model.student.model, size, mean, std), data, name=f"{target} (run)", **kw)]
+    else:
+        mean, std = dataset_mean_std(data.train)
+        rows = [probe_random_init(target, size, mean, std, data, **kw)]
+    if pixels:
+        rows.append(probe_fn(pixels_fn, data, name="raw pixels (linear on [0,1] pixels)", **kw))
+    return rows
 
 
 def format_table(rows: list[dict]) -> str:
@@ -97,4 +151,5 @@ def format_table(rows: list[dict]) -> str:
 
 
 def save_results(rows: list[dict], path: Path, extra: Optional[dict] = None) -> None:
-    path.write_text(json.dumps({"results": rows, **(extra or {})}, indent=2) + "\n")
+    """``{"results": rows, **extra}`` as JSON (atomically)."""
+    atomic_write_json(path, {"results": rows, **(extra or {})})

@@ -7,12 +7,11 @@ student's input size and mean/std, a tag, and a description naming the teacher, 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
-from .trainer import load_trained
+from .atomic import atomic_dir, atomic_write_json
+from .rundir import load_trained
 
 
 def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, overwrite: bool = False) -> Path:
@@ -37,24 +36,28 @@ def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, ove
                    "crop_pct": 1.0, "interpolation": "bilinear", "crop_mode": "center"}
     model_config = {"pretrained_cfg": {"tag": tag, "description": description, "license": "same as teacher and data",
                                        "notes": (description,)}}
-    tmp = out_p.with_name(f".tmp-{out_p.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    timm.models.save_for_hf(backbone, str(tmp), model_config=model_config, data_config=data_config,
-                            safe_serialization=True)
-    cfg_path = tmp / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["distill"] = {  # extra top-level key: timm ignores it, people and tools can read it
-        "teacher": teacher, "teacher_blocks": recipe.teacher_blocks, "timesteps": timesteps,
-        "dataset": recipe.dataset, "data_root": recipe.data_root, "steps": int(step), "student_size": S,
-        "data_channels": resolved["data_channels"],
-        "run_dir": str(Path(run_dir).resolve()), "checkpoint": resolved["checkpoint"],
-    }
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    if out_p.exists():
-        shutil.rmtree(out_p) if out_p.is_dir() else out_p.unlink()
-    os.replace(tmp, out_p)
+    with atomic_dir(out_p, replace=overwrite) as tmp:
+        timm.models.save_for_hf(backbone, str(tmp), model_config=model_config, data_config=data_config,
+                                safe_serialization=True)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["distill"] = {  # extra top-level key: timm ignores it, people and tools can read it
+            "teacher": teacher, "teacher_blocks": recipe.teacher_blocks, "timesteps": timesteps,
+            "dataset": recipe.dataset, "data_root": recipe.data_root, "steps": int(step), "student_size": S,
+            "data_channels": resolved["data_channels"],
+            "run_dir": str(Path(run_dir).resolve()), "checkpoint": resolved["checkpoint"],
+        }
+        atomic_write_json(cfg_path, cfg)
     return out_p
+
+
+def export_data_root(distill_meta: dict, dataset: str) -> Optional[str]:
+    """The data root an export was distilled on (its config.json 'distill' key), when the dataset is the same and the
+    folder exists here; else None (the dataset's default, or an error asking for --data-root)."""
+    root = distill_meta.get("data_root")
+    if root and distill_meta.get("dataset") == dataset and Path(root).expanduser().is_dir():
+        return str(Path(root).expanduser())
+    return None
 
 
 def load_exported(path: str, num_classes: int = 0):

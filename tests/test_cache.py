@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from distill.cache import (MANIFEST, CacheMismatchError, FeatureCache, IncompleteCacheError, IndexedDataset,
-                           check_recipe_for_cache, collate_indexed, expected_key, extract_features_cache,
+from distill.cache import (MANIFEST, CacheMismatchError, FeatureCache, IncompleteCacheError,
+                           check_recipe_for_cache, expected_key, extract_features_cache,
                            open_for_recipe)
 from distill.config import make_recipe
-from distill.data import collate, to_teacher, to_unit
+from distill.data import IndexedDataset, collate, collate_indexed, to_teacher, to_unit
 from distill.losses import feature_distillation_loss
 from distill.teacher import load_teacher
 from distill.trainer import build_model, build_teacher, build_train_data

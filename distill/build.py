@@ -1,0 +1,175 @@
+"""Recipe wiring: the one place a :class:`~distill.config.Recipe` is turned into objects.
+
+Building blocks (data, teacher, student, regressor, losses, policy, optim) take plain arguments and know nothing
+of recipes; every ``build_*`` here reads the recipe's keys and calls them. The trainer, the feature cache, the
+timestep selection and the benchmarks build their pieces here, so they are built the same way everywhere.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from . import optim
+from .config import Recipe
+from .data import IndexedDataset, build_dataset, collate, collate_indexed, dataset_labels, dataset_mean_std
+from .losses import feature_distillation_loss
+from .policy import TimestepPolicy
+from .regressor import FeatureRegressor
+from .student import DistillModel, Student
+from .teacher import DiffusionTeacher, feature_key, load_teacher
+from .vocab import dataset_channels
+
+
+# ----------------------------------------------------------------------------------------------- data
+def build_train_data(recipe: Recipe, split: str = "train") -> tuple[Dataset, int]:
+    """The recipe's dataset split and its number of channels (1 for Fashion-MNIST, else ``image_channels`` or 3).
+
+    Raises:
+        ValueError / DatasetNotFoundError: an unknown dataset or missing files (the message names the fix).
+    """
+    channels = dataset_channels(recipe.dataset, recipe.image_channels)
+    return build_dataset(recipe.dataset, recipe.data_root, split, channels=channels), channels
+
+
+def resolve_mean_std(recipe: Recipe, ds: Dataset) -> tuple[list[float], list[float]]:
+    """The student's normalisation (3 values each, [0, 1] units): the recipe's, else measured on ``ds``
+    (rounded to 4 decimals).
+
+    Raises:
+        ValueError: the recipe gives mean/std with other than 3 values.
+    """
+    if recipe.mean is not None and recipe.std is not None:
+        if len(recipe.mean) != 3 or len(recipe.std) != 3:
+            raise ValueError(f"mean/std need 3 values (the student takes RGB), got mean={recipe.mean} std={recipe.std}.")
+        return [float(v) for v in recipe.mean], [float(v) for v in recipe.std]
+    mean, std = dataset_mean_std(ds)
+    return [round(v, 4) for v in mean], [round(v, 4) for v in std]
+
+
+def build_loader(ds: Dataset, recipe: Recipe, generator: torch.Generator) -> DataLoader:
+    """Shuffled loader of full batches (``drop_last``) whose order depends only on ``generator``.
+
+    Raises:
+        ValueError: ``batch_size`` is larger than the dataset.
+    """
+    if recipe.batch_size > len(ds):
+        raise ValueError(
+            f"batch_size={recipe.batch_size} is larger than the dataset ({len(ds)} images); use batch_size <= {len(ds)}."
+        )
+    # The loader's own generator too: otherwise creating an iterator draws a seed from the global RNG, which
+    # would shift augmentation and noise after a resume.
+    return DataLoader(ds, batch_size=recipe.batch_size, sampler=RandomSampler(ds, generator=generator),
+                      generator=generator, drop_last=True,
+                      collate_fn=collate_indexed if isinstance(ds, IndexedDataset) else collate,
+                      num_workers=recipe.num_workers, persistent_workers=False)
+
+
+def check_labelled(ds: Dataset, what: str, why: str, fix: str) -> None:
+    """Raise ``ValueError`` naming ``what`` needs labels, ``why`` and the ``fix`` if ``ds`` has unlabelled images."""
+    labels = dataset_labels(ds)
+    if labels.numel() == 0 or int(labels.min()) < 0:
+        raise ValueError(f"{what} needs labels ({why}), but the training set has unlabelled images (label -1). "
+                         f"Fix: {fix}.")
+
+
+# ----------------------------------------------------------------------------------------------- teacher
+def check_channels(data_channels: int, teacher_channels: int, teacher_name) -> None:
+    """Grayscale data feeds an RGB teacher (replicated); any other mismatch is an error.
+
+    Raises:
+        ValueError: naming both channel counts and the fix.
+    """
+    if data_channels == teacher_channels or (data_channels == 1 and teacher_channels == 3):
+        return
+    raise ValueError(
+        f"teacher {teacher_name!r} takes in_channels={teacher_channels} images but the dataset has "
+        f"{data_channels} channel(s); valid: a teacher with in_channels={data_channels} (or 3 for grayscale data). "
+        f"Fix: use a teacher trained on {data_channels}-channel images, or set image_channels: {teacher_channels} "
+        f"for an image-folder dataset."
+    )
+
+
+def build_teacher(recipe: Recipe, data_channels: int, timesteps: Optional[list] = None) -> DiffusionTeacher:
+    """The recipe's teacher at ``timesteps`` (default: the recipe's list; a mode such as ``policy`` needs them).
+
+    Raises:
+        ValueError: ``timesteps`` is still a mode, or the teacher's channels do not fit the data.
+    """
+    timesteps = recipe.timesteps if timesteps is None else timesteps
+    if isinstance(timesteps, str):
+        raise ValueError(f"timesteps: {timesteps} is resolved by distill.train; pass explicit timesteps to "
+                         f"build_teacher.")
+    teacher = load_teacher(recipe.teacher, recipe.teacher_blocks, timesteps,
+                           torch_dtype=getattr(torch, recipe.teacher_dtype), vae_dtype=recipe.vae_dtype,
+                           prompt_embedding=recipe.prompt_embedding, resolution=recipe.teacher_resolution)
+    check_channels(data_channels, teacher.in_channels, recipe.teacher)
+    return teacher
+
+
+@dataclass
+class TargetLayout:
+    """Which teacher features form each regression target: ``groups[i]`` keys are concatenated on channels."""
+
+    groups: list  # [[key, ...], ...]
+    targets: list  # [(channels, (H, W)), ...] one per group: what the regressor predicts
+
+
+def target_layout(recipe: Recipe, teacher: DiffusionTeacher, policy: bool = False) -> TargetLayout:
+    """One target per (block, timestep) (``multi_timestep: heads``), one per block with the timesteps concatenated
+    (``concat``), or one per block at the per-image sampled timestep (``policy``, keys ``'<block>@t*'``)."""
+    first = {}
+    for f in teacher.feature_info:
+        first.setdefault(f.block, f)
+    if policy:
+        return TargetLayout([[feature_key(b, None)] for b in teacher.blocks],
+                            [(first[b].num_chs, first[b].size) for b in teacher.blocks])
+    if recipe.multi_timestep == "concat" and len(teacher.timesteps) > 1:
+        K = len(teacher.timesteps)
+        return TargetLayout([[feature_key(b, t) for t in teacher.timesteps] for b in teacher.blocks],
+                            [(K * first[b].num_chs, first[b].size) for b in teacher.blocks])
+    return TargetLayout([[f.key] for f in teacher.feature_info], [(f.num_chs, f.size) for f in teacher.feature_info])
+
+
+# ----------------------------------------------------------------------------------------------- model
+def build_student(recipe: Recipe) -> Student:
+    """The recipe's timm student at ``student_size`` (``num_classes=0``, feature levels ``student_indices``)."""
+    return Student(recipe.student, recipe.student_size, recipe.student_indices, recipe.student_kwargs)
+
+
+def build_model(recipe: Recipe, teacher: DiffusionTeacher, layout: Optional[TargetLayout] = None) -> DistillModel:
+    """Student + FPN regressor sized for ``layout``'s targets (default: :func:`target_layout` of the recipe)."""
+    student = build_student(recipe)
+    targets = (layout or target_layout(recipe, teacher)).targets
+    regressor = FeatureRegressor(student.channels, targets, sources=recipe.sources, width=recipe.regressor_width,
+                                 use_ppm=recipe.use_ppm, level_sizes=student.sizes)
+    return DistillModel(student, regressor)
+
+
+def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The recipe's optimizer over ``model`` (:func:`distill.optim.build_optimizer`)."""
+    return optim.build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay, recipe.momentum)
+
+
+def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer):
+    """Warmup + cosine over ``steps`` (:func:`distill.optim.build_scheduler`)."""
+    return optim.build_scheduler(optimizer, recipe.warmup_steps, recipe.steps)
+
+
+def build_loss(recipe: Recipe) -> Callable[[list, list], dict]:
+    """``loss(preds, targets) -> {'mse', 'at', ..., 'total'}`` with the recipe's weights and AT mode
+    (:func:`distill.losses.feature_distillation_loss`)."""
+    return functools.partial(feature_distillation_loss, mse_weight=recipe.mse_weight, at_weight=recipe.at_weight,
+                             cos_weight=recipe.cos_weight, at_mode=recipe.at_mode)
+
+
+def build_policy(recipe: Recipe, teacher: DiffusionTeacher, ds: Dataset) -> TimestepPolicy:
+    """RepFusion policy over the teacher's timesteps (the candidates) with a reward head on pooled features."""
+    first = {}
+    for f in teacher.feature_info:
+        first.setdefault(f.block, f)
+    return TimestepPolicy(teacher.timesteps, teacher.in_channels, sum(first[b].num_chs for b in teacher.blocks),
+                          int(dataset_labels(ds).max()) + 1, baseline=recipe.policy_baseline)

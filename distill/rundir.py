@@ -1,0 +1,193 @@
+"""The run directory: its one owner. Writes and reads every file of a distillation run.
+
+Layout of ``RUN`` (``distill train -o RUN``)::
+
+    RUN/config.yaml          the resolved recipe, with ``_resolved`` (mean/std, feature layout, sources, ...)
+    RUN/metrics.csv          loss terms per logged step (rows after a resumed checkpoint are dropped)
+    RUN/checkpoint-{step}/   Accelerate state (model.safetensors, optimizer.bin, random_states_*.pkl), renamed
+                             into place complete
+    RUN/summary.json         written when training ends
+    RUN/policy.csv, RUN/policy_histogram.png, RUN/selection/   for ``timesteps: policy`` / ``auto-*``
+
+This module lists and chooses checkpoints, prepares or refuses a directory, writes the metrics log and the
+summary, and reloads a trained run (:func:`load_trained`) for export and probes.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .atomic import atomic_write_json, atomic_write_text
+from .build import build_student
+from .config import Recipe, make_recipe, save_recipe
+from .errors import RunExistsError
+from .regressor import FeatureRegressor
+from .student import DistillModel
+
+_logger = logging.getLogger(__name__)
+
+CONFIG = "config.yaml"
+METRICS = "metrics.csv"
+SUMMARY = "summary.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """``RUN/checkpoint-{step}``."""
+    return Path(run_dir) / f"checkpoint-{step}"
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The step of a ``checkpoint-{step}`` directory."""
+    return int(CHECKPOINT_RE.match(Path(ckpt).name).group(1))
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those that were renamed into place), oldest first, as ``(step, path)``."""
+    out = []
+    run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        for p in run_dir.iterdir():
+            m = CHECKPOINT_RE.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint of ``run_dir``, or None."""
+    ckpts = list_checkpoints(Path(run_dir))
+    return ckpts[-1][1] if ckpts else None
+
+
+def is_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run (a ``config.yaml`` or a checkpoint)."""
+    run_dir = Path(run_dir)
+    return run_dir.is_dir() and ((run_dir / CONFIG).exists() or bool(list_checkpoints(run_dir)))
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Optional[Path]:
+    """Refuse to mix runs: an existing run is resumed (``resume``: returns its newest checkpoint, or None),
+    replaced (``overwrite``) or an error.
+
+    Raises:
+        RunExistsError: ``run_dir`` holds a run and neither ``resume`` nor ``overwrite`` is set.
+    """
+    run_dir = Path(run_dir)
+    if resume:
+        for stale in run_dir.glob(".tmp-checkpoint-*") if run_dir.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)  # a checkpoint write that was killed: never a checkpoint
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            _logger.warning("--resume: no checkpoint in '%s'; starting from step 0", run_dir)
+        return ckpt
+    if is_run(run_dir):
+        if not overwrite:
+            raise RunExistsError(
+                f"output directory '{run_dir}' already holds a run; pass --resume to continue it, --overwrite to "
+                f"replace it, or choose another --output-dir."
+            )
+        shutil.rmtree(run_dir)
+    return None
+
+
+def write_config(run_dir: Path, recipe: Recipe, resolved: dict) -> None:
+    """``RUN/config.yaml``: the recipe and the values the run resolved (atomically)."""
+    save_recipe(recipe, Path(run_dir) / CONFIG, resolved)
+
+
+def read_config(run_dir: Path) -> tuple[Recipe, dict]:
+    """The recipe and ``_resolved`` values of a run.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` has no ``config.yaml``.
+    """
+    run = Path(run_dir)
+    if not (run / CONFIG).is_file():
+        raise FileNotFoundError(f"'{run}' is not a run directory (no config.yaml); give the --output-dir of `distill train`.")
+    data = yaml.safe_load((run / CONFIG).read_text())
+    resolved = data.pop("_resolved", {})
+    return make_recipe(data, source=f"'{run / CONFIG}'"), resolved
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    """``RUN/summary.json`` (atomically)."""
+    atomic_write_json(Path(run_dir) / SUMMARY, summary)
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Keep the header and the rows of a per-step CSV log up to ``last_step`` (rows logged after the resumed
+    checkpoint were lost with the killed run)."""
+    lines = path.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= last_step]
+    atomic_write_text(path, "".join(keep))
+
+
+class CsvLog:
+    """A per-step CSV log of the run directory (``metrics.csv``, ``policy.csv``), appended row by row.
+
+    A fresh run (``start == 0``) starts a new file; a resumed one drops the rows after ``start`` and appends. The
+    header is written with the first row (its columns are that row's keys) unless ``header`` is given. Only the
+    main process writes (``enabled``).
+    """
+
+    def __init__(self, path: Path, start: int, enabled: bool = True, header: Optional[list] = None):
+        self.path, self.f, self.w = Path(path), None, None
+        if not enabled:
+            return
+        if start and self.path.exists():
+            truncate_log(self.path, start)
+        self.need_header = start == 0 or not self.path.exists()
+        self.f = open(self.path, "w" if start == 0 else "a", newline="")
+        self.w = csv.writer(self.f)
+        if header is not None and self.need_header:
+            self.w.writerow(header)
+            self.need_header = False
+
+    def write(self, row: dict | list) -> None:
+        """Append one row (a dict's keys form the header of a new file)."""
+        if self.w is None:
+            return
+        if self.need_header and isinstance(row, dict):
+            self.w.writerow(list(row))
+            self.need_header = False
+        self.w.writerow(list(row.values()) if isinstance(row, dict) else list(row))
+        self.f.flush()
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+
+def load_trained(run_dir: str, checkpoint: Optional[str] = None, map_location="cpu") -> tuple[DistillModel, Recipe, dict]:
+    """Rebuild student + regressor of a run and load a checkpoint's weights (default: the latest).
+
+    Returns:
+        ``(model in eval mode, recipe, resolved values + 'checkpoint')``.
+
+    Raises:
+        FileNotFoundError: not a run directory, or no complete checkpoint.
+    """
+    from safetensors.torch import load_file
+
+    run = Path(run_dir)
+    recipe, resolved = read_config(run)
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run)
+    if ckpt is None or not (ckpt / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no complete checkpoint in '{run}'; train first (or pass a checkpoint directory).")
+    student = build_student(recipe)
+    targets = ([(c, tuple(size)) for c, size in resolved["regressor_targets"]] if "regressor_targets" in resolved
+               else [(f["num_chs"], tuple(f["size"])) for f in resolved["teacher_features"]])
+    regressor = FeatureRegressor(student.channels, targets, sources=resolved["sources"], width=recipe.regressor_width,
+                                 use_ppm=recipe.use_ppm)
+    model = DistillModel(student, regressor)
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(map_location)), strict=True)
+    resolved["checkpoint"] = str(ckpt)
+    return model.eval(), recipe, resolved

@@ -1,0 +1,26 @@
+"""The training batch stream: epochs reshuffled from the seed, so a resumed run sees the same batches."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..build import build_loader
+from ..config import Recipe
+
+
+def epoch_batches(ds, recipe: Recipe, accelerator, start_step: int) -> Iterator:
+    """Infinite stream of collated batches on the device, starting after ``start_step`` optimizer steps
+    (``grad_accum_steps`` micro-batches each); epoch ``e`` is shuffled with seed ``recipe.seed * 100003 + e``."""
+    per_step = recipe.grad_accum_steps
+    g = torch.Generator()
+    loader = accelerator.prepare_data_loader(build_loader(ds, recipe, g), device_placement=True)
+    n = len(loader)
+    micro = start_step * per_step
+    epoch, skip = divmod(micro, n)
+    while True:
+        g.manual_seed(recipe.seed * 100003 + epoch)
+        it = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in it:
+            yield batch
+        epoch, skip = epoch + 1, 0

@@ -1,0 +1,267 @@
+"""Feature distillation on Accelerate: teacher features -> student + regressor, MSE on whitened targets + AT.
+
+:func:`train` reads in one screen: :func:`setup` builds the run's pieces (through :mod:`distill.build`) and a
+target source, :func:`optimizer_step` makes one update of ``grad_accum_steps`` micro-batches, and the run
+directory's files are written through :mod:`distill.rundir`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..augment import build_augment
+from ..build import (build_loss, build_model, build_optimizer, build_policy, build_scheduler, build_teacher,
+                     build_train_data, resolve_mean_std, target_layout)
+from ..config import Recipe
+from ..data import IndexedDataset
+from ..errors import NonFiniteLossError
+from ..policy import entropy_weight
+from ..rundir import (CsvLog, latest_checkpoint, prepare_run_dir, write_config, write_summary)
+from ..select import check_candidates
+from .batches import epoch_batches
+from .checkpoint import load_checkpoint, save_checkpoint
+from .policy_log import PolicyLog
+from .step import apply_update, clip_gradients, nonfinite_terms, train_step
+from .targets import CacheTargets, LiveTeacherTargets, PolicyTargets
+from .timesteps import resolve_timesteps
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """Everything a run holds while it trains."""
+
+    recipe: Recipe
+    run_dir: Path
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    source: Any  # a target source (distill.trainer.targets)
+    loss_fn: Any
+    ds: Any  # the training set as the loader sees it
+    resolved: dict
+    policy: Any = None
+    policy_opt: Any = None
+    entropy_steps: int = 0
+    seen: int = 0
+    skipped: int = 0
+    last: dict = field(default_factory=dict)
+
+    @property
+    def optimizers(self) -> list:
+        return [o for o in (self.optimizer, self.policy_opt) if o is not None]
+
+    def entropy_weight(self, step: int) -> float:
+        return entropy_weight(step - 1, self.recipe.policy_entropy, self.entropy_steps)
+
+
+def make_accelerator(recipe: Recipe, run_dir: Path):
+    """An Accelerator for the recipe (precision, accumulation, tracker). AcceleratorState is a process-wide
+    singleton that refuses a second Accelerator with another precision (a notebook running two recipes), so it is
+    reset first; the process group (PartialState) is kept."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(
+        mixed_precision=recipe.mixed_precision, gradient_accumulation_steps=recipe.grad_accum_steps,
+        log_with=recipe.log_with, project_dir=str(run_dir),
+        # ViT students leave their final norm unused in forward_intermediates
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session:
+    """Build data, teacher (or feature cache), model, optimizers and the target source, in the order that fixes
+    the RNG stream (so a seed reproduces a run)."""
+    ds, channels = build_train_data(recipe)
+    mean, std = resolve_mean_std(recipe, ds)
+    use_policy = recipe.timesteps == "policy"
+    timesteps, selection = resolve_timesteps(recipe, ds, channels, run_dir, accelerator, progress)
+    teacher = build_teacher(recipe, channels, [0] if use_policy else timesteps)
+    if use_policy:
+        teacher.set_timesteps(check_candidates(timesteps, teacher.num_train_timesteps))
+    cache = None
+    if recipe.feature_cache:  # targets read from `distill extract`'s files; the key (weights, data, ...) is checked
+        from ..cache import open_for_recipe
+
+        cache = open_for_recipe(recipe, ds, teacher, channels)
+    else:
+        teacher = teacher.to(accelerator.device)  # never prepared: frozen, no DDP
+    layout = target_layout(recipe, teacher, policy=use_policy)
+    model = build_model(recipe, teacher, layout)
+    optimizer = build_optimizer(recipe, model)
+    # The LR schedule is a function of the step: it is not checkpointed (Accelerate unpickles custom objects with
+    # weights_only=False, which would run code from a stranger's checkpoint) but stepped forward on resume.
+    scheduler = build_scheduler(recipe, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    policy = policy_opt = None
+    if use_policy:  # its own model + optimizer: checkpointed as model_1 / optimizer_1 (safetensors / weights only)
+        policy = build_policy(recipe, teacher, ds)
+        policy_opt = torch.optim.Adam(policy.parameters(), lr=recipe.policy_lr)
+        policy, policy_opt = accelerator.prepare(policy, policy_opt)
+    augment = build_augment(recipe.augment, ds[0][0].shape[-1]).to(accelerator.device)
+    if cache is not None:
+        source = CacheTargets(cache, layout.groups, recipe.student_size, mean, std, recipe.seed, accelerator.device)
+    elif use_policy:
+        source = PolicyTargets(teacher, layout.groups, augment, recipe.student_size, mean, std, policy, accelerator)
+    else:
+        source = LiveTeacherTargets(teacher, layout.groups, augment, recipe.student_size, mean, std)
+    unwrapped = accelerator.unwrap_model(model)
+    resolved = {
+        "mean": mean, "std": std, "data_channels": channels,
+        "teacher_features": [vars(f) | {"size": list(f.size)} for f in teacher.feature_info],
+        "teacher_in_channels": teacher.in_channels, "teacher_sample_size": teacher.sample_size,
+        "student_features": [vars(f) | {"size": list(f.size)} for f in unwrapped.student.feature_info],
+        "sources": unwrapped.regressor.sources,
+        "num_processes": accelerator.num_processes,
+        "timesteps_used": {"policy": teacher.timesteps} if use_policy else teacher.timesteps,
+        "selection": selection,
+        "regressor_targets": [[c, list(size)] for c, size in layout.targets],
+        "target_groups": layout.groups,
+        "feature_cache": {"path": str(cache.path), "key": cache.key} if cache is not None else None,
+    }
+    entropy_steps = recipe.policy_entropy_steps if recipe.policy_entropy_steps is not None else recipe.steps // 2
+    return Session(recipe, run_dir, accelerator, model, optimizer, scheduler, source, build_loss(recipe),
+                   IndexedDataset(ds) if cache is not None else ds, resolved, policy, policy_opt, entropy_steps)
+
+
+def resume_from(s: Session, ckpt: Optional[Path]) -> int:
+    """Load ``ckpt`` (if any) and step the schedule forward to its step; returns the step to continue after."""
+    if ckpt is None:
+        return 0
+    start = load_checkpoint(s.accelerator, ckpt)
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start):
+            s.scheduler.step()
+    s.accelerator.print(f"resumed from {ckpt} (step {start})")
+    return start
+
+
+def optimizer_step(s: Session, batches, step: int, policy_log: Optional[PolicyLog]) -> tuple:
+    """One optimizer update from ``grad_accum_steps`` micro-batches. Returns ``(summed loss terms, or {} when
+    the update was skipped; grad norm or None; the last micro-batch's StepInput)``.
+
+    Raises:
+        NonFiniteLossError: a non-finite loss or gradient norm with ``on_nonfinite: error`` (no update applied).
+    """
+    r, acc = s.recipe, s.accelerator
+    sums, bad, grad_norm, inputs = {}, [], None, None
+    for micro in range(r.grad_accum_steps):
+        batch = next(batches)
+        inputs = s.source(batch, (step - 1) * r.grad_accum_steps + micro)
+        with acc.accumulate(*([s.model] if s.policy is None else [s.model, s.policy])):
+            losses = train_step(s.model, inputs, s.loss_fn, acc, s.policy, s.entropy_weight(step))
+            bad = bad or nonfinite_terms(losses, acc)
+            grad_norm, bad = clip_gradients(s.model, acc, r.grad_clip, bad)
+            if bad and r.on_nonfinite == "error":
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step}: {', '.join(bad)} "
+                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); no update was applied and the "
+                    f"last good checkpoint in '{s.run_dir}' is kept ({latest_checkpoint(s.run_dir) or 'none yet'}). "
+                    f"Lower lr, check the data, or set on_nonfinite: skip to drop such batches.")
+            apply_update(s.optimizers, skip=bool(bad))
+        if policy_log is not None and not bad:
+            policy_log.count(inputs.actions)
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v.detach()
+        s.seen += batch[0].shape[0] * acc.num_processes
+    if bad:
+        s.skipped += 1
+        _logger.warning("step %d: non-finite %s; batch skipped (%d so far)", step, ", ".join(bad), s.skipped)
+        return {}, grad_norm, inputs
+    return sums, grad_norm, inputs
+
+
+def log_step(s: Session, step: int, sums: dict, grad_norm, t0: float, metrics: CsvLog) -> dict:
+    """Average the loss terms over processes and micro-batches; one ``metrics.csv`` row (and tracker entry)."""
+    terms = {k: s.accelerator.reduce(v, "mean").item() / s.recipe.grad_accum_steps for k, v in sums.items()}
+    row = {"step": step, **{k: round(v, 6) for k, v in terms.items()}, "lr": s.scheduler.get_last_lr()[0],
+           "grad_norm": round(float(grad_norm), 4) if grad_norm is not None else "",
+           "img_per_s": round(s.seen / (time.time() - t0), 1), "skipped": s.skipped}
+    metrics.write(row)
+    if s.recipe.log_with:
+        s.accelerator.log({k: v for k, v in row.items() if isinstance(v, float)}, step=step)
+    return terms
+
+
+def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool = False,
+          accelerator=None, progress: bool = True) -> dict:
+    """Distill ``recipe.teacher`` into ``recipe.student`` in ``output_dir``; returns a summary dict (also in
+    ``summary.json``).
+
+    Raises:
+        RunExistsError: ``output_dir`` holds a run and neither ``resume`` nor ``overwrite`` is set.
+        NonFiniteLossError: a non-finite loss with ``on_nonfinite: error``.
+        ValueError: a recipe that cannot run (the message names the key and the fix).
+    """
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    run_dir = Path(output_dir)
+    acc = accelerator or make_accelerator(recipe, run_dir)
+    ckpt = prepare_run_dir(run_dir, resume, overwrite) if acc.is_main_process else None
+    acc.wait_for_everyone()
+    if not acc.is_main_process and resume:
+        ckpt = latest_checkpoint(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(recipe.seed)
+    s = setup(recipe, run_dir, acc, progress)
+    if acc.is_main_process:
+        write_config(run_dir, recipe, s.resolved)
+    start = resume_from(s, ckpt)
+    if recipe.log_with:
+        acc.init_trackers("distill", config={k: v for k, v in recipe.to_dict().items()
+                                             if isinstance(v, (int, float, str, bool))})
+    batches = epoch_batches(s.ds, recipe, acc, start)
+    metrics = CsvLog(run_dir / "metrics.csv", start, acc.is_main_process)
+    policy_log = PolicyLog(run_dir / "policy.csv", s.resolved["timesteps_used"]["policy"], start, acc) \
+        if s.policy is not None else None
+    bar = tqdm(total=recipe.steps, initial=start, desc="distill", disable=not (progress and acc.is_main_process),
+               dynamic_ncols=True)
+    s.model.train()
+    t0 = time.time()
+    try:
+        for step in range(start + 1, recipe.steps + 1):
+            sums, grad_norm, inputs = optimizer_step(s, batches, step, policy_log)
+            s.scheduler.step()
+            if sums and (step % recipe.log_every == 0 or step == recipe.steps or step == start + 1):
+                s.last = log_step(s, step, sums, grad_norm, t0, metrics)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in s.last.items() if k in ("total", "mse", "at", "reward")})
+                if policy_log is not None:
+                    policy_log.write(step, acc.unwrap_model(s.policy), inputs, s.last, s.entropy_weight(step))
+            bar.update(1)
+            if step % recipe.checkpoint_every == 0 or step == recipe.steps:
+                save_checkpoint(acc, run_dir, step, recipe.keep_checkpoints, s.model)
+    finally:
+        bar.close()
+        metrics.close()
+        if policy_log is not None:
+            policy_log.close()
+        if recipe.log_with:
+            acc.end_training()
+    return finish(s, policy_log, t0)
+
+
+def finish(s: Session, policy_log: Optional[PolicyLog], t0: float) -> dict:
+    """The run's summary (``summary.json`` on the main process)."""
+    elapsed = time.time() - t0
+    summary = {"steps": s.recipe.steps, "final_losses": s.last, "skipped_steps": s.skipped,
+               "seconds": round(elapsed, 1), "img_per_s": round(s.seen / max(elapsed, 1e-9), 1),
+               "run_dir": str(s.run_dir), "checkpoint": str(latest_checkpoint(s.run_dir)),
+               "timesteps_used": s.resolved["timesteps_used"]}
+    if policy_log is not None and s.accelerator.is_main_process:
+        summary["policy"] = policy_log.summary()
+    if s.accelerator.is_main_process:
+        write_summary(s.run_dir, summary)
+    return summary
