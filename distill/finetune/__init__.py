@@ -1,0 +1,27 @@
+"""Fine-tune a backbone on a labelled dataset with a fraction of the labels: an exported student or a timm model at
+random init (the scratch baseline), under the same step budget, input pipeline, augmentation and schedule.
+
+One run: ``build_dataset`` train split -> seeded stratified ``label_subset`` -> batches drawn from an endless
+seeded shuffle (a fixed number of *steps*, so 1% and 100% of the labels get the same budget) -> kornia
+augmentation on its own RNG stream -> ``to_student`` (size, mean/std) -> timm model with a new head ->
+cross-entropy, timm optimizer factory, warmup + cosine -> top-1/top-5 on the full test split every
+``eval_every`` steps and at the end. The run directory holds ``result.json`` (everything needed for a results
+table), ``train_log.csv`` (training loss) and, with ``save_model``, the fine-tuned model in timm format.
+
+A distilled student and its scratch baseline seeded alike see the same images in the same order with the same
+augmentation draws and the same learning rate at every step; only the initial weights differ.
+
+Modules: :mod:`.config` (:class:`FinetuneConfig`), :mod:`.model` (what is fine-tuned and its preprocessing),
+:mod:`.data` (label subset, step sampler, seeded augmentation), :mod:`.run` (one run, evaluation, the files it
+writes), :mod:`.sweep` (one run per fraction and seed).
+"""
+from .config import FinetuneConfig
+from .data import FinetuneData, SeededAugment, StepBatchSampler, export_data_root, finetune_data
+from .model import ModelSource, build_model, check_timm_name, parse_model_source, resolve_preprocessing
+from .run import LOG_FILE, RESULT_FILE, evaluate, finetune, machine_description, prepare_output_dir, result_line
+from .sweep import finetune_sweep, run_dir_name
+
+__all__ = ["FinetuneConfig", "finetune", "finetune_sweep", "finetune_data", "build_model", "parse_model_source",
+           "evaluate", "StepBatchSampler", "SeededAugment", "run_dir_name",
+           "FinetuneData", "export_data_root", "ModelSource", "check_timm_name", "resolve_preprocessing",
+           "LOG_FILE", "RESULT_FILE", "machine_description", "prepare_output_dir", "result_line"]
