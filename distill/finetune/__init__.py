@@ -16,7 +16,8 @@ Modules: :mod:`.config` (:class:`FinetuneConfig`), :mod:`.model` (what is fine-t
 writes), :mod:`.sweep` (one run per fraction and seed).
 """
 from .config import FinetuneConfig
-from .data import FinetuneData, SeededAugment, StepBatchSampler, export_data_root, finetune_data
+from ..export import export_data_root
+from .data import FinetuneData, SeededAugment, StepBatchSampler, finetune_data
 from .model import ModelSource, build_model, check_timm_name, parse_model_source, resolve_preprocessing
 from .run import LOG_FILE, RESULT_FILE, evaluate, finetune, machine_description, prepare_output_dir, result_line
 from .sweep import finetune_sweep, run_dir_name

@@ -24,15 +24,6 @@ class FinetuneData:
     full_train: Dataset
 
 
-def export_data_root(distill_meta: dict, dataset: str) -> Optional[str]:
-    """The data root an export was distilled on (its config.json 'distill' key), when the dataset is the same and the
-    folder exists here; else None (the dataset's default, or an error asking for --data-root)."""
-    root = distill_meta.get("data_root")
-    if root and distill_meta.get("dataset") == dataset and Path(root).expanduser().is_dir():
-        return str(Path(root).expanduser())
-    return None
-
-
 def finetune_data(dataset: str, data_root: Optional[str], fraction: float, seed: int, channels: int,
                   test_root: Optional[str] = None) -> FinetuneData:
     """Train subset (seeded, stratified ``fraction``), full test split and the number of classes."""

@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from ..data import dataset_mean_std
+from ..export import load_exported
 from .config import FinetuneConfig
 
 
@@ -87,8 +88,6 @@ def build_model(source: ModelSource, num_classes: int, size: int, like_config: O
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if source.kind == "exported":
-            from ..export import load_exported
-
             return load_exported(str(source.path), num_classes=num_classes)
         kwargs = {}
         if like_config and like_config.get("architecture") == source.name:

@@ -28,7 +28,8 @@ from ..errors import NonFiniteLossError
 from ..optim import build_optimizer, build_scheduler
 from ..vocab import dataset_channels
 from .config import FinetuneConfig
-from .data import SeededAugment, StepBatchSampler, export_data_root, finetune_data
+from ..export import export_data_root
+from .data import SeededAugment, StepBatchSampler, finetune_data
 from .model import build_model, default_label, parse_model_source, read_export_config, resolve_preprocessing
 
 _logger = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ def _save_model(model: nn.Module, path: Path, size: int, mean, std, classes, res
     model_config = {"pretrained_cfg": {"tag": f"distill-finetune-{result['dataset']}", "description": desc}}
     if len(classes) == result["num_classes"]:
         model_config["label_names"] = list(classes)
-    with atomic_dir(path, replace=shutil.rmtree) as tmp:
+    with atomic_dir(path, replace=True) as tmp:
         timm.models.save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True,
                                 data_config={"input_size": (3, size, size), "mean": tuple(mean), "std": tuple(std),
                                              "crop_pct": 1.0, "interpolation": "bilinear", "crop_mode": "center"})
