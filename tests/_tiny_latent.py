@@ -1,8 +1,9 @@
 """Tiny Stable Diffusion / DiT pipelines built from configs (no download), saved in the diffusers layout.
 
-Shared by tests/test_teachers_latent.py and tests/test_recipes.py (hub stand-ins). The configs keep the class and
-the block names of the real models (SD: unet/ with CrossAttn down/up blocks, vae/, scheduler/; DiT:
-transformer/ with transformer_blocks.N, vae/, scheduler/) at a few thousand parameters.
+Shared by tests/test_teacher_{latent,prompt,loading}.py and tests/test_recipes.py (hub stand-ins). The configs keep
+the class and the block names of the real models (SD: unet/ with CrossAttn down/up blocks, vae/, scheduler/; DiT:
+transformer/ with transformer_blocks.N, vae/, scheduler/) at a few thousand parameters. The teacher tests also share
+the config dicts ``_sd_config`` / ``_dit_config``, the ``emb`` fixture (a [1, 77, 32] text embedding) and ``_images``.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import pytest
 import torch
 
 EMBEDDING_FILENAME = "empty_prompt_embedding.safetensors"
@@ -106,3 +108,26 @@ def save_dit_pipeline(path, dit_config: dict, vae_config: Optional[dict], seed: 
     DDIMScheduler(beta_schedule="linear", clip_sample=False, num_train_timesteps=1000).save_pretrained(path / "scheduler")
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
     return path
+
+
+def _sd_config(vae=True, **kw):
+    cfg = {"_class_name": "UNet2DConditionModel", **tiny_cond_unet_config(**kw)}
+    if vae:
+        cfg["vae"] = tiny_vae_config()  # factor 2: 8x8 latents <-> 16x16 images
+    return cfg
+
+
+def _dit_config(vae=False, **kw):
+    cfg = {"_class_name": "DiTTransformer2DModel", **tiny_dit_config(**kw)}
+    if vae:
+        cfg["vae"] = tiny_vae_config()
+    return cfg
+
+
+@pytest.fixture
+def emb():
+    return torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _images(b, size=16, seed=1):
+    return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1

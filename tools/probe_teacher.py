@@ -2,7 +2,7 @@
 """Linear-probe a diffusion teacher's own features (blocks x timesteps) next to an untrained UNet of the same config.
 
     python tools/probe_teacher.py --teacher fashion-mnist-ddpm --train-fraction 0.1 \
-        --json distill/teachers/fashion-mnist-ddpm/PROBE.json
+        --json distill/teacher/packaged/fashion-mnist-ddpm/PROBE.json
 
 Prints one Markdown table per model (best first) and the best (block, timestep) of each.
 """

@@ -6,15 +6,15 @@ prediction, ``DDPMScheduler`` with 1000 steps, AdamW with warmup + cosine, optio
 saves a ``DDPMPipeline`` directory (``model_index.json``, ``unet/``, ``scheduler/``) in safetensors, which
 ``distill.teacher.load_teacher`` and ``diffusers.DDPMPipeline.from_pretrained`` both load.
 
-The shipped Fashion-MNIST teacher was trained with (see distill/teachers/fashion-mnist-ddpm/README.md):
+The shipped Fashion-MNIST teacher was trained with (see distill/teacher/packaged/fashion-mnist-ddpm/README.md):
 
-    OMP_NUM_THREADS=1 python tools/train_teacher.py --dataset fashion-mnist --out distill/teachers/fashion-mnist-ddpm \
-        --steps 3500 --batch-size 32 --lr 5e-4 --ema
+    OMP_NUM_THREADS=1 python tools/train_teacher.py --dataset fashion-mnist \
+        --out distill/teacher/packaged/fashion-mnist-ddpm --steps 3500 --batch-size 32 --lr 5e-4 --ema
 
-and the shipped CIFAR-10 teacher with (see distill/teachers/cifar10-ddpm-small/README.md):
+and the shipped CIFAR-10 teacher with (see distill/teacher/packaged/cifar10-ddpm-small/README.md):
 
     OMP_NUM_THREADS=1 python tools/train_teacher.py --dataset image-folder --data-root ~/.cache/distill/cifar10-jpg \
-        --out distill/teachers/cifar10-ddpm-small --unet-config tools/unet_cifar10_small.json \
+        --out distill/teacher/packaged/cifar10-ddpm-small --unet-config tools/unet_cifar10_small.json \
         --steps 3000 --stop-after 1250 --batch-size 32 --lr 5e-4 --ema --hflip
 """
 from __future__ import annotations

@@ -1,9 +1,13 @@
+"""DiffusionTeacher on a pixel-space UNet or any module: features against independent hooks, batched and per-image
+timesteps, seedable noise, early exit, frozen weights, and the errors for bad blocks, timesteps and inputs."""
 import pytest
 import torch
 import torch.nn as nn
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 
-from distill.teacher import DiffusionTeacher, load_teacher, packaged_teachers
+from distill.teacher.base import DiffusionTeacher
+from distill.teacher.loading import load_teacher
+
 
 BLOCKS = ["down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
 
@@ -136,42 +140,3 @@ def test_any_module_taking_noisy_image_and_timestep():
     assert teacher(torch.zeros(2, 3, 16, 16))["enc@t3"].shape == (2, 8, 8, 8)
     with pytest.raises(ValueError, match="in_channels"):
         DiffusionTeacher(Net(), ["enc"], [3])
-
-
-def test_load_from_pipeline_and_model_directories(tiny_pipeline_dir, tmp_path):
-    a = load_teacher(str(tiny_pipeline_dir), ["mid_block"])
-    unet = UNet2DModel.from_pretrained(tiny_pipeline_dir, subfolder="unet")
-    unet.save_pretrained(tmp_path / "bare")
-    b = load_teacher(str(tmp_path / "bare"), ["mid_block"])
-    x = torch.rand(1, 1, 32, 32)
-    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    torch.testing.assert_close(a(x, generator=g())["mid_block@t11"], b(x, generator=g())["mid_block@t11"])
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        load_teacher(str(tmp_path), ["mid_block"])
-
-
-def test_packaged_teacher_is_shipped():
-    assert "fashion-mnist-ddpm" in packaged_teachers()
-    teacher = load_teacher("fashion-mnist-ddpm", ["up_blocks.0"])
-    assert teacher.in_channels == 1 and teacher.sample_size == 32
-    assert sum(p.numel() for p in teacher.parameters()) * 4 < 10e6  # fits the 10 MB budget in fp32
-
-
-def test_packaged_cifar10_teacher_is_shipped_trained_and_small():
-    """The CIFAR-10 teacher: 3 channels at 32 px, under the 25 MB budget; its training record says 1,250 EMA steps
-    and its probe file shows the trained UNet above the untrained one (the card's table)."""
-    import json
-    from pathlib import Path
-
-    from distill.teacher import PACKAGED_TEACHERS_DIR
-
-    assert "cifar10-ddpm-small" in packaged_teachers()
-    root = Path(PACKAGED_TEACHERS_DIR) / "cifar10-ddpm-small"
-    assert (root / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size < 25e6
-    teacher = load_teacher("cifar10-ddpm-small", ["mid_block"])
-    assert teacher.in_channels == 3 and teacher.sample_size == 32
-    info = json.loads((root / "training.json").read_text())
-    assert info["step"] == 1250 and info["ema"] is True
-    probe = json.loads((root / "probe.json").read_text())
-    assert probe["trained"][0]["block"] == "mid_block"
-    assert probe["trained"][0]["linear_top1"] > probe["untrained"][0]["linear_top1"]

@@ -1,0 +1,26 @@
+"""Frozen diffusion teachers that return features of named blocks at chosen timesteps.
+
+- :mod:`.base`: :class:`DiffusionTeacher` (pixel-space model: noising, batched timesteps, hooks, early exit),
+  :class:`TeacherFeatureInfo` and the feature keys ``'<block>@t<t>'`` (:func:`feature_key`, :func:`parse_feature_key`).
+- :mod:`.latent`: :class:`LatentDiffusionTeacher` (VAE + Stable Diffusion UNet) and :class:`DiTTeacher`.
+- :mod:`.prompt`: the prompt embedding of a Stable Diffusion teacher (user-given or empty-prompt, cached).
+- :mod:`.loading`: :func:`load_teacher` and :func:`inspect_teacher` (packaged name, directory, hub id, config dict,
+  module); the shipped teachers are in ``packaged/<name>/``.
+"""
+from ..errors import MissingDependencyError
+from .base import DiffusionTeacher, TeacherFeatureInfo, candidate_blocks, feature_key, parse_feature_key
+from .latent import DiTTeacher, LatentDiffusionTeacher, resolve_vae_dtype, vae_scale_factor
+from .loading import (DIT_CLASSES, LATENT_UNET_CLASSES, PACKAGED_TEACHERS_DIR, inspect_teacher, load_latent_model,
+                      load_teacher, load_unet, packaged_teachers)
+from .prompt import (EMBEDDING_FILENAME, SD_EXTRA_HINT, distill_cache_dir, embedding_cache_files,
+                     empty_prompt_embedding, load_prompt_embedding)
+
+__all__ = [
+    "MissingDependencyError",
+    "DiffusionTeacher", "TeacherFeatureInfo", "candidate_blocks", "feature_key", "parse_feature_key",
+    "DiTTeacher", "LatentDiffusionTeacher", "resolve_vae_dtype", "vae_scale_factor",
+    "DIT_CLASSES", "LATENT_UNET_CLASSES", "PACKAGED_TEACHERS_DIR", "inspect_teacher", "load_latent_model",
+    "load_teacher", "load_unet", "packaged_teachers",
+    "EMBEDDING_FILENAME", "SD_EXTRA_HINT", "distill_cache_dir", "embedding_cache_files", "empty_prompt_embedding",
+    "load_prompt_embedding",
+]

@@ -1,0 +1,184 @@
+"""Latent teachers: a diffusion model fed with images through a VAE (Stable Diffusion's ``UNet2DConditionModel``)
+and a class-conditional DiT used with its null class, whose tokens are returned as maps.
+
+Both run exactly as :class:`~distill.teacher.base.DiffusionTeacher` does on pixels (batched timesteps, hooks, early
+exit); sizes and feature strides are given in pixels.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from ..vocab import TEACHER_DTYPES, VAE_DTYPES
+from .base import DiffusionTeacher
+
+
+def resolve_vae_dtype(value: Union[str, torch.dtype]) -> torch.dtype:
+    """``'float32'`` or ``'bfloat16'`` (or the torch dtype) -> the VAE's dtype. float16 is refused: SD-style VAEs
+    overflow to NaN/Inf in fp16 (diffusers' own pipelines upcast them)."""
+    names = {getattr(torch, name): name for name in TEACHER_DTYPES}
+    key = names.get(value, str(value)) if isinstance(value, torch.dtype) else str(value)
+    key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(key, key)
+    if key == "float16":
+        raise ValueError(
+            f"vae_dtype {value!r} is refused: the VAE overflows to NaN/Inf in float16. Valid: "
+            f"{', '.join(VAE_DTYPES)}. Fix: set vae_dtype: bfloat16 (or float32) in the recipe; teacher_dtype: "
+            f"float16 still applies to the UNet/DiT."
+        )
+    if key not in VAE_DTYPES:
+        raise ValueError(f"vae_dtype {value!r} is not supported; valid: {', '.join(VAE_DTYPES)} (fix: vae_dtype: float32).")
+    return getattr(torch, key)
+
+
+def vae_scale_factor(vae: nn.Module) -> int:
+    """Pixels per latent pixel of an ``AutoencoderKL``: ``2 ** (len(block_out_channels) - 1)`` (8 for SD)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+class LatentDiffusionTeacher(DiffusionTeacher):
+    """A latent diffusion model (Stable Diffusion's ``UNet2DConditionModel``, a DiT, ...) fed with images.
+
+    Each call encodes the images ``[B, 3, S, S]`` (in [-1, 1]) once with the VAE,
+    ``z0 = vae.encode(x).latent_dist.mean * scaling_factor`` (the posterior mean: deterministic; minus
+    ``shift_factor`` first for VAEs that have one), then noises ``z0`` in latent space and runs the model exactly
+    as :class:`DiffusionTeacher` does on pixels (batched timesteps, hooks, early exit). ``conditioning`` tensors
+    (``[1, ...]``, e.g. ``encoder_hidden_states``: the empty-prompt embedding ``[1, 77, D]``) are expanded to the
+    batch of every forward (``B*K`` when K timesteps are batched).
+
+    ``in_channels`` / ``sample_size`` are the pixel ones (3, ``latent size x VAE factor``); ``feature_info`` strides
+    are relative to pixels. Without a VAE the caller gives latents and the sizes are the model's.
+
+    Args:
+        model: the latent model, called as ``model(z_t, t, **conditioning)``.
+        blocks, timesteps, scheduler, forward_kwargs, name: as :class:`DiffusionTeacher`.
+        vae: an ``AutoencoderKL`` (frozen here), or ``None``.
+        vae_dtype: ``'float32'`` or ``'bfloat16'``; float16 is refused (the VAE overflows).
+        conditioning: ``{keyword: tensor [1, ...]}`` passed to every forward, expanded to its batch.
+        sample_size: image resolution in pixels (default: the model's ``sample_size`` x the VAE factor); a multiple
+            of the VAE factor.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: Sequence[str],
+        timesteps: Sequence[int] = (11,),
+        scheduler: Any = None,
+        vae: Optional[nn.Module] = None,
+        vae_dtype: Union[str, torch.dtype] = "float32",
+        conditioning: Optional[Mapping[str, torch.Tensor]] = None,
+        sample_size: Optional[int] = None,
+        forward_kwargs: Optional[Mapping[str, Any]] = None,
+        name: str = "custom",
+    ):
+        nn.Module.__init__(self)
+        self.vae_dtype = resolve_vae_dtype(vae_dtype)
+        if vae is not None and next(vae.parameters()).dtype != self.vae_dtype:
+            vae = vae.to(self.vae_dtype)  # a module given as is; load_latent_model loads in the right dtype
+        self.vae = None if vae is None else vae.eval().requires_grad_(False)
+        self.latent_scale = 1 if vae is None else vae_scale_factor(vae)
+        self._conditioning: list[str] = []
+        for key, value in (conditioning or {}).items():
+            value = torch.as_tensor(value)
+            if value.ndim == 0 or value.shape[0] != 1:
+                raise ValueError(f"conditioning {key!r} must have batch size 1 ([1, ...]), got {tuple(value.shape)}.")
+            self.register_buffer(f"cond_{key}", value)  # in state_dict(): what a feature cache keys on
+            self._conditioning.append(key)
+        model_size = None
+        if sample_size:
+            if sample_size % self.latent_scale:
+                raise ValueError(
+                    f"teacher resolution {sample_size} px is not a multiple of the VAE factor {self.latent_scale}; "
+                    f"valid: multiples of {self.latent_scale} (e.g. {max(1, round(sample_size / self.latent_scale)) * self.latent_scale})."
+                )
+            model_size = sample_size // self.latent_scale
+        self._init_teacher(model, blocks, timesteps, scheduler, None, model_size, forward_kwargs, name)
+
+    def _image_channels(self) -> int:
+        if self.vae is None:
+            return self.model_in_channels
+        latent = int(self.vae.config.latent_channels)
+        if latent != self.model_in_channels:
+            raise ValueError(
+                f"the VAE gives {latent}-channel latents but the model takes in_channels={self.model_in_channels}; "
+                f"use the VAE of the model's own pipeline."
+            )
+        return int(self.vae.config.in_channels)
+
+    def encode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, S, S]`` in [-1, 1] -> scaled latents ``[B, C_lat, S/f, S/f]``, fp32."""
+        if self.vae is None:
+            return x0.float()
+        z = self.vae.encode(x0.to(self.vae_dtype)).latent_dist.mean.float()
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if shift is not None:
+            z = z - float(shift)
+        return z * float(self.vae.config.scaling_factor)
+
+    def conditioning(self, key: str) -> torch.Tensor:
+        """The ``[1, ...]`` conditioning tensor passed as ``key`` (e.g. ``'encoder_hidden_states'``)."""
+        return getattr(self, f"cond_{key}")
+
+    def _model_kwargs(self, batch: int) -> dict[str, Any]:
+        kwargs = dict(self.forward_kwargs)
+        for key in self._conditioning:
+            value = self.conditioning(key)
+            if value.is_floating_point():
+                value = value.to(self.dtype)
+            kwargs[key] = value.expand(batch, *value.shape[1:])
+        return kwargs
+
+
+class DiTTeacher(LatentDiffusionTeacher):
+    """A DiT (diffusers ``DiTTransformer2DModel``) used unconditionally: ``class_labels`` is the null class
+    (index ``num_embeds_ada_norm``, the label classifier-free guidance drops to), expanded to the batch.
+
+    Blocks are ``transformer_blocks.N`` (or modules inside them); their tokens ``[B, N, C]``, row-major over the
+    patch grid as ``PatchEmbed`` flattens them, are returned as maps ``[B, C, H/p, W/p]`` (``H`` the latent size,
+    ``p`` the patch size). The forward stops after the deepest requested block. Other arguments as
+    :class:`LatentDiffusionTeacher` (a real DiT pipeline has a VAE: ``facebook/DiT-XL-2-256``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: Sequence[str],
+        timesteps: Sequence[int] = (11,),
+        scheduler: Any = None,
+        vae: Optional[nn.Module] = None,
+        vae_dtype: Union[str, torch.dtype] = "float32",
+        sample_size: Optional[int] = None,
+        name: str = "custom",
+    ):
+        depth = len(getattr(model, "transformer_blocks", []))
+        modules = dict(model.named_modules())
+        for b in [blocks] if isinstance(blocks, str) else list(blocks):
+            if b not in modules or not b.startswith("transformer_blocks."):
+                raise ValueError(
+                    f"unknown DiT block {b!r}: this DiT has {depth} transformer blocks; valid: transformer_blocks.0 "
+                    f"... transformer_blocks.{depth - 1} (or a module inside one, e.g. transformer_blocks.0.attn1); "
+                    f"the middle one, transformer_blocks.{depth // 2}, is a good start."
+                )
+        null_class = int(model.config.num_embeds_ada_norm)
+        try:
+            rows = model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings
+        except AttributeError:
+            rows = null_class + 1
+        if rows <= null_class:
+            raise ValueError(f"this DiT's class embedding has no null class (rows={rows}, num_classes={null_class}); "
+                             f"it was trained without class dropout and cannot be used unconditionally.")
+        super().__init__(model, blocks, timesteps, scheduler, vae=vae, vae_dtype=vae_dtype,
+                         conditioning={"class_labels": torch.tensor([null_class])}, sample_size=sample_size, name=name)
+
+    def _feature_map(self, block: str, out: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[B, h*w, C]`` -> ``[B, C, h, w]`` with ``h, w`` the patch grid of ``x_t``."""
+        p = int(self.model.config.patch_size)
+        h, w = x_t.shape[-2] // p, x_t.shape[-1] // p
+        if out.ndim != 3 or out.shape[1] != h * w:
+            raise ValueError(
+                f"DiT block {block!r} returns shape {tuple(out.shape)}, not tokens [B, {h * w}, C] of the {h}x{w} "
+                f"patch grid; choose transformer_blocks.N."
+            )
+        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], h, w)
