@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories holding them")
     rp.add_argument("--out", required=True, help="output directory (report.md, report.json, *.png)")
     rp.add_argument("--teacher-probe", default=None, metavar="JSON",
-                    help="teacher probe rows, e.g. distill/teachers/fashion-mnist-ddpm/probe.json")
+                    help="teacher probe rows, e.g. distill/teacher/packaged/fashion-mnist-ddpm/probe.json")
     rp.add_argument("--title", default="distill report")
     rp.set_defaults(func=cmd_report)
     return p

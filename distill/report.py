@@ -135,7 +135,7 @@ def load_teacher_probe(path: str) -> list[dict]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"--teacher-probe '{p}' does not exist (e.g. "
-                                f"distill/teachers/fashion-mnist-ddpm/probe.json).")
+                                f"distill/teacher/packaged/fashion-mnist-ddpm/probe.json).")
     data = json.loads(p.read_text())
     if isinstance(data, dict) and "trained" in data:
         teacher = data.get("teacher", p.parent.name)

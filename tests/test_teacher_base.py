@@ -140,3 +140,20 @@ def test_any_module_taking_noisy_image_and_timestep():
     assert teacher(torch.zeros(2, 3, 16, 16))["enc@t3"].shape == (2, 8, 8, 8)
     with pytest.raises(ValueError, match="in_channels"):
         DiffusionTeacher(Net(), ["enc"], [3])
+
+
+@pytest.mark.parametrize("block,timestep", [("mid_block", 11), ("up_blocks.0", 0), ("a.b@tx", 999), ("m", None)])
+def test_feature_key_round_trip(block, timestep):
+    from distill.teacher import feature_key, parse_feature_key
+
+    key = feature_key(block, timestep)
+    assert key == f"{block}@t{'*' if timestep is None else timestep}"
+    assert parse_feature_key(key) == (block, timestep)
+
+
+@pytest.mark.parametrize("key", ["mid_block", "mid_block@t", "@t11", "mid_block@t1.5", "mid_block@t-3"])
+def test_parse_feature_key_rejects_other_strings(key):
+    from distill.teacher import parse_feature_key
+
+    with pytest.raises(ValueError, match="not of the form"):
+        parse_feature_key(key)
