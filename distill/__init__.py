@@ -5,7 +5,7 @@ from .data import FashionMNIST, ImageFolder, build_dataset, label_subset, strati
 from .evaluate import probe_exported, probe_fn, probe_random_init
 from .export import export_student, load_exported
 from .finetune import FinetuneConfig, finetune, finetune_sweep
-from .grid import grid_probe, pooled_teacher_features
+from .select import grid_probe, pooled_teacher_features
 from .losses import attention_map, attention_transfer_loss, cosine_loss, feature_distillation_loss, mse_loss, whiten
 from .policy import TimestepPolicy
 from .probe import ensemble_probe, extract_features, knn_probe, linear_probe, multi_linear_probe
