@@ -10,6 +10,7 @@ from pathlib import Path
 from .atomic import atomic_write_json
 from .config import load_recipe, parse_overrides
 from .errors import EXIT_CODES
+from .vocab import AUGMENTS, SELECT_METHODS
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -59,46 +60,17 @@ def cmd_probe(args) -> int:
 
 
 def _probe_teacher(source: str, args) -> int:
-    """Linear probes of a teacher's pooled features, one per (block, timestep); ``--ensemble`` soft-votes the
-    timesteps of each block (averaged logits)."""
-    from .evaluate import probe_data
-    from .grid import pooled_teacher_features
-    from .probe import ensemble_probe
-    from .teacher import load_teacher
+    """``distill probe teacher:NAME``: linear probes of a teacher's pooled features, one per (block, timestep);
+    ``--ensemble`` soft-votes the timesteps of each block (averaged logits)."""
+    from .atomic import atomic_write_json
+    from .select import format_teacher_probe, probe_teacher
 
-    if not args.blocks:
-        raise ValueError("probing a teacher needs --blocks, e.g. --blocks mid_block (see `distill select`).")
-    timesteps = args.timesteps or [11]
-    if args.ensemble and len(timesteps) < 2:
-        raise ValueError(f"--ensemble needs two or more --timesteps (one probe each), got {timesteps}; e.g. "
-                         f"--timesteps 1 5 11 25 50 (the best t, two finer, two coarser).")
-    teacher = load_teacher(source, args.blocks, timesteps)
-    dataset = args.dataset or "fashion-mnist"
-    channels = 1 if dataset == "fashion-mnist" else 3
-    data = probe_data(dataset, args.data_root, channels, args.train_fraction, args.seed)
-    tr, tr_y = pooled_teacher_features(teacher, data.train, seed=args.seed, progress=not args.no_progress,
-                                       desc="teacher: train features")
-    te, te_y = pooled_teacher_features(teacher, data.test, seed=args.seed + 1, progress=not args.no_progress,
-                                       desc="teacher: test features")
-    print(f"| block | timestep(s) | linear top-1 | linear top-5 |\n|---|---|---|---|")
-    out = []
-    for b in teacher.blocks:
-        keys = [f"{b}@t{t}" for t in teacher.timesteps]
-        res = ensemble_probe(tr, tr_y, te, te_y, members=keys, epochs=args.epochs, seed=args.seed)
-        for k in keys:
-            r = res["members"][k]
-            print(f"| {b} | {k.split('@t')[1]} | {r['top1']:.2f} | {r['top5']:.2f} |")
-            out.append({"block": b, "timestep": int(k.split("@t")[1]), "linear_top1": round(r["top1"], 2),
-                        "linear_top5": round(r["top5"], 2)})
-        if args.ensemble:
-            e = res["ensemble"]
-            print(f"| {b} | ensemble {teacher.timesteps} (soft vote) | **{e['top1']:.2f}** | {e['top5']:.2f} |")
-            out.append({"block": b, "timestep": "ensemble", "members": teacher.timesteps,
-                        "linear_top1": round(e["top1"], 2), "linear_top5": round(e["top5"], 2),
-                        "best_member": res["best_member"]})
-    print(f"\nprobe: {len(tr_y)} train / {len(te_y)} test {dataset} images, one noise draw per image")
+    res = probe_teacher(source, args.blocks, args.timesteps, dataset=args.dataset, data_root=args.data_root,
+                        train_fraction=args.train_fraction, epochs=args.epochs, seed=args.seed,
+                        ensemble=args.ensemble, progress=not args.no_progress)
+    print(format_teacher_probe(res))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        atomic_write_json(args.json, res["rows"])
     return 0
 
 
@@ -168,10 +140,48 @@ def cmd_extract(args) -> int:
 
 
 def cmd_select(args) -> int:
-    from .select import select_command
+    """Grid probe and/or label-free selection over blocks x timesteps; files and a Markdown summary."""
+    from .select import format_selection, run_selection
 
-    select_command(args)
+    if args.timesteps == []:
+        raise ValueError("--timesteps is empty; give candidate timesteps such as --timesteps 1 11 50 100.")
+    recipe = load_recipe(args.recipe, parse_overrides(args.set)) if args.recipe else None
+    sel = run_selection(args.out, recipe=recipe, teacher=args.teacher, blocks=args.blocks, timesteps=args.timesteps,
+                        dataset=args.dataset, data_root=args.data_root, method=args.method, images=args.images,
+                        val_images=args.val_images, epochs=args.epochs, label_free_images=args.label_free_images,
+                        seed=args.seed, score_on=args.score_on, batch_size=args.batch_size, augment=args.augment,
+                        max_memory_gb=args.max_memory_gb, compare=args.compare, progress=not args.no_progress,
+                        timesteps_name="--timesteps")
+    print(format_selection(sel))
     return 0
+
+
+def _add_select_parser(sub) -> None:
+    se = sub.add_parser("select", help="choose teacher block + timestep: grid probe (DDAE 3.2) and/or label-free "
+                                       "alignment/uniformity (DDAE 3.3); CSV, heatmap PNG, recipe-ready best_*.yaml")
+    se.add_argument("--method", choices=SELECT_METHODS, default="both")
+    se.add_argument("--recipe", default=None, help="take teacher, data, blocks and timestep_candidates from a recipe")
+    se.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys")
+    se.add_argument("--teacher", default=None, help="packaged name, directory or hub id (default: the recipe's)")
+    se.add_argument("--blocks", nargs="+", default=None, help="candidate blocks, e.g. mid_block up_blocks.0")
+    se.add_argument("--timesteps", nargs="*", type=int, default=None, help="candidate timesteps, e.g. 1 11 50 100")
+    se.add_argument("--dataset", default=None)
+    se.add_argument("--data-root", default=None)
+    se.add_argument("--images", type=int, default=None, help="grid: train images the probes fit on (default 3000)")
+    se.add_argument("--val-images", type=int, default=None, help="grid: held-out train images scored (default 2000)")
+    se.add_argument("--score-on", choices=["val", "test"], default="val",
+                    help="grid: score probes on held-out train images (default) or on the test split (DDAE's table)")
+    se.add_argument("--epochs", type=int, default=None, help="grid: passes, fresh noise every step (default 2)")
+    se.add_argument("--label-free-images", type=int, default=None, help="label-free: images (default 750)")
+    se.add_argument("--batch-size", type=int, default=64)
+    se.add_argument("--augment", choices=AUGMENTS, default="flip")
+    se.add_argument("--max-memory-gb", type=float, default=None,
+                    help="refuse a grid whose estimated step memory exceeds this (default: the free memory)")
+    se.add_argument("--compare", default=None, help="label-free only: a grid.csv to rank against")
+    se.add_argument("--seed", type=int, default=None)
+    se.add_argument("--out", required=True, help="output directory")
+    se.add_argument("--no-progress", action="store_true")
+    se.set_defaults(func=cmd_select)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,31 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=cmd_probe)
 
-    se = sub.add_parser("select", help="choose teacher block + timestep: grid probe (DDAE 3.2) and/or label-free "
-                                       "alignment/uniformity (DDAE 3.3); CSV, heatmap PNG, recipe-ready best_*.yaml")
-    se.add_argument("--method", choices=["grid", "label-free", "both"], default="both")
-    se.add_argument("--recipe", default=None, help="take teacher, data, blocks and timestep_candidates from a recipe")
-    se.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys")
-    se.add_argument("--teacher", default=None, help="packaged name, directory or hub id (default: the recipe's)")
-    se.add_argument("--blocks", nargs="+", default=None, help="candidate blocks, e.g. mid_block up_blocks.0")
-    se.add_argument("--timesteps", nargs="*", type=int, default=None, help="candidate timesteps, e.g. 1 11 50 100")
-    se.add_argument("--dataset", default=None)
-    se.add_argument("--data-root", default=None)
-    se.add_argument("--images", type=int, default=None, help="grid: train images the probes fit on (default 3000)")
-    se.add_argument("--val-images", type=int, default=None, help="grid: held-out train images scored (default 2000)")
-    se.add_argument("--score-on", choices=["val", "test"], default="val",
-                    help="grid: score probes on held-out train images (default) or on the test split (DDAE's table)")
-    se.add_argument("--epochs", type=int, default=None, help="grid: passes, fresh noise every step (default 2)")
-    se.add_argument("--label-free-images", type=int, default=None, help="label-free: images (default 750)")
-    se.add_argument("--batch-size", type=int, default=64)
-    se.add_argument("--augment", choices=["none", "flip", "crop-flip"], default="flip")
-    se.add_argument("--max-memory-gb", type=float, default=None,
-                    help="refuse a grid whose estimated step memory exceeds this (default: the free memory)")
-    se.add_argument("--compare", default=None, help="label-free only: a grid.csv to rank against")
-    se.add_argument("--seed", type=int, default=None)
-    se.add_argument("--out", required=True, help="output directory")
-    se.add_argument("--no-progress", action="store_true")
-    se.set_defaults(func=cmd_select)
+    _add_select_parser(sub)
 
     x = sub.add_parser("extract", help="cache the teacher's features of every training image (fp16, memory-mapped)")
     x.add_argument("recipe", help="YAML recipe, e.g. recipes/quickstart.yaml")

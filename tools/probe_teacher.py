@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill.evaluate import probe_data  # noqa: E402
-from distill.grid import teacher_grid_probe  # noqa: E402
+from distill.select import teacher_grid_probe  # noqa: E402
 from distill.teacher import DiffusionTeacher, load_unet  # noqa: E402
 
 

@@ -11,21 +11,20 @@ Before starting, :func:`estimate_grid_memory` predicts the peak memory of one st
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
 
-from .data import collate, dataset_labels, to_teacher, to_unit
-from .evaluate import ProbeData
-from .probe import _accuracy, _probe_head, multi_linear_probe
-from .teacher import DiffusionTeacher
+from ..augment import build_augment
+from ..data import collate, dataset_labels, to_teacher, to_unit
+from ..evaluate import ProbeData
+from ..probe import _accuracy, _probe_head, multi_linear_probe
+from ..teacher import DiffusionTeacher
 
 GiB = 1024 ** 3
 
@@ -36,7 +35,8 @@ def pooled_teacher_features(teacher: DiffusionTeacher, dataset, batch_size: int 
                             timesteps=None) -> tuple[dict, torch.Tensor]:
     """``{key: [N, C]}`` globally pooled features of every (block, timestep), and the labels ``[N]``.
 
-    One noise draw per image (seeded); used by the ensemble probe and the label-free metrics.
+    One noise draw per image (seeded); used to score the grid's probes, by the offline teacher probe and by
+    :func:`distill.select.probe_teacher` (``distill probe teacher:NAME``, ensembles included).
     """
     from tqdm.auto import tqdm
 
@@ -135,7 +135,7 @@ def grid_probe(teacher: DiffusionTeacher, data: ProbeData, epochs: int = 2, batc
         lr: Adam learning rate of the probes (cosine to 0 over all steps); probes are BN (no affine) + Linear.
             1e-2, not the offline probe's 1e-3: an online grid takes few steps (on the Fashion-MNIST teacher, 2,000
             images x 2 epochs at batch 64: 1e-3 reached 43.6% on the best cell, 1e-2 73.7%).
-        augment: ``none | flip | crop-flip`` (kornia, as in the trainer), applied to train images only.
+        augment: one of :data:`distill.vocab.AUGMENTS` (kornia, as in the trainer), applied to train images only.
         seed: shuffling, noise, augmentation and probe-init seed.
         max_memory_gb: refuse to start when the step's estimated memory exceeds it (default: the free memory).
 
@@ -144,8 +144,6 @@ def grid_probe(teacher: DiffusionTeacher, data: ProbeData, epochs: int = 2, batc
         each row has ``block, timestep, channels, linear_top1, linear_top5``.
     """
     from tqdm.auto import tqdm
-
-    from .augment import build_augment
 
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}.")
@@ -233,16 +231,3 @@ def teacher_grid_probe(teacher: DiffusionTeacher, data: ProbeData, batch_size: i
     for r in rows:
         r["seconds_total"] = round(time.time() - t0, 1)
     return rows
-
-
-def write_rows_csv(rows: list[dict], path) -> None:
-    """Write dict rows (union of keys, first row's order first) as CSV, atomically."""
-    path = Path(path)
-    fields = list(rows[0]) + [k for r in rows for k in r if k not in rows[0]]
-    fields = list(dict.fromkeys(fields))
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)

@@ -1,0 +1,81 @@
+"""Linear probes of a diffusion teacher's own pooled features (``distill probe teacher:NAME``).
+
+One probe per (block, timestep), trained as students' probes are (:func:`distill.probe.multi_linear_probe` on
+features pooled once, one seeded noise draw per image); with ``ensemble`` the timesteps of each block also
+soft-vote (averaged logits; :func:`distill.probe.ensemble_probe`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from ..evaluate import probe_data
+from ..probe import ensemble_probe
+from ..teacher import feature_key, load_teacher
+from ..vocab import dataset_channels
+from .grid import pooled_teacher_features
+
+
+def probe_teacher(source, blocks: Sequence[str], timesteps: Optional[Sequence[int]] = None, *,
+                  dataset: Optional[str] = None, data_root: Optional[str] = None, train_fraction: float = 1.0,
+                  epochs: int = 30, seed: int = 0, ensemble: bool = False, progress: bool = True) -> dict:
+    """Probe ``source``'s pooled features at every (block, timestep); with ``ensemble`` also each block's soft vote.
+
+    Args:
+        source: the teacher (packaged name, directory or hub id; as :func:`distill.teacher.load_teacher` takes).
+        blocks: the teacher blocks to probe.
+        timesteps: the timesteps (default ``[11]``); ``ensemble`` needs two or more.
+        dataset, data_root: a labelled dataset (default Fashion-MNIST); train split (a seeded stratified
+            ``train_fraction`` of it) to fit, test split to score.
+        epochs, seed: of the probes (and the noise: train features draw with ``seed``, test with ``seed + 1``).
+        ensemble: add one row per block that soft-votes its timesteps.
+        progress: tqdm bars.
+
+    Returns:
+        ``{'rows', 'dataset', 'train_images', 'test_images'}``; each row is ``{'block', 'timestep', 'linear_top1',
+        'linear_top5'}`` (per block: its timesteps in order, then with ``ensemble`` a row whose ``timestep`` is
+        ``'ensemble'`` with ``members`` and ``best_member``).
+
+    Raises:
+        ValueError: no ``blocks``, or ``ensemble`` with fewer than two timesteps.
+    """
+    if not blocks:
+        raise ValueError("probing a teacher needs --blocks, e.g. --blocks mid_block (see `distill select`).")
+    timesteps = list(timesteps or [11])
+    if ensemble and len(timesteps) < 2:
+        raise ValueError(f"--ensemble needs two or more --timesteps (one probe each), got {timesteps}; e.g. "
+                         f"--timesteps 1 5 11 25 50 (the best t, two finer, two coarser).")
+    teacher = load_teacher(source, list(blocks), timesteps)
+    dataset = dataset or "fashion-mnist"
+    data = probe_data(dataset, data_root, dataset_channels(dataset), train_fraction, seed)
+    tr, tr_y = pooled_teacher_features(teacher, data.train, seed=seed, progress=progress,
+                                       desc="teacher: train features")
+    te, te_y = pooled_teacher_features(teacher, data.test, seed=seed + 1, progress=progress,
+                                       desc="teacher: test features")
+    rows = []
+    for b in teacher.blocks:
+        keys = {t: feature_key(b, t) for t in teacher.timesteps}
+        res = ensemble_probe(tr, tr_y, te, te_y, members=list(keys.values()), epochs=epochs, seed=seed)
+        for t, k in keys.items():
+            r = res["members"][k]
+            rows.append({"block": b, "timestep": int(t), "linear_top1": round(r["top1"], 2),
+                         "linear_top5": round(r["top5"], 2)})
+        if ensemble:
+            e = res["ensemble"]
+            rows.append({"block": b, "timestep": "ensemble", "members": teacher.timesteps,
+                         "linear_top1": round(e["top1"], 2), "linear_top5": round(e["top5"], 2),
+                         "best_member": res["best_member"]})
+    return {"rows": rows, "dataset": dataset, "train_images": len(tr_y), "test_images": len(te_y)}
+
+
+def format_teacher_probe(result: dict) -> str:
+    """The Markdown table ``distill probe teacher:NAME`` prints for :func:`probe_teacher`'s result."""
+    lines = ["| block | timestep(s) | linear top-1 | linear top-5 |\n|---|---|---|---|"]
+    for r in result["rows"]:
+        if r["timestep"] == "ensemble":
+            lines.append(f"| {r['block']} | ensemble {r['members']} (soft vote) | **{r['linear_top1']:.2f}** | "
+                         f"{r['linear_top5']:.2f} |")
+        else:
+            lines.append(f"| {r['block']} | {r['timestep']} | {r['linear_top1']:.2f} | {r['linear_top5']:.2f} |")
+    lines.append(f"\nprobe: {result['train_images']} train / {result['test_images']} test {result['dataset']} "
+                 f"images, one noise draw per image")
+    return "\n".join(lines)
