@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from .atomic import atomic_write_json
 from .config import load_recipe, parse_overrides

@@ -7,8 +7,10 @@ function writes one PNG and returns its path.
 """
 from __future__ import annotations
 
+import math
+import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from .atomic import atomic_file
 
@@ -102,4 +104,93 @@ def policy_histogram(steps: Sequence[int], counts: Sequence[Sequence[float]], ca
     ax2.set_xlabel("timestep")
     ax2.set_ylabel("share")
     ax2.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------- report plots
+def pct(f: float) -> str:
+    """A label fraction as a percentage: 0.01 -> '1%'."""
+    return f"{100 * f:g}%"
+
+
+def plot_loss_curves(runs: Sequence, path: Path) -> Optional[Path]:
+    """One panel per loss term, loss against step, one line per run (log scale where all values are positive).
+
+    ``runs``: objects with ``name``, ``metrics`` (column -> values, incl. ``step``) and ``loss_terms``. Returns
+    ``path``, or None when no run has metrics."""
+    runs = [r for r in runs if r.metrics and r.loss_terms]
+    if not runs:
+        return None
+    terms = list(dict.fromkeys(t for r in runs for t in r.loss_terms))
+    fig = new_figure(4.2 * len(terms), 3.4)
+    axes = fig.subplots(1, len(terms), squeeze=False)[0]
+    for ax, term in zip(axes, terms):
+        positive = True
+        for r in runs:
+            if term in r.metrics:
+                xs, ys = zip(*[(x, y) for x, y in zip(r.metrics["step"], r.metrics[term]) if not math.isnan(y)] or
+                             [(math.nan, math.nan)])
+                positive &= all(y > 0 for y in ys if not math.isnan(y))
+                ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=r.name)
+        if positive:
+            ax.set_yscale("log")
+        ax.set_title(term)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("loss")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle("distillation loss per term")
+    return save_figure(fig, path)
+
+
+def plot_fraction(rows: list[dict], path: Path) -> Optional[Path]:
+    """Fine-tuning top-1 against label fraction (log x), mean with a min-max band over seeds, one line per model
+    (rows of ``distill.report.summarize_finetune``). Returns ``path``, or None without rows."""
+    if not rows:
+        return None
+    fig = new_figure(6.0, 4.2)
+    ax = fig.subplots()
+    fractions = sorted({r["fraction"] for r in rows})
+    for label in dict.fromkeys(r["label"] for r in rows):
+        rs = sorted((r for r in rows if r["label"] == label), key=lambda r: r["fraction"])
+        xs = [r["fraction"] for r in rs]
+        mean = [r["last_top1"]["mean"] for r in rs]
+        lo, hi = [r["last_top1"]["min"] for r in rs], [r["last_top1"]["max"] for r in rs]
+        line, = ax.plot(xs, mean, marker="o", linestyle="--" if rs[0]["model_kind"] == "timm" else "-",
+                        label=f"{label} (n={max(r['last_top1']['n'] for r in rs)} seeds)")
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.vlines(xs, lo, hi, color=line.get_color(), alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_xticks(fractions, [pct(f) for f in fractions])
+    ax.minorticks_off()
+    ax.set_xlabel("label fraction (log scale)")
+    ax.set_ylabel("test top-1 (%), last step")
+    ax.set_title("fine-tuning: mean and min-max over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_probes(rows: list[dict], path: Path) -> Optional[Path]:
+    """Bars of linear and kNN probe top-1 per model row. Returns ``path``, or None without probe numbers."""
+    rows = [r for r in rows if r.get("linear_top1") is not None]
+    if not rows:
+        return None
+    fig = new_figure(max(5.0, 1.3 * len(rows) + 1.5), 4.4)
+    ax = fig.subplots()
+    w = 0.38
+    xs = list(range(len(rows)))
+    for off, key, name in ((-w / 2, "linear_top1", "linear probe"), (w / 2, "knn_top1", "kNN probe")):
+        pts = [(x + off, r[key]) for x, r in zip(xs, rows) if r.get(key) is not None]
+        if not pts:
+            continue
+        bars = ax.bar([p[0] for p in pts], [p[1] for p in pts], width=w, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(xs, [textwrap.fill(r["name"], 22) for r in rows], fontsize=7)
+    lows = [r[k] for r in rows for k in ("linear_top1", "knn_top1") if r.get(k) is not None]
+    ax.set_ylim(max(0.0, min(lows) - 10), min(100.0, max(lows) + 5))
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("frozen-feature probes")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
     return save_figure(fig, path)

@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .atomic import atomic_write_json, atomic_write_text
+from .teacher import feature_key
+from .plots import pct, plot_fraction, plot_loss_curves, plot_probes
+
 # metrics.csv columns that are not loss terms
 NON_LOSS_COLUMNS = ("step", "lr", "grad_norm", "img_per_s", "skipped")
 
@@ -145,7 +149,7 @@ def load_teacher_probe(path: str) -> list[dict]:
             if not cands:
                 continue
             best = max(cands, key=lambda r: r["linear_top1"])
-            where = f"{best.get('block')}@t{best.get('timestep')}" if "block" in best else "best"
+            where = feature_key(best["block"], best.get("timestep")) if "block" in best else "best"
             rows.append({"name": f"{what} ({where}, best of {len(cands)})", "linear_top1": best["linear_top1"],
                          "knn_top1": best.get("knn_top1"), "num_train": data.get("train_images"),
                          "num_test": data.get("test_images"), "source": str(p)})
@@ -204,7 +208,7 @@ def budget_warnings(results: list[dict]) -> list[str]:
     by_frac: dict[float, set] = {}
     for r in results:
         by_frac.setdefault(float(r["fraction"]), set()).add(_budget(r))
-    return [f"label fraction {_pct(f)}: runs differ in budget ({'; '.join(sorted(b))}), so they are not compared"
+    return [f"label fraction {pct(f)}: runs differ in budget ({'; '.join(sorted(b))}), so they are not compared"
             for f, b in sorted(by_frac.items()) if len(b) > 1]
 
 
@@ -218,10 +222,6 @@ def probe_rows(runs: list[DistillRun], teacher_rows: Optional[list[dict]] = None
 
 
 # ----------------------------------------------------------------------------------------------- formatting
-def _pct(f: float) -> str:
-    return f"{100 * f:g}%"
-
-
 def _fmt(v, nd: int = 2) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -268,7 +268,7 @@ def finetune_table(rows: list[dict]) -> str:
         s = r["last_top1"]
         vs = "-" if r["vs_scratch"] is None else f"{r['vs_scratch']:+.2f}"
         lines.append(
-            f"| {r['label']} | {_pct(r['fraction'])} | {', '.join(map(str, r['train_images']))} | "
+            f"| {r['label']} | {pct(r['fraction'])} | {', '.join(map(str, r['train_images']))} | "
             f"{len(r['seeds'])} | {', '.join(map(str, r['steps']))} | **{s['mean']:.2f}** ({s['min']:.2f}-"
             f"{s['max']:.2f}) | {vs} | {r['best_top1']['mean']:.2f} | {_fmt(r['last_top5']['mean'])} |")
     return "\n".join(lines)
@@ -278,106 +278,10 @@ def finetune_runs_table(results: list[dict]) -> str:
     lines = ["| model | fraction | seed | train images | steps | top-1 last | top-1 best (step) | top-5 last | "
              "seconds | directory |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["label"], r["fraction"], r["seed"])):
-        lines.append(f"| {r['label']} | {_pct(r['fraction'])} | {r['seed']} | {r.get('train_images', '-')} | "
+        lines.append(f"| {r['label']} | {pct(r['fraction'])} | {r['seed']} | {r.get('train_images', '-')} | "
                      f"{r.get('steps', '-')} | {r['last_top1']:.2f} | {r['best_top1']:.2f} ({r.get('best_step', '-')})"
                      f" | {_fmt(r.get('last_top5'))} | {r.get('seconds', '-')} | {r['_dir']} |")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------- plots
-def _figure(w: float, h: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h))
-    FigureCanvasAgg(fig)  # Agg canvas: no display, no pyplot state
-    return fig
-
-
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.tight_layout()
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
-    return path
-
-
-def plot_loss_curves(runs: list[DistillRun], path: Path) -> Optional[Path]:
-    runs = [r for r in runs if r.metrics and r.loss_terms]
-    if not runs:
-        return None
-    terms = list(dict.fromkeys(t for r in runs for t in r.loss_terms))
-    fig = _figure(4.2 * len(terms), 3.4)
-    axes = fig.subplots(1, len(terms), squeeze=False)[0]
-    for ax, term in zip(axes, terms):
-        positive = True
-        for r in runs:
-            if term in r.metrics:
-                xs, ys = zip(*[(x, y) for x, y in zip(r.metrics["step"], r.metrics[term]) if not math.isnan(y)] or
-                             [(math.nan, math.nan)])
-                positive &= all(y > 0 for y in ys if not math.isnan(y))
-                ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=r.name)
-        if positive:
-            ax.set_yscale("log")
-        ax.set_title(term)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("loss")
-    axes[-1].legend(fontsize=7)
-    fig.suptitle("distillation loss per term")
-    return _save(fig, path)
-
-
-def plot_fraction(rows: list[dict], path: Path) -> Optional[Path]:
-    if not rows:
-        return None
-    fig = _figure(6.0, 4.2)
-    ax = fig.subplots()
-    fractions = sorted({r["fraction"] for r in rows})
-    for label in dict.fromkeys(r["label"] for r in rows):
-        rs = sorted((r for r in rows if r["label"] == label), key=lambda r: r["fraction"])
-        xs = [r["fraction"] for r in rs]
-        mean = [r["last_top1"]["mean"] for r in rs]
-        lo, hi = [r["last_top1"]["min"] for r in rs], [r["last_top1"]["max"] for r in rs]
-        line, = ax.plot(xs, mean, marker="o", linestyle="--" if rs[0]["model_kind"] == "timm" else "-",
-                        label=f"{label} (n={max(r['last_top1']['n'] for r in rs)} seeds)")
-        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.vlines(xs, lo, hi, color=line.get_color(), alpha=0.6)
-    ax.set_xscale("log")
-    ax.set_xticks(fractions, [_pct(f) for f in fractions])
-    ax.minorticks_off()
-    ax.set_xlabel("label fraction (log scale)")
-    ax.set_ylabel("test top-1 (%), last step")
-    ax.set_title("fine-tuning: mean and min-max over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-def plot_probes(rows: list[dict], path: Path) -> Optional[Path]:
-    rows = [r for r in rows if r.get("linear_top1") is not None]
-    if not rows:
-        return None
-    fig = _figure(max(5.0, 1.3 * len(rows) + 1.5), 4.4)
-    ax = fig.subplots()
-    w = 0.38
-    xs = list(range(len(rows)))
-    for off, key, name in ((-w / 2, "linear_top1", "linear probe"), (w / 2, "knn_top1", "kNN probe")):
-        pts = [(x + off, r[key]) for x, r in zip(xs, rows) if r.get(key) is not None]
-        if not pts:
-            continue
-        bars = ax.bar([p[0] for p in pts], [p[1] for p in pts], width=w, label=name)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    import textwrap
-
-    ax.set_xticks(xs, [textwrap.fill(r["name"], 22) for r in rows], fontsize=7)
-    lows = [r[k] for r in rows for k in ("linear_top1", "knn_top1") if r.get(k) is not None]
-    ax.set_ylim(max(0.0, min(lows) - 10), min(100.0, max(lows) + 5))
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title("frozen-feature probes")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -432,16 +336,11 @@ def write_report(paths: Sequence[str], out: str, teacher_probe: Optional[str] = 
             md += ["![accuracy vs label fraction](finetune_fraction.png)", ""]
         budgets = sorted({_budget(r) for r in results})
         md += [f"Budget: {'; '.join(budgets)}.", "", "### Runs", "", finetune_runs_table(results), ""]
-    report_md = out_p / "report.md"
-    tmp = out_p / ".tmp-report.md"
-    tmp.write_text("\n".join(md))
-    os.replace(tmp, report_md)
+    report_md = atomic_write_text(out_p / "report.md", "\n".join(md))
     summary = {"report": str(report_md), "plots": {k: str(v) if v else None for k, v in plots.items()},
                "finetune": ft_rows, "probes": p_rows,
                "distill_runs": [{"name": r.name, "path": str(r.path), "loss_terms": r.loss_terms,
                                  "final": {t: _last_finite(r.metrics[t]) for t in r.loss_terms},
                                  "probes": r.probes} for r in runs]}
-    tmp = out_p / ".tmp-report.json"
-    tmp.write_text(json.dumps(_no_nan(summary), indent=2, default=str) + "\n")
-    os.replace(tmp, out_p / "report.json")
+    atomic_write_json(out_p / "report.json", _no_nan(summary), default=str)
     return summary
