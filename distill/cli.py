@@ -9,7 +9,7 @@ import sys
 from .atomic import atomic_write_json
 from .config import load_recipe, parse_overrides
 from .errors import EXIT_CODES
-from .vocab import AUGMENTS, SELECT_METHODS
+from .vocab import AUGMENTS, SELECT_METHODS, SELECT_SCORE_ON
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -19,6 +19,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _add_train_parser(sub) -> None:
+    t = sub.add_parser("train", help="pretrain a student on a recipe")
+    _add_recipe_args(t)
+    t.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
@@ -31,6 +37,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_export_parser(sub) -> None:
+    e = sub.add_parser("export", help="write a run's student in timm format")
+    e.add_argument("run_dir")
+    e.add_argument("--out", required=True)
+    e.add_argument("--checkpoint", default=None, help="a checkpoint-{step} directory (default: latest)")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export)
+
+
 def cmd_export(args) -> int:
     from .export import export_student
 
@@ -38,6 +53,26 @@ def cmd_export(args) -> int:
     print(f"exported student to {out}\nload it with: timm.create_model('local-dir:{out}', pretrained=True, "
           f"num_classes=K)")
     return 0
+
+
+def _add_probe_parser(sub) -> None:
+    pr = sub.add_parser("probe", help="linear + kNN probe of an exported student, a run, or timm:NAME (random init)")
+    pr.add_argument("model")
+    pr.add_argument("--dataset", default=None, help="fashion-mnist or image-folder (default: the run's)")
+    pr.add_argument("--data-root", default=None)
+    pr.add_argument("--train-fraction", type=float, default=1.0)
+    pr.add_argument("--epochs", type=int, default=30)
+    pr.add_argument("--k", type=int, default=20)
+    pr.add_argument("--size", type=int, default=64, help="input size for timm:NAME")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--pixels", action="store_true", help="also probe raw pixels")
+    pr.add_argument("--json", default=None, help="write results to this file")
+    pr.add_argument("--blocks", nargs="+", default=None, help="teacher:NAME only: blocks to probe")
+    pr.add_argument("--timesteps", nargs="+", type=int, default=None, help="teacher:NAME only: timesteps (default 11)")
+    pr.add_argument("--ensemble", action="store_true",
+                    help="teacher:NAME only: one probe per timestep, soft vote by averaging logits")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=cmd_probe)
 
 
 def cmd_probe(args) -> int:
@@ -73,6 +108,12 @@ def _probe_teacher(source: str, args) -> int:
     return 0
 
 
+def _add_run_parser(sub) -> None:
+    r = sub.add_parser("run", help="train + export + probe against random-init and raw-pixel baselines")
+    _add_recipe_args(r)
+    r.set_defaults(func=cmd_run)
+
+
 def cmd_run(args) -> int:
     """Pretrain, export, then probe the distilled student next to random init and raw pixels."""
     from .pipeline import run_recipe
@@ -87,154 +128,7 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_finetune(args) -> int:
-    """Fine-tune an exported student or timm:NAME (random init) with a label fraction; one run or a sweep."""
-    from .finetune import FinetuneConfig, finetune, finetune_sweep, result_line
-
-    cfg = FinetuneConfig(
-        model=args.model, dataset=args.dataset, data_root=args.data_root, test_root=args.test_root,
-        fraction=args.fraction, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
-        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
-        warmup_steps=args.warmup_steps, augment=args.augment, label_smoothing=args.label_smoothing,
-        grad_clip=args.grad_clip, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
-        log_every=args.log_every, size=args.size, mean=args.mean, std=args.std, like=args.like, label=args.label,
-        mixed_precision=args.mixed_precision, num_workers=args.num_workers, eval_train=args.eval_train,
-        save_model=args.save_model)
-    progress = not args.no_progress
-    if args.fractions or args.seeds:
-        finetune_sweep(cfg, args.output_dir, args.fractions or [args.fraction], args.seeds or [args.seed],
-                       overwrite=args.overwrite, skip_existing=args.skip_existing, progress=progress,
-                       on_result=lambda r: print(result_line(r), flush=True))
-        print(f"results in {args.output_dir}/frac*-seed*/result.json; table and plots: "
-              f"distill report {args.output_dir} --out {args.output_dir}/report")
-    else:
-        print(result_line(finetune(cfg, args.output_dir, overwrite=args.overwrite, progress=progress)))
-    return 0
-
-
-def cmd_report(args) -> int:
-    """Markdown table + PNG plots from distillation and fine-tuning run directories."""
-    from .report import write_report
-
-    summary = write_report(args.runs, args.out, teacher_probe=args.teacher_probe, title=args.title)
-    print(f"wrote {summary['report']}")
-    for name, path in summary["plots"].items():
-        print(f"  {name}: {path or '(no data)'}")
-    return 0
-
-
-def cmd_extract(args) -> int:
-    """Write the teacher's features of every training image (N noise draws each) to a feature cache."""
-    from .cache import extract_features_cache
-
-    recipe = load_recipe(args.recipe, parse_overrides(args.set))
-    res = extract_features_cache(recipe, args.out, num_draws=args.draws, batch_size=args.batch_size,
-                                 overwrite=args.overwrite, progress=not args.no_progress, max_images=args.max_images)
-    mib = res["bytes"] / 2**20
-    print(f"wrote {res['num_images']} images x {res['num_draws']} draws of {', '.join(res['keys'])} (float16) to "
-          f"{res['path']}: {mib:.1f} MiB on disk, {res['bytes_per_image'] / 1024:.1f} KiB per image "
-          f"({res['bytes_per_image'] / res['num_draws'] / 1024:.1f} KiB per draw), {res['seconds']:.1f} s")
-    print(f"train from it with: --set feature_cache={res['path']} augment=none")
-    return 0
-
-
-def cmd_select(args) -> int:
-    """Grid probe and/or label-free selection over blocks x timesteps; files and a Markdown summary."""
-    from .select import format_selection, run_selection
-
-    if args.timesteps == []:
-        raise ValueError("--timesteps is empty; give candidate timesteps such as --timesteps 1 11 50 100.")
-    recipe = load_recipe(args.recipe, parse_overrides(args.set)) if args.recipe else None
-    sel = run_selection(args.out, recipe=recipe, teacher=args.teacher, blocks=args.blocks, timesteps=args.timesteps,
-                        dataset=args.dataset, data_root=args.data_root, method=args.method, images=args.images,
-                        val_images=args.val_images, epochs=args.epochs, label_free_images=args.label_free_images,
-                        seed=args.seed, score_on=args.score_on, batch_size=args.batch_size, augment=args.augment,
-                        max_memory_gb=args.max_memory_gb, compare=args.compare, progress=not args.no_progress,
-                        timesteps_name="--timesteps")
-    print(format_selection(sel))
-    return 0
-
-
-def _add_select_parser(sub) -> None:
-    se = sub.add_parser("select", help="choose teacher block + timestep: grid probe (DDAE 3.2) and/or label-free "
-                                       "alignment/uniformity (DDAE 3.3); CSV, heatmap PNG, recipe-ready best_*.yaml")
-    se.add_argument("--method", choices=SELECT_METHODS, default="both")
-    se.add_argument("--recipe", default=None, help="take teacher, data, blocks and timestep_candidates from a recipe")
-    se.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys")
-    se.add_argument("--teacher", default=None, help="packaged name, directory or hub id (default: the recipe's)")
-    se.add_argument("--blocks", nargs="+", default=None, help="candidate blocks, e.g. mid_block up_blocks.0")
-    se.add_argument("--timesteps", nargs="*", type=int, default=None, help="candidate timesteps, e.g. 1 11 50 100")
-    se.add_argument("--dataset", default=None)
-    se.add_argument("--data-root", default=None)
-    se.add_argument("--images", type=int, default=None, help="grid: train images the probes fit on (default 3000)")
-    se.add_argument("--val-images", type=int, default=None, help="grid: held-out train images scored (default 2000)")
-    se.add_argument("--score-on", choices=["val", "test"], default="val",
-                    help="grid: score probes on held-out train images (default) or on the test split (DDAE's table)")
-    se.add_argument("--epochs", type=int, default=None, help="grid: passes, fresh noise every step (default 2)")
-    se.add_argument("--label-free-images", type=int, default=None, help="label-free: images (default 750)")
-    se.add_argument("--batch-size", type=int, default=64)
-    se.add_argument("--augment", choices=AUGMENTS, default="flip")
-    se.add_argument("--max-memory-gb", type=float, default=None,
-                    help="refuse a grid whose estimated step memory exceeds this (default: the free memory)")
-    se.add_argument("--compare", default=None, help="label-free only: a grid.csv to rank against")
-    se.add_argument("--seed", type=int, default=None)
-    se.add_argument("--out", required=True, help="output directory")
-    se.add_argument("--no-progress", action="store_true")
-    se.set_defaults(func=cmd_select)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distill", description="Distill diffusion-model features into timm students.")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="pretrain a student on a recipe")
-    _add_recipe_args(t)
-    t.set_defaults(func=cmd_train)
-
-    r = sub.add_parser("run", help="train + export + probe against random-init and raw-pixel baselines")
-    _add_recipe_args(r)
-    r.set_defaults(func=cmd_run)
-
-    e = sub.add_parser("export", help="write a run's student in timm format")
-    e.add_argument("run_dir")
-    e.add_argument("--out", required=True)
-    e.add_argument("--checkpoint", default=None, help="a checkpoint-{step} directory (default: latest)")
-    e.add_argument("--overwrite", action="store_true")
-    e.set_defaults(func=cmd_export)
-
-    pr = sub.add_parser("probe", help="linear + kNN probe of an exported student, a run, or timm:NAME (random init)")
-    pr.add_argument("model")
-    pr.add_argument("--dataset", default=None, help="fashion-mnist or image-folder (default: the run's)")
-    pr.add_argument("--data-root", default=None)
-    pr.add_argument("--train-fraction", type=float, default=1.0)
-    pr.add_argument("--epochs", type=int, default=30)
-    pr.add_argument("--k", type=int, default=20)
-    pr.add_argument("--size", type=int, default=64, help="input size for timm:NAME")
-    pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--pixels", action="store_true", help="also probe raw pixels")
-    pr.add_argument("--json", default=None, help="write results to this file")
-    pr.add_argument("--blocks", nargs="+", default=None, help="teacher:NAME only: blocks to probe")
-    pr.add_argument("--timesteps", nargs="+", type=int, default=None, help="teacher:NAME only: timesteps (default 11)")
-    pr.add_argument("--ensemble", action="store_true",
-                    help="teacher:NAME only: one probe per timestep, soft vote by averaging logits")
-    pr.add_argument("--no-progress", action="store_true")
-    pr.set_defaults(func=cmd_probe)
-
-    _add_select_parser(sub)
-
-    x = sub.add_parser("extract", help="cache the teacher's features of every training image (fp16, memory-mapped)")
-    x.add_argument("recipe", help="YAML recipe, e.g. recipes/quickstart.yaml")
-    x.add_argument("--out", required=True, help="cache directory (written atomically; manifest.json + one .npy per "
-                                                "teacher feature)")
-    x.add_argument("--draws", type=int, default=2, help="noise draws per image (training picks one per step)")
-    x.add_argument("--batch-size", type=int, default=None, help="images per teacher forward (default: the recipe's)")
-    x.add_argument("--max-images", type=int, default=None, help="cache only the first N training images")
-    x.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys, e.g. timesteps=[11]")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
-    x.add_argument("--no-progress", action="store_true")
-    x.set_defaults(func=cmd_extract)
-
+def _add_finetune_parser(sub) -> None:
     ft = sub.add_parser("finetune", help="fine-tune an exported student or timm:NAME (scratch) with a label "
                                          "fraction; top-1/top-5 on the test split")
     ft.add_argument("model", help="exported student directory (distill export) or timm:NAME for random init")
@@ -276,6 +170,33 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--no-progress", action="store_true")
     ft.set_defaults(func=cmd_finetune)
 
+
+def cmd_finetune(args) -> int:
+    """Fine-tune an exported student or timm:NAME (random init) with a label fraction; one run or a sweep."""
+    from .finetune import FinetuneConfig, finetune, finetune_sweep, result_line
+
+    cfg = FinetuneConfig(
+        model=args.model, dataset=args.dataset, data_root=args.data_root, test_root=args.test_root,
+        fraction=args.fraction, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+        warmup_steps=args.warmup_steps, augment=args.augment, label_smoothing=args.label_smoothing,
+        grad_clip=args.grad_clip, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+        log_every=args.log_every, size=args.size, mean=args.mean, std=args.std, like=args.like, label=args.label,
+        mixed_precision=args.mixed_precision, num_workers=args.num_workers, eval_train=args.eval_train,
+        save_model=args.save_model)
+    progress = not args.no_progress
+    if args.fractions or args.seeds:
+        finetune_sweep(cfg, args.output_dir, args.fractions or [args.fraction], args.seeds or [args.seed],
+                       overwrite=args.overwrite, skip_existing=args.skip_existing, progress=progress,
+                       on_result=lambda r: print(result_line(r), flush=True))
+        print(f"results in {args.output_dir}/frac*-seed*/result.json; table and plots: "
+              f"distill report {args.output_dir} --out {args.output_dir}/report")
+    else:
+        print(result_line(finetune(cfg, args.output_dir, overwrite=args.overwrite, progress=progress)))
+    return 0
+
+
+def _add_report_parser(sub) -> None:
     rp = sub.add_parser("report", help="Markdown table + PNG plots from train/run/finetune directories")
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories holding them")
     rp.add_argument("--out", required=True, help="output directory (report.md, report.json, *.png)")
@@ -283,6 +204,100 @@ def build_parser() -> argparse.ArgumentParser:
                     help="teacher probe rows, e.g. distill/teacher/packaged/fashion-mnist-ddpm/probe.json")
     rp.add_argument("--title", default="distill report")
     rp.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    """Markdown table + PNG plots from distillation and fine-tuning run directories."""
+    from .report import write_report
+
+    summary = write_report(args.runs, args.out, teacher_probe=args.teacher_probe, title=args.title)
+    print(f"wrote {summary['report']}")
+    for name, path in summary["plots"].items():
+        print(f"  {name}: {path or '(no data)'}")
+    return 0
+
+
+def _add_extract_parser(sub) -> None:
+    x = sub.add_parser("extract", help="cache the teacher's features of every training image (fp16, memory-mapped)")
+    x.add_argument("recipe", help="YAML recipe, e.g. recipes/quickstart.yaml")
+    x.add_argument("--out", required=True, help="cache directory (written atomically; manifest.json + one .npy per "
+                                                "teacher feature)")
+    x.add_argument("--draws", type=int, default=2, help="noise draws per image (training picks one per step)")
+    x.add_argument("--batch-size", type=int, default=None, help="images per teacher forward (default: the recipe's)")
+    x.add_argument("--max-images", type=int, default=None, help="cache only the first N training images")
+    x.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys, e.g. timesteps=[11]")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
+    x.add_argument("--no-progress", action="store_true")
+    x.set_defaults(func=cmd_extract)
+
+
+def cmd_extract(args) -> int:
+    """Write the teacher's features of every training image (N noise draws each) to a feature cache."""
+    from .cache import extract_features_cache
+
+    recipe = load_recipe(args.recipe, parse_overrides(args.set))
+    res = extract_features_cache(recipe, args.out, num_draws=args.draws, batch_size=args.batch_size,
+                                 overwrite=args.overwrite, progress=not args.no_progress, max_images=args.max_images)
+    mib = res["bytes"] / 2**20
+    print(f"wrote {res['num_images']} images x {res['num_draws']} draws of {', '.join(res['keys'])} (float16) to "
+          f"{res['path']}: {mib:.1f} MiB on disk, {res['bytes_per_image'] / 1024:.1f} KiB per image "
+          f"({res['bytes_per_image'] / res['num_draws'] / 1024:.1f} KiB per draw), {res['seconds']:.1f} s")
+    print(f"train from it with: --set feature_cache={res['path']} augment=none")
+    return 0
+
+
+def _add_select_parser(sub) -> None:
+    se = sub.add_parser("select", help="choose teacher block + timestep: grid probe (DDAE 3.2) and/or label-free "
+                                       "alignment/uniformity (DDAE 3.3); CSV, heatmap PNG, recipe-ready best_*.yaml")
+    se.add_argument("--method", choices=SELECT_METHODS, default="both")
+    se.add_argument("--recipe", default=None, help="take teacher, data, blocks and timestep_candidates from a recipe")
+    se.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys")
+    se.add_argument("--teacher", default=None, help="packaged name, directory or hub id (default: the recipe's)")
+    se.add_argument("--blocks", nargs="+", default=None, help="candidate blocks, e.g. mid_block up_blocks.0")
+    se.add_argument("--timesteps", nargs="*", type=int, default=None, help="candidate timesteps, e.g. 1 11 50 100")
+    se.add_argument("--dataset", default=None)
+    se.add_argument("--data-root", default=None)
+    se.add_argument("--images", type=int, default=None, help="grid: train images the probes fit on (default 3000)")
+    se.add_argument("--val-images", type=int, default=None, help="grid: held-out train images scored (default 2000)")
+    se.add_argument("--score-on", choices=SELECT_SCORE_ON, default="val",
+                    help="grid: score probes on held-out train images (default) or on the test split (DDAE's table)")
+    se.add_argument("--epochs", type=int, default=None, help="grid: passes, fresh noise every step (default 2)")
+    se.add_argument("--label-free-images", type=int, default=None, help="label-free: images (default 750)")
+    se.add_argument("--batch-size", type=int, default=64)
+    se.add_argument("--augment", choices=AUGMENTS, default="flip")
+    se.add_argument("--max-memory-gb", type=float, default=None,
+                    help="refuse a grid whose estimated step memory exceeds this (default: the free memory)")
+    se.add_argument("--compare", default=None, help="label-free only: a grid.csv to rank against")
+    se.add_argument("--seed", type=int, default=None)
+    se.add_argument("--out", required=True, help="output directory")
+    se.add_argument("--no-progress", action="store_true")
+    se.set_defaults(func=cmd_select)
+
+
+def cmd_select(args) -> int:
+    """Grid probe and/or label-free selection over blocks x timesteps; files and a Markdown summary."""
+    from .select import format_selection, run_selection
+
+    if args.timesteps == []:
+        raise ValueError("--timesteps is empty; give candidate timesteps such as --timesteps 1 11 50 100.")
+    recipe = load_recipe(args.recipe, parse_overrides(args.set)) if args.recipe else None
+    sel = run_selection(args.out, recipe=recipe, teacher=args.teacher, blocks=args.blocks, timesteps=args.timesteps,
+                        dataset=args.dataset, data_root=args.data_root, method=args.method, images=args.images,
+                        val_images=args.val_images, epochs=args.epochs, label_free_images=args.label_free_images,
+                        seed=args.seed, score_on=args.score_on, batch_size=args.batch_size, augment=args.augment,
+                        max_memory_gb=args.max_memory_gb, compare=args.compare, progress=not args.no_progress,
+                        timesteps_name="--timesteps")
+    print(format_selection(sel))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distill", description="Distill diffusion-model features into timm students.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_train_parser, _add_run_parser, _add_export_parser, _add_probe_parser, _add_select_parser,
+                _add_extract_parser, _add_finetune_parser, _add_report_parser):
+        add(sub)
     return p
 
 

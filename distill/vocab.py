@@ -34,6 +34,8 @@ DATASETS = ("fashion-mnist", "image-folder")
 ON_BAD_IMAGE = ("skip", "raise")
 #: Label-free selection and grid probe methods of ``distill select``.
 SELECT_METHODS = ("grid", "label-free", "both")
+#: Where the grid's probes are scored: held-out training images, or the test split (DDAE's table).
+SELECT_SCORE_ON = ("val", "test")
 
 
 def dataset_channels(dataset: str, image_channels: Optional[int] = None) -> int:
