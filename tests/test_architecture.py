@@ -220,3 +220,47 @@ def test_lazy_face_resolves_every_public_name():
         assert getattr(distill, name) is not None, name
     with pytest.raises(AttributeError, match="no_such_name"):
         distill.no_such_name  # noqa: B018
+
+
+def _calls(name: str) -> list[str]:
+    """Where a function called ``name`` is called in the package."""
+    out = []
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                f = node.func
+                called = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+                if called == name:
+                    out.append(f"{path.relative_to(PKG.parent)}:{node.lineno}")
+    return out
+
+
+def test_one_optimizer_and_schedule_builder():
+    """Distillation and fine-tuning build their optimizer and LR schedule through distill/optim.py alone."""
+    for name in ("create_optimizer_v2", "get_cosine_schedule_with_warmup"):
+        where = _calls(name)
+        assert where and all(w.startswith("distill/optim.py:") for w in where), f"{name} called at {where}"
+    assert _calls("build_optimizer") and _calls("build_scheduler")
+    for module in ("distill/build.py", "distill/finetune/run.py"):
+        src = (PKG.parent / module).read_text()
+        assert "build_optimizer(" in src and "build_scheduler(" in src, module
+
+
+def test_grayscale_rule_is_written_once():
+    """'Fashion-MNIST has one channel' lives in vocab.dataset_channels: no module compares a dataset name to pick a
+    channel count."""
+    bad = []
+    for path in PKG.rglob("*.py"):
+        if path.name == "vocab.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.IfExp) and isinstance(node.test, ast.Compare) and any(
+                    isinstance(c, ast.Constant) and c.value == "fashion-mnist" for c in node.test.comparators) and \
+                    any(isinstance(v, ast.Constant) and v.value in (1, 3) for v in (node.body, node.orelse)):
+                bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno}")
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and any(
+                    isinstance(c, ast.Constant) and c.value == "fashion-mnist" for c in node.test.comparators) and \
+                    any(isinstance(s, ast.Assign) and any(getattr(t, "id", "") == "channels" for t in s.targets)
+                        for s in node.body):
+                bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno}")
+    assert not bad, f"use vocab.dataset_channels instead: {bad}"
