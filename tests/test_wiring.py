@@ -46,7 +46,7 @@ the listed test(s) fail at the assertion meant for it; reverted with ``git check
    change the cosine schedule and the policy's entropy decay) and resumed; final weights (model.safetensors and the
    policy's model_1.safetensors) bitwise, metrics.csv (all but img_per_s) and policy.csv vs the uninterrupted run.
    Injected, caught: policy optimizer not given to ``accelerator.prepare`` (its state is not checkpointed); cache
-   draws counted from the resume step; ``_epoch_batches`` skipping ``start`` instead of ``start * grad_accum_steps``
+   draws counted from the resume step; ``epoch_batches`` (distill.trainer.batches) skipping ``start`` instead of ``start * grad_accum_steps``
    micro-batches.
 
 Conventions these tests pin (current behaviour): update s uses lr(s - 1), so the first update of a run with warmup
@@ -72,8 +72,10 @@ from distill.augment import build_augment
 from distill.cache import FeatureCache, extract_features_cache
 from distill.config import make_recipe
 from distill.finetune import FinetuneConfig, finetune
-from distill.trainer import (build_model, build_scheduler, build_teacher, build_train_data, list_checkpoints,
-                             load_trained, make_views, target_layout, train, train_step)
+from distill.build import build_loss, build_model, build_scheduler, build_teacher, build_train_data, target_layout
+from distill.rundir import list_checkpoints, load_trained
+from distill.trainer import make_views, train, train_step
+from distill.trainer.targets import LiveTeacherTargets
 
 from .conftest import tiny_unet_config
 
@@ -192,11 +194,11 @@ def _record_train_step(mp, calls, optimizers=None):
 
         def spy(*a, **kw):
             args = sig.bind(*a, **kw).arguments
-            batch, targets = args["batch"], args.get("targets")
+            inputs = args["inputs"]  # the StepInput a target source made for this micro-batch
             calls.append({
-                "student_x": batch.student_x.detach().cpu().clone(),
-                "teacher_x": None if batch.teacher_x is None else batch.teacher_x.detach().cpu().clone(),
-                "targets": None if targets is None else [t.detach().cpu().clone() for t in targets],
+                "student_x": inputs.student_x.detach().cpu().clone(),
+                "teacher_x": None if inputs.teacher_x is None else inputs.teacher_x.detach().cpu().clone(),
+                "targets": [t.detach().cpu().clone() for t in inputs.targets],
                 "lr": None if not optimizers else [g["lr"] for g in optimizers[-1].param_groups],
             })
             return orig(*a, **kw)
@@ -329,7 +331,13 @@ def test_one_train_step_targets_student_input_and_loss(folder, teacher_dir, mult
     teacher.forward = lambda *a, **kw: seen_feats.update(orig_forward(*a, **kw)) or dict(seen_feats)
     hook = model.register_forward_hook(lambda _m, _i, out: seen_preds.append([p.detach().clone() for p in out]))
     torch.manual_seed(1234)
-    losses = train_step(model, teacher, batch, layout, r, _Acc())
+    # the trainer's own live-teacher target source on the same batch (no augmentation: no random draw before the
+    # teacher's noise), then its train_step with the recipe's loss
+    source = LiveTeacherTargets(teacher, layout.groups, build_augment("none", IMG), r.student_size, r.mean, r.std)
+    inputs = source((images, torch.zeros(B, dtype=torch.long)), 0)
+    torch.testing.assert_close(inputs.student_x, want_student, rtol=0, atol=1e-6)
+    torch.testing.assert_close(inputs.teacher_x, x0, rtol=0, atol=1e-5)
+    losses = train_step(model, inputs, build_loss(r), _Acc())
     hook.remove()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     assert grads, "train_step did not backpropagate"
