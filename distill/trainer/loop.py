@@ -80,6 +80,21 @@ def make_accelerator(recipe: Recipe, run_dir: Path):
     )
 
 
+def exact_accumulation(accelerator, grad_accum_steps: int) -> None:
+    """Make every optimizer update use exactly ``grad_accum_steps`` micro-batches. Accelerate's default
+    (``GradientAccumulationPlugin.sync_with_dataloader=True``) also forces a sync at the end of every pass over a
+    prepared DataLoader, so with a number of batches per epoch that is not a multiple of ``grad_accum_steps`` some
+    updates used fewer micro-batches, some steps made none, and a resume taken with a gradient pending differed."""
+    accelerator.gradient_state.plugin_kwargs.update({"num_steps": grad_accum_steps, "sync_with_dataloader": False})
+
+
+def process_seed(seed: int, process_index: int) -> int:
+    """The RNG seed of process ``process_index``: ``seed`` for the main process (a 1-process run is unchanged),
+    ``seed + 1_000_003 * process_index`` (mod 2**32) for the others, so every process draws its own diffusion noise
+    and augmentation; reproducible, and restored per process by Accelerate on resume."""
+    return (seed + 1_000_003 * process_index) % 2**32
+
+
 def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session:
     """Build data, teacher (or feature cache), model, optimizers and the target source, in the order that fixes
     the RNG stream (so a seed reproduces a run)."""
@@ -215,8 +230,11 @@ def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool
     if not acc.is_main_process and resume:
         ckpt = latest_checkpoint(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(recipe.seed)
+    exact_accumulation(acc, recipe.grad_accum_steps)
+    set_seed(recipe.seed)  # the same on every process: identical initial weights and data order
     s = setup(recipe, run_dir, acc, progress)
+    if acc.process_index > 0:  # from here on each process draws its own noise and augmentation
+        set_seed(process_seed(recipe.seed, acc.process_index))
     if acc.is_main_process:
         write_config(run_dir, recipe, s.resolved)
     start = resume_from(s, ckpt)
