@@ -18,6 +18,9 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys, e.g. steps=100")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue although the recipe or data differ from the run's (each change is "
+                        "recorded in config.yaml with the step where it took effect)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -32,7 +35,7 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, parse_overrides(args.set))
     summary = train(recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, allow_changes=args.allow_changes)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -120,6 +123,7 @@ def cmd_run(args) -> int:
 
     recipe = load_recipe(args.recipe, parse_overrides(args.set))
     res = run_recipe(recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite,
+                     allow_changes=args.allow_changes,
                      progress=not args.no_progress, recipe_name=str(args.recipe), overrides=args.set)
     rows = res["rows"]
     print(f"\n{res['table']}\n\nprobe: train on {rows[0]['num_train']} {recipe.dataset} train images "

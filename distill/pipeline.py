@@ -25,7 +25,8 @@ def machine_line() -> str:
 
 
 def run_recipe(recipe: Recipe, run_dir: str, resume: bool = False, overwrite: bool = False, progress: bool = True,
-               recipe_name: Optional[str] = None, overrides: Optional[list] = None) -> dict:
+               recipe_name: Optional[str] = None, overrides: Optional[list] = None,
+               allow_changes: bool = False) -> dict:
     """Train ``recipe`` in ``run_dir``, export the student to ``run_dir/student``, probe it and the baselines.
 
     Writes ``results.json`` (rows, train summary, timings, machine) and ``results.md`` (the table) in ``run_dir``.
@@ -35,7 +36,8 @@ def run_recipe(recipe: Recipe, run_dir: str, resume: bool = False, overwrite: bo
     """
     t0 = time.time()
     run = Path(run_dir)
-    summary = train(recipe, str(run), resume=resume, overwrite=overwrite, progress=progress)
+    summary = train(recipe, str(run), resume=resume, overwrite=overwrite, progress=progress,
+                    allow_changes=allow_changes)
     t_train = time.time() - t0
     out = export_student(str(run), str(run / "student"), overwrite=True)
     _, resolved = read_config(run)

@@ -116,6 +116,71 @@ def read_config(run_dir: Path) -> tuple[Recipe, dict]:
     return make_recipe(data, source=f"'{run / CONFIG}'"), resolved
 
 
+#: recipe keys a resume may change without ``allow_changes``: they do not change what is trained (``steps`` may
+#: only grow past the resumed checkpoint)
+RESUME_FREE_KEYS = ("steps", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "log_with",
+                    "probe_train_fraction", "probe_epochs", "knn_k")
+#: resolved values a resume must find unchanged (what the run measured or loaded at its start)
+RESUME_RESOLVED_KEYS = ("mean", "std", "data_channels", "teacher_sha256", "data_sha256", "teacher_features",
+                        "sources", "regressor_targets", "target_groups", "timesteps_used")
+
+
+def resume_changes(old: Recipe, old_resolved: dict, new: Recipe, new_resolved: Optional[dict] = None) -> list:
+    """What a resume would change: ``[(key, old value, new value), ...]`` over the recipe's keys and, when
+    ``new_resolved`` is given, the resolved values of :data:`RESUME_RESOLVED_KEYS` that both runs recorded
+    (a resolved key is prefixed ``_resolved.``)."""
+    out = [(k, v, getattr(new, k)) for k, v in old.to_dict().items() if getattr(new, k) != v]
+    for k in RESUME_RESOLVED_KEYS if new_resolved is not None else ():
+        if k in old_resolved and k in new_resolved and _plain(old_resolved[k]) != _plain(new_resolved[k]):
+            out.append((f"_resolved.{k}", old_resolved[k], new_resolved[k]))
+    return out
+
+
+def _plain(v):
+    """Tuples as lists, as they read back from YAML."""
+    return yaml.safe_load(yaml.safe_dump(v))
+
+
+def check_resume(run_dir: Path, start: int, recipe: Recipe, resolved: Optional[dict], allow_changes: bool) -> list:
+    """The resume contract: refuse a resume whose recipe or resolved values differ from the run's, except
+    :data:`RESUME_FREE_KEYS` (and ``steps`` only upwards of the checkpoint ``start``); with ``allow_changes``
+    the differences are accepted and returned, to be recorded in ``config.yaml`` with the step where they took
+    effect. Returns the list of changes (``[{'step', 'key', 'old', 'new'}]``).
+
+    Raises:
+        ValueError: a difference that needs ``allow_changes`` (each listed as ``key: old -> new``), or ``steps``
+            not past the checkpoint.
+    """
+    if not (Path(run_dir) / CONFIG).is_file():
+        return []
+    old, old_resolved = read_config(run_dir)
+    if recipe.steps <= start:
+        raise ValueError(f"--resume: steps={recipe.steps} but the run's newest checkpoint is at step {start}; give "
+                         f"steps > {start} (--set steps=N) to train on, or use the run as it is.")
+    changes = resume_changes(old, old_resolved, recipe, resolved)
+    blocking = [c for c in changes if c[0] not in RESUME_FREE_KEYS]
+    if blocking and not allow_changes:
+        listed = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in blocking)
+        raise ValueError(
+            f"--resume of '{run_dir}' with settings that differ from the run's config.yaml ({listed}). A resumed "
+            f"run must be the run its directory describes. Fix: resume with the run's own recipe (its config.yaml), "
+            f"start a new --output-dir, or pass --allow-changes to continue with the new values (recorded in "
+            f"config.yaml with step {start}).")
+    return [{"step": start, "key": k, "old": _plain(a), "new": _plain(b)} for k, a, b in changes]
+
+
+def record_changes(run_dir: Path, resolved: dict, changes: list) -> dict:
+    """``resolved`` with ``changes``: the run's earlier accepted resume changes plus these ones (each with the step
+    where it took effect), as written to ``config.yaml``."""
+    earlier = read_config(run_dir)[1].get("changes", []) if (Path(run_dir) / CONFIG).is_file() else []
+    return {**resolved, "changes": earlier + changes} if earlier or changes else resolved
+
+
+def _short(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
 def write_summary(run_dir: Path, summary: dict) -> None:
     """``RUN/summary.json`` (atomically)."""
     atomic_write_json(Path(run_dir) / SUMMARY, summary)

@@ -22,7 +22,9 @@ from ..config import Recipe
 from ..data import IndexedDataset
 from ..errors import NonFiniteLossError
 from ..policy import entropy_weight
-from ..rundir import (CsvLog, latest_checkpoint, prepare_run_dir, write_config, write_summary)
+from ..cache import data_fingerprint, teacher_sha256
+from ..rundir import (CsvLog, check_resume, checkpoint_step, latest_checkpoint, prepare_run_dir, record_changes,
+                      write_config, write_summary)
 from ..select import check_candidates
 from .batches import epoch_batches
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -144,6 +146,7 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
         "regressor_targets": [[c, list(size)] for c, size in layout.targets],
         "target_groups": layout.groups,
         "feature_cache": {"path": str(cache.path), "key": cache.key} if cache is not None else None,
+        "teacher_sha256": teacher_sha256(teacher), "data_sha256": data_fingerprint(ds),
     }
     entropy_steps = recipe.policy_entropy_steps if recipe.policy_entropy_steps is not None else recipe.steps // 2
     return Session(recipe, run_dir, accelerator, model, optimizer, scheduler, source, build_loss(recipe),
@@ -211,14 +214,16 @@ def log_step(s: Session, step: int, sums: dict, grad_norm, t0: float, metrics: C
 
 
 def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool = False,
-          accelerator=None, progress: bool = True) -> dict:
+          accelerator=None, progress: bool = True, allow_changes: bool = False) -> dict:
     """Distill ``recipe.teacher`` into ``recipe.student`` in ``output_dir``; returns a summary dict (also in
     ``summary.json``).
 
     Raises:
         RunExistsError: ``output_dir`` holds a run and neither ``resume`` nor ``overwrite`` is set.
         NonFiniteLossError: a non-finite loss with ``on_nonfinite: error``.
-        ValueError: a recipe that cannot run (the message names the key and the fix).
+        ValueError: a recipe that cannot run (the message names the key and the fix), or a resume whose recipe or
+            resolved values (mean/std, teacher weights, data, feature layout) differ from the run's without
+            ``allow_changes`` (each difference listed; ``steps`` may grow).
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -229,15 +234,18 @@ def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool
     acc.wait_for_everyone()
     if not acc.is_main_process and resume:
         ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:  # the recipe's side of the resume contract, before anything is built
+        check_resume(run_dir, checkpoint_step(ckpt), recipe, None, allow_changes)
     run_dir.mkdir(parents=True, exist_ok=True)
     exact_accumulation(acc, recipe.grad_accum_steps)
     set_seed(recipe.seed)  # the same on every process: identical initial weights and data order
     s = setup(recipe, run_dir, acc, progress)
     if acc.process_index > 0:  # from here on each process draws its own noise and augmentation
         set_seed(process_seed(recipe.seed, acc.process_index))
+    changes = check_resume(run_dir, checkpoint_step(ckpt), recipe, s.resolved, allow_changes) if ckpt else []
+    start = resume_from(s, ckpt)  # nothing in the run directory is written before the checkpoint has loaded
     if acc.is_main_process:
-        write_config(run_dir, recipe, s.resolved)
-    start = resume_from(s, ckpt)
+        write_config(run_dir, recipe, record_changes(run_dir, s.resolved, changes))
     if recipe.log_with:
         acc.init_trackers("distill", config={k: v for k, v in recipe.to_dict().items()
                                              if isinstance(v, (int, float, str, bool))})
