@@ -8,7 +8,7 @@ import sys
 
 from .atomic import atomic_write_json
 from .config import load_recipe, parse_overrides
-from .errors import EXIT_CODES
+from .errors import EXIT_CODES, TrainingInterrupted
 from .vocab import AUGMENTS, SELECT_METHODS, SELECT_SCORE_ON
 
 
@@ -310,6 +310,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
+    except TrainingInterrupted as e:
+        print(f"distill {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: abort at once, no traceback
+        print(f"distill {args.command}: aborted (second interrupt); the newest checkpoint on disk is kept.",
+              file=sys.stderr)
+        return 130
     except Exception as e:
         for kinds, code in EXIT_CODES:
             if isinstance(e, kinds):

@@ -11,6 +11,19 @@ class RunExistsError(FileExistsError):
     """The output directory already holds a run (pass resume or overwrite)."""
 
 
+class RunLockedError(RunExistsError):
+    """Another live process trains in the run directory (it holds ``RUN/.lock``)."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGTERM or SIGINT after writing a checkpoint; ``exit_code`` is 128 + the signal number
+    (143 for SIGTERM, 130 for Ctrl-C), as shells report a process ended by that signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum, self.exit_code = signum, 128 + signum
+
+
 class NonFiniteLossError(RuntimeError):
     """A loss term or the gradient norm became NaN or Inf; no update was applied."""
 

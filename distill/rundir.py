@@ -15,9 +15,13 @@ summary, and reloads a trained run (:func:`load_trained`) for export and probes.
 from __future__ import annotations
 
 import csv
+import fcntl
 import logging
+import os
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +30,7 @@ import yaml
 from .atomic import atomic_write_json, atomic_write_text
 from .build import build_student
 from .config import Recipe, make_recipe, save_recipe
-from .errors import RunExistsError
+from .errors import RunExistsError, RunLockedError
 from .regressor import FeatureRegressor
 from .student import DistillModel
 
@@ -35,7 +39,12 @@ _logger = logging.getLogger(__name__)
 CONFIG = "config.yaml"
 METRICS = "metrics.csv"
 SUMMARY = "summary.json"
+LOCK = ".lock"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+#: what a run writes in its directory (besides checkpoint-{step}/ and .tmp-* temporaries): an --overwrite deletes
+#: these and refuses a directory holding anything else
+RUN_ARTEFACTS = frozenset({CONFIG, METRICS, SUMMARY, LOCK, "policy.csv", "policy_histogram.png", "selection",
+                           "student", "results.json", "results.md"})
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -93,8 +102,77 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Optional[Pa
                 f"output directory '{run_dir}' already holds a run; pass --resume to continue it, --overwrite to "
                 f"replace it, or choose another --output-dir."
             )
-        shutil.rmtree(run_dir)
+        remove_run(run_dir)
     return None
+
+
+def remove_run(run_dir: Path) -> None:
+    """Delete a run's own artefacts (:data:`RUN_ARTEFACTS`, checkpoints, temporaries), keeping its lock.
+
+    Raises:
+        RunExistsError: ``run_dir`` is not provably a distill run: its ``config.yaml`` is not a distill recipe, or
+            it holds files or folders distill does not write there (another project, a nested run); nothing is
+            deleted.
+    """
+    run_dir = Path(run_dir)
+    foreign = sorted(p.name for p in run_dir.iterdir()
+                     if not (p.name in RUN_ARTEFACTS or CHECKPOINT_RE.match(p.name) or p.name.startswith(".tmp-")))
+    reason = f"it holds {', '.join(foreign[:8])}{' ...' if len(foreign) > 8 else ''}, which distill does not write"
+    if not foreign and (run_dir / CONFIG).is_file():
+        try:
+            _, resolved = read_config(run_dir)
+            if not resolved:
+                reason, foreign = "its config.yaml has no _resolved section (not written by distill train)", [CONFIG]
+        except (ValueError, TypeError, AttributeError, yaml.YAMLError) as e:
+            reason, foreign = f"its config.yaml is not a distill recipe ({str(e)[:200]})", [CONFIG]
+    if foreign:
+        raise RunExistsError(f"--overwrite refused: '{run_dir}' is not provably a distill run: {reason}. Nothing was "
+                             f"deleted. Fix: choose another --output-dir, or move those files away first.")
+    for p in run_dir.iterdir():
+        if p.name == LOCK:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+class RunLock:
+    """``RUN/.lock``, held (``fcntl.flock``) by the one process training in a run directory.
+
+    The kernel releases the lock when its process dies, so a stale lock of a killed run is recognised without
+    guessing; the file holds the holder's pid, host and start time for the message a second process gets.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path, self.fd = Path(run_dir) / LOCK, None
+
+    def __enter__(self) -> "RunLock":
+        self.created = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunLockedError(
+                f"run directory '{self.path.parent}' is in use by {holder}; a second process would mix its metrics, "
+                f"config and checkpoints. Fix: wait for that run to end (or stop it), or choose another --output-dir.")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is None:
+            return
+        if self.created and [p.name for p in self.path.parent.iterdir()] == [LOCK]:
+            self.path.unlink()  # a run that wrote nothing leaves no directory behind
+            self.path.parent.rmdir()
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
 
 
 def write_config(run_dir: Path, recipe: Recipe, resolved: dict) -> None:

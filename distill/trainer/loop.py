@@ -6,6 +6,7 @@ directory's files are written through :mod:`distill.rundir`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -20,15 +21,16 @@ from ..build import (build_loss, build_model, build_optimizer, build_policy, bui
                      build_train_data, resolve_mean_std, target_layout)
 from ..config import Recipe
 from ..data import IndexedDataset
-from ..errors import NonFiniteLossError
+from ..errors import NonFiniteLossError, TrainingInterrupted
 from ..policy import entropy_weight
 from ..cache import data_fingerprint, teacher_sha256
-from ..rundir import (CsvLog, check_resume, checkpoint_step, latest_checkpoint, prepare_run_dir, record_changes,
+from ..rundir import (CsvLog, RunLock, check_resume, checkpoint_step, latest_checkpoint, prepare_run_dir, record_changes,
                       write_config, write_summary)
 from ..select import check_candidates
 from .batches import epoch_batches
 from .checkpoint import load_checkpoint, save_checkpoint
 from .policy_log import PolicyLog
+from .stop import StopOnSignal
 from .step import apply_update, clip_gradients, nonfinite_terms, train_step
 from .targets import CacheTargets, LiveTeacherTargets, PolicyTargets
 from .timesteps import resolve_timesteps
@@ -56,6 +58,10 @@ class Session:
     seen: int = 0
     skipped: int = 0
     last: dict = field(default_factory=dict)
+    metrics: Any = None  # RUN/metrics.csv (rundir.CsvLog)
+    policy_log: Optional[PolicyLog] = None
+    bar: Any = None  # tqdm
+    t0: float = 0.0
 
     @property
     def optimizers(self) -> list:
@@ -219,17 +225,27 @@ def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool
     ``summary.json``).
 
     Raises:
-        RunExistsError: ``output_dir`` holds a run and neither ``resume`` nor ``overwrite`` is set.
+        RunExistsError: ``output_dir`` holds a run and neither ``resume`` nor ``overwrite`` is set, or an
+            ``overwrite`` of a directory that is not provably a distill run.
+        RunLockedError: another live process trains in ``output_dir``.
+        TrainingInterrupted: SIGTERM/SIGINT; a checkpoint of the last finished step was written.
         NonFiniteLossError: a non-finite loss with ``on_nonfinite: error``.
         ValueError: a recipe that cannot run (the message names the key and the fix), or a resume whose recipe or
             resolved values (mean/std, teacher weights, data, feature layout) differ from the run's without
             ``allow_changes`` (each difference listed; ``steps`` may grow).
     """
+    run_dir = Path(output_dir)
+    acc = accelerator or make_accelerator(recipe, run_dir)
+    with RunLock(run_dir) if acc.is_main_process else contextlib.nullcontext():  # one training process per run
+        return _train(recipe, run_dir, acc, resume, overwrite, progress, allow_changes)
+
+
+def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, progress: bool,
+           allow_changes: bool) -> dict:
+    """:func:`train` in its locked run directory."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    run_dir = Path(output_dir)
-    acc = accelerator or make_accelerator(recipe, run_dir)
     ckpt = prepare_run_dir(run_dir, resume, overwrite) if acc.is_main_process else None
     acc.wait_for_everyone()
     if not acc.is_main_process and resume:
@@ -250,44 +266,71 @@ def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool
         acc.init_trackers("distill", config={k: v for k, v in recipe.to_dict().items()
                                              if isinstance(v, (int, float, str, bool))})
     batches = epoch_batches(s.ds, recipe, acc, start)
-    metrics = CsvLog(run_dir / "metrics.csv", start, acc.is_main_process)
-    policy_log = PolicyLog(run_dir / "policy.csv", s.resolved["timesteps_used"]["policy"], start, acc) \
-        if s.policy is not None else None
-    bar = tqdm(total=recipe.steps, initial=start, desc="distill", disable=not (progress and acc.is_main_process),
-               dynamic_ncols=True)
+    s.metrics = CsvLog(run_dir / "metrics.csv", start, acc.is_main_process)
+    if s.policy is not None:
+        s.policy_log = PolicyLog(run_dir / "policy.csv", s.resolved["timesteps_used"]["policy"], start, acc)
+    s.bar = tqdm(total=recipe.steps, initial=start, desc="distill", disable=not (progress and acc.is_main_process),
+                 dynamic_ncols=True)
     s.model.train()
-    t0 = time.time()
+    s.t0 = time.time()
     try:
-        for step in range(start + 1, recipe.steps + 1):
-            sums, grad_norm, inputs = optimizer_step(s, batches, step, policy_log)
-            s.scheduler.step()
-            if sums and (step % recipe.log_every == 0 or step == recipe.steps or step == start + 1):
-                s.last = log_step(s, step, sums, grad_norm, t0, metrics)
-                bar.set_postfix({k: f"{v:.4f}" for k, v in s.last.items() if k in ("total", "mse", "at", "reward")})
-                if policy_log is not None:
-                    policy_log.write(step, acc.unwrap_model(s.policy), inputs, s.last, s.entropy_weight(step))
-            bar.update(1)
-            if step % recipe.checkpoint_every == 0 or step == recipe.steps:
-                save_checkpoint(acc, run_dir, step, recipe.keep_checkpoints, s.model)
+        with StopOnSignal() as stop:
+            for step in range(start + 1, recipe.steps + 1):
+                sums, grad_norm, inputs = optimizer_step(s, batches, step, s.policy_log)
+                s.scheduler.step()
+                end_of_step(s, step, step == start + 1, sums, grad_norm, inputs, stop)
     finally:
-        bar.close()
-        metrics.close()
-        if policy_log is not None:
-            policy_log.close()
+        s.bar.close()
+        s.metrics.close()
+        if s.policy_log is not None:
+            s.policy_log.close()
         if recipe.log_with:
             acc.end_training()
-    return finish(s, policy_log, t0)
+    return finish(s)
 
 
-def finish(s: Session, policy_log: Optional[PolicyLog], t0: float) -> dict:
+def end_of_step(s: Session, step: int, first: bool, sums: dict, grad_norm, inputs, stop: StopOnSignal) -> None:
+    """After an update: log every ``log_every`` steps (and the first and last), checkpoint every
+    ``checkpoint_every`` steps (and the last), and stop with a checkpoint when a signal came.
+
+    Raises:
+        TrainingInterrupted: a SIGTERM/SIGINT was received (after the checkpoint is written).
+    """
+    r, acc = s.recipe, s.accelerator
+    if sums and (step % r.log_every == 0 or step == r.steps or first):
+        s.last = log_step(s, step, sums, grad_norm, s.t0, s.metrics)
+        s.bar.set_postfix({k: f"{v:.4f}" for k, v in s.last.items() if k in ("total", "mse", "at", "reward")})
+        if s.policy_log is not None:
+            s.policy_log.write(step, acc.unwrap_model(s.policy), inputs, s.last, s.entropy_weight(step))
+    s.bar.update(1)
+    saved = step % r.checkpoint_every == 0 or step == r.steps
+    if saved:
+        save_checkpoint(acc, s.run_dir, step, r.keep_checkpoints, s.model)
+    if stop.requested(acc):
+        if not saved:
+            save_checkpoint(acc, s.run_dir, step, r.keep_checkpoints, s.model)
+        raise interrupted(stop.signum, step, s.run_dir)
+
+
+def interrupted(signum: int, step: int, run_dir: Path) -> TrainingInterrupted:
+    """The exception that ends a run stopped by a signal, saying how to continue."""
+    import signal
+
+    return TrainingInterrupted(
+        f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint written to "
+        f"{run_dir / f'checkpoint-{step}'}. Continue with the same command and --resume "
+        f"(distill train RECIPE -o {run_dir} --resume).", signum)
+
+
+def finish(s: Session) -> dict:
     """The run's summary (``summary.json`` on the main process)."""
-    elapsed = time.time() - t0
+    elapsed = time.time() - s.t0
     summary = {"steps": s.recipe.steps, "final_losses": s.last, "skipped_steps": s.skipped,
                "seconds": round(elapsed, 1), "img_per_s": round(s.seen / max(elapsed, 1e-9), 1),
                "run_dir": str(s.run_dir), "checkpoint": str(latest_checkpoint(s.run_dir)),
                "timesteps_used": s.resolved["timesteps_used"]}
-    if policy_log is not None and s.accelerator.is_main_process:
-        summary["policy"] = policy_log.summary()
+    if s.policy_log is not None and s.accelerator.is_main_process:
+        summary["policy"] = s.policy_log.summary()
     if s.accelerator.is_main_process:
         write_summary(s.run_dir, summary)
     return summary
