@@ -1,16 +1,20 @@
 """Recipes: flat YAML whose keys are the fields of :class:`Recipe` (the arguments of the pipeline's builders).
 
 A recipe is checked at the boundary: an unknown key gets the closest valid key, a wrong type names the key, the
-value and the expected type. The resolved recipe is written next to every run (``config.yaml``) so a run can be
-reproduced from its output directory alone.
+value and the expected type, and every number is checked against its range in :data:`RANGES` (one entry per numeric
+field). The YAML itself is read strictly: a key given twice, a syntax error and an empty file are errors naming the
+file and line. The resolved recipe is written next to every run (``config.yaml``) so a run can be reproduced from its
+output directory alone.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import math
+import re
 import typing
 from dataclasses import dataclass, field
-import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -20,9 +24,29 @@ from .atomic import atomic_write_text
 from .vocab import (AT_MODES, AUGMENTS, MIXED_PRECISION, MULTI_TIMESTEP, ON_NONFINITE, OPTIMIZERS,
                     POLICY_BASELINES, TEACHER_DTYPES, TIMESTEP_MODES, VAE_DTYPES)
 
+_logger = logging.getLogger(__name__)
+
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``3e-4`` as a float (YAML 1.1 wants a dot: ``3.0e-4``)."""
+    """SafeLoader that also reads ``3e-4`` as a float (YAML 1.1 wants a dot: ``3.0e-4``) and refuses a key given twice
+    in one mapping (ValueError naming ``source``, the key and both places)."""
+
+    source = "YAML text"
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue  # merge keys (<<) may be overridden; a non-scalar key is refused by the base class
+                key, again = self.construct_object(key_node), key_node.start_mark
+                first = seen.setdefault(key, again)
+                if first is not again:
+                    where = (f"at lines {first.line + 1} and {again.line + 1}" if first.line != again.line else
+                             f"on line {first.line + 1} (columns {first.column + 1} and {again.column + 1})")
+                    raise ValueError(f"{self.source}: key {key!r} is given twice, {where}; YAML would silently keep "
+                                     f"the last. Fix: delete one of them.")
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -33,9 +57,34 @@ _Loader.add_implicit_resolver(
 )
 
 
-def yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)
+def yaml_load(text: str, source: str = "YAML text"):
+    """Parse ``text`` with the recipe loader (``3e-4`` is a float; a key given twice in one mapping is an error).
 
+    Raises:
+        ValueError: a key given twice (naming ``source``, the key and both lines) or a YAML syntax error (naming
+            ``source``, the line, the column and the problem), on one line.
+    """
+    try:
+        loader = _Loader(text)
+        loader.source = source
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ValueError(f"{source}: {_yaml_problem(e, text)}. Fix: correct the YAML there (indent with spaces, "
+                         f"close brackets and quotes, quote a value that contains ': ').") from None
+
+
+def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
+    """One line: where the YAML error is (line, column; 1-based) and what is wrong."""
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow; position counts characters
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - text.rfind("\n", 0, e.position)
+        return f"YAML error at line {line}, column {column}: character {chr(e.character)!r} is not allowed"
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        where, problem = e.problem_mark, e.problem
+        if e.context and e.context_mark is not None:
+            problem += f" ({e.context} at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+        return " ".join(f"YAML syntax error at line {where.line + 1}, column {where.column + 1}: {problem}".split())
+    return " ".join(f"YAML error: {e}".split())
 
 
 def check_timesteps_value(value: Any, source: str = "recipe") -> None:
@@ -131,6 +180,118 @@ def recipe_fields() -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Recipe)}
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of one numeric recipe field (every value must also be a finite number; ``null`` is valid
+    exactly when the field is Optional).
+
+    ``lo``/``hi``: bounds (``hi=None``: unbounded above), excluded when ``lo_open``/``hi_open``. ``values``: the
+    only valid values, instead of bounds. ``lengths``: for a list field, its valid numbers of values; the bounds apply
+    to each. ``fix``: how to fix a bad value (default: ``e.g. <the default>``).
+    """
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    values: tuple = ()
+    lengths: tuple = ()
+    fix: str = ""
+
+    def contains(self, x: Any) -> bool:
+        """Whether one number ``x`` is valid (finite, within the bounds or one of ``values``)."""
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            return False
+        if self.values:
+            return x in self.values
+        return ((self.lo is None or (x > self.lo if self.lo_open else x >= self.lo))
+                and (self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)))
+
+    def describe(self) -> str:
+        """``'>= 1'``, ``'> 0'``, ``'in (0, 1]'``, ``'1 or 3'``: the valid values of one number."""
+        if self.values:
+            return " or ".join(map(str, self.values))
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+_WEIGHT = Range(lo=0, fix="Fix: a weight >= 0 (0 turns the term off); a negative weight trains the student to "
+                          "maximise that error.")
+
+#: The valid values of every numeric field of :class:`Recipe` (ints, floats, Optional ones, and the lists mean/std);
+#: :func:`check_ranges` walks it, and a test checks that no numeric field is missing.
+RANGES: dict[str, Range] = {
+    "image_channels": Range(values=(1, 3), fix="Fix: 1 (grayscale) or 3 (RGB), or null for 3; image-folder only."),
+    "mean": Range(lo=0, hi=1, lengths=(1, 3), fix="Fix: per-channel means in [0, 1] units (e.g. [0.5, 0.5, 0.5] "
+                                                   "or [0.5]), or null to measure them on the data."),
+    "std": Range(lo=0, lo_open=True, lengths=(1, 3), fix="Fix: per-channel standard deviations in [0, 1] units "
+                                                         "(e.g. [0.25, 0.25, 0.25]), or null to measure them."),
+    "teacher_resolution": Range(lo=8, fix="Fix: null for the teacher's own size, or a size it takes (e.g. 256 for SD "
+                                          "or DiT; the teacher checks that it fits its downsampling)."),
+    "select_max_memory_gb": Range(lo=0, lo_open=True, fix="Fix: the memory budget in GB (e.g. 40), or null for no "
+                                                          "limit."),
+    "policy_lr": Range(lo=0, lo_open=True),
+    "policy_entropy": Range(lo=0, fix="Fix: e.g. 0.1; 0 turns the entropy bonus off."),
+    "policy_entropy_steps": Range(lo=0, fix="Fix: null for steps // 2, or the step where the bonus reaches 0 "
+                                            "(0 turns it off)."),
+    "mse_weight": _WEIGHT,
+    "at_weight": _WEIGHT,
+    "cos_weight": _WEIGHT,
+    "lr": Range(lo=0, lo_open=True, fix="Fix: a small positive rate, e.g. 1e-3 (AdamW) or 0.1 (SGD)."),
+    "weight_decay": Range(lo=0, fix="Fix: e.g. 0.05 (AdamW); 0 for none."),
+    "momentum": Range(lo=0, hi=1, hi_open=True, fix="Fix: e.g. 0.9 (used by sgd only)."),
+    "warmup_steps": Range(lo=0, fix="Fix: 0 for no warmup, or a few percent of steps (e.g. 50)."),
+    "grad_clip": Range(lo=0, fix="Fix: a maximum gradient norm such as 1.0; 0 turns clipping off."),
+    "seed": Range(lo=0, hi=2 ** 32 - 1, fix="Fix: e.g. 0 (numpy takes seeds below 2**32)."),
+    "num_workers": Range(lo=0, fix="Fix: 0 (load in the main process) or the number of DataLoader processes."),
+    "probe_train_fraction": Range(lo=0, hi=1, lo_open=True, fix="Fix: e.g. 0.1 for 10%, 1.0 for all."),
+    **dict.fromkeys(("student_size", "regressor_width", "select_images", "select_val_images", "select_epochs",
+                     "select_label_free_images", "steps", "batch_size", "grad_accum_steps", "log_every",
+                     "checkpoint_every", "keep_checkpoints", "probe_epochs", "knn_k"), Range(lo=1)),
+}
+
+def check_ranges(recipe: Recipe, source: str = "recipe") -> None:
+    """Check every field of :data:`RANGES` on ``recipe`` (types already checked) and that some loss weight is > 0.
+
+    Raises:
+        ValueError: ``'{source}: {key} must be {range}, got {value}. Fix: ...'`` for the first bad value.
+    """
+    fields_ = recipe_fields()
+    for key, rng in RANGES.items():
+        value = getattr(recipe, key)
+        if value is None:
+            continue  # a type check let it through: the field is Optional
+        valid = rng.describe()
+        if rng.hi is None and not rng.values and fields_[key] not in (int, Optional[int]):  # floats, lists of floats
+            valid += " and finite"
+        if rng.lengths:
+            ok = isinstance(value, list) and len(value) in rng.lengths and all(map(rng.contains, value))
+            valid = f"{' or '.join(map(str, rng.lengths))} numbers {valid}"
+        else:
+            ok = rng.contains(value)
+        if not ok:
+            null = " (or null)" if type(None) in typing.get_args(fields_[key]) else ""
+            default = getattr(Recipe, key, None)
+            fix = rng.fix or f"Fix: e.g. {default}."
+            raise ValueError(f"{source}: {key} must be {valid}{null}, got {value!r}. {fix}")
+    if recipe.mse_weight == recipe.at_weight == recipe.cos_weight == 0:
+        raise ValueError(f"{source}: mse_weight, at_weight and cos_weight are all 0, so the loss is 0 and nothing is "
+                         f"learned. Fix: set mse_weight: 1.0 and at_weight: 10.0 (the defaults, DreamTeacher's loss).")
+
+
+def _warn_schedule(recipe: Recipe, source: str) -> None:
+    """Log a warning for values that are valid but almost certainly not meant (``distill.config`` logger)."""
+    if recipe.warmup_steps >= recipe.steps:
+        _logger.warning("%s: warmup_steps %d >= steps %d: the whole run is warmup (the learning rate ramps up to lr "
+                        "and never decays). Fix: warmup_steps a few percent of steps, e.g. %d.", source,
+                        recipe.warmup_steps, recipe.steps, recipe.steps // 20)
+    if recipe.checkpoint_every > recipe.steps:
+        _logger.warning("%s: checkpoint_every %d > steps %d: no checkpoint before the last step, so a killed run "
+                        "restarts from scratch. Fix: checkpoint_every <= steps, e.g. %d.", source,
+                        recipe.checkpoint_every, recipe.steps, max(1, recipe.steps // 4))
+
+
 def _type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -158,7 +319,12 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
 
 
 def make_recipe(values: dict, source: str = "recipe") -> Recipe:
-    """Build a :class:`Recipe` from a dict, checking keys, types and choices."""
+    """Build a :class:`Recipe` from a dict, checking keys, types, choices and ranges (:data:`RANGES`); logs a
+    warning (``distill.config`` logger) when ``warmup_steps >= steps`` or ``checkpoint_every > steps``.
+
+    Raises:
+        ValueError: ``'{source}: ...'`` naming the key, the value, what is valid and the fix.
+    """
     fields_ = recipe_fields()
     values = dict(values)
     for key, value in list(values.items()):
@@ -194,28 +360,28 @@ def make_recipe(values: dict, source: str = "recipe") -> Recipe:
     _check_choice("at_mode", r.at_mode, AT_MODES)
     _check_choice("on_nonfinite", r.on_nonfinite, ON_NONFINITE)
     _check_choice("teacher_dtype", r.teacher_dtype, TEACHER_DTYPES)
-    for key in ("select_images", "select_val_images", "select_epochs", "select_label_free_images",
-                "steps", "batch_size", "grad_accum_steps", "student_size", "regressor_width", "log_every",
-                "checkpoint_every", "probe_epochs", "knn_k", "keep_checkpoints"):
-        if getattr(r, key) < 1:
-            raise ValueError(f"{source}: {key} must be >= 1, got {getattr(r, key)}.")
-    if not 0.0 < r.probe_train_fraction <= 1.0:
-        raise ValueError(f"{source}: probe_train_fraction {r.probe_train_fraction} is outside (0, 1]; e.g. 0.1 for 10%.")
-    if r.lr <= 0:
-        raise ValueError(f"{source}: lr must be > 0, got {r.lr}.")
-    if r.policy_lr <= 0 or r.policy_entropy < 0:
-        raise ValueError(f"{source}: policy_lr must be > 0 and policy_entropy >= 0, got {r.policy_lr} and "
-                         f"{r.policy_entropy}.")
+    check_ranges(r, source)
+    _warn_schedule(r, source)
     return r
 
 
 def load_recipe(path: Union[str, Path], overrides: Optional[dict] = None) -> Recipe:
-    """Read a YAML recipe and apply ``overrides`` (e.g. from ``--set key=value``)."""
+    """Read a YAML recipe and apply ``overrides`` (e.g. from ``--set key=value``).
+
+    Raises:
+        FileNotFoundError: no such file (the message lists the bundled recipes).
+        ValueError: the file is empty, not a mapping, not valid YAML, gives a key twice, or a value is invalid
+            (see :func:`make_recipe`).
+    """
     path = Path(path)
     if not path.is_file():
         bundled = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
         raise FileNotFoundError(f"recipe '{path}' not found. Recipes in the repository's recipes/: {', '.join(bundled)}.")
-    values = yaml_load(path.read_text()) or {}
+    values = yaml_load(path.read_text(), source=f"recipe '{path}'")
+    if values is None:
+        raise ValueError(f"recipe '{path}' is empty (or only comments); an empty recipe would silently train "
+                         f"with every default. Fix: start from recipes/quickstart.yaml (in the repository) and keep "
+                         f"the keys you need.")
     if not isinstance(values, dict):
         raise ValueError(f"recipe '{path}' must be a YAML mapping of key: value, got {type(values).__name__}.")
     values.update(overrides or {})
@@ -223,13 +389,17 @@ def load_recipe(path: Union[str, Path], overrides: Optional[dict] = None) -> Rec
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``['steps=10', 'timesteps=[5, 11]']`` -> ``{'steps': 10, 'timesteps': [5, 11]}`` (values parsed as YAML)."""
+    """``['steps=10', 'timesteps=[5, 11]']`` -> ``{'steps': 10, 'timesteps': [5, 11]}`` (values parsed as YAML).
+
+    Raises:
+        ValueError: an item without ``=``, or a value that is not valid YAML (naming the item, line and column).
+    """
     out = {}
     for item in items or []:
         if "=" not in item:
             raise ValueError(f"--set {item!r} is not of the form key=value (e.g. --set steps=100).")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml_load(v)
+        out[k.strip()] = yaml_load(v, source=f"--set {item!r} (value {v!r})")
     return out
 
 

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
 
+from distill.cli import main
 from distill.config import (
+    RANGES,
     yaml_load,
     AT_MODES,
     AUGMENTS,
@@ -90,10 +95,11 @@ def test_wrong_type_names_key_value_and_type(key, value, type_name):
     assert type(value).__name__ in msg
 
 
-@pytest.mark.parametrize("key", ["lr", "mse_weight", "at_weight", "grad_clip", "probe_train_fraction", "momentum"])
-def test_int_for_float_field_becomes_float(key):
-    r = make_recipe({key: 1})
-    assert type(getattr(r, key)) is float and getattr(r, key) == 1.0
+@pytest.mark.parametrize("key, value", [("lr", 1), ("mse_weight", 1), ("at_weight", 1), ("grad_clip", 1),
+                                        ("probe_train_fraction", 1), ("momentum", 0)])  # momentum is in [0, 1)
+def test_int_for_float_field_becomes_float(key, value):
+    r = make_recipe({key: value})
+    assert type(getattr(r, key)) is float and getattr(r, key) == float(value)
 
 
 @pytest.mark.parametrize("key", ["steps", "batch_size", "seed", "lr", "mse_weight"])
@@ -196,8 +202,16 @@ data_root: null
     assert type(r.at_weight) is float
 
 
-def test_load_recipe_empty_file_is_defaults(tmp_path):
-    assert load_recipe(write_yaml(tmp_path / "empty.yaml", "")) == Recipe()
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n# steps: 10\n"], ids=["empty", "blank", "comments"])
+def test_load_recipe_empty_file_is_an_error(tmp_path, text):
+    # An empty recipe used to run the 1000-step defaults silently; make_recipe({}) from Python still gives them.
+    path = write_yaml(tmp_path / "empty.yaml", text)
+    with pytest.raises(ValueError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert f"recipe '{path}' is empty (or only comments)" in msg and "recipes/quickstart.yaml" in msg
+    with pytest.raises(ValueError, match="is empty"):
+        load_recipe(path, {"steps": 10})  # overrides do not make an empty file a recipe
 
 
 def test_load_recipe_overrides_win(tmp_path):
@@ -288,7 +302,8 @@ def test_scientific_notation_learning_rates_are_floats(tmp_path, source):
     if source == "recipe-file":
         r = load_recipe(write_yaml(tmp_path / "r.yaml", "lr: 3e-4\nweight_decay: 1e-2\n"))
     else:
-        r = load_recipe(write_yaml(tmp_path / "r.yaml", ""), parse_overrides(["lr=3e-4", "weight_decay=1e-2"]))
+        r = load_recipe(write_yaml(tmp_path / "r.yaml", "steps: 20\n"),
+                        parse_overrides(["lr=3e-4", "weight_decay=1e-2"]))
     assert r.lr == pytest.approx(3e-4) and r.weight_decay == pytest.approx(1e-2)
 
 
@@ -320,3 +335,193 @@ def test_save_recipe_with_extra_writes_resolved_section(tmp_path):
     assert data == r.to_dict()
     assert list(data) == [f.name for f in dataclasses.fields(Recipe)]  # field order kept
     assert make_recipe(data) == r
+
+
+# --------------------------------------------------------------------------------------------------- value ranges
+
+NUMERIC = (int, float, Optional[int], Optional[float])
+
+
+def test_every_numeric_field_has_a_range():
+    # A new int/float key cannot be added without an entry in RANGES: this test names the one that is missing.
+    fields_ = recipe_fields()
+    missing = [k for k, tp in fields_.items() if tp in NUMERIC and k not in RANGES]
+    assert not missing, f"numeric recipe fields without a range in distill.config.RANGES: {missing}"
+    assert set(RANGES) <= set(fields_)
+    for key, rng in RANGES.items():  # the only non-scalar entries are lists of numbers (mean, std)
+        assert fields_[key] in NUMERIC or (rng.lengths and fields_[key] == Optional[list]), key
+
+
+# Below (or above) the range of every key of RANGES: (value, what the message says is valid).
+OUT_OF_RANGE = {
+    "image_channels": [(2, "must be 1 or 3 (or null)"), (0, "must be 1 or 3 (or null)")],
+    "mean": [([-0.1], "must be 1 or 3 numbers in [0, 1] (or null)"), ([0.5, 0.5], "1 or 3 numbers"),
+             ([0.5, 1.5, 0.5], "in [0, 1]"), ([0.5, "a", 0.5], "1 or 3 numbers")],
+    "std": [([0.0], "must be 1 or 3 numbers > 0 and finite (or null)"), ([0.2, 0.2], "1 or 3 numbers"),
+            ([0.2, -0.1, 0.2], "> 0")],
+    "teacher_resolution": [(4, "must be >= 8 (or null)")],
+    "select_max_memory_gb": [(0, "must be > 0 and finite (or null)")],
+    "policy_lr": [(0, "must be > 0 and finite"), (-1e-3, "must be > 0 and finite")],
+    "policy_entropy": [(-0.1, "must be >= 0 and finite")],
+    "policy_entropy_steps": [(-1, "must be >= 0 (or null)")],
+    "mse_weight": [(-1, "must be >= 0 and finite")],
+    "at_weight": [(-10, "must be >= 0 and finite")],
+    "cos_weight": [(-0.5, "must be >= 0 and finite")],
+    "lr": [(0, "must be > 0 and finite"), (-1e-3, "must be > 0 and finite")],
+    "weight_decay": [(-0.05, "must be >= 0 and finite")],
+    "momentum": [(-0.1, "must be in [0, 1)"), (1, "must be in [0, 1)")],
+    "warmup_steps": [(-1, "must be >= 0")],
+    "grad_clip": [(-1.0, "must be >= 0 and finite")],
+    "seed": [(-1, "must be in [0, 4294967295]"), (2 ** 32, "must be in [0, 4294967295]")],
+    "num_workers": [(-1, "must be >= 0")],
+    "probe_train_fraction": [(0, "must be in (0, 1]"), (1.5, "must be in (0, 1]")],
+    **{k: [(0, "must be >= 1")] for k in ("student_size", "regressor_width", "select_images", "select_val_images",
+                                         "select_epochs", "select_label_free_images", "steps", "batch_size",
+                                         "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                                         "probe_epochs", "knn_k")},
+}
+FLOAT_KEYS = [k for k, tp in recipe_fields().items() if tp in (float, Optional[float])]
+
+
+def _assert_range_error(values, key, value, valid, source="r.yaml"):
+    with pytest.raises(ValueError) as e:
+        make_recipe(values, source=source)
+    msg = str(e.value)
+    shown = float(value) if isinstance(value, int) and recipe_fields()[key] is float else value  # ints become floats
+    assert msg.startswith(f"{source}: {key} must be "), msg
+    assert valid in msg and f"got {shown!r}" in msg and "Fix: " in msg and "\n" not in msg, msg
+
+
+def test_out_of_range_cases_cover_every_key():
+    assert set(OUT_OF_RANGE) == set(RANGES)
+
+
+@pytest.mark.parametrize("key, value, valid", [(k, v, valid) for k, cases in OUT_OF_RANGE.items()
+                                               for v, valid in cases])
+def test_out_of_range_names_key_value_range_and_fix(key, value, valid):
+    _assert_range_error({key: value}, key, value, valid)
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_non_finite_floats_are_refused(key, value):
+    _assert_range_error({key: value}, key, value, f"{key} must be ")
+
+
+@pytest.mark.parametrize("key", ["mean", "std"])
+@pytest.mark.parametrize("value", [[math.nan], [0.5, math.inf, 0.5]], ids=["nan", "inf"])
+def test_non_finite_mean_std_are_refused(key, value):
+    with pytest.raises(ValueError, match=f"r.yaml: {key} must be 1 or 3 numbers"):
+        make_recipe({key: value}, source="r.yaml")
+
+
+def test_non_finite_lr_from_yaml_is_refused(tmp_path):
+    # `.inf` passed before: a recipe that trains with an infinite learning rate.
+    path = write_yaml(tmp_path / "r.yaml", "steps: 100\nlr: .inf\n")
+    with pytest.raises(ValueError, match=r"lr must be > 0 and finite, got inf\. Fix: "):
+        load_recipe(path)
+
+
+def test_all_zero_loss_weights_are_refused():
+    with pytest.raises(ValueError) as e:
+        make_recipe({"mse_weight": 0, "at_weight": 0, "cos_weight": 0}, source="r.yaml")
+    msg = str(e.value)
+    assert msg.startswith("r.yaml: mse_weight, at_weight and cos_weight are all 0") and "Fix: set mse_weight" in msg
+    make_recipe({"mse_weight": 0, "at_weight": 0, "cos_weight": 1})  # any one term is enough
+
+
+@pytest.mark.parametrize("key, value", [
+    ("warmup_steps", 0), ("grad_clip", 0), ("weight_decay", 0), ("momentum", 0), ("momentum", 0.999), ("seed", 0),
+    ("seed", 2 ** 32 - 1), ("num_workers", 0), ("policy_entropy", 0), ("policy_entropy_steps", 0),
+    ("probe_train_fraction", 1), ("teacher_resolution", 8), ("image_channels", 1), ("image_channels", 3),
+    ("mean", [0, 1, 0.5]), ("mean", [0.5]), ("std", [1e-3]), ("std", [0.2, 0.3, 0.4]), ("select_max_memory_gb", 0.5),
+    ("mse_weight", 0), ("at_weight", 0), ("cos_weight", 2.5),
+])
+def test_range_edges_are_accepted(key, value):
+    assert getattr(make_recipe({key: value}), key) == value
+
+
+# --------------------------------------------------------------------------------------------------- warnings
+
+@pytest.mark.parametrize("values, expected", [
+    ({"steps": 100, "warmup_steps": 100, "checkpoint_every": 50}, "warmup_steps 100 >= steps 100"),
+    ({"steps": 100, "warmup_steps": 10, "checkpoint_every": 101}, "checkpoint_every 101 > steps 100"),
+])
+def test_suspicious_schedule_is_a_warning(caplog, values, expected):
+    with caplog.at_level(logging.WARNING, logger="distill.config"):
+        r = make_recipe(values, source="r.yaml")
+    assert r.steps == 100  # valid: a warning, not an error
+    records = [rec for rec in caplog.records if rec.name == "distill.config"]
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    assert records[0].getMessage().startswith(f"r.yaml: {expected}") and "Fix: " in records[0].getMessage()
+
+
+def test_sensible_schedule_gives_no_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="distill.config"):
+        make_recipe({"steps": 100, "warmup_steps": 99, "checkpoint_every": 100})
+    assert not [rec for rec in caplog.records if rec.name == "distill.config"]
+
+
+# --------------------------------------------------------------------------------------------------- strict YAML
+
+def test_key_given_twice_in_a_file_is_an_error(tmp_path):
+    path = write_yaml(tmp_path / "twice.yaml", "steps: 100\nlr: 0.001\n# later ...\nsteps: 5\n")
+    with pytest.raises(ValueError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert msg.startswith(f"recipe '{path}': key 'steps' is given twice, at lines 1 and 4") and "Fix: " in msg
+
+
+def test_key_given_twice_in_a_nested_mapping_is_an_error():
+    with pytest.raises(ValueError, match=r"^r\.yaml: key 'drop_path_rate' is given twice, on line 2 \(columns 18 and "
+                                         r"39\)"):
+        yaml_load("steps: 1\nstudent_kwargs: {drop_path_rate: 0.1, drop_path_rate: 0.2}\n", source="r.yaml")
+
+
+def test_merge_keys_may_be_overridden():
+    assert yaml_load("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")["other"] == {"x": 3, "y": 2}
+
+
+@pytest.mark.parametrize("text, line, column, problem", [
+    ("steps: 10\n  lr: 0.1\n", 2, 5, "mapping values are not allowed here"),
+    ("steps: 10\ntimesteps: [5, 11\nlr: 0.1\n", 3, 3, "expected ',' or ']'"),
+    ("steps: 10\n\tlr: 0.1\n", 2, 1, "found character '\\t' that cannot start any token"),
+])
+def test_yaml_syntax_error_in_a_file_names_file_line_and_column(tmp_path, text, line, column, problem):
+    path = write_yaml(tmp_path / "broken.yaml", text)
+    with pytest.raises(ValueError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert msg.startswith(f"recipe '{path}': YAML syntax error at line {line}, column {column}: {problem}"), msg
+    assert "Fix: " in msg and "\n" not in msg and "<unicode string>" not in msg
+
+
+def test_yaml_syntax_error_in_a_set_item_names_the_item_line_and_column():
+    with pytest.raises(ValueError) as e:
+        parse_overrides(["steps=10", "timesteps=[5, 11"])
+    msg = str(e.value)
+    assert msg.startswith("--set 'timesteps=[5, 11' (value '[5, 11'): YAML syntax error at line 1, column 7: "
+                          "expected ',' or ']'"), msg
+    assert "\n" not in msg
+
+
+# --------------------------------------------------------------------------------------------------- CLI: exit 2
+
+@pytest.mark.parametrize("text, args, expected", [
+    ("steps: 100\n", ["--set", "lr=.inf"], "lr must be > 0 and finite, got inf"),
+    ("steps: 100\n", ["--set", "mse_weight=-1"], "mse_weight must be >= 0 and finite, got -1.0"),
+    ("steps: 100\nmse_weight: 0\nat_weight: 0\n", [], "are all 0"),
+    ("steps: 100\nstd: [0.2, 0, 0.2]\n", [], "std must be 1 or 3 numbers > 0"),
+    ("steps: 100\nwarmup_steps: -5\n", [], "warmup_steps must be >= 0, got -5"),
+    ("steps: 100\nsteps: 10\n", [], "key 'steps' is given twice, at lines 1 and 2"),
+    ("steps: 100\n  lr: 0.1\n", [], "YAML syntax error at line 2, column 5"),
+    ("# nothing yet\n", [], "is empty (or only comments)"),
+    ("steps: 100\n", ["--set", "timesteps=[5"], "--set 'timesteps=[5' (value '[5'): YAML syntax error at line 1"),
+], ids=["inf-lr", "negative-weight", "zero-weights", "zero-std", "negative-warmup", "duplicate-key", "syntax-file",
+        "empty-file", "syntax-set"])
+def test_cli_train_exits_2_with_one_line(tmp_path, capsys, text, args, expected):
+    path = write_yaml(tmp_path / "r.yaml", text)
+    assert main(["train", str(path), "-o", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("distill train: error: ") and expected in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()

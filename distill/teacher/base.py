@@ -59,6 +59,34 @@ def parse_feature_key(key: str) -> tuple[str, Optional[int]]:
     return block, None if t == "*" else int(t)
 
 
+def _config_get(model: nn.Module, key: str) -> Any:
+    """``model.config[key]`` for a diffusers config (object or mapping); None without a config or such a key."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+
+def input_multiple(model: nn.Module) -> tuple[int, str]:
+    """The multiple the side of the model's input must be, read from its config, and why (``(1, '')`` when any size
+    works or the config does not tell).
+
+    - a patch transformer (DiT, ``patch_size`` in its config): its patch size (a smaller remainder is cut off);
+    - a ``UNet2DModel`` (``down_block_types``): every down block but the last halves the size and the up path
+      concatenates the skips, so ``2 ** (len(down_block_types) - 1)``;
+    - a UNet that forwards upsample sizes (diffusers' ``UNet2DConditionModel``, which has ``num_upsamplers``): any
+      size.
+    """
+    patch = _config_get(model, "patch_size")
+    if patch:
+        return int(patch), f"the patch size {int(patch)}"
+    downs = _config_get(model, "down_block_types")
+    if downs and not hasattr(model, "num_upsamplers"):
+        factor = 2 ** (len(downs) - 1)
+        return factor, f"the UNet's downsampling {factor} ({len(downs)} down blocks)"
+    return 1, ""
+
+
 def candidate_blocks(model: nn.Module, max_depth: int = 3) -> list[str]:
     """Module paths a user can ask for: every named module up to ``max_depth`` dots deep, in model order."""
     return [n for n, _ in model.named_modules() if n and n.count(".") < max_depth]
@@ -73,8 +101,14 @@ class DiffusionTeacher(nn.Module):
             return ``(hidden, residuals)``: the hidden state (element 0) is taken.
         timesteps: default timesteps, each in ``[0, T)``; ``forward`` can override them.
         scheduler: a diffusers noise scheduler with ``add_noise``; default ``DDPMScheduler(1000)``.
-        in_channels, sample_size: the model's input; read from ``model.config`` when it has one.
+        in_channels, sample_size: the model's input; read from ``model.config`` when it has one. A given
+            ``sample_size`` (the recipe's ``teacher_resolution``) must be a multiple of :func:`input_multiple`.
         forward_kwargs: extra keyword arguments for every forward (e.g. ``encoder_hidden_states``).
+
+    Raises:
+        ValueError: unknown or duplicate blocks, timesteps outside ``[0, T)``, an input size the model cannot take
+            (naming ``teacher_resolution``, the valid multiple and the fix), or a model without a config and without
+            ``in_channels``/``sample_size``.
     """
 
     #: pixels per model-input pixel (a latent teacher's VAE downsampling factor); 1 for a pixel-space model.
@@ -94,18 +128,18 @@ class DiffusionTeacher(nn.Module):
         super().__init__()
         self._init_teacher(model, blocks, timesteps, scheduler, in_channels, sample_size, forward_kwargs, name)
 
-    def _init_teacher(self, model, blocks, timesteps, scheduler, in_channels, sample_size, forward_kwargs, name):
-        """Everything but ``nn.Module.__init__``: subclasses register their own modules first, then call this."""
+    def _init_teacher(self, model, blocks, timesteps, scheduler, in_channels, resolution, forward_kwargs, name):
+        """Everything but ``nn.Module.__init__``: subclasses register their own modules (and ``latent_scale``) first,
+        then call this. ``resolution``: the image size in pixels, or None for the model's ``sample_size``."""
         if scheduler is None:
             from diffusers import DDPMScheduler
 
             scheduler = DDPMScheduler(num_train_timesteps=1000)
-        config = getattr(model, "config", None)
-        get = (lambda k: getattr(config, k, None) if not isinstance(config, Mapping) else config.get(k))
         # The model's own input (latents for a latent teacher) ...
-        self.model_in_channels = int(in_channels or (get("in_channels") if config is not None else 0) or 0)
-        size = sample_size or (get("sample_size") if config is not None else None)
-        self.model_sample_size = int(size[0] if isinstance(size, (tuple, list)) else size) if size else 0
+        self.model_in_channels = int(in_channels or _config_get(model, "in_channels") or 0)
+        size = _config_get(model, "sample_size")
+        default = int(size[0] if isinstance(size, (tuple, list)) else size) if size else 0
+        self.model_sample_size = self._check_resolution(model, resolution, default) if resolution else default
         if not self.model_in_channels or not self.model_sample_size:
             raise ValueError(
                 f"cannot tell the teacher's input (in_channels={self.model_in_channels or None}, "
@@ -139,6 +173,24 @@ class DiffusionTeacher(nn.Module):
         self._modules_by_block = {b: modules[b] for b in blocks}
         self._stop_block: Optional[str] = None
         self.feature_info = self._dry_run()
+
+    def _check_resolution(self, model: nn.Module, resolution: int, default: int) -> int:
+        """The model-space size of images of ``resolution`` px; raises ValueError unless ``resolution`` is a
+        multiple of ``latent_scale`` x :func:`input_multiple` (``default``: the model's own size, for the fix)."""
+        multiple, why = input_multiple(model)
+        step = self.latent_scale * multiple
+        if resolution >= step and resolution % step == 0:
+            return resolution // self.latent_scale
+        parts = ([f"the VAE factor {self.latent_scale}"] if self.latent_scale > 1 else []) + ([why] if why else [])
+        valid = parts[0] if len(parts) == 1 else f"{step}" + (f" ({' x '.join(parts)})" if parts else "")
+        below = resolution // step * step
+        examples = [below, below + step] if below >= step else [step, 2 * step]
+        nearest = min(examples, key=lambda v: abs(v - resolution))
+        own = f", or null for its own {default * self.latent_scale} px" if default else ""
+        raise ValueError(
+            f"teacher_resolution {resolution} px does not fit this teacher: the size must be a multiple of {valid}, "
+            f"e.g. {examples[0]} or {examples[1]}. Fix: set teacher_resolution: {nearest}{own}."
+        )
 
     # Hooks for subclasses (identity for a pixel-space model).
     def _image_channels(self) -> int:

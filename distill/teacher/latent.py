@@ -57,7 +57,7 @@ class LatentDiffusionTeacher(DiffusionTeacher):
         vae_dtype: ``'float32'`` or ``'bfloat16'``; float16 is refused (the VAE overflows).
         conditioning: ``{keyword: tensor [1, ...]}`` passed to every forward, expanded to its batch.
         sample_size: image resolution in pixels (default: the model's ``sample_size`` x the VAE factor); a multiple
-            of the VAE factor.
+            of the VAE factor x :func:`~distill.teacher.base.input_multiple` (the DiT's patch size), else ValueError.
     """
 
     def __init__(
@@ -86,15 +86,7 @@ class LatentDiffusionTeacher(DiffusionTeacher):
                 raise ValueError(f"conditioning {key!r} must have batch size 1 ([1, ...]), got {tuple(value.shape)}.")
             self.register_buffer(f"cond_{key}", value)  # in state_dict(): what a feature cache keys on
             self._conditioning.append(key)
-        model_size = None
-        if sample_size:
-            if sample_size % self.latent_scale:
-                raise ValueError(
-                    f"teacher resolution {sample_size} px is not a multiple of the VAE factor {self.latent_scale}; "
-                    f"valid: multiples of {self.latent_scale} (e.g. {max(1, round(sample_size / self.latent_scale)) * self.latent_scale})."
-                )
-            model_size = sample_size // self.latent_scale
-        self._init_teacher(model, blocks, timesteps, scheduler, None, model_size, forward_kwargs, name)
+        self._init_teacher(model, blocks, timesteps, scheduler, None, sample_size, forward_kwargs, name)
 
     def _image_channels(self) -> int:
         if self.vae is None:
