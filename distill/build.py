@@ -36,16 +36,22 @@ def build_train_data(recipe: Recipe, split: str = "train") -> tuple[Dataset, int
 
 
 def resolve_mean_std(recipe: Recipe, ds: Dataset) -> tuple[list[float], list[float]]:
-    """The student's normalisation (3 values each, [0, 1] units): the recipe's, else measured on ``ds``
-    (rounded to 4 decimals).
+    """The student's normalisation (3 values each, [0, 1] units): the recipe's (one value is used for all three
+    channels), else measured on ``ds`` (rounded to 4 decimals).
 
     Raises:
-        ValueError: the recipe gives mean/std with other than 3 values.
+        ValueError: the recipe gives only one of mean and std, or other than 1 or 3 values.
     """
-    if recipe.mean is not None and recipe.std is not None:
-        if len(recipe.mean) != 3 or len(recipe.std) != 3:
-            raise ValueError(f"mean/std need 3 values (the student takes RGB), got mean={recipe.mean} std={recipe.std}.")
-        return [float(v) for v in recipe.mean], [float(v) for v in recipe.std]
+    if (recipe.mean is None) != (recipe.std is None):
+        raise ValueError(f"recipe gives {'mean' if recipe.std is None else 'std'} without "
+                         f"{'std' if recipe.std is None else 'mean'} (mean={recipe.mean}, std={recipe.std}); give both "
+                         f"(1 or 3 values each, [0, 1] units), or neither to measure them on the data.")
+    if recipe.mean is not None:
+        if len(recipe.mean) not in (1, 3) or len(recipe.std) not in (1, 3):
+            raise ValueError(f"mean/std take 1 or 3 values (the student takes RGB), got mean={recipe.mean} "
+                             f"std={recipe.std}.")
+        return [float(v) for v in recipe.mean] * (3 // len(recipe.mean)), \
+            [float(v) for v in recipe.std] * (3 // len(recipe.std))
     mean, std = dataset_mean_std(ds)
     return [round(v, 4) for v in mean], [round(v, 4) for v in std]
 

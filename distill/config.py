@@ -318,9 +318,10 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"recipe key {key!r} has value {value!r}; valid: {', '.join(map(str, choices))}.")
 
 
-def make_recipe(values: dict, source: str = "recipe") -> Recipe:
+def make_recipe(values: dict, source: str = "recipe", warn: bool = True) -> Recipe:
     """Build a :class:`Recipe` from a dict, checking keys, types, choices and ranges (:data:`RANGES`); logs a
-    warning (``distill.config`` logger) when ``warmup_steps >= steps`` or ``checkpoint_every > steps``.
+    warning (``distill.config`` logger) when ``warmup_steps >= steps`` or ``checkpoint_every > steps`` unless
+    ``warn`` is false (a run's own config.yaml read back).
 
     Raises:
         ValueError: ``'{source}: ...'`` naming the key, the value, what is valid and the fix.
@@ -361,7 +362,8 @@ def make_recipe(values: dict, source: str = "recipe") -> Recipe:
     _check_choice("on_nonfinite", r.on_nonfinite, ON_NONFINITE)
     _check_choice("teacher_dtype", r.teacher_dtype, TEACHER_DTYPES)
     check_ranges(r, source)
-    _warn_schedule(r, source)
+    if warn:
+        _warn_schedule(r, source)
     return r
 
 

@@ -191,7 +191,7 @@ def read_config(run_dir: Path) -> tuple[Recipe, dict]:
         raise FileNotFoundError(f"'{run}' is not a run directory (no config.yaml); give the --output-dir of `distill train`.")
     data = yaml.safe_load((run / CONFIG).read_text())
     resolved = data.pop("_resolved", {})
-    return make_recipe(data, source=f"'{run / CONFIG}'"), resolved
+    return make_recipe(data, source=f"'{run / CONFIG}'", warn=False), resolved
 
 
 #: recipe keys a resume may change without ``allow_changes``: they do not change what is trained (``steps`` may
