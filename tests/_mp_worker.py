@@ -1,4 +1,4 @@
-"""Run by tests/test_multiprocess.py under torchrun: train a tiny recipe, then dump this rank's weights."""
+"""Run by tests/test_trainer_multiprocess.py under torchrun: train a tiny recipe, then dump this rank's weights."""
 import sys
 
 import torch

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny diffusers models built from configs (no download) and tiny datasets on disk."""
+"""Shared fixtures: tiny diffusers models built from configs (no download), tiny datasets on disk, tiny
+distillation recipes over them, one trained Fashion-MNIST run and a non-finite-loss injector."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
+
+from distill.config import make_recipe
 
 # Two cores: keep intra-op threads bounded so parallel tools don't thrash.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -65,3 +68,54 @@ def rgb_folder(tmp_path_factory):
                 arr[..., c] = 255  # a class-dependent colour so probes have signal
                 Image.fromarray(arr).save(d / f"{i:04d}.jpg", quality=90)
     return root
+
+
+# ------------------------------------------------------------------- tiny distillation runs
+def fmnist_recipe(fmnist_dir, **kw):
+    """A 40-step resnet18 recipe on Fashion-MNIST with the tiny 1-channel teacher (``trained_run``'s)."""
+    base = dict(teacher=tiny_unet_config(), teacher_blocks=["up_blocks.0"], timesteps=[11], data_root=fmnist_dir,
+                student="resnet18", student_size=32, regressor_width=32, steps=40, batch_size=32, lr=2e-3,
+                warmup_steps=5, log_every=5, checkpoint_every=20, augment="flip", mean=[0.286] * 3, std=[0.353] * 3)
+    base.update(kw)
+    return make_recipe(base)
+
+
+def rgb_recipe(rgb_folder, **kw):
+    """A 6-step resnet18 recipe on ``rgb_folder`` with the tiny 3-channel teacher, a checkpoint every 2 steps."""
+    base = dict(dataset="image-folder", data_root=str(rgb_folder), teacher=tiny_unet_config(3),
+                teacher_blocks=["mid_block"], timesteps=[11], student="resnet18", student_size=32,
+                regressor_width=16, steps=6, batch_size=6, checkpoint_every=2, keep_checkpoints=5, log_every=1)
+    base.update(kw)
+    return make_recipe(base)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, fmnist_dir):
+    """``fmnist_recipe`` trained once for the session (the loop, export and run-directory tests read it;
+    none of them changes it): (run directory, summary)."""
+    from distill.trainer import train
+
+    run = tmp_path_factory.mktemp("runs") / "run"
+    summary = train(fmnist_recipe(fmnist_dir), str(run), progress=False)
+    return run, summary
+
+
+@pytest.fixture
+def nan_at_call(monkeypatch):
+    """Make the AT term NaN on the n-th loss evaluation (patches the loss that distill.build.build_loss binds)."""
+    import distill.build as build_mod
+
+    def install(n, term="at"):
+        real = build_mod.feature_distillation_loss
+        calls = {"n": 0}
+
+        def fake(*a, **k):
+            out = real(*a, **k)
+            calls["n"] += 1
+            if calls["n"] == n:
+                out[term] = out[term] * float("nan")
+                out["total"] = out["total"] + out[term]
+            return out
+
+        monkeypatch.setattr(build_mod, "feature_distillation_loss", fake)
+    return install

@@ -8,7 +8,7 @@ import yaml
 
 from distill.cli import main
 
-from .conftest import tiny_unet_config
+from .conftest import rgb_recipe, tiny_unet_config
 
 
 @pytest.fixture
@@ -75,3 +75,16 @@ def test_missing_fashion_mnist_says_how_to_install(tmp_path, capsys):
 def test_probe_of_unknown_path(capsys, tmp_path):
     assert main(["probe", str(tmp_path)]) == 2
     assert "timm:NAME" in capsys.readouterr().err
+
+
+def test_cli_exits_nonzero_on_nonfinite_loss(rgb_folder, tmp_path, nan_at_call, capsys):
+    import yaml
+
+    from distill.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(rgb_recipe(rgb_folder).to_dict()))
+    nan_at_call(3)
+    assert main(["train", str(path), "-o", str(tmp_path / "run"), "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 3: at" in err and "checkpoint-2" in err

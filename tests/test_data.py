@@ -630,3 +630,45 @@ def test_dataset_mean_std_subsample_uses_n_images():
     pair_means = {round((a + b) / 2 / 255.0, 6) for a in values for b in values if a != b}
     assert round(mean2[0], 6) in pair_means
     assert dataset_mean_std(ImagesDS(ims), n=3, seed=1) == dataset_mean_std(ImagesDS(ims), n=3, seed=1)
+
+
+# ------------------------------------------------------------------- broken images in DataLoader workers
+def _folder_with_broken_files(root):
+    """Two classes of small PNGs plus a truncated JPEG, a text file named .jpg and a non-image file."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="JPEG")
+    (root / "a" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / "b" / "notes.jpg").write_text("not an image")
+    (root / "b" / "README.txt").write_text("ignored: not an image extension")
+    return root
+
+
+def test_broken_images_are_skipped_inside_dataloader_workers(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from distill.data import ImageFolder, collate
+
+    ds = ImageFolder(str(_folder_with_broken_files(tmp_path / "imgs")), channels=3)
+    assert len(ds) == 10  # 8 good + 2 broken with image extensions; README.txt is not listed
+    batches = list(DataLoader(ds, batch_size=5, num_workers=2, collate_fn=collate))
+    images = torch.cat([b[0] for b in batches])
+    assert images.shape == (10, 3, 8, 8)  # every broken file replaced by a readable neighbour, no worker crash
+
+
+def test_broken_images_can_be_an_error_naming_the_file(tmp_path):
+    from distill.data import ImageFolder
+
+    ds = ImageFolder(str(_folder_with_broken_files(tmp_path / "imgs")), channels=3, on_error="raise")
+    bad = [i for i, (p, _) in enumerate(ds.files) if p.endswith(("truncated.jpg", "notes.jpg"))]
+    for i in bad:
+        with pytest.raises(ValueError, match=r"cannot read image '.*(truncated|notes)\.jpg'"):
+            ds[i]

@@ -4,7 +4,7 @@ from safetensors.torch import load_file
 
 from distill.finetune import build_model, parse_model_source
 
-from .test_finetune import exported  # noqa: F401 (the fixture: a fake `distill export` directory)
+from ._finetune import exported  # noqa: F401 (the fixture: a fake `distill export` directory)
 
 
 # ----------------------------------------------------------------------------------------------- model

@@ -1,8 +1,9 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from distill.probe import extract_features, knn_probe, linear_probe, multi_linear_probe
+from distill.probe import ensemble_probe, extract_features, knn_probe, linear_probe, multi_linear_probe
 
 
 def _blobs(n_per_class: int, num_classes: int = 3, dim: int = 16, sep: float = 6.0, seed: int = 0):
@@ -135,3 +136,17 @@ def test_errors():
         linear_probe(x, y + 1, x, y, num_classes=2)
     with pytest.raises(ValueError, match="keys"):
         multi_linear_probe({"a": x}, y, {"b": x}, y)
+
+
+def test_ensemble_probe_averages_member_logits():
+    g = torch.Generator().manual_seed(0)
+    y, yt = torch.randint(0, 3, (60,), generator=g), torch.randint(0, 3, (30,), generator=g)
+    tr = {k: torch.randn(60, 5, generator=g) + F.one_hot(y, 5) * s for k, s in (("a", 1.0), ("b", 2.0), ("c", 0.5))}
+    te = {k: torch.randn(30, 5, generator=g) + F.one_hot(yt, 5) * s for k, s in (("a", 1.0), ("b", 2.0), ("c", 0.5))}
+    res = ensemble_probe(tr, y, te, yt, epochs=5)
+    ref = multi_linear_probe(tr, y, te, yt, epochs=5, return_logits=True)
+    avg = torch.stack([ref[k]["test_logits"] for k in "abc"]).mean(0)
+    assert res["ensemble"]["top1"] == pytest.approx(100 * float((avg.argmax(1) == yt).float().mean()), abs=1e-4)
+    assert res["best_member"] == max("abc", key=lambda k: ref[k]["top1"])
+    single = ensemble_probe(tr, y, te, yt, members=["b"], epochs=5)
+    assert single["ensemble"]["top1"] == pytest.approx(single["members"]["b"]["top1"])

@@ -129,7 +129,7 @@ def test_cli_report_and_its_errors(runs, tmp_path, capsys):
 def test_report_of_real_finetune_runs(rgb_folder, tmp_path):
     from distill.finetune import FinetuneConfig, finetune_sweep
 
-    from .test_finetune import fake_export
+    from ._finetune import fake_export
 
     exp = fake_export(tmp_path / "student")
     base = dict(dataset="image-folder", data_root=str(rgb_folder), steps=2, batch_size=4, eval_every=0)
