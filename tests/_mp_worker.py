@@ -17,6 +17,8 @@ def main(recipe_path: str, out_dir: str) -> None:
     train(recipe, out_dir, accelerator=acc, progress=False)
     model = acc.unwrap_model(acc._models[0])
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, f"{out_dir}/rank{acc.process_index}.pt")
+    # the next draws of this process's global RNG (noise and augmentation come from it): differ per process
+    torch.save(torch.rand(8), f"{out_dir}/rng{acc.process_index}.pt")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
 def _python_blocks():
@@ -26,3 +27,12 @@ def test_readme_commands_exist():
     ci = (root / ".ci" / "run").read_text()
     assert "bash tools/setup.sh" in ci and "pytest -q tests" in ci
     assert "bash tools/setup.sh && .venv/bin/python -m pytest -q tests" in text
+
+
+def test_license_file_matches_the_package_metadata():
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["license"] == "Apache-2.0" and meta["license-files"] == ["LICENSE"]
+    text = " ".join((ROOT / "LICENSE").read_text().split())
+    assert text.startswith("Apache License Version 2.0, January 2004")

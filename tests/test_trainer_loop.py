@@ -1,6 +1,13 @@
 """The training loop (distill.trainer.loop) on real Fashion-MNIST images with a tiny teacher: the loss goes down,
-the same seed gives the same curve, a non-finite loss stops the run or skips the batch."""
+the same seed gives the same curve, a non-finite loss stops the run or skips the batch, gradient accumulation makes
+exact updates, per-process seeds, SIGTERM/SIGINT end a run with a checkpoint."""
 import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -59,3 +66,89 @@ def test_nonfinite_batches_can_be_skipped(rgb_folder, tmp_path, nan_at_call):
     assert rows[0].split(",")[-1] == "skipped" and rows[-1].split(",")[-1] == "1"
     weights = load_file(str(latest_checkpoint(tmp_path / "run") / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+# ----------------------------------------------------------------------------------------------- accumulation
+def test_grad_accum_each_step_is_one_update_of_exactly_n_micro_batches(rgb_folder, tmp_path, monkeypatch):
+    """36 images, batch 6: 6 micro-batches per epoch; grad_accum_steps 4 does not divide it, so 5 steps cross three
+    epoch ends. Each step must be one optimizer update of exactly 4 micro-batches (Accelerate's default would also
+    sync at every epoch end: 6 updates, some of 2 micro-batches, and steps without an update)."""
+    import distill.trainer.loop as loop
+
+    calls, real = [], loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: calls.append(a[3].sync_gradients) or real(*a, **k))
+    run = tmp_path / "run"
+    train(rgb_recipe(rgb_folder, grad_accum_steps=4, steps=5, checkpoint_every=5, warmup_steps=0),
+          str(run), progress=False)
+    assert calls == [False, False, False, True] * 5  # a sync (an update) on every 4th micro-batch, and only there
+    opt = torch.load(run / "checkpoint-5" / "optimizer.bin", weights_only=True)
+    assert {int(s["step"]) for s in opt["state"].values()} == {5}  # AdamW made exactly 5 updates
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["grad_norm"] != "" for r in rows] == [True] * 5
+
+
+def test_grad_accum_resume_across_an_epoch_boundary_equals_uninterrupted(rgb_folder, tmp_path):
+    r = rgb_recipe(rgb_folder, grad_accum_steps=4, steps=4, checkpoint_every=1, warmup_steps=0, augment="crop-flip")
+    train(r, str(tmp_path / "full"), progress=False)
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    for s in (2, 3, 4):  # resume from step 1 (4 of 6 micro-batches of epoch 1 used)
+        shutil.rmtree(tmp_path / "cut" / f"checkpoint-{s}")
+    train(r, str(tmp_path / "cut"), resume=True, progress=False)
+    a = load_file(str(tmp_path / "full" / "checkpoint-4" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoint-4" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_process_seed_is_the_seed_on_the_main_process_and_distinct_elsewhere():
+    from distill.trainer.loop import process_seed
+
+    assert process_seed(7, 0) == 7
+    seeds = {process_seed(7, i) for i in range(64)}
+    assert len(seeds) == 64 and all(0 <= s < 2**32 for s in seeds)
+    assert process_seed(2**32 - 1, 3) < 2**32
+
+
+# ----------------------------------------------------------------------------------------------- signals
+def _signal_run(tmp_path, recipe_path, out, sig, times=1):
+    """Start `distill train` in a subprocess, send ``sig`` once step 3 is logged (``times`` times, 0.2 s apart);
+    returns (return code, stderr)."""
+    p = subprocess.Popen([sys.executable, "-m", "distill.cli", "train", recipe_path, "-o", str(out), "--no-progress"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        rows = (out / "metrics.csv").read_text().splitlines() if (out / "metrics.csv").exists() else []
+        if len(rows) > 3:
+            for _ in range(times):
+                p.send_signal(sig)
+                time.sleep(0.2)
+            break
+        time.sleep(0.05)
+    _, err = p.communicate(timeout=300)
+    return p.returncode, err
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_continue(rgb_folder, tmp_path, sig, code):
+    recipe = rgb_recipe(rgb_folder, steps=60, checkpoint_every=50, log_every=1, warmup_steps=2)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe.to_dict()))
+    rc, err = _signal_run(tmp_path, str(path), tmp_path / "run", sig)
+    assert rc == code, err[-2000:]
+    assert "Traceback" not in err and "--resume" in err
+    last = int((tmp_path / "run" / "metrics.csv").read_text().splitlines()[-1].split(",")[0])
+    assert 3 <= last < 60 and latest_checkpoint(tmp_path / "run").name == f"checkpoint-{last}"
+    if sig == signal.SIGTERM:  # resuming the interrupted run gives the uninterrupted run's weights
+        train(recipe, str(tmp_path / "run"), resume=True, progress=False)
+        train(recipe, str(tmp_path / "full"), progress=False)
+        a = load_file(str(tmp_path / "full" / "checkpoint-60" / "model.safetensors"))
+        b = load_file(str(tmp_path / "run" / "checkpoint-60" / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(rgb_folder, tmp_path):
+    recipe = rgb_recipe(rgb_folder, steps=400, checkpoint_every=400, log_every=1)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe.to_dict()))
+    rc, err = _signal_run(tmp_path, str(path), tmp_path / "run", signal.SIGINT, times=2)
+    assert rc == 130 and "Traceback" not in err, err[-2000:]

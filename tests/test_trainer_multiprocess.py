@@ -36,6 +36,8 @@ def test_two_processes_match_one(tmp_path, rgb_folder):
     r1 = torch.load(tmp_path / "mp" / "rank1.pt")
     for k in r0:  # weights by DDP, BN running stats by distribute_bn before each checkpoint
         assert torch.equal(r0[k], r1[k]), k
+    # each process draws its own diffusion noise and augmentation (RNG streams from seed and process index)
+    assert not torch.equal(torch.load(tmp_path / "mp" / "rng0.pt"), torch.load(tmp_path / "mp" / "rng1.pt"))
     train(make_recipe({**base, "batch_size": 12}), str(tmp_path / "sp"), progress=False)
     print("step-1 loss: 2 processes", _first_loss(tmp_path / "mp"), "1 process", _first_loss(tmp_path / "sp"))
     # same images at step 1 and same initial weights; noise draws and BN batch statistics differ per process
