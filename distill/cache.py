@@ -197,6 +197,19 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
+def is_feature_cache(path: Path) -> bool:
+    """Whether ``path`` is provably a distill feature cache (so ``--overwrite`` may replace it): a manifest.json of
+    this format, and only the ``.npy`` files it lists besides it."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return False
+    listed = set((manifest.get("files") or {}).values()) | {MANIFEST}
+    return all(p.is_file() and p.name in listed for p in path.iterdir())
+
+
 def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2, batch_size: Optional[int] = None,
                            overwrite: bool = False, progress: bool = True, max_images: Optional[int] = None,
                            device: Union[str, torch.device, None] = None, seed: Optional[int] = None,
@@ -233,10 +246,11 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
         if not overwrite:
             raise FileExistsError(f"'{out}' already exists; pass --overwrite (overwrite=True) to replace it, or "
                                   f"choose another --out.")
-        if not (out / MANIFEST).is_file() and not all(p.is_file() and p.suffix in (".npy", ".json", ".part")
-                                                       for p in out.iterdir()):
-            raise FileExistsError(f"'{out}' exists and is not a feature cache (it holds other files); refusing to "
-                                  f"replace it. Choose another --out.")
+        if not is_feature_cache(out):
+            raise FileExistsError(f"'{out}' exists and is not a feature cache made by distill extract (no distill "
+                                  f"manifest.json, or it holds other files: "
+                                  f"{', '.join(sorted(p.name for p in out.iterdir())[:8])}); refusing to replace it. "
+                                  f"Nothing was deleted. Choose another --out.")
     seed = recipe.seed if seed is None else int(seed)
     if timesteps is None:
         timesteps = recipe.timesteps

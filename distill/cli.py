@@ -9,6 +9,7 @@ import sys
 from .atomic import atomic_write_json
 from .config import load_recipe, parse_overrides
 from .errors import EXIT_CODES, TrainingInterrupted
+from .version import __version__
 from .vocab import AUGMENTS, SELECT_METHODS, SELECT_SCORE_ON
 
 
@@ -298,6 +299,7 @@ def cmd_select(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Distill diffusion-model features into timm students.")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"distill {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_train_parser, _add_run_parser, _add_export_parser, _add_probe_parser, _add_select_parser,
                 _add_extract_parser, _add_finetune_parser, _add_report_parser):
@@ -313,9 +315,9 @@ def main(argv=None) -> int:
     except TrainingInterrupted as e:
         print(f"distill {args.command}: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:  # a second Ctrl-C: abort at once, no traceback
-        print(f"distill {args.command}: aborted (second interrupt); the newest checkpoint on disk is kept.",
-              file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: abort at once, no traceback
+        print(f"distill {args.command}: interrupted; nothing more was written (checkpoints already on disk are "
+              f"kept).", file=sys.stderr)
         return 130
     except Exception as e:
         for kinds, code in EXIT_CODES:

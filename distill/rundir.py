@@ -41,6 +41,9 @@ METRICS = "metrics.csv"
 SUMMARY = "summary.json"
 LOCK = ".lock"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+#: the files Accelerate's save_state writes into a checkpoint of a distill run (model, policy, optimizers, RNG)
+CHECKPOINT_FILE_RE = re.compile(r"^(model(_\d+)?\.safetensors|optimizer(_\d+)?\.bin|random_states_\d+\.pkl|"
+                                r"scaler\.pt|\.tmp-.*)$")
 #: what a run writes in its directory (besides checkpoint-{step}/ and .tmp-* temporaries): an --overwrite deletes
 #: these and refuses a directory holding anything else
 RUN_ARTEFACTS = frozenset({CONFIG, METRICS, SUMMARY, LOCK, "policy.csv", "policy_histogram.png", "selection",
@@ -92,10 +95,20 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Optional[Pa
     if resume:
         for stale in run_dir.glob(".tmp-checkpoint-*") if run_dir.is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)  # a checkpoint write that was killed: never a checkpoint
+        if list_checkpoints(run_dir) and not (run_dir / CONFIG).is_file():
+            raise RunExistsError(f"--resume: '{run_dir}' has checkpoint folders but no config.yaml, so it is not a "
+                                 f"distill run (distill writes config.yaml before any checkpoint). Fix: give the "
+                                 f"--output-dir of a distill run.")
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             _logger.warning("--resume: no checkpoint in '%s'; starting from step 0", run_dir)
         return ckpt
+    others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
+    if others and not is_run(run_dir):
+        raise RunExistsError(
+            f"output directory '{run_dir}' is not empty and holds no distill run ({', '.join(others[:8])}"
+            f"{' ...' if len(others) > 8 else ''}); a run written there would mix with those files. Fix: choose a new "
+            f"or empty --output-dir.")
     if is_run(run_dir):
         if not overwrite:
             raise RunExistsError(
@@ -117,8 +130,13 @@ def remove_run(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     foreign = sorted(p.name for p in run_dir.iterdir()
                      if not (p.name in RUN_ARTEFACTS or CHECKPOINT_RE.match(p.name) or p.name.startswith(".tmp-")))
+    foreign += sorted(f"{c.name}/{f.name}" for _, c in list_checkpoints(run_dir) for f in c.iterdir()
+                      if not CHECKPOINT_FILE_RE.match(f.name))
     reason = f"it holds {', '.join(foreign[:8])}{' ...' if len(foreign) > 8 else ''}, which distill does not write"
-    if not foreign and (run_dir / CONFIG).is_file():
+    if not foreign and not (run_dir / CONFIG).is_file():
+        reason, foreign = "it has checkpoints or logs but no config.yaml (distill writes one before any of them)", \
+            [CONFIG]
+    if not foreign:
         try:
             _, resolved = read_config(run_dir)
             if not resolved:
@@ -149,6 +167,7 @@ class RunLock:
 
     def __enter__(self) -> "RunLock":
         self.created = not self.path.parent.exists()
+        self.lock_existed = self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -170,6 +189,8 @@ class RunLock:
         if self.created and [p.name for p in self.path.parent.iterdir()] == [LOCK]:
             self.path.unlink()  # a run that wrote nothing leaves no directory behind
             self.path.parent.rmdir()
+        elif not self.lock_existed and not is_run(self.path.parent):
+            self.path.unlink()  # a refused or failed command leaves no .lock in someone else's folder
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None
@@ -232,11 +253,13 @@ def check_resume(run_dir: Path, start: int, recipe: Recipe, resolved: Optional[d
     if not (Path(run_dir) / CONFIG).is_file():
         return []
     old, old_resolved = read_config(run_dir)
-    if recipe.steps <= start:
-        raise ValueError(f"--resume: steps={recipe.steps} but the run's newest checkpoint is at step {start}; give "
-                         f"steps > {start} (--set steps=N) to train on, or use the run as it is.")
     changes = resume_changes(old, old_resolved, recipe, resolved)
     blocking = [c for c in changes if c[0] not in RESUME_FREE_KEYS]
+    if recipe.steps <= start:
+        also = f" (and the recipe differs: {'; '.join(f'{k}: {_short(a)} -> {_short(b)}' for k, a, b in blocking)})" \
+            if blocking else ""
+        raise ValueError(f"--resume: steps={recipe.steps} but the run's newest checkpoint is at step {start}; give "
+                         f"steps > {start} (--set steps=N) to train on, or use the run as it is{also}.")
     if blocking and not allow_changes:
         listed = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in blocking)
         raise ValueError(

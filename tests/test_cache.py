@@ -264,6 +264,20 @@ def test_overwrite_protection_and_stale_tmp(cache_dir, tmp_path, fmnist_dir, tin
     with pytest.raises(FileExistsError, match="not a feature cache"):
         extract_features_cache(r, other, num_draws=1, max_images=8, progress=False, overwrite=True)
     assert (other / "notes.txt").read_text() == "keep me"
+    # ... nor one whose manifest.json is another tool's, nor a folder of other JSON files, nor a cache with more
+    for name, files in (("webapp", {"manifest.json": '{"name": "webapp"}', "src.js": "code"}),
+                        ("settings", {"settings.json": "{}", "data.json": "[]"})):
+        d = tmp_path / name
+        d.mkdir()
+        for f, text in files.items():
+            (d / f).write_text(text)
+        with pytest.raises(FileExistsError, match="not a feature cache made by distill extract"):
+            extract_features_cache(r, d, num_draws=1, max_images=8, progress=False, overwrite=True)
+        assert {p.name: p.read_text() for p in d.iterdir()} == files
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="mine.txt"):
+        extract_features_cache(r, out, num_draws=1, max_images=8, progress=False, overwrite=True)
+    assert (out / "mine.txt").exists()
 
 
 def test_train_steps_from_cache(cache_dir, fmnist_dir, tiny_pipeline_dir):

@@ -47,6 +47,28 @@ def test_overwrite_refuses_a_directory_that_is_not_a_distill_run(rgb_folder, tmp
     assert (only_cfg / "config.yaml").read_text() == "learning_rate: 3\n"
 
 
+def test_overwrite_and_resume_refuse_checkpoints_without_a_distill_config(rgb_folder, tmp_path):
+    """A Hugging Face Trainer output (checkpoint-500/ with its own files, no config.yaml) is not a distill run."""
+    hf = tmp_path / "hf"
+    (hf / "checkpoint-500").mkdir(parents=True)
+    (hf / "checkpoint-500" / "trainer_state.json").write_text("{}")
+    with pytest.raises(RunExistsError, match="not provably a distill run"):
+        train(rgb_recipe(rgb_folder, steps=2), str(hf), overwrite=True, progress=False)
+    with pytest.raises(RunExistsError, match="no config.yaml"):
+        train(rgb_recipe(rgb_folder, steps=2), str(hf), resume=True, progress=False)
+    assert (hf / "checkpoint-500" / "trainer_state.json").exists()
+    assert sorted(p.name for p in hf.iterdir()) == ["checkpoint-500"]  # no .lock left behind either
+
+
+def test_a_non_empty_folder_that_is_not_a_run_is_refused(rgb_folder, tmp_path):
+    misc = tmp_path / "misc"
+    misc.mkdir()
+    (misc / "notes.txt").write_text("mine")
+    with pytest.raises(RunExistsError, match="not empty and holds no distill run.*notes.txt"):
+        train(rgb_recipe(rgb_folder, steps=2), str(misc), progress=False)
+    assert sorted(p.name for p in misc.iterdir()) == ["notes.txt"]
+
+
 def test_overwrite_replaces_a_run_by_its_own_files(rgb_folder, tmp_path):
     run = tmp_path / "run"
     train(rgb_recipe(rgb_folder, steps=2), str(run), progress=False)

@@ -2,8 +2,8 @@
 
 ``distill.trainer`` was one module; the names imported from it before stay importable here.
 """
-from ..build import (TargetLayout, build_model, build_optimizer, build_scheduler, build_teacher,  # noqa: F401
-                     build_train_data, check_channels, resolve_mean_std, target_layout)
+from ..build import (TargetLayout, build_model, build_optimizer, build_policy, build_scheduler,  # noqa: F401
+                     build_teacher, build_train_data, check_channels, check_labelled, resolve_mean_std, target_layout)
 from ..errors import NonFiniteLossError, RunExistsError, UntrustedCheckpointError  # noqa: F401
 from ..rundir import latest_checkpoint, list_checkpoints, load_trained, prepare_run_dir  # noqa: F401
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401

@@ -318,8 +318,8 @@ def interrupted(signum: int, step: int, run_dir: Path) -> TrainingInterrupted:
 
     return TrainingInterrupted(
         f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint written to "
-        f"{run_dir / f'checkpoint-{step}'}. Continue with the same command and --resume "
-        f"(distill train RECIPE -o {run_dir} --resume).", signum)
+        f"{run_dir / f'checkpoint-{step}'}. Continue with the same command (the same recipe and --set values) "
+        f"plus --resume: distill train RECIPE -o {run_dir} --resume [--set ...].", signum)
 
 
 def finish(s: Session) -> dict:
