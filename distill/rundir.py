@@ -189,7 +189,7 @@ class RunLock:
         if self.created and [p.name for p in self.path.parent.iterdir()] == [LOCK]:
             self.path.unlink()  # a run that wrote nothing leaves no directory behind
             self.path.parent.rmdir()
-        elif not self.lock_existed and not is_run(self.path.parent):
+        elif not self.lock_existed and not (self.path.parent / CONFIG).is_file():
             self.path.unlink()  # a refused or failed command leaves no .lock in someone else's folder
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
