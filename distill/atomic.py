@@ -4,12 +4,16 @@ A write goes to a temporary sibling (``.tmp-<name>-<pid>-<random>``, same filesy
 then renamed over the target with :func:`os.replace` (atomic on POSIX), and the parent directory is fsync'd so
 the rename itself survives a power cut. A failed write removes its temporary file or directory. One naming
 convention for temporaries means :func:`remove_stale_temps` can clean what a killed process left, and nothing
-else. Torch-free.
+else. Written files get the mode the umask allows (``0o666 & ~umask``; some writers, e.g. safetensors, create
+``0600`` files). A write that fails for lack of space or permission, or because a file is where a directory should
+be, raises :class:`~distill.errors.WriteError` saying what, where and how much space it needed (:func:`writing`:
+the one place where such ``OSError`` s are translated). Torch-free.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -18,8 +22,139 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
+from .errors import WriteError
+
 PathLike = Union[str, os.PathLike]
 TMP_PREFIX = ".tmp-"
+
+#: errno of a failed write -> (what it means, the fix)
+WRITE_ERRNOS = {
+    errno.ENOSPC: ("the disk is full", "free space there, or choose another location"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space within your quota, or choose another location"),
+    errno.EFBIG: ("the file is too large for the file system", "choose another location"),
+    errno.EROFS: ("the file system is read-only", "choose a writable location"),
+    errno.EACCES: ("permission denied", "choose a directory you can write to, or change its permissions"),
+    errno.EPERM: ("permission denied", "choose a directory you can write to, or change its permissions"),
+    errno.ENOTDIR: ("a part of the path is a file, not a directory", "choose another path, or move that file away"),
+    errno.EEXIST: ("a file is in the way", "choose another path, or move that file away"),
+}
+#: writers that do not raise OSError (safetensors' Rust writer): their message -> errno
+LIBRARY_WRITE_MESSAGES = (("No space left on device", errno.ENOSPC), ("os error 28", errno.ENOSPC),
+                          ("Disk quota exceeded", errno.EDQUOT), ("os error 122", errno.EDQUOT),
+                          ("Read-only file system", errno.EROFS), ("os error 30", errno.EROFS),
+                          ("Permission denied", errno.EACCES), ("os error 13", errno.EACCES),
+                          ("Not a directory", errno.ENOTDIR), ("os error 20", errno.ENOTDIR))
+#: torch's zip writer reports a failed write without its cause ("unexpected pos 576 vs 534")
+TORCH_WRITER_MARK = "inline_container.cc"
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def free_bytes(path: PathLike) -> Optional[int]:
+    """Free space (bytes, for this user) on the file system that holds ``path`` or its nearest existing ancestor."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while p.is_file() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def _blocking_file(path: Path) -> Optional[Path]:
+    """The nearest ancestor of ``path`` that exists and is not a directory (what ENOTDIR/EEXIST is about)."""
+    for p in [path, *path.parents]:
+        if p.exists() or p.is_symlink():
+            return p if not p.is_dir() else None
+    return None
+
+
+def _inside(name: PathLike, roots: Sequence[Path]) -> bool:
+    p = Path(name).absolute()
+    return any(p == r or r in p.parents or p in r.parents for r in roots)
+
+
+def write_error(e: BaseException, what: str, path: PathLike, needed: Optional[int] = None,
+                temp: Optional[PathLike] = None) -> Optional[WriteError]:
+    """The :class:`WriteError` for ``e`` raised while writing ``what`` to ``path`` (through ``temp``), or None when
+    ``e`` is not a failed write (another error, or an ``OSError`` about a file elsewhere, e.g. an input).
+
+    Recognised: ``OSError`` with an errno of :data:`WRITE_ERRNOS`, the messages of :data:`LIBRARY_WRITE_MESSAGES`,
+    and torch's zip writer failing (reported as a full disk when the free space is below ``needed``).
+    """
+    if isinstance(e, WriteError):
+        return e
+    final = Path(path).absolute()
+    code = None
+    if isinstance(e, OSError):
+        roots = [final, *([Path(temp).absolute()] if temp is not None else [])]
+        if e.errno not in WRITE_ERRNOS or (e.filename is not None and not _inside(e.filename, roots)):
+            return None
+        code, detail = e.errno, e.strerror or str(e)
+    else:
+        msg = str(e)
+        code = next((c for m, c in LIBRARY_WRITE_MESSAGES if m in msg), None)
+        if code is None and TORCH_WRITER_MARK not in msg:
+            return None
+        detail = msg.strip().splitlines()[-1][:200] if msg.strip() else type(e).__name__
+    free = free_bytes(final)
+    if code is None:  # torch's writer: the cause is not reported
+        code = errno.ENOSPC if needed is not None and free is not None and free < needed else None
+        detail = "torch.save stopped mid-file"
+    reason, fix = WRITE_ERRNOS.get(code, ("the write failed", "check the disk and the permissions of that location"))
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        blocker = _blocking_file(final)
+        if blocker is not None:
+            reason = f"'{blocker}' is a file, not a directory"
+    size = f" (about {human_bytes(needed)})" if needed is not None else ""
+    space = ""
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, None) and free is not None:
+        space = f" {human_bytes(free)} are free there{f', {human_bytes(needed)} are needed' if needed else ''}."
+    return WriteError(f"could not write {what}{size} to '{path}': {reason} ({detail}).{space} Temporary files were "
+                      f"removed. Fix: {fix}.", code, str(path))
+
+
+@contextlib.contextmanager
+def writing(what: str, path: PathLike, needed: Optional[int] = None, temp: Optional[PathLike] = None) -> Iterator[None]:
+    """Raise a failed write inside the block as :class:`WriteError` (see :func:`write_error`); other exceptions
+    pass unchanged. ``what`` is said in the message (``"checkpoint-6"``), ``needed`` is the estimated size."""
+    try:
+        yield
+    except Exception as e:
+        err = write_error(e, what, path, needed, temp)
+        if err is None or err is e:
+            raise
+        raise err from e
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where possible: setting it to read it is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def settle_file(path: PathLike, mode: Optional[int] = None) -> None:
+    """Give a freshly written file the mode the umask allows (``0o666 & ~umask``, or ``mode``) and fsync it."""
+    os.chmod(path, mode if mode is not None else 0o666 & ~current_umask())
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def temp_path(path: PathLike, token: Optional[str] = None) -> Path:
@@ -44,29 +179,38 @@ def fsync_dir(path: PathLike) -> None:
 
 
 def fsync_tree(path: PathLike) -> None:
-    """fsync every file of a directory tree and every directory in it (before the tree is renamed into place)."""
-    for root, _dirs, files in os.walk(str(path)):
+    """Settle every file of a directory tree (:func:`settle_file`: umask mode, fsync) and fsync every directory in
+    it, deepest first (before the tree is renamed into place)."""
+    mode = 0o666 & ~current_umask()
+    for root, _dirs, files in os.walk(str(path), topdown=False):
         for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                settle_file(p, mode)
         fsync_dir(root)
 
 
 @contextlib.contextmanager
-def atomic_file(path: PathLike) -> Iterator[Path]:
+def atomic_file(path: PathLike, what: Optional[str] = None, needed: Optional[int] = None) -> Iterator[Path]:
     """Yield a temporary path; write the file there (e.g. ``fig.savefig(tmp)``, ``save_file(sd, tmp)``); on a
-    clean exit it is fsync'd and renamed to ``path``, on an exception it is removed and ``path`` is untouched."""
+    clean exit it gets the umask's mode, is fsync'd and renamed to ``path`` (missing parent directories are
+    created); on an exception it is removed and ``path`` is untouched.
+
+    Raises:
+        WriteError: the file could not be written (``what``, default its name, and ``needed`` bytes are said).
+    """
     final = Path(path)
     tmp = temp_path(final)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    with writing(what or f"'{final.name}'", final, needed, tmp):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            yield tmp
+            settle_file(tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
     fsync_dir(final.parent)
 
 
@@ -98,9 +242,11 @@ def atomic_write_csv(path: PathLike, header: Sequence[str], rows: Iterable[Seque
 
 
 @contextlib.contextmanager
-def atomic_dir(path: PathLike, replace: bool = False, token: Optional[str] = None) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``path``; fill it; on a clean exit its tree is fsync'd and it is
-    renamed to ``path``. An exception removes the temporary directory and leaves ``path`` as it was.
+def atomic_dir(path: PathLike, replace: bool = False, token: Optional[str] = None, what: Optional[str] = None,
+               needed: Optional[int] = None) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``path`` (missing parents are created); fill it; on a clean exit its
+    tree is settled (umask modes, fsync) and it is renamed to ``path``. An exception removes the temporary
+    directory and leaves ``path`` as it was.
 
     Args:
         path: the final directory. An existing empty directory is replaced.
@@ -108,38 +254,54 @@ def atomic_dir(path: PathLike, replace: bool = False, token: Optional[str] = Non
             the new tree is renamed into place, then the old one is deleted. The caller must have proven that the
             old directory is its own to delete (an export by its files, a cache by its manifest).
         token: a fixed temporary name suffix (see :func:`temp_path`); a leftover of that name is removed first.
+        what, needed: said in a :class:`WriteError` (default: the directory's name; the estimated size in bytes).
 
     Raises:
         FileExistsError: ``path`` exists, is not an empty directory, and ``replace`` is false.
+        WriteError: the directory or a file in it could not be written; nothing is left behind.
     """
     final = Path(path)
     if final.exists() and not replace and not (final.is_dir() and not any(final.iterdir())):
         raise FileExistsError(f"'{final}' already exists; refusing to replace it.")
     tmp = temp_path(final, token)
-    if token is not None and tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=False)
-    try:
-        yield tmp
-        commit_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    what = what or f"directory '{final.name}'"
+    with writing(what, final, needed, tmp):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if token is not None and tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=False)
+        try:
+            yield tmp
+            commit_dir(tmp, final, what, needed)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
-def commit_dir(tmp: PathLike, path: PathLike) -> Path:
-    """Put a complete temporary directory ``tmp`` in place as ``path``: fsync its tree, move an existing
-    non-empty ``path`` aside, rename ``tmp`` to ``path``, fsync the parent, delete the old one. The step of
+def commit_dir(tmp: PathLike, path: PathLike, what: Optional[str] = None, needed: Optional[int] = None) -> Path:
+    """Put a complete temporary directory ``tmp`` in place as ``path``: settle its tree (:func:`fsync_tree`: umask
+    modes, every file and directory fsync'd), move an existing non-empty ``path`` aside, rename ``tmp`` to
+    ``path``, fsync the parent, delete the old one (a failed rename puts the old one back). The step of
     :func:`atomic_dir` that renames; for writers whose temporary directory is filled by several processes
     (a distributed checkpoint), which call it once, on the main process. The caller has proven that an existing
-    ``path`` is its own to replace."""
+    ``path`` is its own to replace, and removes ``tmp`` if this raises.
+
+    Raises:
+        WriteError: the tree could not be settled or renamed (see :func:`writing`).
+    """
     tmp, final = Path(tmp), Path(path)
-    fsync_tree(tmp)
     old = None
-    if final.exists() and (not final.is_dir() or any(final.iterdir())):
-        old = temp_path(final.with_name(f"{final.name}-old"))
-        os.replace(final, old)
-    os.replace(tmp, final)
+    with writing(what or f"directory '{final.name}'", final, needed, tmp):
+        fsync_tree(tmp)
+        if final.exists() and (not final.is_dir() or any(final.iterdir())):
+            old = temp_path(final.with_name(f"{final.name}-old"))
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old is not None:
+                os.replace(old, final)
+            raise
     fsync_dir(final.parent)
     if old is not None and old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)

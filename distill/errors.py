@@ -48,8 +48,30 @@ class MissingDependencyError(ImportError, ValueError):
     """An optional package is needed (e.g. transformers for a Stable Diffusion text encoder)."""
 
 
+class UnreadableFileError(ValueError):
+    """A file distill reads is empty, truncated, partial or malformed (weights, a config, a checkpoint, a result);
+    the message names the file and the fix. ``path`` is the file."""
+
+    def __init__(self, message: str, path=None):
+        super().__init__(message)
+        self.path = path
+
+
+class WriteError(OSError):
+    """A file or directory could not be written (disk full, quota, read-only file system, no permission, a file
+    where a directory should be); the message says what, where and how much space it needed, and temporaries were
+    removed. ``errno`` is the cause's (e.g. ``errno.ENOSPC``), ``filename`` the path that was written."""
+
+    def __init__(self, message: str, errno_: "int | None" = None, filename=None):
+        super().__init__(message)
+        self.errno, self.filename = errno_, filename
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 #: CLI exit code per exception kind: 2 for bad input, 3 for a run that was refused or stopped.
 EXIT_CODES = (
     ((NonFiniteLossError, UntrustedCheckpointError), 3),
-    ((ValueError, FileNotFoundError, FileExistsError, MemoryError), 2),
+    ((ValueError, FileNotFoundError, FileExistsError, MemoryError, WriteError), 2),
 )

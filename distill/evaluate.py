@@ -2,7 +2,6 @@
 or raw pixels, each under the same linear (BN + Linear) and kNN (cosine, k=20) protocol of ``distill.probe``."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .atomic import atomic_write_json
 from .data import build_dataset, collate, dataset_mean_std, label_subset, to_student, to_unit
-from .export import export_data_root, load_exported
+from .export import export_data_root, load_exported, read_export
 from .probe import extract_features, knn_probe, linear_probe
 from .rundir import load_trained
 from .student import Student
@@ -122,7 +121,7 @@ def probe_model(kind: str, target, dataset: Optional[str] = None, data_root: Opt
         size, mean, std = recipe.student_size, resolved["mean"], resolved["std"]
         dataset, data_root, channels = dataset or recipe.dataset, data_root or recipe.data_root, resolved["data_channels"]
     elif kind == "exported":
-        d = json.loads((Path(target) / "config.json").read_text()).get("distill", {})
+        d = read_export(str(target)).get("distill", {})
         dataset, channels = dataset or d.get("dataset"), d.get("data_channels", channels)
         data_root = data_root or export_data_root(d, dataset)
     dataset = dataset or "fashion-mnist"

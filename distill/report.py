@@ -11,22 +11,27 @@ Outputs, in ``--out``:
 * ``probes.png``: linear / kNN probe top-1 of the teacher (``--teacher-probe``), distilled and random-init students;
 * ``report.json``: the numbers of the tables.
 
+An input file that cannot be read (a corrupted ``result.json``, an empty ``metrics.csv``, ...) is skipped with a
+warning naming it; ``report.md`` and ``report.json`` (``skipped``) list what was skipped and why.
 Plots use matplotlib's object API with the Agg canvas: no display and no pyplot global state.
 """
 from __future__ import annotations
 
 import csv
-import json
+import logging
 import math
 import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from .atomic import atomic_write_json, atomic_write_text
+from .atomic import atomic_write_json, atomic_write_text, writing
+from .integrity import error_text, read_json
 from .teacher import feature_key
 from .plots import pct, plot_fraction, plot_loss_curves, plot_probes
+
+_logger = logging.getLogger(__name__)
 
 # metrics.csv columns that are not loss terms
 NON_LOSS_COLUMNS = ("step", "lr", "grad_norm", "img_per_s", "skipped")
@@ -105,31 +110,74 @@ def _short_names(paths: list[Path]) -> list[str]:
     return [str(p.relative_to(common)) if p != common else p.name for p in paths]
 
 
-def load_distill_runs(dirs: list[Path]) -> list[DistillRun]:
+def _read_or_skip(path: Path, read: Callable, skipped: list):
+    """``read(path)``, or None when the file cannot be read: then ``(path, reason)`` is added to ``skipped`` and a
+    warning names the file."""
+    try:
+        return read(path)
+    except (OSError, ValueError, KeyError, TypeError, csv.Error) as e:  # UnicodeDecodeError, JSON errors: ValueError
+        reason = error_text(e, 300).replace(f"'{path}' ", "", 1)
+        skipped.append({"path": str(path), "reason": reason})
+        _logger.warning("report: skipping '%s': %s", path, reason)
+        return None
+
+
+def _results_json(path: Path) -> dict:
+    data = read_json(path)
+    if isinstance(data, list):
+        data = {"results": data}
+    if not isinstance(data, dict) or not isinstance(data.get("results", []), list):
+        raise ValueError("not a `distill run` results.json ({'results': [...]})")
+    return data
+
+
+def _summary_json(path: Path) -> dict:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError("not a `distill train` summary.json (a JSON object)")
+    return data
+
+
+def load_distill_runs(dirs: list[Path], skipped: Optional[list] = None) -> list[DistillRun]:
+    """The distillation runs of ``dirs``; an unreadable ``metrics.csv``/``results.json``/``summary.json`` is
+    skipped with a warning (added to ``skipped``), and a run with nothing readable is left out."""
+    skipped = [] if skipped is None else skipped
     runs = []
     for d, name in zip(dirs, _short_names(dirs)):
         run = DistillRun(d, name)
         if (d / "metrics.csv").is_file():
-            run.metrics = read_metrics(d / "metrics.csv")
-        if (d / "results.json").is_file():
-            data = json.loads((d / "results.json").read_text())
-            run.probes = list(data.get("results", [])) if isinstance(data, dict) else list(data)
-            run.info = {k: v for k, v in data.items() if k != "results"} if isinstance(data, dict) else {}
+            run.metrics = _read_or_skip(d / "metrics.csv", read_metrics, skipped) or {}
+        data = _read_or_skip(d / "results.json", _results_json, skipped) if (d / "results.json").is_file() else None
+        if data is not None:
+            run.probes = list(data.get("results", []))
+            run.info = {k: v for k, v in data.items() if k != "results"}
         elif (d / "summary.json").is_file():
-            run.info = {"train_summary": json.loads((d / "summary.json").read_text())}
-        runs.append(run)
+            summary = _read_or_skip(d / "summary.json", _summary_json, skipped)
+            run.info = {"train_summary": summary} if summary is not None else {}
+        if run.metrics or run.probes or run.info:
+            runs.append(run)
     return runs
 
 
-def load_finetune_results(dirs: list[Path]) -> list[dict]:
+def _finetune_result(path: Path) -> dict:
+    r = read_json(path)
+    if not isinstance(r, dict):
+        raise ValueError("not a `distill finetune` result (a JSON object)")
+    for key in ("label", "fraction", "seed", "last_top1", "best_top1"):
+        if key not in r:
+            raise ValueError(f"has no {key!r}; is it a `distill finetune` result?")
+    return r
+
+
+def load_finetune_results(dirs: list[Path], skipped: Optional[list] = None) -> list[dict]:
+    """The ``result.json`` of each fine-tuning run in ``dirs`` (with ``_dir``); an unreadable one is skipped with a
+    warning (added to ``skipped``)."""
+    skipped = [] if skipped is None else skipped
     out = []
     for d in dirs:
-        r = json.loads((d / "result.json").read_text())
-        for key in ("label", "fraction", "seed", "last_top1", "best_top1"):
-            if key not in r:
-                raise ValueError(f"'{d / 'result.json'}' has no {key!r}; is it a `distill finetune` result?")
-        r["_dir"] = str(d)
-        out.append(r)
+        r = _read_or_skip(d / "result.json", _finetune_result, skipped)
+        if r is not None:
+            out.append({**r, "_dir": str(d)})
     return out
 
 
@@ -140,7 +188,7 @@ def load_teacher_probe(path: str) -> list[dict]:
     if not p.is_file():
         raise FileNotFoundError(f"--teacher-probe '{p}' does not exist (e.g. "
                                 f"distill/teacher/packaged/fashion-mnist-ddpm/probe.json).")
-    data = json.loads(p.read_text())
+    data = read_json(p, "--teacher-probe")
     if isinstance(data, dict) and "trained" in data:
         teacher = data.get("teacher", p.parent.name)
         rows = []
@@ -299,15 +347,25 @@ def _no_nan(x):
 def write_report(paths: Sequence[str], out: str, teacher_probe: Optional[str] = None,
                  title: str = "distill report") -> dict:
     """Read the runs under ``paths``, write ``report.md``, ``report.json`` and the PNGs to ``out``; returns
-    ``{'report', 'plots', 'finetune', 'probes', 'distill_runs'}``."""
+    ``{'report', 'plots', 'finetune', 'probes', 'distill_runs', 'skipped'}``; unreadable input files are skipped with
+    a warning and listed in ``skipped``.
+
+    Raises:
+        ValueError: no runs found, or none of them readable (the skipped files are named).
+    """
     distill_dirs, finetune_dirs = discover(paths)
-    runs = load_distill_runs(distill_dirs)
-    results = load_finetune_results(finetune_dirs)
+    skipped: list[dict] = []
+    runs = load_distill_runs(distill_dirs, skipped)
+    results = load_finetune_results(finetune_dirs, skipped)
+    if not runs and not results:
+        raise ValueError(f"no readable runs in {list(paths)}: " + "; ".join(f"'{s['path']}': {s['reason']}"
+                                                                          for s in skipped))
     teacher_rows = load_teacher_probe(teacher_probe) if teacher_probe else []
     ft_rows = summarize_finetune(results)
     p_rows = probe_rows(runs, teacher_rows)
     out_p = Path(out).expanduser()
-    out_p.mkdir(parents=True, exist_ok=True)
+    with writing("the report", out_p):
+        out_p.mkdir(parents=True, exist_ok=True)
     plots = {
         "loss_curves": plot_loss_curves(runs, out_p / "loss_curves.png"),
         "finetune_fraction": plot_fraction(ft_rows, out_p / "finetune_fraction.png"),
@@ -336,9 +394,11 @@ def write_report(paths: Sequence[str], out: str, teacher_probe: Optional[str] = 
             md += ["![accuracy vs label fraction](finetune_fraction.png)", ""]
         budgets = sorted({_budget(r) for r in results})
         md += [f"Budget: {'; '.join(budgets)}.", "", "### Runs", "", finetune_runs_table(results), ""]
+    if skipped:
+        md += ["## Skipped (unreadable)", ""] + [f"- `{s['path']}`: {s['reason']}" for s in skipped] + [""]
     report_md = atomic_write_text(out_p / "report.md", "\n".join(md))
     summary = {"report": str(report_md), "plots": {k: str(v) if v else None for k, v in plots.items()},
-               "finetune": ft_rows, "probes": p_rows,
+               "finetune": ft_rows, "probes": p_rows, "skipped": skipped,
                "distill_runs": [{"name": r.name, "path": str(r.path), "loss_terms": r.loss_terms,
                                  "final": {t: _last_finite(r.metrics[t]) for t in r.loss_terms},
                                  "probes": r.probes} for r in runs]}

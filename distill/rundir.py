@@ -30,7 +30,8 @@ import yaml
 from .atomic import atomic_write_json, atomic_write_text
 from .build import build_student
 from .config import Recipe, make_recipe, save_recipe
-from .errors import RunExistsError, RunLockedError
+from .errors import RunExistsError, RunLockedError, UnreadableFileError
+from .integrity import error_text, safetensors_problem, torch_file_problem
 from .regressor import FeatureRegressor
 from .student import DistillModel
 
@@ -61,7 +62,9 @@ def checkpoint_step(ckpt: Path) -> int:
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (those that were renamed into place), oldest first, as ``(step, path)``."""
+    """The ``checkpoint-{step}`` directories of a run, oldest first, as ``(step, path)``. distill renames a
+    checkpoint into place complete, but a copy or a disk fault can damage one: :func:`newest_loadable_checkpoint`
+    checks them."""
     out = []
     run_dir = Path(run_dir)
     if run_dir.is_dir():
@@ -73,9 +76,74 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint of ``run_dir``, or None."""
+    """The newest ``checkpoint-{step}`` directory of ``run_dir``, or None (unchecked: to load one, use
+    :func:`newest_loadable_checkpoint`)."""
     ckpts = list_checkpoints(Path(run_dir))
     return ckpts[-1][1] if ckpts else None
+
+
+MODEL_FILE = "model.safetensors"
+
+
+def checkpoint_problem(ckpt: Path, model_only: bool = False, deep: bool = True) -> Optional[str]:
+    """What keeps checkpoint ``ckpt`` from loading, naming the file (``'model.safetensors: truncated (1000000 of
+    44926704 bytes)'``, ``'empty directory (an interrupted copy?)'``), or None.
+
+    Checks: ``model*.safetensors`` by header and size; unless ``model_only`` (export needs the weights alone),
+    the matching ``optimizer*.bin`` and the ``random_states_*.pkl`` files, loaded with ``weights_only=True`` when
+    ``deep`` (resume), else by their zip structure.
+
+    Raises:
+        UntrustedCheckpointError: (``deep``, not ``model_only``) a file would import or call code when unpickled.
+    """
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        return "not a directory"
+    names = sorted(p.name for p in ckpt.iterdir())
+    if not names:
+        return "empty directory (an interrupted copy or write?)"
+    if MODEL_FILE not in names:
+        return f"{MODEL_FILE}: missing (the directory holds {', '.join(names[:6])}{' ...' if len(names) > 6 else ''})"
+    models = [n for n in names if re.fullmatch(r"model(_\d+)?\.safetensors", n)]
+    for name in models:
+        problem = safetensors_problem(ckpt / name)
+        if problem:
+            return f"{name}: {problem}"
+    if model_only:
+        return None
+    torch_files = [n.replace("model", "optimizer").replace(".safetensors", ".bin") for n in models]
+    rng = [n for n in names if re.fullmatch(r"random_states_\d+\.pkl", n)]
+    for name in torch_files + (rng or ["random_states_0.pkl"]):
+        problem = torch_file_problem(ckpt / name, deep)
+        if problem:
+            return f"{name}: {problem}"
+    return None
+
+
+def newest_loadable_checkpoint(run_dir: Path, model_only: bool = False, deep: bool = True) -> Optional[Path]:
+    """The newest checkpoint of ``run_dir`` that loads (:func:`checkpoint_problem`), or None when there is none.
+    Each newer damaged one is skipped with a warning naming the checkpoint, the file and the problem.
+
+    Raises:
+        UnreadableFileError: every checkpoint is damaged (each listed with its problem).
+        UntrustedCheckpointError: a checkpoint holds a pickle that would run code (never skipped silently).
+    """
+    run_dir = Path(run_dir)
+    skipped = []
+    for _, ckpt in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(ckpt, model_only, deep)
+        if problem is None:
+            for name, why in skipped:
+                _logger.warning("%s of '%s' cannot be loaded (%s); using %s, the newest one that loads",
+                                name, run_dir, why, ckpt.name)
+            return ckpt
+        skipped.append((ckpt.name, problem))
+    if skipped:
+        listed = "; ".join(f"{name}: {why}" for name, why in skipped)
+        raise UnreadableFileError(
+            f"no checkpoint of '{run_dir}' can be loaded ({listed}). Fix: restore the run from a copy, or start it "
+            f"again (--overwrite).", run_dir)
+    return None
 
 
 def is_run(run_dir: Path) -> bool:
@@ -333,27 +401,42 @@ class CsvLog:
 
 
 def load_trained(run_dir: str, checkpoint: Optional[str] = None, map_location="cpu") -> tuple[DistillModel, Recipe, dict]:
-    """Rebuild student + regressor of a run and load a checkpoint's weights (default: the latest).
+    """Rebuild student + regressor of a run and load a checkpoint's weights (default: the newest checkpoint whose
+    weights load; newer damaged ones are skipped with a warning, see :func:`newest_loadable_checkpoint`).
+    ``checkpoint`` is a checkpoint directory, or the name of one in the run (``checkpoint-4``).
 
     Returns:
         ``(model in eval mode, recipe, resolved values + 'checkpoint')``.
 
     Raises:
-        FileNotFoundError: not a run directory, or no complete checkpoint.
+        FileNotFoundError: not a run directory, no checkpoint, or no such ``checkpoint``.
+        UnreadableFileError: the given ``checkpoint`` (or every checkpoint) has damaged weights (the message names
+            the checkpoint and the file), or they do not fit the run's ``config.yaml``.
     """
     from safetensors.torch import load_file
 
     run = Path(run_dir)
     recipe, resolved = read_config(run)
-    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run)
-    if ckpt is None or not (ckpt / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no complete checkpoint in '{run}'; train first (or pass a checkpoint directory).")
+    ckpt = (run / checkpoint if checkpoint and (run / checkpoint).is_dir() else Path(checkpoint)) if checkpoint \
+        else newest_loadable_checkpoint(run, model_only=True)
+    if ckpt is None or not ckpt.is_dir():
+        have = ", ".join(p.name for _, p in list_checkpoints(run)) or "none"
+        raise FileNotFoundError(f"no checkpoint{' ' + str(checkpoint) if checkpoint else ''} in '{run}' (it has: "
+                                f"{have}); train first, or give one of its checkpoint directories.")
+    problem = checkpoint_problem(ckpt, model_only=True) if checkpoint else None
+    if problem:
+        raise UnreadableFileError(f"checkpoint '{ckpt}' cannot be loaded: {problem}. Fix: give another checkpoint, "
+                                  f"or none to use the newest one that loads.", ckpt / MODEL_FILE)
     student = build_student(recipe)
     targets = ([(c, tuple(size)) for c, size in resolved["regressor_targets"]] if "regressor_targets" in resolved
                else [(f["num_chs"], tuple(f["size"])) for f in resolved["teacher_features"]])
     regressor = FeatureRegressor(student.channels, targets, sources=resolved["sources"], width=recipe.regressor_width,
                                  use_ppm=recipe.use_ppm)
     model = DistillModel(student, regressor)
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(map_location)), strict=True)
+    try:
+        model.load_state_dict(load_file(str(ckpt / MODEL_FILE), device=str(map_location)), strict=True)
+    except Exception as e:  # noqa: BLE001 - safetensors' and torch's errors, named here
+        raise UnreadableFileError(f"cannot load '{ckpt / MODEL_FILE}' into the model described by '{run / CONFIG}': "
+                                  f"{error_text(e)}. Fix: give the checkpoint of this run.", ckpt / MODEL_FILE) from e
     resolved["checkpoint"] = str(ckpt)
     return model.eval(), recipe, resolved

@@ -1,11 +1,19 @@
 """Export of a trained run (distill.export): the exported timm model gives the run's features, carries its
-config, loads with a head for fine-tuning, and an existing export is not overwritten."""
+config, loads with a head for fine-tuning; an export replaces only an earlier export (never the run, a folder holding
+it, or anything else), falls back past a damaged newest checkpoint saying so, reports a failed write (exit 2, no
+temporaries), writes files with the umask's mode, and a damaged export names its file."""
 import json
+import os
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 
+from distill.cli import main
+from distill.errors import RunExistsError, UnreadableFileError, WriteError
 from distill.export import export_student, load_exported
 from distill.trainer import load_trained
 
@@ -35,3 +43,195 @@ def test_export_roundtrip_gives_same_features(trained_run, tmp_path):
     assert head(x).shape == (2, 7)
     with pytest.raises(FileExistsError, match="--overwrite"):
         export_student(str(run), str(out))
+
+
+# ----------------------------------------------------------------------------------------------- what an export may replace
+def _fake_run(path):
+    """What `distill train` leaves (enough for the target checks, which run before anything is loaded)."""
+    (path / "checkpoint-2").mkdir(parents=True)
+    (path / "checkpoint-2" / "model.safetensors").write_bytes(b"weights")
+    (path / "config.yaml").write_text("student: resnet18\n")
+    (path / "metrics.csv").write_text("step,total\n1,0.5\n")
+    return path
+
+
+def _tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("target", ["run", "parent", "grandparent"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_export_never_replaces_the_run_or_a_folder_holding_it(tmp_path, capsys, target, overwrite):
+    runs = tmp_path / "runs"
+    mine = _fake_run(runs / "mine")
+    _fake_run(runs / "other")
+    (runs / "NOTES.txt").write_text("my notes")
+    before = _tree(tmp_path)
+    out = {"run": mine, "parent": runs, "grandparent": tmp_path}[target]
+    with pytest.raises(RunExistsError, match="exporting there would replace the run") as info:
+        export_student(str(mine), str(out), overwrite=overwrite)
+    assert f"'{out}'" in str(info.value) and "Nothing was written" in str(info.value)
+    assert main(["export", str(mine), "--out", str(out)] + (["--overwrite"] if overwrite else [])) == 2
+    assert "would replace the run" in capsys.readouterr().err
+    assert _tree(tmp_path) == before
+
+
+def _foreign_target(kind, path):
+    if kind == "a folder with other files":
+        path.mkdir()
+        (path / "notes.txt").write_text("mine")
+        (path / "config.json").write_text(json.dumps({"distill": {}}))
+    elif kind == "a config.json not written by distill":
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"architecture": "resnet18"}))
+        (path / "model.safetensors").write_bytes(b"x")
+    elif kind == "a folder holding another run":
+        _fake_run(path / "old-run")
+    elif kind == "another run":
+        _fake_run(path)
+    else:
+        path.write_text("a file")
+    return path
+
+
+FOREIGN = {"a folder with other files": "notes.txt", "a config.json not written by distill": "no 'distill' key",
+           "a folder holding another run": "holds a distill run", "another run": "holds a distill run",
+           "a file": "is a file"}
+
+
+@pytest.mark.parametrize("kind", list(FOREIGN))
+def test_export_overwrite_replaces_only_an_earlier_export(tmp_path, kind):
+    run = _fake_run(tmp_path / "run")
+    out = _foreign_target(kind, tmp_path / "out")
+    before = _tree(tmp_path)
+    with pytest.raises(FileExistsError) as info:  # RunExistsError is one
+        export_student(str(run), str(out), overwrite=True)
+    assert f"'{out}'" in str(info.value) and FOREIGN[kind] in str(info.value)
+    assert "Nothing was deleted" in str(info.value) and _tree(tmp_path) == before
+    with pytest.raises(FileExistsError, match="already exists|holds a distill run"):  # and without --overwrite
+        export_student(str(run), str(out))
+
+
+def test_export_overwrite_of_an_earlier_export(trained_run, tmp_path):
+    run, _ = trained_run
+    out = export_student(str(run), str(tmp_path / "student"))
+    first = (out / "model.safetensors").stat().st_ino
+    export_student(str(run), str(out), overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert (out / "model.safetensors").stat().st_ino != first and not list(tmp_path.glob(".tmp-*"))
+    (out / "README.md").write_text("my notes on this export")  # no longer only what an export writes
+    with pytest.raises(FileExistsError, match="README.md"):
+        export_student(str(run), str(out), overwrite=True)
+    assert (out / "README.md").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- damaged checkpoints
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    """A copy of the trained run (hard links: files are damaged by replacing them, never in place)."""
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, copy_function=os.link)
+    return copy
+
+
+def _replace_truncated(p, keep):
+    data = p.read_bytes()
+    p.unlink()
+    p.write_bytes(data[:keep])
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "empty weights", "empty newer directory"])
+def test_export_falls_back_past_a_damaged_newest_checkpoint_and_says_so(run_copy, tmp_path, caplog, damage):
+    if damage == "empty newer directory":
+        (run_copy / "checkpoint-50").mkdir()  # an interrupted copy
+        bad, used, file = "checkpoint-50", "checkpoint-40", "empty directory"
+    else:
+        _replace_truncated(run_copy / "checkpoint-40" / "model.safetensors", 1000 if "truncated" in damage else 0)
+        bad, used, file = "checkpoint-40", "checkpoint-20", "model.safetensors"
+    with caplog.at_level("WARNING"):
+        out = export_student(str(run_copy), str(tmp_path / "student"))
+    assert bad in caplog.text and file in caplog.text and f"using {used}" in caplog.text
+    meta = json.loads((out / "config.json").read_text())["distill"]
+    assert meta["checkpoint"] == str(run_copy / used) and meta["steps"] == int(used.split("-")[1])
+
+
+def test_export_of_a_named_damaged_checkpoint_names_it(run_copy, tmp_path, capsys):
+    _replace_truncated(run_copy / "checkpoint-40" / "model.safetensors", 50000)
+    with pytest.raises(UnreadableFileError, match="checkpoint-40.*model.safetensors: truncated"):
+        export_student(str(run_copy), str(tmp_path / "s"), checkpoint=str(run_copy / "checkpoint-40"))
+    assert main(["export", str(run_copy), "--out", str(tmp_path / "s"), "--checkpoint", "checkpoint-40"]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors: truncated (50000 of" in err and "Traceback" not in err
+    _replace_truncated(run_copy / "checkpoint-40" / "optimizer.bin", 100)  # an export needs the weights alone
+    out = export_student(str(run_copy), str(tmp_path / "s2"), checkpoint="checkpoint-20")
+    assert json.loads((out / "config.json").read_text())["distill"]["steps"] == 20
+
+
+# ----------------------------------------------------------------------------------------------- write failures, modes
+def test_disk_full_during_an_export_exits_2_and_leaves_nothing(trained_run, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import timm.models
+
+    def full(model, path, **kw):
+        (Path(path) / "model.safetensors").write_bytes(b"partial")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(timm.models, "save_for_hf", full)
+    run, _ = trained_run
+    with pytest.raises(WriteError) as info:
+        export_student(str(run), str(tmp_path / "student"))
+    assert info.value.errno == errno.ENOSPC and "checkpoint-40 (about 42." in str(info.value)
+    assert "MiB are needed" in str(info.value) and not list(tmp_path.iterdir())
+    assert main(["export", str(run), "--out", str(tmp_path / "student")]) == 2
+    assert "the disk is full" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_export_to_a_path_under_a_file_names_the_file(trained_run, tmp_path):
+    run, _ = trained_run
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(WriteError, match=f"'{tmp_path / 'notes.txt'}' is a file, not a directory"):
+        export_student(str(run), str(tmp_path / "notes.txt" / "student"))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exported_files_respect_the_umask(trained_run, tmp_path, umask):
+    run, _ = trained_run
+    old = os.umask(umask)
+    try:
+        out = export_student(str(run), str(tmp_path / "student"))
+    finally:
+        os.umask(old)
+    for name in ("config.json", "model.safetensors"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+# ----------------------------------------------------------------------------------------------- damaged exports
+@pytest.fixture(scope="module")
+def an_export(trained_run, tmp_path_factory):
+    run, _ = trained_run
+    return export_student(str(run), str(tmp_path_factory.mktemp("exp") / "student"))
+
+
+@pytest.mark.parametrize("damage,error,text", [
+    ("truncate weights", UnreadableFileError, "model.safetensors' are truncated"),
+    ("empty weights", UnreadableFileError, "model.safetensors' are empty (0 bytes)"),
+    ("no weights", FileNotFoundError, "has config.json but no model.safetensors"),
+    ("bad json", UnreadableFileError, "is not valid JSON: Expecting ',' delimiter at line 1"),
+    ("empty json", UnreadableFileError, "config.json' is empty"),
+])
+def test_a_damaged_export_names_its_file(an_export, tmp_path, damage, error, text):
+    out = tmp_path / "student"
+    shutil.copytree(an_export, out, copy_function=os.link)
+    if damage == "no weights":
+        (out / "model.safetensors").unlink()
+    elif "weights" in damage:
+        _replace_truncated(out / "model.safetensors", 300000 if damage.startswith("truncate") else 0)
+    else:
+        (out / "config.json").unlink()
+        (out / "config.json").write_text('{"architecture": "resnet18" "num_classes": 0}' if damage == "bad json" else "")
+    with pytest.raises(error, match=re.escape(text)) as info:
+        load_exported(str(out), num_classes=3)
+    assert str(out) in str(info.value) and "distill export" in str(info.value)

@@ -1,6 +1,9 @@
 """distill finetune runs and the CLI: equal budgets for distilled and scratch, evaluation, sweeps, errors."""
+import errno
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import timm
@@ -154,3 +157,88 @@ def test_bad_models_and_datasets_exit_2(exported, rgb_folder, tmp_path, capsys):
     for src in sorted((rgb_folder / "train" / "cat").iterdir())[:2]:
         (flat / src.name).write_bytes(src.read_bytes())
     assert "has no labels" in err(str(exported), "--data-root", str(tmp_path / "flat"))
+
+
+# ----------------------------------------------------------------------------------------------- what a run may replace
+def _tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+def test_overwrite_refuses_a_result_json_finetune_did_not_write(exported, rgb_folder, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "result.json").write_text(json.dumps({"accuracy": 0.9}))  # another tool's result
+    (out / "model").mkdir()
+    (out / "model" / "weights.pt").write_bytes(b"mine")
+    before = _tree(out)
+    with pytest.raises(FileExistsError, match="is not a distill finetune result .no label, fraction, seed"):
+        finetune(_cfg(exported, rgb_folder), out, overwrite=True, progress=False)
+    assert main(["finetune", str(exported), "--data-root", str(rgb_folder), "-o", str(out), "--overwrite",
+                 "--no-progress"]) == 2
+    assert "Nothing was deleted" in capsys.readouterr().err and _tree(out) == before
+
+
+def test_save_model_refuses_a_model_folder_finetune_did_not_write(exported, rgb_folder, tmp_path):
+    out = tmp_path / "o"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text(json.dumps({"architecture": "resnet10t"}))  # a user's own model
+    before = _tree(out)
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=r"model' is not a model saved by distill finetune .its "
+                                                  r"pretrained_cfg tag is ''.*--save-model would replace it"):
+            finetune(_cfg(exported, rgb_folder, save_model=True), out, overwrite=overwrite, progress=False)
+    assert _tree(out) == before
+
+
+def test_overwrite_replaces_its_own_result_and_model_and_keeps_a_foreign_model(exported, rgb_folder, tmp_path):
+    out = tmp_path / "o"
+    finetune(_cfg(exported, rgb_folder, steps=1, eval_every=0, save_model=True), out, progress=False)
+    first = (out / "model" / "model.safetensors").stat().st_ino
+    finetune(_cfg(exported, rgb_folder, steps=1, eval_every=0, save_model=True), out, overwrite=True, progress=False)
+    assert (out / "model" / "model.safetensors").stat().st_ino != first  # its own model: replaced
+    shutil.rmtree(out / "model")
+    (out / "model").mkdir()
+    (out / "model" / "notes.txt").write_text("mine")
+    finetune(_cfg(exported, rgb_folder, steps=1, eval_every=0), out, overwrite=True, progress=False)
+    assert (out / "model" / "notes.txt").read_text() == "mine"  # not its own, not needed: left alone
+
+
+# ----------------------------------------------------------------------------------------------- unreadable, unwritable
+def test_a_truncated_export_exits_2_naming_the_file(exported, rgb_folder, tmp_path, capsys):
+    bad = tmp_path / "student"
+    shutil.copytree(exported, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:len(data) // 2])
+    for arg in ([str(bad)], ["timm:resnet10t", "--like", str(bad)]):
+        assert main(["finetune", *arg, "--data-root", str(rgb_folder), "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"'{bad / 'model.safetensors'}' are truncated (" in err and "distill export" in err, err
+        assert "Traceback" not in err
+    (bad / "config.json").write_text('{"architecture": ')
+    assert main(["finetune", str(bad), "--data-root", str(rgb_folder), "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert f"--model config '{bad / 'config.json'}' is not valid JSON" in capsys.readouterr().err
+
+
+def test_an_output_dir_under_a_file_exits_2_naming_the_file(exported, rgb_folder, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "ft"
+    assert main(["finetune", str(exported), "--data-root", str(rgb_folder), "-o", str(out), "--steps", "1",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"could not write the fine-tuning output directory to '{out}'" in err
+    assert f"'{tmp_path / 'notes.txt'}' is a file, not a directory" in err and "Traceback" not in err
+
+
+def test_disk_full_while_saving_the_model_exits_2_and_keeps_no_temporary(exported, rgb_folder, tmp_path,
+                                                                         monkeypatch, capsys):
+    def full(model, path, **kw):
+        (Path(path) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(timm.models, "save_for_hf", full)
+    out = tmp_path / "o"
+    assert main(["finetune", str(exported), "--data-root", str(rgb_folder), "-o", str(out), "--steps", "1",
+                 "--eval-every", "0", "--save-model", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "could not write the fine-tuned model (about " in err and "the disk is full" in err
+    assert not (out / "model").exists() and not list(out.glob(".tmp-*")) and not (out / "result.json").exists()

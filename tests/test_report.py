@@ -143,3 +143,56 @@ def test_report_of_real_finetune_runs(rgb_folder, tmp_path):
     assert rows["resnet10t distilled"]["last_top1"]["mean"] == pytest.approx(sum(d) / 2)
     assert rows["resnet10t distilled"]["vs_scratch"] == pytest.approx(sum(d) / 2 - res[2]["last_top1"])
     assert rows["resnet10t scratch"]["seeds"] == [0]
+
+
+# ----------------------------------------------------------------------------------------------- unreadable inputs
+@pytest.mark.parametrize("content,reason", [
+    ('{"label": "resnet18 scratch", "fraction": 0.01, "se', "is not valid JSON"),  # cut short
+    ("", "is empty"),
+    ("[1, 2]", "a JSON object"),
+    ('{"label": "x"}', "has no 'fraction'"),
+    (b"\xff\xfe\x00garbage", "is not valid JSON"),
+])
+def test_an_unreadable_result_json_is_skipped_with_a_warning_naming_it(runs, caplog, content, reason):
+    bad = runs / "ft" / "scratch" / "frac1-seed0" / "result.json"
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with caplog.at_level("WARNING", logger="distill.report"):
+        summary = write_report([str(runs / "ft")], str(runs / "report"))
+    assert f"skipping '{bad}'" in caplog.text and reason in caplog.text
+    assert [s["path"] for s in summary["skipped"]] == [str(bad)] and reason in summary["skipped"][0]["reason"]
+    rows = {(r["label"], r["fraction"]): r for r in summary["finetune"]}
+    assert rows[("resnet18 scratch", 1.0)]["seeds"] == [1]  # the other seed is still reported
+    md = (runs / "report" / "report.md").read_text()
+    assert "## Skipped (unreadable)" in md and str(bad) in md
+    assert json.loads((runs / "report" / "report.json").read_text())["skipped"][0]["path"] == str(bad)
+
+
+def test_unreadable_distill_run_files_are_skipped_and_the_rest_kept(runs, caplog):
+    qs = runs / "distill" / "qs"
+    (qs / "results.json").write_text('{"results": [')
+    (runs / "distill" / "qs-cos" / "metrics.csv").write_text("")
+    with caplog.at_level("WARNING", logger="distill.report"):
+        summary = write_report([str(runs / "distill")], str(runs / "report"))
+    assert {s["path"] for s in summary["skipped"]} == {str(qs / "results.json"),
+                                                       str(runs / "distill" / "qs-cos" / "metrics.csv")}
+    assert [r["name"] for r in summary["distill_runs"]] == ["qs"]  # qs-cos had nothing readable left
+    assert summary["distill_runs"][0]["final"]["mse"] == 0.3333 and summary["probes"] == []
+
+
+def test_report_with_nothing_readable_is_an_error_naming_the_files(tmp_path, capsys):
+    _ft(tmp_path / "a", "resnet18 scratch", "timm", 0.1, 0, 70.0)
+    (tmp_path / "a" / "result.json").write_text("{")
+    with pytest.raises(ValueError, match="no readable runs.*result.json.*not valid JSON"):
+        write_report([str(tmp_path / "a")], str(tmp_path / "out"))
+    assert main(["report", str(tmp_path / "a"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no readable runs" in err and f"'{tmp_path / 'a' / 'result.json'}': is not valid JSON" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_cli_report_skips_a_corrupted_result_with_a_warning(runs, capsys, caplog):
+    bad = runs / "ft" / "distilled" / "frac0.01-seed1" / "result.json"
+    bad.write_text('{"label": ')
+    with caplog.at_level("WARNING", logger="distill.report"):
+        assert main(["report", str(runs / "ft"), "--out", str(runs / "o")]) == 0
+    assert f"skipping '{bad}': is not valid JSON" in caplog.text and "Traceback" not in capsys.readouterr().err

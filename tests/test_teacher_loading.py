@@ -1,12 +1,15 @@
 """Loading teachers: packaged names, pipeline and model directories (DDPM, Stable Diffusion, DiT), config dicts
-and hub ids, dispatched on the model's class; the prompt-embedding rules of load_teacher."""
+and hub ids, dispatched on the model's class; the prompt-embedding rules of load_teacher; an unreadable teacher
+directory (missing, truncated or partial weights, bad JSON, wrongly typed values) named with its file and the fix."""
 import json
+import shutil
 import sys
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
+from distill.errors import EXIT_CODES, UnreadableFileError
 from distill.teacher.base import DiffusionTeacher
 from distill.teacher.latent import DiTTeacher, LatentDiffusionTeacher
 from distill.teacher.loading import inspect_teacher, load_teacher, packaged_teachers
@@ -166,3 +169,98 @@ def test_hub_ids_load_through_the_hub_cache(tmp_path, monkeypatch):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["LatentDiffusionTeacher", "16", "0.5", "DDPMScheduler", "DiTTeacher", "16", "(4,", "4)"]
+
+
+# ----------------------------------------------------------------------------------------------- unreadable teachers
+def _damage_weights(d, keep):
+    w = d / "diffusion_pytorch_model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[:keep])
+
+
+def _partial_weights(d):
+    from safetensors.torch import load_file, save_file
+
+    w = d / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(w))
+    save_file({k: v for i, (k, v) in enumerate(sorted(sd.items())) if i % 2}, str(w))
+
+
+def _edit_config(d, **values):
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **values}))
+
+
+TEACHER_DAMAGE = {  # name -> (damage of unet/ or scheduler/, error, the text that names the file and problem)
+    "missing weights": (lambda u: (u / "diffusion_pytorch_model.safetensors").unlink(), FileNotFoundError,
+                        "unet' has config.json but no weights (diffusion_pytorch_model.safetensors"),
+    "truncated weights": (lambda u: _damage_weights(u, 20000), UnreadableFileError,
+                          "unet/diffusion_pytorch_model.safetensors' are truncated (20000 of"),
+    "empty weights": (lambda u: _damage_weights(u, 0), UnreadableFileError,
+                      "unet/diffusion_pytorch_model.safetensors' are empty (0 bytes)"),
+    "partial weights": (_partial_weights, UnreadableFileError, "unet' are partial: "),
+    "bad json": (lambda u: (u / "config.json").write_text('{"sample_size": 32,,}'), UnreadableFileError,
+                 "unet/config.json' is not valid JSON: Expecting property name enclosed in double quotes at line 1, "
+                 "column 20"),
+    "config not an object": (lambda u: (u / "config.json").write_text("[1, 2]"), UnreadableFileError,
+                             "unet/config.json' is not a JSON object"),
+    "wrongly typed list": (lambda u: _edit_config(u, block_out_channels="eight"), UnreadableFileError,
+                           "block_out_channels: 'eight' (expected tuple[int, ...])"),
+    "wrongly typed number": (lambda u: _edit_config(u, sample_size="32", in_channels=1.5), UnreadableFileError,
+                             "sample_size: '32' (expected int | tuple[int, int] | None); in_channels: 1.5"),
+    "weights for another config": (lambda u: _edit_config(u, block_out_channels=[16, 16, 16]), UnreadableFileError,
+                                   "cannot load the UNet2DModel in '"),
+    "bad scheduler json": (lambda u: (u.parent / "scheduler" / "scheduler_config.json").write_text("{oops"),
+                           UnreadableFileError, "scheduler/scheduler_config.json' is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("damage", list(TEACHER_DAMAGE))
+def test_an_unreadable_teacher_directory_names_the_file_and_the_fix(tiny_pipeline_dir, tmp_path, damage):
+    d = tmp_path / "teacher"
+    shutil.copytree(tiny_pipeline_dir, d)
+    fn, error, text = TEACHER_DAMAGE[damage]
+    fn(d / "unet")
+    with pytest.raises(error) as info:
+        load_teacher(str(d), ["mid_block"])
+    msg = str(info.value)
+    assert text in msg and str(d) in msg and "save_pretrained" in msg, msg
+    assert next(code for kinds, code in EXIT_CODES if isinstance(info.value, kinds)) == 2
+
+
+def test_unreadable_latent_teacher_components_are_named(sd_dir, tmp_path):
+    d = tmp_path / "sd"
+    shutil.copytree(sd_dir, d)
+    _damage_weights(d / "vae", 1000)
+    with pytest.raises(UnreadableFileError, match=r"vae/diffusion_pytorch_model.safetensors' are truncated"):
+        load_teacher(str(d), ["up_blocks.0"], [11])
+    shutil.rmtree(d)
+    shutil.copytree(sd_dir, d)
+    _edit_config(d / "unet", cross_attention_dim="32")
+    with pytest.raises(UnreadableFileError, match=r"unet/config.json' has wrongly typed values for a "
+                                                  r"UNet2DConditionModel: cross_attention_dim: '32'"):
+        load_teacher(str(d), ["up_blocks.0"], [11])
+
+
+def test_wrongly_typed_config_dict_values_are_named(unet_config):
+    with pytest.raises(UnreadableFileError, match=r"teacher config dict has wrongly typed values for a UNet2DModel: "
+                                                  r"layers_per_block: '1'"):
+        load_teacher(dict(unet_config, layers_per_block="1"), ["mid_block"])
+
+
+def test_cli_exits_2_with_one_line_for_an_unreadable_teacher(tiny_pipeline_dir, fmnist_dir, tmp_path, capsys):
+    import yaml
+
+    from distill.cli import main
+
+    from .conftest import fmnist_recipe
+
+    d = tmp_path / "teacher"
+    shutil.copytree(tiny_pipeline_dir, d)
+    _damage_weights(d / "unet", 5000)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(dict(fmnist_recipe(fmnist_dir, teacher=str(d)).to_dict())))
+    assert main(["train", str(recipe), "-o", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distill train: error: teacher weights '") and "truncated" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

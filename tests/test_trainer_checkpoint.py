@@ -202,3 +202,174 @@ def test_resume_equals_uninterrupted_grad_accum(folder, teacher_dir, tmp_path):
     full = tmp_path / "full"
     train(r, str(full), progress=False)
     _resume_equals_uninterrupted(r, full, tmp_path, 1)
+
+
+# ----------------------------------------------------------------------------------------------- damaged checkpoints
+def _fake_checkpoint(path: Path) -> Path:
+    """A small checkpoint laid out as Accelerate writes it (model.safetensors, optimizer.bin, random_states_0.pkl)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    save_file({"w": torch.arange(4000, dtype=torch.float32)}, str(path / "model.safetensors"))
+    torch.save({"state": {0: {"exp_avg": torch.ones(4000)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+               path / "optimizer.bin")
+    torch.save({"step": 0, "torch_manual_seed": torch.get_rng_state()}, path / "random_states_0.pkl")
+    return path
+
+
+def _truncate(p: Path, keep: float = 0.5) -> None:
+    data = p.read_bytes()
+    p.unlink()  # a new inode: never writes through a hard link
+    p.write_bytes(data[:int(len(data) * keep)])
+
+
+DAMAGE = {  # name -> (damage, text the message must hold)
+    "model truncated": (lambda c: _truncate(c / "model.safetensors"), "model.safetensors: truncated ("),
+    "model empty": (lambda c: _truncate(c / "model.safetensors", 0), "model.safetensors: empty (0 bytes)"),
+    "model missing": (lambda c: (c / "model.safetensors").unlink(), "model.safetensors: missing"),
+    "optimizer truncated": (lambda c: _truncate(c / "optimizer.bin"), "optimizer.bin: truncated or damaged"),
+    "optimizer empty": (lambda c: _truncate(c / "optimizer.bin", 0), "optimizer.bin: empty (0 bytes)"),
+    "rng missing": (lambda c: (c / "random_states_0.pkl").unlink(), "random_states_0.pkl: missing"),
+    "empty directory": (lambda c: [p.unlink() for p in c.iterdir()], "empty directory (an interrupted copy"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_named_with_its_file(tmp_path, damage):
+    from distill.errors import UnreadableFileError
+    from distill.rundir import checkpoint_problem
+    from distill.trainer import load_checkpoint
+
+    ckpt = _fake_checkpoint(tmp_path / "run" / "checkpoint-4")
+    assert checkpoint_problem(ckpt) is None
+    fn, text = DAMAGE[damage]
+    fn(ckpt)
+    assert text in checkpoint_problem(ckpt)
+    with pytest.raises(UnreadableFileError, match="cannot resume from checkpoint") as info:
+        load_checkpoint(None, ckpt)  # refused before Accelerate reads anything
+    assert str(ckpt) in str(info.value) and text in str(info.value)
+    model_damage = damage.startswith("model") or damage == "empty directory"
+    assert (checkpoint_problem(ckpt, model_only=True) is None) != model_damage  # an export needs the weights only
+
+
+def test_newest_loadable_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+    from distill.rundir import newest_loadable_checkpoint
+
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        _fake_checkpoint(run / f"checkpoint-{step}")
+    _truncate(run / "checkpoint-6" / "model.safetensors")
+    _truncate(run / "checkpoint-4" / "optimizer.bin")
+    (run / "checkpoint-7").mkdir()  # an interrupted copy
+    with caplog.at_level("WARNING", logger="distill.rundir"):
+        assert newest_loadable_checkpoint(run) == run / "checkpoint-2"
+    warned = caplog.text
+    for name, file in (("checkpoint-7", "empty directory"), ("checkpoint-6", "model.safetensors: truncated"),
+                       ("checkpoint-4", "optimizer.bin: truncated")):
+        assert name in warned and file in warned
+    assert "using checkpoint-2" in warned
+    assert newest_loadable_checkpoint(run, model_only=True) == run / "checkpoint-4"  # export: weights are whole
+
+
+def test_every_checkpoint_damaged_is_an_error_listing_each(tmp_path):
+    from distill.errors import UnreadableFileError
+    from distill.rundir import newest_loadable_checkpoint
+
+    run = tmp_path / "run"
+    _truncate(_fake_checkpoint(run / "checkpoint-2") / "model.safetensors", 0)
+    (run / "checkpoint-4").mkdir()
+    with pytest.raises(UnreadableFileError, match="no checkpoint of .* can be loaded") as info:
+        newest_loadable_checkpoint(run)
+    assert "checkpoint-4: empty directory" in str(info.value) and "checkpoint-2: model.safetensors: empty" in \
+        str(info.value)
+    assert newest_loadable_checkpoint(tmp_path / "no-run") is None
+
+
+def test_a_malicious_newest_checkpoint_is_refused_not_skipped(tmp_path):
+    from distill.rundir import newest_loadable_checkpoint
+
+    run = tmp_path / "run"
+    _fake_checkpoint(run / "checkpoint-2")
+    _fake_checkpoint(run / "checkpoint-4")
+    with open(run / "checkpoint-4" / "optimizer.bin", "wb") as f:
+        pickle.dump(_Evil(tmp_path / "pwned"), f)
+    with pytest.raises(UntrustedCheckpointError, match="optimizer.bin is a pickle that would import or call code"):
+        newest_loadable_checkpoint(run)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_pruning_keeps_whole_checkpoints_and_drops_older_damaged_ones(tmp_path):
+    from distill.trainer.checkpoint import prune_checkpoints
+
+    run = tmp_path / "run"
+    for step in (2, 4, 6, 8):
+        _fake_checkpoint(run / f"checkpoint-{step}")
+    (run / "checkpoint-5").mkdir()  # damaged: never one of the kept
+    _truncate(run / "checkpoint-8" / "model.safetensors")  # newer than the one just written: left for its rewrite
+    prune_checkpoints(run, 6, keep=2)
+    assert [s for s, _ in list_checkpoints(run)] == [4, 6, 8]
+
+
+# ----------------------------------------------------------------------------------------------- write failures
+def _recipe_file(tmp_path, recipe) -> Path:
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(dict(recipe.to_dict())))
+    return path
+
+
+def test_disk_full_during_a_checkpoint_exits_2_saying_where_and_how_much(rgb_folder, tmp_path, monkeypatch, capsys):
+    import errno
+    import re
+
+    from accelerate import Accelerator
+
+    from distill.cli import main
+
+    real, calls = Accelerator.save_state, []
+
+    def save_state(self, output_dir, **kw):
+        calls.append(output_dir)
+        if len(calls) == 2:  # the step-4 checkpoint: part of a file, then the disk is full
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    run = tmp_path / "run"
+    recipe = _recipe_file(tmp_path, rgb_recipe(rgb_folder, steps=4))
+    assert main(["train", str(recipe), "-o", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "could not write checkpoint-4 (about " in err and f"to '{run / 'checkpoint-4'}'" in err
+    assert "the disk is full" in err and "are needed" in err and "Traceback" not in err
+    assert [s for s, _ in list_checkpoints(run)] == [2] and not list(run.glob(".tmp-*"))
+    on_disk = sum((run / "checkpoint-2" / f).stat().st_size for f in ("model.safetensors", "optimizer.bin"))
+    mib = float(re.search(r"\(about ([\d.]+) MiB\)", err).group(1))
+    assert abs(mib * 2**20 - on_disk) / on_disk < 0.05  # the estimate: model + optimizer state
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoints_are_fsynced_before_the_rename_and_respect_the_umask(rgb_folder, tmp_path, monkeypatch, umask):
+    import distill.atomic as atomic
+
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    run = tmp_path / "run"
+    old = os.umask(umask)
+    try:
+        train(rgb_recipe(rgb_folder, steps=2), str(run), progress=False)
+    finally:
+        os.umask(old)
+    tmp = run / ".tmp-checkpoint-2-writing"  # the files are fsync'd under their temporary name, before the rename
+    files = sorted(p.name for p in (run / "checkpoint-2").iterdir())
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= set(files)
+    assert {str(tmp / f) for f in files} | {str(tmp)} <= set(synced) and str(run) in synced
+    for f in files:
+        assert (run / "checkpoint-2" / f).stat().st_mode & 0o777 == 0o666 & ~umask, f

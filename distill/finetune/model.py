@@ -3,7 +3,6 @@ input size and mean/std it is fed."""
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -13,7 +12,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from ..data import dataset_mean_std
-from ..export import load_exported
+from ..export import load_exported, read_export
 from .config import FinetuneConfig
 
 
@@ -31,6 +30,7 @@ def read_export_config(path: Path, arg: str) -> dict:
 
     Raises:
         FileNotFoundError: ``path`` is missing, is not an export (a hint for a run directory), or has no weights.
+        UnreadableFileError: its config.json or model.safetensors is damaged (named, with the fix).
     """
     if not path.exists():
         raise FileNotFoundError(
@@ -43,9 +43,7 @@ def read_export_config(path: Path, arg: str) -> dict:
         elif (path / "config.yaml").is_file():
             hint = f" It is a run directory: export it first with `distill export {path} --out {path / 'student'}`."
         raise FileNotFoundError(f"{arg} '{path}' is not an exported student (no config.json).{hint}")
-    if not any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
-        raise FileNotFoundError(f"{arg} '{path}' has config.json but no model.safetensors; re-run `distill export`.")
-    return json.loads((path / "config.json").read_text())
+    return read_export(str(path), arg)
 
 
 def check_timm_name(name: str) -> None:

@@ -21,14 +21,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..atomic import atomic_dir, atomic_write_json
+from ..atomic import atomic_dir, atomic_write_json, writing
 from ..augment import build_augment
 from ..data import FASHION_MNIST_CLASSES, collate, to_student, to_unit
 from ..errors import NonFiniteLossError
+from ..integrity import error_text, read_json
 from ..optim import build_optimizer, build_scheduler
 from ..vocab import dataset_channels
 from .config import FinetuneConfig
-from ..export import export_data_root
+from ..export import EXPORT_FILES, export_data_root
 from .data import SeededAugment, StepBatchSampler, finetune_data
 from .model import build_model, default_label, parse_model_source, read_export_config, resolve_preprocessing
 
@@ -36,6 +37,9 @@ _logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 LOG_FILE = "train_log.csv"
+MODEL_DIR = "model"
+#: the pretrained_cfg tag of a model saved with --save-model (``distill-finetune-<dataset>``)
+MODEL_TAG = "distill-finetune-"
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -77,20 +81,72 @@ def machine_description() -> str:
             f"torch {torch.__version__}, timm {timm.__version__}, device {dev}").replace("  ", " ")
 
 
-def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    """Create ``out`` for a run; an existing result is refused, or with ``overwrite`` removed (with the saved model).
+def result_problem(path: Path) -> Optional[str]:
+    """Why ``path`` is not a ``result.json`` written by ``distill finetune`` (None when it is)."""
+    try:
+        r = read_json(path)
+    except (OSError, ValueError) as e:
+        return error_text(e)
+    if not isinstance(r, dict):
+        return "not a JSON object"
+    missing = [k for k in ("label", "fraction", "seed", "last_top1") if k not in r]
+    return f"no {', '.join(missing)}" if missing else None
+
+
+def saved_model_problem(path: Path) -> Optional[str]:
+    """Why ``path`` is not a model saved by ``distill finetune --save-model`` (None when it is): a directory of
+    ``config.json`` and ``model.safetensors`` whose pretrained_cfg tag starts with :data:`MODEL_TAG`."""
+    if path.is_symlink() or not path.is_dir():
+        return "it is a file, not a directory"
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in EXPORT_FILES)
+    if foreign:
+        return f"it holds {', '.join(foreign[:8])}, which distill finetune does not write there"
+    try:
+        tag = read_json(path / "config.json").get("pretrained_cfg", {}).get("tag", "")
+    except (OSError, ValueError, AttributeError) as e:
+        return f"its config.json cannot be read ({error_text(e)})"
+    return None if str(tag).startswith(MODEL_TAG) else f"its pretrained_cfg tag is {tag!r}, not {MODEL_TAG}*"
+
+
+def check_output_dir(out: Path, overwrite: bool, save_model: bool = False) -> None:
+    """Refuse an output directory whose files a run would replace but did not provably write.
 
     Raises:
-        FileExistsError: ``out`` holds a ``result.json`` and ``overwrite`` is False.
+        FileExistsError: ``out`` holds a ``result.json`` and ``overwrite`` is False; or a ``result.json`` (with
+            ``overwrite``) or a ``model/`` (with ``save_model``) that distill finetune did not write.
     """
-    if (out / RESULT_FILE).exists():
+    result, model = out / RESULT_FILE, out / MODEL_DIR
+    refused = "Nothing was deleted. Fix: choose another --output-dir, or move it away."
+    if result.exists():
         if not overwrite:
             raise FileExistsError(f"'{out}' already holds a fine-tuning result ({RESULT_FILE}); pass --overwrite to "
                                   f"replace it or choose another --output-dir.")
+        problem = result_problem(result)
+        if problem:
+            raise FileExistsError(f"--overwrite refused: '{result}' is not a distill finetune result ({problem}). "
+                                  f"{refused}")
+    if save_model and (model.exists() or model.is_symlink()):
+        problem = saved_model_problem(model)
+        if problem:
+            raise FileExistsError(f"'{model}' is not a model saved by distill finetune ({problem}); --save-model "
+                                  f"would replace it. {refused}")
+
+
+def prepare_output_dir(out: Path, overwrite: bool, save_model: bool = False) -> None:
+    """Create ``out`` for a run (:func:`check_output_dir` first); with ``overwrite`` the earlier result and the
+    model saved beside it are removed (a ``model/`` that distill finetune did not write is left alone).
+
+    Raises:
+        FileExistsError: see :func:`check_output_dir`.
+        WriteError: ``out`` cannot be created (read-only, a file in the path, ...).
+    """
+    check_output_dir(out, overwrite, save_model)
+    if (out / RESULT_FILE).exists():
         (out / RESULT_FILE).unlink()  # a run killed after this point must not leave the old result beside new logs
-    if overwrite and (out / "model").exists():
-        shutil.rmtree(out / "model")
-    out.mkdir(parents=True, exist_ok=True)
+    if overwrite and (out / MODEL_DIR).exists() and saved_model_problem(out / MODEL_DIR) is None:
+        shutil.rmtree(out / MODEL_DIR)
+    with writing("the fine-tuning output directory", out):
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, accelerator=None,
@@ -104,7 +160,10 @@ def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, acce
         ValueError: a bad setting (:meth:`FinetuneConfig.validate`), unknown timm model, unlabelled data, or a batch
             size not divisible by the processes.
         FileNotFoundError: ``--model`` / ``--like`` is not an export, or the dataset is missing.
-        FileExistsError: ``output_dir`` already holds a result and ``overwrite`` is False.
+        FileExistsError: ``output_dir`` already holds a result and ``overwrite`` is False, or holds a
+            ``result.json`` / ``model/`` that distill finetune did not write (:func:`check_output_dir`).
+        UnreadableFileError: the export's config.json or weights are damaged (named in the message).
+        WriteError: an output could not be written (disk full, read-only, ...).
         NonFiniteLossError: the loss became NaN or Inf (:mod:`distill.errors`).
     """
     from accelerate import Accelerator
@@ -124,8 +183,7 @@ def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, acce
     dataset = cfg.dataset or d.get("dataset") or "fashion-mnist"
     channels = dataset_channels(dataset, d.get("data_channels"))
     out = Path(output_dir)
-    if (out / RESULT_FILE).exists() and not overwrite:
-        prepare_output_dir(out, overwrite)  # raises: fail before the data is read
+    check_output_dir(out, overwrite, cfg.save_model)  # fail before the data is read
     data_root = cfg.data_root or export_data_root(d, dataset)
     data = finetune_data(dataset, data_root, cfg.fraction, cfg.seed, channels, cfg.test_root)
     size, mean, std, prep_origin = resolve_preprocessing(cfg, source, like_config, data.full_train)
@@ -136,7 +194,7 @@ def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, acce
         AcceleratorState._reset_state(reset_partial_state=False)  # as distill.trainer.train
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     if accelerator.is_main_process:
-        prepare_output_dir(out, overwrite)
+        prepare_output_dir(out, overwrite, cfg.save_model)
     accelerator.wait_for_everyone()
     device = accelerator.device
 
@@ -167,7 +225,8 @@ def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, acce
             bar.write(f"step {step}: test top-1 {r['top1']:.2f}  top-{r['top5_k']} {r['top5']:.2f}")
         return r
 
-    log_f = open(out / LOG_FILE, "w", newline="") if accelerator.is_main_process else None
+    with writing("the training log", out / LOG_FILE):
+        log_f = open(out / LOG_FILE, "w", newline="") if accelerator.is_main_process else None
     writer = csv.writer(log_f) if log_f else None
     if writer:
         writer.writerow(["step", "loss", "batch_top1", "lr", "img_per_s"])
@@ -206,9 +265,10 @@ def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, acce
             eval_loss, eval_steps = eval_loss + step_loss, eval_steps + 1
             if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
                 if writer:
-                    writer.writerow([step, round(log_loss / log_steps, 6), round(100.0 * log_correct / log_n, 2), lr,
-                                     round(step * cfg.batch_size / (time.time() - t_train), 1)])
-                    log_f.flush()
+                    with writing("the training log", out / LOG_FILE):
+                        writer.writerow([step, round(log_loss / log_steps, 6), round(100.0 * log_correct / log_n, 2),
+                                         lr, round(step * cfg.batch_size / (time.time() - t_train), 1)])
+                        log_f.flush()
                 bar.set_postfix(loss=f"{log_loss / log_steps:.4f}")
                 log_loss, log_correct, log_n, log_steps = 0.0, 0.0, 0, 0
             bar.update(1)
@@ -250,7 +310,7 @@ def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, acce
         r = evaluate(model, train_eval_loader, size, mean, std, data.num_classes, accelerator)
         result["train_top1"], result["train_top5"] = r["top1"], r["top5"]
     if cfg.save_model and accelerator.is_main_process:
-        _save_model(unwrapped, out / "model", size, mean, std, data.classes or FASHION_MNIST_CLASSES, result)
+        _save_model(unwrapped, out / MODEL_DIR, size, mean, std, data.classes or FASHION_MNIST_CLASSES, result)
     result["seconds"] = round(time.time() - t_start, 1)
     if accelerator.is_main_process:
         atomic_write_json(out / RESULT_FILE, result)
@@ -264,10 +324,11 @@ def _save_model(model: nn.Module, path: Path, size: int, mean, std, classes, res
 
     desc = (f"{result['label']} fine-tuned by distill on {result['dataset']} ({result['fraction']:g} of the labels, "
             f"{result['train_images']} images, seed {result['seed']}, {result['steps']} steps).")
-    model_config = {"pretrained_cfg": {"tag": f"distill-finetune-{result['dataset']}", "description": desc}}
+    model_config = {"pretrained_cfg": {"tag": f"{MODEL_TAG}{result['dataset']}", "description": desc}}
     if len(classes) == result["num_classes"]:
         model_config["label_names"] = list(classes)
-    with atomic_dir(path, replace=True) as tmp:
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    with atomic_dir(path, replace=True, what="the fine-tuned model", needed=needed) as tmp:  # checked: ours or absent
         timm.models.save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True,
                                 data_config={"input_size": (3, size, size), "mean": tuple(mean), "std": tuple(std),
                                              "crop_pct": 1.0, "interpolation": "bilinear", "crop_mode": "center"})

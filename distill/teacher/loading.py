@@ -4,6 +4,10 @@
 and wraps it in :class:`~distill.teacher.base.DiffusionTeacher` (``UNet2DModel``),
 :class:`~distill.teacher.latent.LatentDiffusionTeacher` (``UNet2DConditionModel``, with its empty-prompt embedding)
 or :class:`~distill.teacher.latent.DiTTeacher`. The packaged teachers live in ``distill/teacher/packaged/<name>/``.
+
+A local teacher directory is checked before diffusers reads it (:mod:`distill.teacher.model_dir`): a config that is
+not JSON or holds wrongly typed values, missing, empty, truncated or partial weights are reported naming the directory
+and the file, with the fix (re-save with ``save_pretrained``), instead of a traceback from inside diffusers.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch.nn as nn
 
 from .base import DiffusionTeacher
 from .latent import DiTTeacher, LatentDiffusionTeacher, resolve_vae_dtype
+from .model_dir import check_config_types, from_local, local_json, scheduler_from_local
 from .prompt import empty_prompt_embedding, load_prompt_embedding
 
 _logger = logging.getLogger(__name__)
@@ -52,6 +57,7 @@ def load_unet(source: Union[str, Mapping[str, Any], nn.Module], torch_dtype: Opt
         cfg = dict(source)
         cfg.pop("_class_name", None)
         T = int(cfg.pop("num_train_timesteps", 1000))
+        check_config_types(UNet2DModel, cfg, "teacher config dict")
         return UNet2DModel(**cfg), DDPMScheduler(num_train_timesteps=T)
     path = _resolve_source(str(source))
     local = Path(path).expanduser()
@@ -65,9 +71,9 @@ def load_unet(source: Union[str, Mapping[str, Any], nn.Module], torch_dtype: Opt
                 f"teacher directory '{local}' has neither unet/config.json nor config.json; save the model with "
                 f"diffusers' save_pretrained (or DDPMPipeline.save_pretrained)."
             )
-        unet = UNet2DModel.from_pretrained(str(local), subfolder=sub, **kwargs)
+        unet = from_local(UNet2DModel, local, sub, **kwargs)
         sched_dir = local / "scheduler" if (local / "scheduler").is_dir() else local
-        scheduler = (DDPMScheduler.from_pretrained(str(sched_dir))
+        scheduler = (scheduler_from_local(sched_dir)
                      if (sched_dir / "scheduler_config.json").is_file() else DDPMScheduler(num_train_timesteps=1000))
         return unet, scheduler
     if str(source).count("/") != 1:
@@ -163,10 +169,10 @@ def inspect_teacher(source: Union[str, Mapping[str, Any], nn.Module]) -> dict:
                               or (p / "scheduler_config.json").is_file() or p.name == "tokenizer"}
         for sub in ("unet", "transformer"):
             if (local / sub / "config.json").is_file():
-                info.update(subfolder=sub, **{"class": _class_of(_read_json(local / sub / "config.json"))})
+                info.update(subfolder=sub, **{"class": _class_of(local_json(local / sub / "config.json"))})
                 break
         else:
-            info["class"] = _class_of(_read_json(local / "config.json"))
+            info["class"] = _class_of(local_json(local / "config.json"))
         info["kind"] = classify(info["class"])
         return info
     if local.exists() or str(source).count("/") != 1:
@@ -204,19 +210,29 @@ def load_latent_model(source: Union[str, Mapping[str, Any], nn.Module], info: Ma
         cfg = {k: v for k, v in source.items() if k != "_class_name"}
         vae_cfg = cfg.pop("vae", None)
         T = int(cfg.pop("num_train_timesteps", 1000))
+        check_config_types(cls, cfg, "teacher config dict")
+        if vae_cfg is not None:
+            check_config_types(AutoencoderKL, vae_cfg, "teacher config dict (vae)")
         vae = AutoencoderKL(**vae_cfg) if vae_cfg is not None else None
         return cls(**cfg), vae, DDPMScheduler(num_train_timesteps=T)
-    src = str(info["local"]) if info["local"] is not None else _resolve_source(str(source))
+    local = info["local"]
+    src = str(local) if local is not None else _resolve_source(str(source))
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     sub = info["subfolder"]
-    model = cls.from_pretrained(src, subfolder=sub, **kwargs)
+
+    def load(c, subfolder, **kw):  # a local directory is checked and its errors named (from_local)
+        return from_local(c, local, subfolder, **kw) if local is not None else c.from_pretrained(src, subfolder=subfolder,
+                                                                                                  **kw)
+
+    model = load(cls, sub, **kwargs)
     vae = None
     if sub is not None and "vae" in info["components"]:
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=vae_dt)
+        vae = load(AutoencoderKL, "vae", torch_dtype=vae_dt)
     elif sub is not None:
         _logger.warning("teacher %s has no vae/: it takes latents, not images", source)
     if sub is not None and "scheduler" in info["components"]:
-        scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler")
+        scheduler = (scheduler_from_local(local, "scheduler") if local is not None
+                     else DDPMScheduler.from_pretrained(src, subfolder="scheduler"))
     else:
         scheduler = DDPMScheduler(num_train_timesteps=1000)
     return model, vae, scheduler

@@ -1,25 +1,58 @@
 """Training checkpoints: Accelerate's full state (model, optimizers, RNG), written complete or not at all.
 
 A checkpoint is ``RUN/checkpoint-{step}/`` (see :mod:`distill.rundir`). Every process writes its part into one
-temporary directory; the main process fsyncs it and renames it into place (:func:`distill.atomic.commit_dir`),
-so resume never sees a half-written checkpoint. On load, every pickle is read with ``weights_only=True``.
+temporary directory; the main process settles it (umask modes, every file and the directory fsync'd) and renames it
+into place (:func:`distill.atomic.commit_dir`), so resume never sees a half-written checkpoint. A write that fails
+(disk full, read-only, ...) removes the temporary directory and raises :class:`~distill.errors.WriteError` with the
+space the checkpoint needs. On load, the checkpoint is checked first (:func:`distill.rundir.checkpoint_problem`:
+a damaged file is named) and every pickle is read with ``weights_only=True``.
 """
 from __future__ import annotations
 
+import logging
 import pickle
 import shutil
 from pathlib import Path
 
-from ..atomic import commit_dir, temp_path
-from ..errors import UntrustedCheckpointError
-from ..rundir import checkpoint_dir, checkpoint_step, list_checkpoints
+from ..atomic import commit_dir, temp_path, writing
+from ..errors import UnreadableFileError, UntrustedCheckpointError
+from ..integrity import error_text
+from ..rundir import checkpoint_dir, checkpoint_problem, checkpoint_step, list_checkpoints
+
+_logger = logging.getLogger(__name__)
+
+
+def state_bytes(accelerator) -> int:
+    """Bytes of the tensors a checkpoint holds: every prepared model's state dict and optimizer state (the size
+    estimate a failed write reports)."""
+    import torch
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from tensors(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from tensors(v)
+
+    total = sum(t.numel() * t.element_size() for m in getattr(accelerator, "_models", [])
+                for t in tensors(m.state_dict()))
+    return total + sum(t.numel() * t.element_size() for o in getattr(accelerator, "_optimizers", [])
+                       for t in tensors(o.state_dict().get("state", {})))
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, model=None) -> Path:
-    """Write ``RUN/checkpoint-{step}`` and keep the newest ``keep`` checkpoints. Call on every process.
+    """Write ``RUN/checkpoint-{step}`` and keep the newest ``keep`` checkpoints that are whole (older ones, and
+    older damaged ones, are deleted). Call on every process.
 
     With several processes, BN running statistics are averaged first (``model`` given): DDP broadcasts buffers
     only at the start of a forward, so they end rank-local (timm's ``distribute_bn``).
+
+    Raises:
+        WriteError: the checkpoint could not be written (disk full, read-only, ...): the message says where and how
+            much space it needs; the temporary directory is removed and older checkpoints are kept.
     """
     final = checkpoint_dir(run_dir, step)
     if model is not None and accelerator.num_processes > 1:
@@ -30,22 +63,40 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, model=None
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
+    what, needed = f"checkpoint-{step}", state_bytes(accelerator)
+    try:
+        with writing(what, final, needed, tmp):
+            accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            commit_dir(tmp, final, what, needed)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        commit_dir(tmp, final)
-        for _, old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(run_dir, step, keep)
     accelerator.wait_for_everyone()
     return final
 
 
+def prune_checkpoints(run_dir: Path, step: int, keep: int) -> None:
+    """Keep the newest ``keep`` whole checkpoints (by header and zip structure) up to ``step``; delete the other
+    checkpoints older than ``step``, damaged ones included (a damaged one never counts as one of the ``keep``)."""
+    ckpts = [(s, p) for s, p in list_checkpoints(run_dir) if s <= step]
+    whole = [s for s, p in ckpts if checkpoint_problem(p, deep=False) is None][-keep:]
+    for s, p in ckpts:
+        if s not in whole and s < step:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def load_checkpoint(accelerator, ckpt: Path) -> int:
-    """Restore model, optimizer and RNG states from ``ckpt``; returns its step. Every pickle is read with
-    ``torch.load(weights_only=True)``.
+    """Restore model, optimizer and RNG states from ``ckpt``; returns its step. The checkpoint is checked first
+    (:func:`distill.rundir.checkpoint_problem`) and every pickle is read with ``torch.load(weights_only=True)``.
 
     Raises:
         UntrustedCheckpointError: a file would import or call code when unpickled.
+        UnreadableFileError: a file of the checkpoint is empty, truncated or damaged (named in the message).
     """
     unexpected = sorted(p.name for p in ckpt.glob("custom_checkpoint_*"))
     if unexpected:
@@ -53,17 +104,19 @@ def load_checkpoint(accelerator, ckpt: Path) -> int:
             f"checkpoint '{ckpt}' holds {unexpected}, which Accelerate would unpickle with weights_only=False "
             f"(able to run code); distill never writes them. Delete them if you trust the checkpoint's source."
         )
-    from accelerate.utils.other import load as accelerate_load
-
+    # Accelerate ignores a random_states file it cannot read (resume would silently lose determinism): every file
+    # is read first with the same weights_only loader, so a bad one is an error naming it.
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise UnreadableFileError(f"cannot resume from checkpoint '{ckpt}': {problem}. Fix: delete or restore that "
+                                  f"checkpoint; --resume then continues from the newest one that loads.", ckpt)
     try:
-        # Accelerate ignores a random_states file it cannot read (resume would silently lose determinism):
-        # read them first with the same weights_only loader, so a bad one is an error.
-        for rng_file in sorted(ckpt.glob("random_states_*.pkl")):
-            accelerate_load(rng_file)
         accelerator.load_state(str(ckpt))  # weights_only=True for optimizer.bin and random_states_*.pkl
     except pickle.UnpicklingError as e:
         raise UntrustedCheckpointError(
             f"refused to load checkpoint '{ckpt}': a file in it is a pickle that would import or call code, which "
             f"torch.load(weights_only=True) does not allow. Only resume checkpoints you wrote. ({str(e)[:300]})"
         ) from e
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as e:
+        raise UnreadableFileError(f"cannot resume from checkpoint '{ckpt}': {error_text(e, 300)}", ckpt) from e
     return checkpoint_step(ckpt)
