@@ -10,7 +10,7 @@ import yaml
 
 from distill.cli import main
 from distill.errors import RunLockedError
-from distill.rundir import RunLock
+from distill.runlock import RunLock
 from distill.trainer import RunExistsError, latest_checkpoint, list_checkpoints, train
 
 from .conftest import fmnist_recipe, rgb_recipe
@@ -88,7 +88,7 @@ def test_overwrite_replaces_a_run_by_its_own_files(rgb_folder, tmp_path):
 def test_a_second_process_in_a_run_directory_is_refused(rgb_folder, tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from distill.rundir import RunLock\n"
+        "import sys, time; from distill.runlock import RunLock\n"
         f"with RunLock({str(run)!r}):\n    print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -24,8 +24,9 @@ from ..data import IndexedDataset
 from ..errors import NonFiniteLossError, TrainingInterrupted
 from ..policy import entropy_weight
 from ..cache import data_fingerprint, teacher_sha256
-from ..rundir import (CsvLog, RunLock, check_resume, checkpoint_step, latest_checkpoint, prepare_run_dir, record_changes,
-                      write_config, write_summary)
+from ..rundir import (CsvLog, check_resume, checkpoint_step, latest_checkpoint, newest_loadable_checkpoint,
+                      prepare_run_dir, record_changes, write_config, write_summary)
+from ..runlock import RunLock
 from ..select import check_candidates
 from .batches import epoch_batches
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -249,7 +250,7 @@ def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, pr
     ckpt = prepare_run_dir(run_dir, resume, overwrite) if acc.is_main_process else None
     acc.wait_for_everyone()
     if not acc.is_main_process and resume:
-        ckpt = latest_checkpoint(run_dir)
+        ckpt = newest_loadable_checkpoint(run_dir)
     if ckpt is not None:  # the recipe's side of the resume contract, before anything is built
         check_resume(run_dir, checkpoint_step(ckpt), recipe, None, allow_changes)
     run_dir.mkdir(parents=True, exist_ok=True)
