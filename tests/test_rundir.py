@@ -72,10 +72,12 @@ def test_a_non_empty_folder_that_is_not_a_run_is_refused(rgb_folder, tmp_path):
 def test_overwrite_replaces_a_run_by_its_own_files(rgb_folder, tmp_path):
     run = tmp_path / "run"
     train(rgb_recipe(rgb_folder, steps=2), str(run), progress=False)
-    (run / "checkpoint-2" / "extra.txt").write_text("inside a checkpoint: part of the run")
+    (run / "checkpoint-2" / "extra.txt").write_text("someone's file inside a checkpoint")
+    with pytest.raises(RunExistsError, match="checkpoint-2/extra.txt"):
+        train(rgb_recipe(rgb_folder, steps=4), str(run), overwrite=True, progress=False)
+    (run / "checkpoint-2" / "extra.txt").unlink()
     train(rgb_recipe(rgb_folder, steps=4), str(run), overwrite=True, progress=False)
     assert [s for s, _ in list_checkpoints(run)] == [2, 4]
-    assert not (run / "checkpoint-2" / "extra.txt").exists()
     assert yaml.safe_load((run / "config.yaml").read_text())["steps"] == 4
     nested = run / "another_run"  # a directory holding another run is never deleted
     shutil.copytree(run, nested, ignore=shutil.ignore_patterns("another_run"))

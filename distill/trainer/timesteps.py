@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from ..build import check_labelled
 from ..config import Recipe
@@ -30,7 +34,13 @@ def resolve_timesteps(recipe: Recipe, ds, channels: int, run_dir: Path, accelera
     sel_dir = run_dir / "selection"
     path = sel_dir / "selection.json"
     if accelerator.is_main_process and not path.exists():
-        res = auto_select_timestep(recipe, ds, channels, sel_dir, progress)
+        # on a forked RNG: a resumed run skips the selection, so it must not move the stream the teacher (a
+        # config-dict teacher is random-init) and the model are then built from
+        state = (random.getstate(), np.random.get_state())
+        with torch.random.fork_rng(devices=[]):
+            res = auto_select_timestep(recipe, ds, channels, sel_dir, progress)
+        random.setstate(state[0])
+        np.random.set_state(state[1])
         accelerator.print(f"{mode}: timestep {res['timestep']} (scores per timestep {res['scores']}; "
                           f"{res['teacher_forwards']} teacher forwards, {res['seconds']} s); files in {sel_dir}")
     accelerator.wait_for_everyone()
