@@ -54,8 +54,9 @@ def cmd_export(args) -> int:
     from .export import export_student
 
     out = export_student(args.run_dir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
-    print(f"exported student to {out}\nload it with: timm.create_model('local-dir:{out}', pretrained=True, "
-          f"num_classes=K)")
+    ckpt = json.loads((out / "config.json").read_text())["distill"]["checkpoint"]
+    print(f"exported the student of {ckpt} to {out}\nload it with: timm.create_model('local-dir:{out}', "
+          f"pretrained=True, num_classes=K)")
     return 0
 
 

@@ -156,6 +156,12 @@ def test_export_falls_back_past_a_damaged_newest_checkpoint_and_says_so(run_copy
     assert meta["checkpoint"] == str(run_copy / used) and meta["steps"] == int(used.split("-")[1])
 
 
+def test_cli_export_says_which_checkpoint_it_used(run_copy, tmp_path, capsys):
+    (run_copy / "checkpoint-50").mkdir()  # damaged: skipped
+    assert main(["export", str(run_copy), "--out", str(tmp_path / "s")]) == 0
+    assert f"exported the student of {run_copy / 'checkpoint-40'} to {tmp_path / 's'}" in capsys.readouterr().out
+
+
 def test_export_of_a_named_damaged_checkpoint_names_it(run_copy, tmp_path, capsys):
     _replace_truncated(run_copy / "checkpoint-40" / "model.safetensors", 50000)
     with pytest.raises(UnreadableFileError, match="checkpoint-40.*model.safetensors: truncated"):

@@ -373,3 +373,43 @@ def test_checkpoints_are_fsynced_before_the_rename_and_respect_the_umask(rgb_fol
     assert {str(tmp / f) for f in files} | {str(tmp)} <= set(synced) and str(run) in synced
     for f in files:
         assert (run / "checkpoint-2" / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
+
+
+@pytest.mark.parametrize("damage", ["model truncated", "optimizer truncated"])
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(rgb_folder, tmp_path, caplog, damage):
+    """A damaged checkpoint-6: --resume warns naming it and its file, continues from checkpoint-4 and ends with the
+    weights of the run that was never damaged (bitwise)."""
+    r = rgb_recipe(rgb_folder, steps=6, checkpoint_every=2, keep_checkpoints=5)
+    full = tmp_path / "full"
+    train(r, str(full), progress=False)
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    fn, text = DAMAGE[damage]
+    fn(run / "checkpoint-6")
+    with caplog.at_level("WARNING", logger="distill.rundir"):
+        train(r, str(run), resume=True, progress=False)
+    assert "checkpoint-6" in caplog.text and text in caplog.text and "using checkpoint-4" in caplog.text
+    a, b = (load_file(str(d / "checkpoint-6" / "model.safetensors")) for d in (full, run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4, 6]
+
+
+def test_resume_skips_an_empty_checkpoint_directory_of_an_interrupted_copy(rgb_folder, tmp_path, caplog, capsys):
+    from distill.cli import main
+
+    run = tmp_path / "run"
+    train(rgb_recipe(rgb_folder, steps=4), str(run), progress=False)
+    (run / "checkpoint-7").mkdir()
+    recipe = _recipe_file(tmp_path, rgb_recipe(rgb_folder, steps=6))
+    with caplog.at_level("WARNING", logger="distill.rundir"):
+        assert main(["train", str(recipe), "-o", str(run), "--resume", "--no-progress"]) == 0
+    assert "checkpoint-7" in caplog.text and "empty directory" in caplog.text and "using checkpoint-4" in caplog.text
+    assert "resumed from" in capsys.readouterr().out
+    assert (run / "checkpoint-7").is_dir()  # newer than the run's last step: left as it is
+    assert (run / "checkpoint-6" / "model.safetensors").is_file()
+    _truncate(run / "checkpoint-6" / "model.safetensors", 0)
+    _truncate(run / "checkpoint-4" / "optimizer.bin", 0)
+    shutil.rmtree(run / "checkpoint-2", ignore_errors=True)
+    assert main(["train", str(recipe), "-o", str(run), "--resume", "--no-progress", "--set", "steps=8"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint of" in err and "checkpoint-6: model.safetensors: empty" in err and "Traceback" not in err
