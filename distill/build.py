@@ -13,7 +13,8 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from . import optim
+from .optim import build_optimizer as make_optimizer
+from .optim import build_scheduler as make_scheduler
 from .config import Recipe
 from .data import IndexedDataset, build_dataset, collate, collate_indexed, dataset_labels, dataset_mean_std
 from .losses import feature_distillation_loss
@@ -157,12 +158,12 @@ def build_model(recipe: Recipe, teacher: DiffusionTeacher, layout: Optional[Targ
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The recipe's optimizer over ``model`` (:func:`distill.optim.build_optimizer`)."""
-    return optim.build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay, recipe.momentum)
+    return make_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay, recipe.momentum)
 
 
 def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer):
     """Warmup + cosine over ``steps`` (:func:`distill.optim.build_scheduler`)."""
-    return optim.build_scheduler(optimizer, recipe.warmup_steps, recipe.steps)
+    return make_scheduler(optimizer, recipe.warmup_steps, recipe.steps)
 
 
 def build_loss(recipe: Recipe) -> Callable[[list, list], dict]:
