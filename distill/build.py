@@ -57,8 +57,26 @@ def resolve_mean_std(recipe: Recipe, ds: Dataset) -> tuple[list[float], list[flo
     return [round(v, 4) for v in mean], [round(v, 4) for v in std]
 
 
-def build_loader(ds: Dataset, recipe: Recipe, generator: torch.Generator) -> DataLoader:
-    """Shuffled loader of full batches (``drop_last``) whose order depends only on ``generator``.
+def loader_workers(num_workers, processes: int = 1, cpus: Optional[int] = None) -> int:
+    """DataLoader processes for a recipe's ``num_workers``: the number itself, or for ``auto`` the CPUs this process
+    may use divided among the ``processes`` of this machine, minus one for the training process, at most 8
+    (timm's ``train.py`` default is 4; more rarely helps a decoder-bound image loader); 0 on a 1-CPU share.
+    ``cpus`` defaults to ``os.sched_getaffinity`` (what a scheduler granted), else ``os.cpu_count()``."""
+    import os
+
+    if num_workers != "auto":
+        return int(num_workers)
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus // max(1, processes) - 1))
+
+
+def build_loader(ds: Dataset, recipe: Recipe, generator: torch.Generator, processes: int = 1,
+                 pin_memory: bool = False) -> DataLoader:
+    """Shuffled loader of full batches (``drop_last``) whose order depends only on ``generator`` (the number of
+    workers does not change the batches: the images are decoded, never augmented, in the workers).
+    ``processes``: training processes on this machine (for ``num_workers: auto``, :func:`loader_workers`);
+    ``pin_memory``: page-locked batches for a faster host-to-GPU copy (set on CUDA).
 
     Raises:
         ValueError: ``batch_size`` is larger than the dataset.
@@ -72,7 +90,8 @@ def build_loader(ds: Dataset, recipe: Recipe, generator: torch.Generator) -> Dat
     return DataLoader(ds, batch_size=recipe.batch_size, sampler=RandomSampler(ds, generator=generator),
                       generator=generator, drop_last=True,
                       collate_fn=collate_indexed if isinstance(ds, IndexedDataset) else collate,
-                      num_workers=recipe.num_workers, persistent_workers=False)
+                      num_workers=loader_workers(recipe.num_workers, processes), persistent_workers=False,
+                      pin_memory=pin_memory)
 
 
 def check_labelled(ds: Dataset, what: str, why: str, fix: str) -> None:

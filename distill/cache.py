@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .atomic import atomic_dir, atomic_write_json, remove_stale_temps
-from .build import build_teacher, build_train_data
+from .build import build_teacher, build_train_data, loader_workers
 from .data import collate, dataset_labels, to_teacher, to_unit
 from .errors import CacheMismatchError, IncompleteCacheError
 from .teacher import DiffusionTeacher, TeacherFeatureInfo
@@ -286,7 +286,8 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
         arrays = {k: np.lib.format.open_memmap(tmp / _cache_file(k), mode="w+", dtype=np.float16, shape=tuple(s))
                   for k, s in shapes.items()}
         bs = int(batch_size or recipe.batch_size)
-        loader = DataLoader(ds, batch_size=bs, shuffle=False, num_workers=recipe.num_workers, collate_fn=collate)
+        loader = DataLoader(ds, batch_size=bs, shuffle=False, num_workers=loader_workers(recipe.num_workers),
+                            collate_fn=collate)
         gen = torch.Generator().manual_seed(seed)
         start = 0
         for images, _ in tqdm(loader, desc="extract", disable=not progress, dynamic_ncols=True):

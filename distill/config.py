@@ -22,7 +22,7 @@ import yaml
 
 from .atomic import atomic_write_text
 from .vocab import (AT_MODES, AUGMENTS, MIXED_PRECISION, MULTI_TIMESTEP, ON_NONFINITE, OPTIMIZERS,
-                    POLICY_BASELINES, TEACHER_DTYPES, TIMESTEP_MODES, VAE_DTYPES)
+                    NUM_WORKERS_WORDS, POLICY_BASELINES, TEACHER_DTYPES, TIMESTEP_MODES, VAE_DTYPES)
 
 _logger = logging.getLogger(__name__)
 
@@ -161,11 +161,18 @@ class Recipe:
     augment: str = "crop-flip"
     # run
     seed: int = 0
-    num_workers: int = 0
+    num_workers: Union[int, str] = 0  # DataLoader processes, or auto (CPUs per process - 1, at most 8)
     log_every: int = 10
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     log_with: Optional[str] = None  # e.g. tensorboard (Accelerate tracker), besides the CSV log
+    # "is it working?" while training, and the knobs of timm's train.py (README "Training knobs")
+    monitor_every: int = 0  # kNN top-1 of the student's pooled features every N steps (and at step 0); 0: off
+    monitor_images: int = 1000  # monitor: stratified train images (the kNN bank) and as many test images
+    channels_last: bool = False  # student, regressor and their inputs in NHWC memory format
+    compile: bool = False  # torch.compile the student + regressor (nn.Module.compile: checkpoints unchanged)
+    ema: bool = False  # keep an EMA of the student's weights (timm ModelEmaV3), saved in checkpoints
+    ema_decay: float = 0.9998  # per optimizer update
     # probe (distill run / distill probe)
     probe_train_fraction: float = 1.0  # stratified fraction of the train split used to fit probes
     probe_epochs: int = 30
@@ -197,9 +204,12 @@ class Range:
     values: tuple = ()
     lengths: tuple = ()
     fix: str = ""
+    words: tuple = ()  # strings valid besides the numbers (num_workers: auto)
 
     def contains(self, x: Any) -> bool:
         """Whether one number ``x`` is valid (finite, within the bounds or one of ``values``)."""
+        if isinstance(x, str):
+            return x in self.words
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
             return False
         if self.values:
@@ -209,6 +219,9 @@ class Range:
 
     def describe(self) -> str:
         """``'>= 1'``, ``'> 0'``, ``'in (0, 1]'``, ``'1 or 3'``: the valid values of one number."""
+        if self.words:
+            return " or ".join([*map(repr, self.words), Range(self.lo, self.hi, self.lo_open, self.hi_open,
+                                                               self.values).describe()])
         if self.values:
             return " or ".join(map(str, self.values))
         if self.hi is None:
@@ -244,7 +257,12 @@ RANGES: dict[str, Range] = {
     "warmup_steps": Range(lo=0, fix="Fix: 0 for no warmup, or a few percent of steps (e.g. 50)."),
     "grad_clip": Range(lo=0, fix="Fix: a maximum gradient norm such as 1.0; 0 turns clipping off."),
     "seed": Range(lo=0, hi=2 ** 32 - 1, fix="Fix: e.g. 0 (numpy takes seeds below 2**32)."),
-    "num_workers": Range(lo=0, fix="Fix: 0 (load in the main process) or the number of DataLoader processes."),
+    "num_workers": Range(lo=0, words=NUM_WORKERS_WORDS, fix="Fix: 0 (load in the main process), the number of "
+                         "DataLoader processes, or auto (CPUs per process - 1, at most 8)."),
+    "ema_decay": Range(lo=0, hi=1, hi_open=True, fix="Fix: e.g. 0.9998 (timm's train.py uses 0.9998); the EMA "
+                                                     "averages about 1 / (1 - decay) updates."),
+    "monitor_every": Range(lo=0, fix="Fix: 0 (off) or a number of steps, e.g. 100."),
+    "monitor_images": Range(lo=2, fix="Fix: e.g. 1000 (train images for the kNN bank, and as many test images)."),
     "probe_train_fraction": Range(lo=0, hi=1, lo_open=True, fix="Fix: e.g. 0.1 for 10%, 1.0 for all."),
     **dict.fromkeys(("student_size", "regressor_width", "select_images", "select_val_images", "select_epochs",
                      "select_label_free_images", "steps", "batch_size", "grad_accum_steps", "log_every",
@@ -263,7 +281,8 @@ def check_ranges(recipe: Recipe, source: str = "recipe") -> None:
         if value is None:
             continue  # a type check let it through: the field is Optional
         valid = rng.describe()
-        if rng.hi is None and not rng.values and fields_[key] not in (int, Optional[int]):  # floats, lists of floats
+        if rng.hi is None and not rng.values and fields_[key] not in (int, Optional[int], Union[int, str]):
+            # floats, lists of floats
             valid += " and finite"
         if rng.lengths:
             ok = isinstance(value, list) and len(value) in rng.lengths and all(map(rng.contains, value))

@@ -28,6 +28,8 @@ ON_NONFINITE = ("error", "skip")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 #: VAE dtypes: float16 is refused, the SD VAE encoder overflows in it.
 VAE_DTYPES = ("float32", "bfloat16")
+#: ``num_workers`` words besides a number: ``auto`` = CPUs per process - 1, at most 8 (:func:`distill.build.loader_workers`).
+NUM_WORKERS_WORDS = ("auto",)
 #: Dataset sources a recipe or command can name.
 DATASETS = ("fashion-mnist", "image-folder")
 #: What an image folder does with an image it cannot decode.

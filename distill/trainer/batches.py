@@ -1,6 +1,7 @@
 """The training batch stream: epochs reshuffled from the seed, so a resumed run sees the same batches."""
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import torch
@@ -14,7 +15,9 @@ def epoch_batches(ds, recipe: Recipe, accelerator, start_step: int) -> Iterator:
     (``grad_accum_steps`` micro-batches each); epoch ``e`` is shuffled with seed ``recipe.seed * 100003 + e``."""
     per_step = recipe.grad_accum_steps
     g = torch.Generator()
-    loader = accelerator.prepare_data_loader(build_loader(ds, recipe, g), device_placement=True)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # processes on this machine
+    loader = build_loader(ds, recipe, g, processes=local, pin_memory=accelerator.device.type == "cuda")
+    loader = accelerator.prepare_data_loader(loader, device_placement=True)
     n = len(loader)
     micro = start_step * per_step
     epoch, skip = divmod(micro, n)
