@@ -7,6 +7,7 @@ Layout of ``RUN`` (``distill train -o RUN``)::
     RUN/checkpoint-{step}/   Accelerate state (model.safetensors, optimizer.bin, random_states_*.pkl), renamed
                              into place complete
     RUN/summary.json         written when training ends
+    RUN/monitor.csv          kNN top-1 of the student every ``monitor_every`` steps (and step 0)
     RUN/policy.csv, RUN/policy_histogram.png, RUN/selection/   for ``timesteps: policy`` / ``auto-*``
 
 This module lists and chooses checkpoints, prepares or refuses a directory, writes the metrics log and the
@@ -37,13 +38,15 @@ CONFIG = "config.yaml"
 METRICS = "metrics.csv"
 SUMMARY = "summary.json"
 LOCK = ".lock"
+MONITOR = "monitor.csv"  # step, kNN top-1 of the student (recipe monitor_every; distill.trainer.monitor)
+EMA_FILE = "ema.safetensors"  # in a checkpoint: the student EMA (recipe ema; distill.trainer.ema)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 #: the files Accelerate's save_state writes into a checkpoint of a distill run (model, policy, optimizers, RNG)
 CHECKPOINT_FILE_RE = re.compile(r"^(model(_\d+)?\.safetensors|optimizer(_\d+)?\.bin|random_states_\d+\.pkl|"
-                                r"scaler\.pt|\.tmp-.*)$")
+                                r"scaler\.pt|ema\.safetensors|\.tmp-.*)$")
 #: what a run writes in its directory (besides checkpoint-{step}/ and .tmp-* temporaries): an --overwrite deletes
 #: these and refuses a directory holding anything else
-RUN_ARTEFACTS = frozenset({CONFIG, METRICS, SUMMARY, LOCK, "policy.csv", "policy_histogram.png", "selection",
+RUN_ARTEFACTS = frozenset({CONFIG, METRICS, SUMMARY, LOCK, MONITOR, "policy.csv", "policy_histogram.png", "selection",
                            "student", "results.json", "results.md"})
 
 
@@ -241,7 +244,7 @@ def read_config(run_dir: Path) -> tuple[Recipe, dict]:
 #: recipe keys a resume may change without ``allow_changes``: they do not change what is trained (``steps`` may
 #: only grow past the resumed checkpoint)
 RESUME_FREE_KEYS = ("steps", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "log_with",
-                    "probe_train_fraction", "probe_epochs", "knn_k")
+                    "probe_train_fraction", "probe_epochs", "knn_k", "channels_last", "compile")
 #: resolved values a resume must find unchanged (what the run measured or loaded at its start)
 RESUME_RESOLVED_KEYS = ("mean", "std", "data_channels", "teacher_sha256", "data_sha256", "teacher_features",
                         "sources", "regressor_targets", "target_groups", "timesteps_used")

@@ -43,9 +43,10 @@ def state_bytes(accelerator) -> int:
                        for t in tensors(o.state_dict().get("state", {})))
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, model=None) -> Path:
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, model=None, ema=None) -> Path:
     """Write ``RUN/checkpoint-{step}`` and keep the newest ``keep`` checkpoints that are whole (older ones, and
-    older damaged ones, are deleted). Call on every process.
+    older damaged ones, are deleted). Call on every process. ``ema`` (a :class:`~distill.trainer.ema.StudentEma`)
+    is written by the main process as ``ema.safetensors`` in the same checkpoint.
 
     With several processes, BN running statistics are averaged first (``model`` given): DDP broadcasts buffers
     only at the start of a forward, so they end rank-local (timm's ``distribute_bn``).
@@ -67,6 +68,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, model=None
     try:
         with writing(what, final, needed, tmp):
             accelerator.save_state(str(tmp), safe_serialization=True)
+            if ema is not None and accelerator.is_main_process:
+                ema.save(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             commit_dir(tmp, final, what, needed)

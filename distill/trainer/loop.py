@@ -24,12 +24,14 @@ from ..data import IndexedDataset
 from ..errors import NonFiniteLossError, TrainingInterrupted
 from ..policy import entropy_weight
 from ..cache import data_fingerprint, teacher_sha256
-from ..rundir import (CsvLog, check_resume, checkpoint_step, latest_checkpoint, newest_loadable_checkpoint,
+from ..rundir import (MONITOR, CsvLog, check_resume, checkpoint_step, latest_checkpoint, newest_loadable_checkpoint,
                       prepare_run_dir, record_changes, write_config, write_summary)
 from ..runlock import RunLock
 from ..select import check_candidates
 from .batches import epoch_batches
 from .checkpoint import load_checkpoint, save_checkpoint
+from .ema import StudentEma
+from .monitor import MONITOR_COLUMN, Monitor
 from .policy_log import PolicyLog
 from .stop import StopOnSignal
 from .step import apply_update, clip_gradients, nonfinite_terms, train_step
@@ -63,6 +65,10 @@ class Session:
     policy_log: Optional[PolicyLog] = None
     bar: Any = None  # tqdm
     t0: float = 0.0
+    ema: Optional[StudentEma] = None  # recipe ema: the student's weight average
+    monitor: Optional[Monitor] = None  # recipe monitor_every (main process only)
+    monitor_log: Any = None  # RUN/monitor.csv (rundir.CsvLog)
+    monitor_last: Optional[dict] = None
 
     @property
     def optimizers(self) -> list:
@@ -123,6 +129,8 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
         teacher = teacher.to(accelerator.device)  # never prepared: frozen, no DDP
     layout = target_layout(recipe, teacher, policy=use_policy)
     model = build_model(recipe, teacher, layout)
+    if recipe.channels_last:  # NHWC weights (the inputs follow in optimizer_step), as timm's train.py does
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(recipe, model)
     # The LR schedule is a function of the step: it is not checkpointed (Accelerate unpickles custom objects with
     # weights_only=False, which would run code from a stranger's checkpoint) but stepped forward on resume.
@@ -141,6 +149,13 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
     else:
         source = LiveTeacherTargets(teacher, layout.groups, augment, recipe.student_size, mean, std)
     unwrapped = accelerator.unwrap_model(model)
+    ema = StudentEma(unwrapped.student.model, recipe.ema_decay) if recipe.ema else None
+    if recipe.compile:  # in place (nn.Module.compile): state-dict keys, checkpoints and exports are unchanged
+        unwrapped.compile()
+    monitor = None
+    if recipe.monitor_every and accelerator.is_main_process:
+        with torch.random.fork_rng(devices=[]):  # reading the subset must not move the training RNG stream
+            monitor = Monitor(recipe, mean, std, accelerator.device)
     resolved = {
         "mean": mean, "std": std, "data_channels": channels,
         "teacher_features": [vars(f) | {"size": list(f.size)} for f in teacher.feature_info],
@@ -157,7 +172,8 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
     }
     entropy_steps = recipe.policy_entropy_steps if recipe.policy_entropy_steps is not None else recipe.steps // 2
     return Session(recipe, run_dir, accelerator, model, optimizer, scheduler, source, build_loss(recipe),
-                   IndexedDataset(ds) if cache is not None else ds, resolved, policy, policy_opt, entropy_steps)
+                   IndexedDataset(ds) if cache is not None else ds, resolved, policy, policy_opt, entropy_steps,
+                   ema=ema, monitor=monitor)
 
 
 def resume_from(s: Session, ckpt: Optional[Path]) -> int:
@@ -165,6 +181,8 @@ def resume_from(s: Session, ckpt: Optional[Path]) -> int:
     if ckpt is None:
         return 0
     start = load_checkpoint(s.accelerator, ckpt)
+    if s.ema is not None:
+        s.ema.load(ckpt)
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(start):
@@ -185,6 +203,8 @@ def optimizer_step(s: Session, batches, step: int, policy_log: Optional[PolicyLo
     for micro in range(r.grad_accum_steps):
         batch = next(batches)
         inputs = s.source(batch, (step - 1) * r.grad_accum_steps + micro)
+        if r.channels_last:
+            inputs.student_x = inputs.student_x.contiguous(memory_format=torch.channels_last)
         with acc.accumulate(*([s.model] if s.policy is None else [s.model, s.policy])):
             losses = train_step(s.model, inputs, s.loss_fn, acc, s.policy, s.entropy_weight(step))
             bad = bad or nonfinite_terms(losses, acc)
@@ -201,6 +221,8 @@ def optimizer_step(s: Session, batches, step: int, policy_log: Optional[PolicyLo
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v.detach()
         s.seen += batch[0].shape[0] * acc.num_processes
+    if s.ema is not None and not bad:
+        s.ema.update(acc.unwrap_model(s.model).student.model)
     if bad:
         s.skipped += 1
         _logger.warning("step %d: non-finite %s; batch skipped (%d so far)", step, ", ".join(bad), s.skipped)
@@ -208,12 +230,15 @@ def optimizer_step(s: Session, batches, step: int, policy_log: Optional[PolicyLo
     return sums, grad_norm, inputs
 
 
-def log_step(s: Session, step: int, sums: dict, grad_norm, t0: float, metrics: CsvLog) -> dict:
-    """Average the loss terms over processes and micro-batches; one ``metrics.csv`` row (and tracker entry)."""
+def log_step(s: Session, step: int, sums: dict, grad_norm, t0: float, metrics: CsvLog,
+             extra: Optional[dict] = None) -> dict:
+    """Average the loss terms over processes and micro-batches; one ``metrics.csv`` row (and tracker entry), with
+    the ``extra`` columns (the monitor's) last."""
     terms = {k: s.accelerator.reduce(v, "mean").item() / s.recipe.grad_accum_steps for k, v in sums.items()}
     row = {"step": step, **{k: round(v, 6) for k, v in terms.items()}, "lr": s.scheduler.get_last_lr()[0],
            "grad_norm": round(float(grad_norm), 4) if grad_norm is not None else "",
            "img_per_s": round(s.seen / (time.time() - t0), 1), "skipped": s.skipped}
+    row.update(extra or {})
     metrics.write(row)
     if s.recipe.log_with:
         s.accelerator.log({k: v for k, v in row.items() if isinstance(v, float)}, step=step)
@@ -268,6 +293,10 @@ def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, pr
                                              if isinstance(v, (int, float, str, bool))})
     batches = epoch_batches(s.ds, recipe, acc, start)
     s.metrics = CsvLog(run_dir / "metrics.csv", start, acc.is_main_process)
+    if s.monitor is not None:
+        s.monitor_log = CsvLog(run_dir / MONITOR, start, acc.is_main_process)
+        if start == 0:
+            monitor_step(s, 0)
     if s.policy is not None:
         s.policy_log = PolicyLog(run_dir / "policy.csv", s.resolved["timesteps_used"]["policy"], start, acc)
     s.bar = tqdm(total=recipe.steps, initial=start, desc="distill", disable=not (progress and acc.is_main_process),
@@ -283,6 +312,8 @@ def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, pr
     finally:
         s.bar.close()
         s.metrics.close()
+        if s.monitor_log is not None:
+            s.monitor_log.close()
         if s.policy_log is not None:
             s.policy_log.close()
         if recipe.log_with:
@@ -298,19 +329,38 @@ def end_of_step(s: Session, step: int, first: bool, sums: dict, grad_norm, input
         TrainingInterrupted: a SIGTERM/SIGINT was received (after the checkpoint is written).
     """
     r, acc = s.recipe, s.accelerator
-    if sums and (step % r.log_every == 0 or step == r.steps or first):
-        s.last = log_step(s, step, sums, grad_norm, s.t0, s.metrics)
+    knn = monitor_step(s, step)
+    if sums and (step % r.log_every == 0 or step == r.steps or first or knn is not None):
+        extra = {MONITOR_COLUMN: "" if knn is None else knn} if r.monitor_every else None
+        s.last = log_step(s, step, sums, grad_norm, s.t0, s.metrics, extra)
         s.bar.set_postfix({k: f"{v:.4f}" for k, v in s.last.items() if k in ("total", "mse", "at", "reward")})
         if s.policy_log is not None:
             s.policy_log.write(step, acc.unwrap_model(s.policy), inputs, s.last, s.entropy_weight(step))
     s.bar.update(1)
     saved = step % r.checkpoint_every == 0 or step == r.steps
     if saved:
-        save_checkpoint(acc, s.run_dir, step, r.keep_checkpoints, s.model)
+        save_checkpoint(acc, s.run_dir, step, r.keep_checkpoints, s.model, s.ema)
     if stop.requested(acc):
         if not saved:
-            save_checkpoint(acc, s.run_dir, step, r.keep_checkpoints, s.model)
+            save_checkpoint(acc, s.run_dir, step, r.keep_checkpoints, s.model, s.ema)
         raise interrupted(stop.signum, step, s.run_dir)
+
+
+def monitor_step(s: Session, step: int) -> Optional[float]:
+    """The kNN monitor at ``step`` when it is due (step 0, every ``monitor_every`` steps and the last; main process):
+    a ``monitor.csv`` row, a tracker entry (``monitor/knn_top1``) and a log line. Returns its top-1 (percent), or
+    None when not due."""
+    r = s.recipe
+    if s.monitor is None or not (step == 0 or step % r.monitor_every == 0 or step == r.steps):
+        return None
+    s.monitor_last = {"step": step, **s.monitor(s.accelerator.unwrap_model(s.model).student.model)}
+    s.monitor_log.write(s.monitor_last)
+    if r.log_with:
+        s.accelerator.log({"monitor/knn_top1": s.monitor_last["knn_top1"]}, step=step)
+    _logger.info("step %d: monitor kNN top-1 %.2f%% (k=%d, %d train / %d test images, %.1fs)", step,
+                 s.monitor_last["knn_top1"], s.monitor_last["k"], s.monitor_last["train_images"],
+                 s.monitor_last["test_images"], s.monitor_last["seconds"])
+    return s.monitor_last["knn_top1"]
 
 
 def interrupted(signum: int, step: int, run_dir: Path) -> TrainingInterrupted:
@@ -332,6 +382,8 @@ def finish(s: Session) -> dict:
                "timesteps_used": s.resolved["timesteps_used"]}
     if s.policy_log is not None and s.accelerator.is_main_process:
         summary["policy"] = s.policy_log.summary()
+    if s.monitor_last is not None:
+        summary["monitor"] = s.monitor_last
     if s.accelerator.is_main_process:
         write_summary(s.run_dir, summary)
     return summary
