@@ -47,16 +47,31 @@ def _add_export_parser(sub) -> None:
     e.add_argument("--out", required=True)
     e.add_argument("--checkpoint", default=None, help="a checkpoint-{step} directory (default: latest)")
     e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--ema", action="store_true", help="export the EMA of the student's weights (recipe ema: true)")
+    e.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="then upload the export (config.json, model.safetensors, README.md) to this Hugging Face Hub "
+                        "model repo (huggingface-cli login or HF_TOKEN)")
+    e.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     e.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
     from .export import export_student
 
-    out = export_student(args.run_dir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    from .export import REPO_ID_RE
+
+    if args.push_to_hub is not None and not REPO_ID_RE.match(args.push_to_hub):  # before the export is written
+        raise ValueError(f"--push-to-hub {args.push_to_hub!r} is not a Hub repository id; valid: NAMESPACE/NAME "
+                         f"(letters, digits, '-', '_', '.'), e.g. your-user/resnet18-distill-fmnist.")
+    out = export_student(args.run_dir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite, ema=args.ema)
     ckpt = json.loads((out / "config.json").read_text())["distill"]["checkpoint"]
-    print(f"exported the student of {ckpt} to {out}\nload it with: timm.create_model('local-dir:{out}', "
-          f"pretrained=True, num_classes=K)")
+    print(f"exported the {'EMA ' if args.ema else ''}student of {ckpt} to {out}\nload it with: "
+          f"timm.create_model('local-dir:{out}', pretrained=True, num_classes=K)")
+    if args.push_to_hub:
+        from .export import push_to_hub
+
+        url = push_to_hub(str(out), args.push_to_hub, private=args.private)
+        print(f"pushed to {url}\nload it with: timm.create_model('hf-hub:{args.push_to_hub}', pretrained=True)")
     return 0
 
 

@@ -13,7 +13,7 @@ from .atomic import atomic_write_text
 from .config import Recipe
 from .evaluate import (format_table, pixels_fn, probe_data, probe_exported, probe_fn, probe_random_init,
                        save_results)
-from .export import export_student
+from .export import export_student, write_model_card
 from .rundir import read_config
 from .trainer import train
 
@@ -54,5 +54,6 @@ def run_recipe(recipe: Recipe, run_dir: str, resume: bool = False, overwrite: bo
                  {"train_summary": summary, "train_seconds": round(t_train, 1), "total_seconds": round(total, 1),
                   "machine": machine, "recipe": str(recipe_name), "overrides": overrides or []})
     atomic_write_text(run / "results.md", table + "\n")
+    write_model_card(out, rows)  # the export's card, now with the probe numbers
     return {"rows": rows, "table": table, "train_seconds": t_train, "total_seconds": total, "machine": machine,
             "summary": summary}
