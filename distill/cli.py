@@ -170,6 +170,11 @@ def _add_finetune_parser(sub) -> None:
     ft.add_argument("--weight-decay", type=float, default=0.05)
     ft.add_argument("--momentum", type=float, default=0.9, help="sgd only")
     ft.add_argument("--warmup-steps", type=int, default=50)
+    ft.add_argument("--layer-decay", type=float, default=None, metavar="D",
+                    help="layer-wise lr decay in (0, 1], e.g. 0.75: each layer below the head learns at D x the rate "
+                         "of the one above (timm create_optimizer_v2); default off")
+    ft.add_argument("--backbone-lr-mult", type=float, default=1.0, metavar="M",
+                    help="lr factor on the backbone (every parameter but the new head), e.g. 0.1; default 1")
     ft.add_argument("--augment", default="crop-flip", help="none, flip or crop-flip (kornia)")
     ft.add_argument("--label-smoothing", type=float, default=0.0)
     ft.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm; 0: no clipping")
@@ -200,7 +205,8 @@ def cmd_finetune(args) -> int:
         model=args.model, dataset=args.dataset, data_root=args.data_root, test_root=args.test_root,
         fraction=args.fraction, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
-        warmup_steps=args.warmup_steps, augment=args.augment, label_smoothing=args.label_smoothing,
+        warmup_steps=args.warmup_steps, layer_decay=args.layer_decay, backbone_lr_mult=args.backbone_lr_mult,
+        augment=args.augment, label_smoothing=args.label_smoothing,
         grad_clip=args.grad_clip, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
         log_every=args.log_every, size=args.size, mean=args.mean, std=args.std, like=args.like, label=args.label,
         mixed_precision=args.mixed_precision, num_workers=args.num_workers, eval_train=args.eval_train,

@@ -24,6 +24,8 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     momentum: float = 0.9  # sgd only
     warmup_steps: int = 50
+    layer_decay: Optional[float] = None  # layer-wise lr decay (timm create_optimizer_v2), e.g. 0.75; None: off
+    backbone_lr_mult: float = 1.0  # lr factor on every parameter outside the new head (after layer_decay)
     augment: str = "crop-flip"
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # 0: no clipping
@@ -56,6 +58,12 @@ class FinetuneConfig:
         if self.weight_decay < 0 or self.grad_clip < 0 or not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--weight-decay and --grad-clip must be >= 0 and --label-smoothing in [0, 1); got "
                              f"{self.weight_decay}, {self.grad_clip}, {self.label_smoothing}.")
+        if self.layer_decay is not None and (isinstance(self.layer_decay, bool) or not 0 < self.layer_decay <= 1):
+            raise ValueError(f"--layer-decay {self.layer_decay!r} is outside (0, 1]: give e.g. 0.75 (each layer below "
+                             f"the head learns at 0.75x the rate of the layer above), or leave it out.")
+        if isinstance(self.backbone_lr_mult, bool) or not self.backbone_lr_mult > 0:
+            raise ValueError(f"--backbone-lr-mult {self.backbone_lr_mult!r} must be > 0: give e.g. 0.1 (the backbone "
+                             f"learns at a tenth of --lr, the new head at --lr), or 1 for the same rate.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer {self.optimizer!r} is not valid; valid: {', '.join(OPTIMIZERS)}.")
         if self.augment not in AUGMENTS:

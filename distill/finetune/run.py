@@ -200,7 +200,8 @@ def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, acce
 
     model = build_model(source, data.num_classes, size, like_config, cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
+                                layer_decay=cfg.layer_decay, backbone_lr_mult=cfg.backbone_lr_mult)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -289,6 +290,7 @@ def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, acce
         "fraction": float(cfg.fraction), "seed": cfg.seed, "steps": cfg.steps, "batch_size": cfg.batch_size,
         "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
         "momentum": cfg.momentum if cfg.optimizer == "sgd" else None, "warmup_steps": min(cfg.warmup_steps, cfg.steps),
+        "layer_decay": cfg.layer_decay, "backbone_lr_mult": cfg.backbone_lr_mult,
         "schedule": "linear warmup + cosine to 0 (diffusers get_cosine_schedule_with_warmup)",
         "augment": cfg.augment, "label_smoothing": cfg.label_smoothing, "grad_clip": cfg.grad_clip,
         "input_size": size, "mean": mean, "std": std, "preprocessing_from": prep_origin,
