@@ -194,3 +194,27 @@ def plot_probes(rows: list[dict], path: Path) -> Optional[Path]:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def plot_monitor(runs: Sequence, path: Path) -> Optional[Path]:
+    """The training monitor: kNN top-1 (percent) of the student's pooled features against step, one line per run,
+    the y axis from 0 to 100 (not truncated).
+
+    ``runs``: objects with ``name`` and ``monitor`` (``monitor.csv`` columns -> values, incl. ``step`` and
+    ``knn_top1``). Returns ``path``, or None when no run was monitored."""
+    runs = [r for r in runs if getattr(r, "monitor", None) and r.monitor.get("knn_top1")]
+    if not runs:
+        return None
+    fig = new_figure(5.0, 3.4)
+    ax = fig.subplots()
+    for r in runs:
+        xs, ys = r.monitor["step"], r.monitor["knn_top1"]
+        n = (r.monitor.get("train_images") or [math.nan])[-1]
+        ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=f"{r.name} ({n:g} train / test images)")
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("step")
+    ax.set_ylabel("kNN top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("training monitor: kNN top-1 of the student")
+    return save_figure(fig, path)

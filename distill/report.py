@@ -7,6 +7,7 @@ Outputs, in ``--out``:
 * ``report.md``: distillation runs (final loss terms, probes), probes of teacher / distilled / random init, and
   fine-tuning accuracy per (model, label fraction): mean and min-max over seeds, with the difference to scratch;
 * ``loss_curves.png``: distillation loss per term against step, one line per run;
+* ``monitor.png``: the training monitor's kNN top-1 against step (runs with ``monitor_every``);
 * ``finetune_fraction.png``: fine-tuning top-1 against label fraction, mean with a min-max band over seeds;
 * ``probes.png``: linear / kNN probe top-1 of the teacher (``--teacher-probe``), distilled and random-init students;
 * ``report.json``: the numbers of the tables.
@@ -29,12 +30,12 @@ from typing import Callable, Optional, Sequence
 from .atomic import atomic_write_json, atomic_write_text, writing
 from .integrity import error_text, read_json
 from .teacher import feature_key
-from .plots import pct, plot_fraction, plot_loss_curves, plot_probes
+from .plots import pct, plot_fraction, plot_loss_curves, plot_monitor, plot_probes
 
 _logger = logging.getLogger(__name__)
 
 # metrics.csv columns that are not loss terms
-NON_LOSS_COLUMNS = ("step", "lr", "grad_norm", "img_per_s", "skipped")
+NON_LOSS_COLUMNS = ("step", "lr", "grad_norm", "img_per_s", "skipped", "monitor_knn_top1")
 
 
 @dataclass
@@ -44,6 +45,7 @@ class DistillRun:
     metrics: dict[str, list[float]] = field(default_factory=dict)  # column -> values (NaN where empty)
     probes: list[dict] = field(default_factory=list)  # results.json rows
     info: dict = field(default_factory=dict)  # results.json / summary.json extras
+    monitor: dict[str, list[float]] = field(default_factory=dict)  # monitor.csv (training monitor) columns
 
     @property
     def loss_terms(self) -> list[str]:
@@ -147,6 +149,8 @@ def load_distill_runs(dirs: list[Path], skipped: Optional[list] = None) -> list[
         run = DistillRun(d, name)
         if (d / "metrics.csv").is_file():
             run.metrics = _read_or_skip(d / "metrics.csv", read_metrics, skipped) or {}
+        if (d / "monitor.csv").is_file():  # same CSV layout (a step column)
+            run.monitor = _read_or_skip(d / "monitor.csv", read_metrics, skipped) or {}
         data = _read_or_skip(d / "results.json", _results_json, skipped) if (d / "results.json").is_file() else None
         if data is not None:
             run.probes = list(data.get("results", []))
@@ -368,6 +372,7 @@ def write_report(paths: Sequence[str], out: str, teacher_probe: Optional[str] = 
         out_p.mkdir(parents=True, exist_ok=True)
     plots = {
         "loss_curves": plot_loss_curves(runs, out_p / "loss_curves.png"),
+        "monitor": plot_monitor(runs, out_p / "monitor.png"),
         "finetune_fraction": plot_fraction(ft_rows, out_p / "finetune_fraction.png"),
         "probes": plot_probes(p_rows, out_p / "probes.png"),
     }
@@ -376,6 +381,8 @@ def write_report(paths: Sequence[str], out: str, teacher_probe: Optional[str] = 
         md += ["## Distillation runs", "", distill_table(runs), ""]
         if plots["loss_curves"]:
             md += ["![distillation loss per term](loss_curves.png)", ""]
+        if plots["monitor"]:
+            md += ["![training monitor: kNN top-1 against step](monitor.png)", ""]
     if p_rows:
         md += ["## Probes: teacher, distilled student, random init", "",
                "Frozen features; each row's own probe protocol (see its source). Compare rows with the same "
