@@ -5,7 +5,7 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import pytest
 import yaml
@@ -339,7 +339,7 @@ def test_save_recipe_with_extra_writes_resolved_section(tmp_path):
 
 # --------------------------------------------------------------------------------------------------- value ranges
 
-NUMERIC = (int, float, Optional[int], Optional[float])
+NUMERIC = (int, float, Optional[int], Optional[float], Union[int, str])  # int or a word (num_workers: auto)
 
 
 def test_every_numeric_field_has_a_range():
@@ -373,7 +373,10 @@ OUT_OF_RANGE = {
     "warmup_steps": [(-1, "must be >= 0")],
     "grad_clip": [(-1.0, "must be >= 0 and finite")],
     "seed": [(-1, "must be in [0, 4294967295]"), (2 ** 32, "must be in [0, 4294967295]")],
-    "num_workers": [(-1, "must be >= 0")],
+    "num_workers": [(-1, "must be 'auto' or >= 0"), ("four", "must be 'auto' or >= 0")],
+    "ema_decay": [(1.0, "must be in [0, 1)"), (-0.1, "must be in [0, 1)")],
+    "monitor_every": [(-1, "must be >= 0")],
+    "monitor_images": [(1, "must be >= 2")],
     "probe_train_fraction": [(0, "must be in (0, 1]"), (1.5, "must be in (0, 1]")],
     **{k: [(0, "must be >= 1")] for k in ("student_size", "regressor_width", "select_images", "select_val_images",
                                          "select_epochs", "select_label_free_images", "steps", "batch_size",
@@ -436,6 +439,7 @@ def test_all_zero_loss_weights_are_refused():
     ("probe_train_fraction", 1), ("teacher_resolution", 8), ("image_channels", 1), ("image_channels", 3),
     ("mean", [0, 1, 0.5]), ("mean", [0.5]), ("std", [1e-3]), ("std", [0.2, 0.3, 0.4]), ("select_max_memory_gb", 0.5),
     ("mse_weight", 0), ("at_weight", 0), ("cos_weight", 2.5),
+    ("num_workers", "auto"), ("ema_decay", 0), ("monitor_every", 0), ("monitor_images", 2),
 ])
 def test_range_edges_are_accepted(key, value):
     assert getattr(make_recipe({key: value}), key) == value

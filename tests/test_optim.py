@@ -89,3 +89,91 @@ def test_finetune_lr_schedule_warmup_cosine(folder, tmp_path, monkeypatch):
         assert groups == pytest.approx([w] * len(groups), rel=1e-9, abs=1e-15)
     with open(tmp_path / "ft" / "train_log.csv") as f:
         assert [float(row["lr"]) for row in csv.DictReader(f)] == pytest.approx(want, rel=1e-9, abs=1e-15)
+
+
+# ----------------------------------------------------------------------------------------------- lr scales
+def _scale_by_hand(name: str, layer_decay, mult: float) -> float:
+    """A test_resnet parameter's lr factor written out: layers are the stem (conv1, bn1) = 0, then each residual
+    block layer{i}.{j} in order (1..4), the head fc = 5; a parameter of layer l gets layer_decay ** (5 - l), and
+    every parameter but the head's also ``mult``."""
+    if name.startswith("fc."):
+        return 1.0
+    layer = 0 if name.startswith(("conv1.", "bn1.")) else int(name[len("layer")])  # one block per stage here
+    return (layer_decay ** (5 - layer) if layer_decay else 1.0) * mult
+
+
+@pytest.mark.parametrize("layer_decay, mult", [(0.5, 1.0), (None, 0.1), (0.7, 0.2)])
+def test_layer_decay_and_backbone_lr_mult_give_each_parameter_its_rate(layer_decay, mult):
+    import timm
+
+    from distill.optim import build_optimizer
+
+    model = timm.create_model("test_resnet", num_classes=3)
+    opt = build_optimizer(model, "adamw", 0.01, 0.05, layer_decay=layer_decay, backbone_lr_mult=mult)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert set(lr_of) == {id(p) for p in named.values()}  # every parameter once
+    for name, p in named.items():
+        assert lr_of[id(p)] == pytest.approx(0.01 * _scale_by_hand(name, layer_decay, mult), rel=1e-12), name
+        assert wd_of[id(p)] == (0.0 if p.ndim <= 1 else 0.05), name  # no decay on norms and biases, as before
+
+
+def test_default_optimizer_is_unchanged_by_the_new_arguments():
+    import timm
+
+    from distill.optim import build_optimizer
+
+    model = timm.create_model("test_resnet", num_classes=3)
+    a, b = build_optimizer(model, "adamw", 0.01, 0.05), timm.optim.create_optimizer_v2(model, "adamw", lr=0.01,
+                                                                                      weight_decay=0.05)
+    assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in a.param_groups] == \
+        [(len(g["params"]), g["lr"], g["weight_decay"]) for g in b.param_groups]
+
+
+@pytest.mark.parametrize("kw, text", [({"layer_decay": 0.0}, "layer_decay 0.0 is outside"),
+                                      ({"layer_decay": 1.5}, "outside \\(0, 1\\]"),
+                                      ({"backbone_lr_mult": 0.0}, "backbone_lr_mult 0.0 must be > 0")])
+def test_bad_scales_are_refused(kw, text):
+    import timm
+
+    from distill.optim import build_optimizer
+
+    with pytest.raises(ValueError, match=text):
+        build_optimizer(timm.create_model("test_resnet", num_classes=3), "adamw", 0.01, 0.05, **kw)
+
+
+def test_finetune_group_rates_follow_the_schedule_times_their_scale(folder, tmp_path, monkeypatch):
+    """distill finetune --layer-decay 0.5 --backbone-lr-mult 0.1: at each update every parameter's rate is the
+    warmup + cosine rate times its scale by hand; result.json records both settings."""
+    import json
+
+    import timm.optim
+
+    opts = []
+    orig = timm.optim.create_optimizer_v2
+    monkeypatch.setattr(timm.optim, "create_optimizer_v2", lambda *a, **kw: opts.append(orig(*a, **kw)) or opts[-1])
+    seen = []
+    cfg = FinetuneConfig(model="timm:test_resnet", dataset="image-folder", data_root=str(folder), steps=5,
+                         batch_size=4, lr=0.01, warmup_steps=2, augment="none", eval_every=0, log_every=1,
+                         size=32, mean=MEAN, std=STD, eval_batch_size=8, layer_decay=0.5, backbone_lr_mult=0.1)
+
+    def record(b):
+        seen.append({id(p): g["lr"] for g in opts[-1].param_groups for p in g["params"]})
+
+    holder = {}
+    real_build = __import__("distill.finetune.run", fromlist=["build_model"]).build_model
+
+    def build(*a, **kw):
+        holder["model"] = real_build(*a, **kw)
+        return holder["model"]
+
+    monkeypatch.setattr("distill.finetune.run.build_model", build)
+    finetune(cfg, str(tmp_path / "ft"), progress=False, callback=record)
+    named = dict(holder["model"].named_parameters())
+    for s, rates in enumerate(seen, start=1):
+        for name, p in named.items():
+            want = _cosine_lr(0.01, 2, 5, s - 1) * _scale_by_hand(name, 0.5, 0.1)
+            assert rates[id(p)] == pytest.approx(want, rel=1e-9, abs=1e-15), (s, name)
+    result = json.loads((tmp_path / "ft" / "result.json").read_text())
+    assert result["layer_decay"] == 0.5 and result["backbone_lr_mult"] == 0.1
