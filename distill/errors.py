@@ -70,8 +70,14 @@ class WriteError(OSError):
         return self.args[0]
 
 
-#: CLI exit code per exception kind: 2 for bad input, 3 for a run that was refused or stopped.
+class HubUploadError(ConnectionError):
+    """``distill export --push-to-hub``: the Hub refused the upload or could not be reached; the message names the
+    repository, the cause and the fix, and the local export is unchanged."""
+
+
+#: CLI exit code per exception kind: 2 for bad input, 3 for a run that was refused or stopped, 1 for a failed upload.
 EXIT_CODES = (
     ((NonFiniteLossError, UntrustedCheckpointError), 3),
     ((ValueError, FileNotFoundError, FileExistsError, MemoryError, WriteError), 2),
+    ((HubUploadError,), 1),
 )

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from .atomic import atomic_dir, atomic_write_json, atomic_write_text
-from .errors import RunExistsError, UnreadableFileError
+from .errors import HubUploadError, RunExistsError, UnreadableFileError
 from .integrity import error_text, read_json, safetensors_problem
 from .rundir import EMA_FILE, SUMMARY, is_run, load_trained
 from .version import __version__
@@ -56,7 +56,16 @@ def export_problem(path: Path) -> Optional[str]:
         return f"its config.json cannot be read ({error_text(e)})"
     if not isinstance(cfg, dict) or "distill" not in cfg:
         return "its config.json has no 'distill' key (it was not written by distill export)"
+    card = path / "README.md"
+    if card.exists() and _sha256(card.read_bytes()) != cfg["distill"].get("card_sha256"):
+        return "its README.md is not the model card distill wrote (edited, or added by hand)"
     return None
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def check_export_target(run_dir: str, out: str, overwrite: bool) -> None:
@@ -231,16 +240,21 @@ def model_card(cfg: dict, probe_rows: Optional[list] = None, monitor: Optional[d
 
 def write_model_card(export_dir, probe_rows: Optional[list] = None) -> Path:
     """Write ``export_dir/README.md`` (:func:`model_card`) from its ``config.json``, the probe rows given, and the
-    training run's last monitor row (its ``summary.json``) when there are no probe rows; atomically."""
+    training run's last monitor row (its ``summary.json``) when there are no probe rows; atomically. Its sha256 is
+    recorded in ``config.json`` (``distill.card_sha256``), so an overwrite can tell an edited card from its own."""
     export_dir = Path(export_dir)
     cfg = read_json(export_dir / "config.json")
+    cfg.setdefault("distill", {})
     monitor = None
     if not probe_rows:
         try:
             monitor = read_json(Path(cfg["distill"]["run_dir"]) / SUMMARY).get("monitor")
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             monitor = None
-    return atomic_write_text(export_dir / "README.md", model_card(cfg, probe_rows, monitor))
+    text = model_card(cfg, probe_rows, monitor)
+    cfg["distill"]["card_sha256"] = _sha256(text.encode("utf-8"))
+    atomic_write_json(export_dir / "config.json", cfg)
+    return atomic_write_text(export_dir / "README.md", text)
 
 
 #: a Hub repository id: ``name`` or ``namespace/name`` (letters, digits, ``-``, ``_``, ``.``; at most 96 each)
@@ -257,7 +271,8 @@ def push_to_hub(export_dir: str, repo_id: str, private: bool = False, token: Opt
     Raises:
         ValueError: ``repo_id`` is not ``namespace/name``.
         FileNotFoundError, UnreadableFileError: ``export_dir`` is not a whole export (:func:`read_export`).
-        ConnectionError: the Hub refused or could not be reached (the message names the repo, the cause and the fix).
+        HubUploadError: the Hub refused or could not be reached (the message names the repo, the cause and the
+            fix).
     """
     from huggingface_hub import HfApi
 
@@ -274,7 +289,7 @@ def push_to_hub(export_dir: str, repo_id: str, private: bool = False, token: Opt
                           allow_patterns=list(EXPORT_FILES),
                           commit_message=commit_message or f"distill {__version__} export")
     except Exception as e:  # noqa: BLE001 - huggingface_hub's HTTP and connection errors, named here
-        raise ConnectionError(f"--push-to-hub {repo_id}: the upload failed ({error_text(e, 300)}). Fix: log in "
+        raise HubUploadError(f"--push-to-hub {repo_id}: the upload failed ({error_text(e, 300)}). Fix: log in "
                               f"(`huggingface-cli login` or HF_TOKEN) with write access to that namespace, and check "
                               f"the network; the export in '{export_dir}' is unchanged.") from e
     return str(url)

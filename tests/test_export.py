@@ -22,7 +22,7 @@ def test_export_roundtrip_gives_same_features(trained_run, tmp_path):
     run, _ = trained_run
     model, recipe, resolved = load_trained(str(run))
     out = export_student(str(run), str(tmp_path / "student"))
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     reloaded = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=0).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -117,7 +117,7 @@ def test_export_overwrite_of_an_earlier_export(trained_run, tmp_path):
     out = export_student(str(run), str(tmp_path / "student"))
     first = (out / "model.safetensors").stat().st_ino
     export_student(str(run), str(out), overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert (out / "model.safetensors").stat().st_ino != first and not list(tmp_path.glob(".tmp-*"))
     (out / "README.md").write_text("my notes on this export")  # no longer only what an export writes
     with pytest.raises(FileExistsError, match="README.md"):
@@ -241,3 +241,106 @@ def test_a_damaged_export_names_its_file(an_export, tmp_path, damage, error, tex
     with pytest.raises(error, match=re.escape(text)) as info:
         load_exported(str(out), num_classes=3)
     assert str(out) in str(info.value) and "distill export" in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------- provenance, card, hub
+def test_export_provenance_is_the_runs_not_timms_supervised_weights(trained_run, an_export):
+    """config.json keeps none of the provenance of timm's default resnet18 weights and records the run's."""
+    import yaml
+
+    import distill
+
+    run, _ = trained_run
+    cfg = json.loads((an_export / "config.json").read_text())
+    timm_default = timm.models.get_pretrained_cfg("resnet18").to_dict()
+    inherited = [k for k in ("origin_url", "paper_ids", "paper_name", "hf_hub_id", "license", "notes", "description")
+                 if timm_default.get(k) and cfg["pretrained_cfg"].get(k) == timm_default[k]]
+    assert not inherited, inherited
+    assert "origin_url" not in cfg["pretrained_cfg"] and "hf_hub_id" not in cfg["pretrained_cfg"]
+    resolved = yaml.safe_load((run / "config.yaml").read_text())["_resolved"]
+    d = cfg["distill"]
+    assert d["version"] == distill.__version__ and d["steps"] == 40 and d["weights"] == "live"
+    assert d["teacher_sha256"] == resolved["teacher_sha256"] and d["data_sha256"] == resolved["data_sha256"]
+    assert d["teacher_blocks"] == ["up_blocks.0"] and d["timesteps"] == [11] and d["batch_size"] == 32
+    assert "distilled with distill" in cfg["pretrained_cfg"]["description"]
+
+
+def test_every_export_has_a_model_card(an_export):
+    from distill.export import model_card
+
+    card = (an_export / "README.md").read_text()
+    cfg = json.loads((an_export / "config.json").read_text())
+    assert card.startswith("---\nlibrary_name: timm\n") and "# resnet18 distilled from a diffusion model" in card
+    for text in ("timm.create_model('hf-hub:", "'local-dir:PATH'", "| steps x batch x processes | 40 x 32 x 1 |",
+                 cfg["distill"]["teacher_sha256"][:16], "live (not EMA)", "Not measured at export"):
+        assert text in card, text
+    rows = [{"name": "resnet18 distilled", "linear_top1": 85.22, "knn_top1": 82.44, "k": 20, "num_train": 12000,
+             "num_test": 10000}]
+    assert "| resnet18 distilled | 85.22 | 82.44 (k=20) | 12000 / 10000 |" in model_card(cfg, rows)
+
+
+class _FakeHub:
+    """A local stand-in for the Hub: HfApi.create_repo / upload_folder copy what would be uploaded to ROOT/REPO."""
+
+    def __init__(self, root):
+        self.root, self.calls = root, []
+
+    def install(self, monkeypatch, fail=None):
+        import huggingface_hub
+
+        hub = self
+
+        def create_repo(api, repo_id, repo_type=None, private=False, exist_ok=False, **kw):
+            hub.calls.append(("create_repo", repo_id, repo_type, private, exist_ok))
+            if fail:
+                raise fail
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(api, repo_id, folder_path, repo_type=None, allow_patterns=None, commit_message=None, **kw):
+            hub.calls.append(("upload_folder", repo_id, repo_type, commit_message))
+            dest = hub.root / repo_id
+            dest.mkdir(parents=True, exist_ok=True)
+            for p in Path(folder_path).iterdir():
+                if allow_patterns is None or p.name in allow_patterns:
+                    shutil.copy(p, dest / p.name)
+
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+
+
+def test_push_to_hub_uploads_the_export_as_written(trained_run, tmp_path, monkeypatch, capsys):
+    run, _ = trained_run
+    hub = _FakeHub(tmp_path / "hub")
+    hub.install(monkeypatch)
+    out = tmp_path / "student"
+    assert main(["export", str(run), "--out", str(out), "--push-to-hub", "me/resnet18-fmnist", "--private"]) == 0
+    assert "pushed to https://huggingface.co/me/resnet18-fmnist" in capsys.readouterr().out
+    assert hub.calls[0] == ("create_repo", "me/resnet18-fmnist", "model", True, True)
+    assert hub.calls[1][:3] == ("upload_folder", "me/resnet18-fmnist", "model")
+    pushed = tmp_path / "hub" / "me" / "resnet18-fmnist"
+    assert sorted(p.name for p in pushed.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    for name in ("README.md", "config.json", "model.safetensors"):
+        assert (pushed / name).read_bytes() == (out / name).read_bytes()
+    a, b = (timm.create_model(f"local-dir:{p}", pretrained=True, num_classes=0).eval() for p in (out, pushed))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_push_to_hub_refuses_a_bad_repo_id_before_exporting(trained_run, tmp_path, monkeypatch, capsys):
+    run, _ = trained_run
+    hub = _FakeHub(tmp_path / "hub")
+    hub.install(monkeypatch)
+    assert main(["export", str(run), "--out", str(tmp_path / "s"), "--push-to-hub", "me/bad name!"]) == 2
+    assert "'me/bad name!' is not a Hub repository id; valid: NAMESPACE/NAME" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not hub.calls
+
+
+def test_a_failed_upload_exits_1_naming_the_repo_and_keeps_the_export(trained_run, tmp_path, monkeypatch, capsys):
+    run, _ = trained_run
+    _FakeHub(tmp_path / "hub").install(monkeypatch, fail=OSError("401 Unauthorized"))
+    out = tmp_path / "s"
+    assert main(["export", str(run), "--out", str(out), "--push-to-hub", "me/repo"]) == 1
+    err = capsys.readouterr().err
+    assert "--push-to-hub me/repo: the upload failed (401 Unauthorized)" in err and "huggingface-cli login" in err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]

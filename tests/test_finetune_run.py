@@ -130,6 +130,9 @@ def test_export_data_root_is_the_default_and_a_missing_one_asks_for_data_root(rg
     (["--optimizer", "adam"], f"--optimizer 'adam' is not valid; valid: {', '.join(OPTIMIZERS)}"),
     (["--augment", "mixup"], "--augment 'mixup' is not valid"),
     (["--like", "/nonexistent/student"], "--like '/nonexistent/student' does not exist"),
+    (["--layer-decay", "0"], "--layer-decay 0.0 is outside (0, 1]"),
+    (["--layer-decay", "1.2"], "--layer-decay 1.2 is outside (0, 1]"),
+    (["--backbone-lr-mult", "0"], "--backbone-lr-mult 0.0 must be > 0"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(exported, rgb_folder, tmp_path, capsys, extra, expected):
     assert main(["finetune", str(exported), "--data-root", str(rgb_folder), "-o", str(tmp_path / "o"),
