@@ -170,7 +170,7 @@ class Recipe:
     monitor_every: int = 0  # kNN top-1 of the student's pooled features every N steps (and at step 0); 0: off
     monitor_images: int = 1000  # monitor: stratified train images (the kNN bank) and as many test images
     channels_last: bool = False  # student, regressor and their inputs in NHWC memory format
-    compile: bool = False  # torch.compile the student + regressor (nn.Module.compile: checkpoints unchanged)
+    compile: Union[bool, str] = False  # torch.compile student + regressor: true (inductor) or a backend name
     ema: bool = False  # keep an EMA of the student's weights (timm ModelEmaV3), saved in checkpoints
     ema_decay: float = 0.9998  # per optimizer update
     # probe (distill run / distill probe)
@@ -380,6 +380,9 @@ def make_recipe(values: dict, source: str = "recipe", warn: bool = True) -> Reci
     _check_choice("at_mode", r.at_mode, AT_MODES)
     _check_choice("on_nonfinite", r.on_nonfinite, ON_NONFINITE)
     _check_choice("teacher_dtype", r.teacher_dtype, TEACHER_DTYPES)
+    if isinstance(r.compile, str) and not r.compile.strip():
+        raise ValueError(f"{source}: compile is an empty string; give true (inductor), false, or a torch.compile "
+                         f"backend name such as aot_eager.")
     check_ranges(r, source)
     if warn:
         _warn_schedule(r, source)

@@ -134,3 +134,32 @@ def test_regressor_sources_are_the_closest_student_level_and_fpn_matches_hand_wr
     for g, w in zip(got, want):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- loader workers
+@pytest.mark.parametrize("cpus, processes, expected", [(1, 1, 0), (2, 1, 1), (16, 1, 8), (16, 2, 7), (16, 8, 1),
+                                                       (8, 16, 0), (64, 4, 8)])
+def test_auto_workers_are_cpus_per_process_minus_one_at_most_8(cpus, processes, expected):
+    from distill.build import loader_workers
+
+    assert loader_workers("auto", processes, cpus) == expected
+    assert loader_workers(3, processes, cpus) == 3  # a number is taken as given
+
+
+def test_workers_and_pinned_memory_do_not_change_the_batches(rgb_folder):
+    """The same generator seed gives the same batches in the same order with 0 workers and with 2 (images are only
+    decoded in the workers); pin_memory is passed to the DataLoader."""
+    from distill.build import build_loader, build_train_data
+
+    def batches(num_workers, pin):
+        r = make_recipe(dict(dataset="image-folder", data_root=str(rgb_folder), batch_size=5,
+                             num_workers=num_workers))
+        g = torch.Generator().manual_seed(3)
+        loader = build_loader(build_train_data(r)[0], r, g, pin_memory=pin)
+        assert loader.pin_memory is pin
+        return list(loader)
+
+    plain, workers = batches(0, False), batches(2, True)
+    assert len(plain) == len(workers) == 36 // 5
+    for (xa, ya), (xb, yb) in zip(plain, workers):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)

@@ -113,6 +113,7 @@ def process_seed(seed: int, process_index: int) -> int:
 def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session:
     """Build data, teacher (or feature cache), model, optimizers and the target source, in the order that fixes
     the RNG stream (so a seed reproduces a run)."""
+    backend = compile_backend(recipe.compile) if recipe.compile else None  # a bad name fails before any work
     ds, channels = build_train_data(recipe)
     mean, std = resolve_mean_std(recipe, ds)
     use_policy = recipe.timesteps == "policy"
@@ -151,7 +152,7 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
     unwrapped = accelerator.unwrap_model(model)
     ema = StudentEma(unwrapped.student.model, recipe.ema_decay) if recipe.ema else None
     if recipe.compile:  # in place (nn.Module.compile): state-dict keys, checkpoints and exports are unchanged
-        unwrapped.compile()
+        unwrapped.compile(backend=backend)
     monitor = None
     if recipe.monitor_every and accelerator.is_main_process:
         with torch.random.fork_rng(devices=[]):  # reading the subset must not move the training RNG stream
@@ -174,6 +175,22 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
     return Session(recipe, run_dir, accelerator, model, optimizer, scheduler, source, build_loss(recipe),
                    IndexedDataset(ds) if cache is not None else ds, resolved, policy, policy_opt, entropy_steps,
                    ema=ema, monitor=monitor)
+
+
+def compile_backend(value) -> str:
+    """The torch.compile backend of the recipe's ``compile`` (``True``: inductor, as timm's ``--torchcompile``).
+
+    Raises:
+        ValueError: a name torch.compile does not know (the message lists the ones it does).
+    """
+    import torch._dynamo
+
+    backend = "inductor" if value is True else str(value)
+    valid = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in valid:
+        raise ValueError(f"recipe: compile {value!r} is not a torch.compile backend; valid: true (inductor), false, "
+                         f"or one of {', '.join(valid)}.")
+    return backend
 
 
 def resume_from(s: Session, ckpt: Optional[Path]) -> int:
