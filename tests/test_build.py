@@ -146,6 +146,7 @@ def test_auto_workers_are_cpus_per_process_minus_one_at_most_8(cpus, processes, 
     assert loader_workers(3, processes, cpus) == 3  # a number is taken as given
 
 
+@pytest.mark.filterwarnings("ignore:.pin_memory. argument is set as true")
 def test_workers_and_pinned_memory_do_not_change_the_batches(rgb_folder):
     """The same generator seed gives the same batches in the same order with 0 workers and with 2 (images are only
     decoded in the workers); pin_memory is passed to the DataLoader."""

@@ -196,3 +196,22 @@ def test_cli_report_skips_a_corrupted_result_with_a_warning(runs, capsys, caplog
     with caplog.at_level("WARNING", logger="distill.report"):
         assert main(["report", str(runs / "ft"), "--out", str(runs / "o")]) == 0
     assert f"skipping '{bad}': is not valid JSON" in caplog.text and "Traceback" not in capsys.readouterr().err
+
+
+def test_monitored_run_gets_a_monitor_plot_and_its_column_is_not_a_loss_term(tmp_path):
+    """A run trained with monitor_every: metrics.csv's monitor column is no loss term (no panel, no table column),
+    monitor.csv (step 0 included) is read and plotted as monitor.png next to the loss curves."""
+    run = tmp_path / "mon"
+    run.mkdir()
+    (run / "metrics.csv").write_text("step,mse,total,lr,grad_norm,img_per_s,skipped,monitor_knn_top1\n"
+                                     "1,1.0,1.0,0.001,0.5,60,0,\n2,0.5,0.5,0.001,0.5,60,0,41.5\n")
+    (run / "monitor.csv").write_text("step,knn_top1,k,train_images,test_images,seconds\n"
+                                     "0,20.0,20,1000,1000,1.0\n2,41.5,20,1000,1000,1.0\n")
+    summary = write_report([str(run)], str(tmp_path / "report"))
+    assert summary["distill_runs"][0]["loss_terms"] == ["mse", "total"]
+    png = tmp_path / "report" / "monitor.png"
+    assert summary["plots"]["monitor"] == str(png) and png.read_bytes().startswith(PNG_SIGNATURE)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert md.index("(loss_curves.png)") < md.index("(monitor.png)")
+    (run / "monitor.csv").unlink()
+    assert write_report([str(run)], str(tmp_path / "r3"))["plots"]["monitor"] is None
