@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .atomic import atomic_write_text
+from .ranges import Range
 from .vocab import (AT_MODES, AUGMENTS, MIXED_PRECISION, MULTI_TIMESTEP, ON_NONFINITE, OPTIMIZERS,
                     NUM_WORKERS_WORDS, POLICY_BASELINES, TEACHER_DTYPES, TIMESTEP_MODES, VAE_DTYPES)
 
@@ -187,48 +187,6 @@ def recipe_fields() -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Recipe)}
 
 
-@dataclass(frozen=True)
-class Range:
-    """The valid values of one numeric recipe field (every value must also be a finite number; ``null`` is valid
-    exactly when the field is Optional).
-
-    ``lo``/``hi``: bounds (``hi=None``: unbounded above), excluded when ``lo_open``/``hi_open``. ``values``: the
-    only valid values, instead of bounds. ``lengths``: for a list field, its valid numbers of values; the bounds apply
-    to each. ``fix``: how to fix a bad value (default: ``e.g. <the default>``).
-    """
-
-    lo: Optional[float] = None
-    hi: Optional[float] = None
-    lo_open: bool = False
-    hi_open: bool = False
-    values: tuple = ()
-    lengths: tuple = ()
-    fix: str = ""
-    words: tuple = ()  # strings valid besides the numbers (num_workers: auto)
-
-    def contains(self, x: Any) -> bool:
-        """Whether one number ``x`` is valid (finite, within the bounds or one of ``values``)."""
-        if isinstance(x, str):
-            return x in self.words
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-            return False
-        if self.values:
-            return x in self.values
-        return ((self.lo is None or (x > self.lo if self.lo_open else x >= self.lo))
-                and (self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)))
-
-    def describe(self) -> str:
-        """``'>= 1'``, ``'> 0'``, ``'in (0, 1]'``, ``'1 or 3'``: the valid values of one number."""
-        if self.words:
-            return " or ".join([*map(repr, self.words), Range(self.lo, self.hi, self.lo_open, self.hi_open,
-                                                               self.values).describe()])
-        if self.values:
-            return " or ".join(map(str, self.values))
-        if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo}"
-        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
-
-
 _WEIGHT = Range(lo=0, fix="Fix: a weight >= 0 (0 turns the term off); a negative weight trains the student to "
                           "maximise that error.")
 
@@ -380,9 +338,6 @@ def make_recipe(values: dict, source: str = "recipe", warn: bool = True) -> Reci
     _check_choice("at_mode", r.at_mode, AT_MODES)
     _check_choice("on_nonfinite", r.on_nonfinite, ON_NONFINITE)
     _check_choice("teacher_dtype", r.teacher_dtype, TEACHER_DTYPES)
-    if isinstance(r.compile, str) and not r.compile.strip():
-        raise ValueError(f"{source}: compile is an empty string; give true (inductor), false, or a torch.compile "
-                         f"backend name such as aot_eager.")
     check_ranges(r, source)
     if warn:
         _warn_schedule(r, source)

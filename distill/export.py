@@ -218,7 +218,7 @@ def model_card(cfg: dict, probe_rows: Optional[list] = None, monitor: Optional[d
              f"{'(grayscale images replicated to 3 channels) ' if d.get('data_channels') == 1 else ''}|",
              f"| license | {p.get('license')}: check the teacher's and the dataset's terms |", "",
              "## Load it in timm", "", "```python", "import timm", "",
-             f"model = timm.create_model('hf-hub:USER/REPO', pretrained=True, num_classes=0)  # or 'local-dir:PATH'",
+             "model = timm.create_model('hf-hub:USER/REPO', pretrained=True, num_classes=0)  # or 'local-dir:PATH'",
              "cfg = timm.data.resolve_model_data_config(model)   # input size and mean/std used in training",
              "transform = timm.data.create_transform(**cfg)", "features = model(transform(image).unsqueeze(0))  # [1, "
              f"{cfg.get('num_features', 'D')}]", "```", "",
