@@ -50,6 +50,9 @@ def test_run_prints_the_comparison(tiny_recipe, tmp_path, capsys):
     res = json.loads((run / "results.json").read_text())
     assert [r["name"] for r in res["results"]] == ["resnet18 distilled", "resnet18 random init", "raw pixels"]
     assert (run / "student" / "model.safetensors").is_file()
+    card = (run / "student" / "README.md").read_text()  # the model card, rewritten with the probe numbers
+    d = res["results"][0]
+    assert f"| resnet18 distilled | {d['linear_top1']} | {d['knn_top1']} (k={d['k']}) |" in card
 
 
 @pytest.mark.parametrize("args,expected", [
