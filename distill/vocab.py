@@ -29,9 +29,15 @@ TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 #: VAE dtypes: float16 is refused, the SD VAE encoder overflows in it.
 VAE_DTYPES = ("float32", "bfloat16")
 #: Dataset sources a recipe or command can name.
-DATASETS = ("fashion-mnist", "image-folder")
+DATASETS = ("fashion-mnist", "image-folder", "file-list", "hf")
 #: What an image folder does with an image it cannot decode.
 ON_BAD_IMAGE = ("skip", "raise")
+#: How an image is brought to ``image_size`` at decode time: cover + centre crop (aspect kept), or squash.
+IMAGE_RESIZE = ("center-crop", "squash")
+#: What the feature-cache key records of every input file: size + modification time, or a sha256 of its bytes.
+DATA_HASH = ("stat", "content")
+#: Split folder names of an image-folder / file-list dataset; ``val`` stands in for a missing ``test``.
+SPLITS = ("train", "val", "test")
 #: Label-free selection and grid probe methods of ``distill select``.
 SELECT_METHODS = ("grid", "label-free", "both")
 #: Where the grid's probes are scored: held-out training images, or the test split (DDAE's table).
