@@ -360,6 +360,8 @@ OUT_OF_RANGE = {
     "std": [([0.0], "must be 1 or 3 numbers > 0 and finite (or null)"), ([0.2, 0.2], "1 or 3 numbers"),
             ([0.2, -0.1, 0.2], "> 0")],
     "teacher_resolution": [(4, "must be >= 8 (or null)")],
+    "image_size": [(0, "must be >= 1 (or null)")],
+    "min_image_side": [(0, "must be >= 1")],
     "select_max_memory_gb": [(0, "must be > 0 and finite (or null)")],
     "policy_lr": [(0, "must be > 0 and finite"), (-1e-3, "must be > 0 and finite")],
     "policy_entropy": [(-0.1, "must be >= 0 and finite")],
