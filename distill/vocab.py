@@ -36,6 +36,8 @@ ON_BAD_IMAGE = ("skip", "raise")
 IMAGE_RESIZE = ("center-crop", "squash")
 #: What the feature-cache key records of every input file: size + modification time, or a sha256 of its bytes.
 DATA_HASH = ("stat", "content")
+#: How much of each feature-cache shard is checked against its manifest when opened.
+SHARD_VERIFY = ("sample", "full")
 #: Split folder names of an image-folder / file-list dataset; ``val`` stands in for a missing ``test``.
 SPLITS = ("train", "val", "test")
 #: Label-free selection and grid probe methods of ``distill select``.
