@@ -48,7 +48,7 @@ class DecodedImages(Dataset):
         if int(min_side) < 1:
             raise ValueError(f"min_side={min_side!r} is not valid; give a positive number of pixels (1 = any).")
         self.channels, self.resize, self.min_side, self.on_error = channels, resize, int(min_side), on_error
-        self.num_skipped = 0
+        self.num_skipped, self._warned = 0, set()
         self.size = size
         if size is None and len(self) > 0:
             self.size = self._reference_size()
@@ -91,5 +91,7 @@ class DecodedImages(Dataset):
                 if self.on_error == "raise":
                     raise
                 self.num_skipped += 1
-                _logger.warning("skipping %s", e)
+                if j not in self._warned:  # once per image and process, not at every epoch
+                    self._warned.add(j)
+                    _logger.warning("skipping %s", e)
         raise UnreadableFileError(f"no readable image in this dataset of {n} images (on_error='skip').", None)
