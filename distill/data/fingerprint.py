@@ -2,7 +2,8 @@
 
 File-backed datasets (image folders, file lists, Hugging Face datasets) expose ``input_files()``; each file adds its
 path (relative to the dataset root, as OS bytes), its size and its modification time in nanoseconds (``mode='stat'``:
-one ``os.stat`` per file: 0.43 s for 50,000 files, about 9 s per million, on this project's 2-core CPU), or the sha256 of its bytes
+one ``os.stat`` per file: 0.4-0.7 s for 50,000 files, about 15 s per million, on this project's 2-core CPU,
+``tools/bench_data_fingerprint.py``), or the sha256 of its bytes
 (``mode='content'``: reads everything; catches an edit that keeps size and mtime, e.g. after ``touch -r``). An
 in-memory dataset (Fashion-MNIST) hashes its pixels; any other dataset hashes every image it returns.
 """
