@@ -59,6 +59,7 @@ def test_split_csvs(tmp_path):
     assert len(build_dataset("file-list", str(tmp_path), "train")) == 3
     te = build_dataset("file-list", str(tmp_path), "test")  # no test.csv: val.csv
     assert len(te) == 1 and te.csv.endswith("val.csv")
+    assert te.root != build_dataset("file-list", str(tmp_path), "train").root  # fine-tuning tells the splits apart
     (tmp_path / "sub").mkdir()
     with pytest.raises(DatasetNotFoundError, match="holds no train.csv"):
         build_dataset("file-list", str(tmp_path / "sub"), "train")

@@ -50,6 +50,7 @@ def test_save_to_disk_dataset(saved):
     np.testing.assert_array_equal(g, np.rint(v16 * 255.0 / 65535).astype(np.uint8))
     te = build_dataset("hf", str(out), "test", size=(6, 8))  # no test split: validation
     assert len(te) == 2 and te.labels.tolist() == [1, 0] and te.split == "test"
+    assert Path(tr.root) == out / "train" and Path(te.root) == out / "validation"  # splits are distinct sources
     np.testing.assert_array_equal(te[0][0].permute(1, 2, 0).numpy(), arrays[4])
     assert all(Path(f).suffix == ".arrow" for f in tr.input_files())
 

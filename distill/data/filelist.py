@@ -89,7 +89,7 @@ class FileList(DecodedImages):
         self.csv = str(Path(path).expanduser())
         self.files, self.classes = read_file_list(self.csv)
         self.labels = torch.tensor([label for _, label in self.files], dtype=torch.int64)
-        self.root = Path(self.csv).parent
+        self.root = Path(self.csv)  # the split's own source: train.csv and test.csv beside it are different roots
         self._setup(channels, size, resize, min_side, on_error)
 
     def source(self, i: int):

@@ -33,8 +33,9 @@ def _import_datasets():
 
 
 def load_hf_split(root: str, split: str):
-    """The ``datasets.Dataset`` of ``split`` from ``root`` (``save_to_disk`` folder, else ``load_dataset(root)``);
-    ``test`` falls back to ``validation`` / ``val``.
+    """``(datasets.Dataset, split name used)`` of ``split`` from ``root`` (``save_to_disk`` folder, else
+    ``load_dataset(root)``); ``test`` falls back to ``validation`` / ``val``; the name is None for a dataset saved
+    without splits.
 
     Raises:
         DatasetNotFoundError: nothing loadable at ``root``, or no such split (names the splits there).
@@ -54,12 +55,12 @@ def load_hf_split(root: str, split: str):
         if split != "train":
             raise DatasetNotFoundError(f"Hugging Face dataset '{root}' is one split without a name; it serves as "
                                        f"'train' only, not '{split}'. Fix: save a DatasetDict with a '{split}' split.")
-        return obj
+        return obj, None
     for name in _SPLIT_ALIASES.get(split, (split,)):
         if name in obj:
             if name != split:
                 _logger.info("Hugging Face dataset '%s' has no '%s' split; using '%s'", root, split, name)
-            return obj[name]
+            return obj[name], name
     raise DatasetNotFoundError(f"Hugging Face dataset '{root}' has the splits {sorted(obj)} but no '{split}'. Fix: "
                                f"add it, or use a dataset that has one.")
 
@@ -82,7 +83,7 @@ class HFImages(DecodedImages):
                  resize: str = "center-crop", min_side: int = 1, image_column: Optional[str] = None,
                  label_column: Optional[str] = None):
         datasets = _import_datasets()
-        data = load_hf_split(root, split)
+        data, used = load_hf_split(root, split)
         feats = data.features
         if image_column is None:
             image_column = next((c for c, f in feats.items() if isinstance(f, datasets.Image)), None)
@@ -101,7 +102,9 @@ class HFImages(DecodedImages):
         if isinstance(feats[image_column], datasets.Image):
             data = data.cast_column(image_column, datasets.Image(decode=False))  # {'bytes', 'path'}: decoded here
         self.data, self.image_column, self.label_column = data, image_column, label_column
-        self.root, self.split = root, split
+        # the split's own source (``save_to_disk`` writes ROOT/<split>/): train and test are different roots
+        self.root = str(Path(root).expanduser() / str(used)) if used is not None else str(Path(root).expanduser())
+        self.source_root, self.split = root, split
         if label_column is None:
             self.labels, self.classes = torch.full((len(data),), -1, dtype=torch.int64), ()
         else:
@@ -115,11 +118,11 @@ class HFImages(DecodedImages):
     def source(self, i: int):
         item = self.data[int(i)][self.image_column]
         if isinstance(item, dict):
-            name = f"{self.root}[{self.split}] row {i}" + (f" ({item['path']})" if item.get("path") else "")
+            name = f"{self.source_root}[{self.split}] row {i}" + (f" ({item['path']})" if item.get("path") else "")
             if item.get("bytes") is not None:
                 return item["bytes"], name
             return item["path"], name
-        return item, f"{self.root}[{self.split}] row {i}"
+        return item, f"{self.source_root}[{self.split}] row {i}"
 
     def input_files(self) -> list[str]:
         """The Arrow files holding this split, then every image file its rows name by path (for the cache key)."""
