@@ -527,3 +527,12 @@ def test_cli_train_exits_2_with_one_line(tmp_path, capsys, text, args, expected)
     err = capsys.readouterr().err.strip()
     assert err.startswith("distill train: error: ") and expected in err and "\n" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key, value, valid", [("dataset", "cifar-100", "fashion-mnist, image-folder, file-list, hf"),
+                                               ("image_resize", "crop", "center-crop, squash"),
+                                               ("data_hash", "md5", "stat, content")])
+def test_data_choices_are_checked_at_load(key, value, valid):
+    with pytest.raises(ValueError) as e:
+        make_recipe({key: value})
+    assert f"'{key}'" in str(e.value) and repr(value) in str(e.value) and valid in str(e.value)
