@@ -87,3 +87,26 @@ def test_fingerprint_follows_the_arrow_files(saved):
     data = bytearray(arrow.read_bytes())
     arrow.write_bytes(bytes(data))  # rewritten in place: new mtime
     assert data_fingerprint(build_dataset("hf", str(out), "train")) != key
+
+
+def test_webdataset_tar_shards(tmp_path):
+    """A folder of webdataset .tar shards (sample = NNNN.png + NNNN.cls) read through datasets' webdataset builder."""
+    import io
+    import tarfile
+
+    want = []
+    (tmp_path / "wds").mkdir()
+    with tarfile.open(tmp_path / "wds" / "train-0000.tar", "w") as t:
+        for k in range(4):
+            a = RNG.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+            want.append(a)
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format="PNG")
+            for name, data in ((f"{k:04d}.png", buf.getvalue()), (f"{k:04d}.cls", str(k % 2).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    ds = build_dataset("hf", str(tmp_path / "wds"), "train")
+    assert len(ds) == 4 and ds.labels.tolist() == [0, 1, 0, 1] and ds.label_column == "cls"
+    for k in range(4):
+        np.testing.assert_array_equal(ds[k][0].permute(1, 2, 0).numpy(), want[k])

@@ -71,8 +71,8 @@ class HFImages(DecodedImages):
     Args:
         root: see :func:`load_hf_split`. split: ``train``, ``val`` or ``test``.
         image_column: default: the first column of feature type ``Image``.
-        label_column: default: the first ``ClassLabel`` column, else an integer column named ``label``/``labels``;
-            none: unlabelled (``-1``).
+        label_column: default: the first ``ClassLabel`` column, else an integer column named ``label``, ``labels``
+            or ``cls`` (webdataset's ``.cls`` files); none: unlabelled (``-1``).
         channels, size, resize, min_side, on_error: see :class:`~distill.data.images.DecodedImages`.
 
     Raises:
@@ -94,7 +94,7 @@ class HFImages(DecodedImages):
         if label_column is None:
             label_column = next((c for c, f in feats.items() if isinstance(f, datasets.ClassLabel)), None)
             if label_column is None:
-                label_column = next((c for c in ("label", "labels") if c in feats and
+                label_column = next((c for c in ("label", "labels", "cls") if c in feats and
                                      str(getattr(feats[c], "dtype", "")).startswith("int")), None)
         elif label_column not in feats:
             raise ValueError(f"label_column={label_column!r} is not a column of '{root}' ({split}); columns: "
