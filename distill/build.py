@@ -29,11 +29,16 @@ from .vocab import dataset_channels
 def build_train_data(recipe: Recipe, split: str = "train") -> tuple[Dataset, int]:
     """The recipe's dataset split and its number of channels (1 for Fashion-MNIST, else ``image_channels`` or 3).
 
+    File datasets decode every image at ``image_size`` (``image_resize``; null: the first image's size) and skip
+    images with a side below ``min_image_side`` with a warning naming the file.
+
     Raises:
         ValueError / DatasetNotFoundError: an unknown dataset or missing files (the message names the fix).
     """
     channels = dataset_channels(recipe.dataset, recipe.image_channels)
-    return build_dataset(recipe.dataset, recipe.data_root, split, channels=channels), channels
+    ds = build_dataset(recipe.dataset, recipe.data_root, split, channels=channels, size=recipe.image_size,
+                       resize=recipe.image_resize, min_side=recipe.min_image_side)
+    return ds, channels
 
 
 def resolve_mean_std(recipe: Recipe, ds: Dataset) -> tuple[list[float], list[float]]:

@@ -10,6 +10,10 @@ Layout of a cache directory::
     DIR/manifest.json            written last: its presence marks a complete cache
     DIR/<block>@t<t>.npy         one per teacher feature, float16, shape (num_images, num_draws, C, H, W)
 
+Every shard (``.npy``) is tied to the manifest: its size, sha256 and a sha256 of 64 sampled 4 KiB blocks are
+recorded at extract time (``shards``) and checked when the cache is opened (size and sampled blocks always, the
+whole file with ``verify='full'``), so a shard copied in from another cache, or edited, is refused.
+
 The ``.npy`` files are opened with ``np.load(mmap_mode='r')`` (a ``np.memmap``): a batch reads only its rows.
 The cache is written in a temporary sibling directory and renamed into place, so ``DIR`` is either absent, the
 previous cache, or complete.
@@ -17,7 +21,8 @@ previous cache, or complete.
 The manifest's ``key`` holds everything the features depend on: a sha256 of the teacher's weights (every tensor of
 its ``state_dict``, names in sorted order), of its noise schedule, the teacher source, blocks, timesteps, input size
 and channels, dtype, the dataset (name, root, split, number of images and a sha256 fingerprint of its content and
-order), the number of draws and the storage format. :class:`FeatureCache` compares it with what a training run
+order: every input file's size and mtime, or its sha256 with ``data_hash: content``), the decode settings, the
+number of draws and the storage format. :class:`FeatureCache` compares it with what a training run
 expects (:func:`expected_key`) and refuses any difference, field by field, so a stale cache is never used.
 """
 from __future__ import annotations
@@ -36,15 +41,16 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .atomic import atomic_dir, atomic_write_json, remove_stale_temps
 from .build import build_teacher, build_train_data, loader_workers
-from .data import collate, dataset_labels, to_teacher, to_unit
+from .data import base_dataset, collate, data_fingerprint, to_teacher, to_unit
 from .errors import CacheMismatchError, IncompleteCacheError
 from .teacher import DiffusionTeacher, TeacherFeatureInfo
 from .version import __version__
+from .vocab import SHARD_VERIFY
 
 _logger = logging.getLogger(__name__)
 
 FORMAT = "distill-feature-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-shard sizes and hashes, every input file in the data key
 MANIFEST = "manifest.json"
 STORAGE_DTYPE = "float16"
 _FP16_MAX = 65504.0
@@ -93,51 +99,6 @@ def scheduler_sha256(scheduler: Any) -> str:
     return h.hexdigest()
 
 
-def _base(ds: Dataset) -> tuple[Dataset, Optional[list[int]]]:
-    """The underlying dataset and the indices of a (possibly nested) Subset, or None for all of it."""
-    idx = None
-    while isinstance(ds, Subset):
-        sub = list(ds.indices)
-        idx = sub if idx is None else [sub[i] for i in idx]
-        ds = ds.dataset
-    return ds, idx
-
-
-def data_fingerprint(ds: Dataset, edge: int = 64) -> str:
-    """sha256 of the dataset's size, labels, file names (image folders) and image bytes.
-
-    In-memory datasets (Fashion-MNIST) hash every image; others hash the first and last ``edge`` images, the
-    labels and the ordered file list, which catches added, removed, reordered or relabelled images cheaply.
-    """
-    h = hashlib.sha256()
-    n = len(ds)
-    h.update(f"n={n}".encode())
-    base, idx = _base(ds)
-    try:
-        h.update(dataset_labels(ds).to(torch.int64).numpy().tobytes())
-    except ValueError:
-        pass
-    files = getattr(base, "files", None)
-    if files is not None:
-        root = Path(getattr(base, "root", "."))
-        sel = files if idx is None else [files[i] for i in idx]
-        for f in sel:
-            p = f[0] if isinstance(f, (tuple, list)) else f
-            try:
-                p = str(Path(p).relative_to(root))
-            except ValueError:
-                p = str(p)
-            h.update(p.encode() + b"\0")
-    images = getattr(base, "images", None)
-    if isinstance(images, torch.Tensor) and len(images) == len(base):
-        sel = images if idx is None else images[torch.as_tensor(idx, dtype=torch.long)]
-        _update_tensor(h, sel)
-    else:
-        for i in sorted(set(range(min(edge, n))) | set(range(max(0, n - edge), n))):
-            _update_tensor(h, torch.as_tensor(ds[i][0]))
-    return h.hexdigest()
-
-
 def _jsonable(v: Any) -> Any:
     """The value as it reads back from JSON (tuples become lists, non-JSON objects their repr)."""
     return json.loads(json.dumps(v, sort_keys=True, default=repr))
@@ -151,7 +112,7 @@ def _feature_info_dicts(info: Sequence[TeacherFeatureInfo]) -> list[dict]:
 def expected_key(recipe, ds: Dataset, teacher: DiffusionTeacher, data_channels: int,
                  num_draws: Optional[int] = None) -> dict:
     """The cache key a run with ``recipe`` on ``ds`` with ``teacher`` needs; ``num_draws=None`` accepts any."""
-    base, _ = _base(ds)
+    base, _ = base_dataset(ds)
     root = getattr(base, "root", None) or recipe.data_root
     key = {
         "format_version": FORMAT_VERSION,
@@ -169,11 +130,71 @@ def expected_key(recipe, ds: Dataset, teacher: DiffusionTeacher, data_channels: 
         "split": getattr(base, "split", None) or "train",
         "data_channels": int(data_channels),
         "num_images": len(ds),
-        "data_sha256": data_fingerprint(ds),
+        "decode": {"image_size": recipe.image_size, "image_resize": recipe.image_resize,
+                   "min_image_side": recipe.min_image_side, "decoded_size": _jsonable(getattr(base, "size", None))},
+        "data_hash": recipe.data_hash,
+        "data_sha256": data_fingerprint(ds, recipe.data_hash),
     }
     if num_draws is not None:
         key["num_draws"] = int(num_draws)
     return key
+
+
+# ----------------------------------------------------------------------------------------------- shards
+_SAMPLES, _BLOCK = 64, 4096
+
+
+def _sample_sha256(path: Path, size: int) -> str:
+    """sha256 of the size and of ``_SAMPLES`` blocks of ``_BLOCK`` bytes evenly spaced from the first byte to the
+    last (256 KiB read whatever the file's size): any other teacher's or image's features differ in every block."""
+    h = hashlib.sha256(str(size).encode())
+    last = max(0, size - _BLOCK)
+    with open(path, "rb") as f:
+        for i in range(_SAMPLES):
+            f.seek(last * i // (_SAMPLES - 1))
+            h.update(f.read(_BLOCK))
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shard_record(path: Path) -> dict:
+    """What the manifest records of one shard: ``{'bytes', 'sha256', 'sample_sha256'}``."""
+    size = path.stat().st_size
+    return {"bytes": size, "sha256": _file_sha256(path), "sample_sha256": _sample_sha256(path, size)}
+
+
+def check_shard(path: Path, record: Optional[Mapping[str, Any]], verify: str = "sample", hint: str = "") -> None:
+    """Check one shard against its manifest record: size and sampled blocks (``verify='sample'``), and the sha256
+    of the whole file (``'full'``).
+
+    Raises:
+        CacheMismatchError: no record, or the file differs (names the file, what differs and the fix).
+        ValueError: unknown ``verify``.
+    """
+    if verify not in SHARD_VERIFY:
+        raise ValueError(f"verify={verify!r} is not valid; valid: {', '.join(SHARD_VERIFY)}.")
+    why = None
+    if not isinstance(record, Mapping) or not {"bytes", "sha256", "sample_sha256"} <= set(record):
+        why = "the manifest records no size and hash for it"
+    else:
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            why = f"it has {size} bytes, the manifest recorded {record['bytes']}"
+        elif _sample_sha256(path, size) != record["sample_sha256"]:
+            why = "its content differs from what was extracted (sampled-block sha256)"
+        elif verify == "full" and _file_sha256(path) != record["sha256"]:
+            why = "its content differs from what was extracted (sha256 of the whole file)"
+    if why:
+        raise CacheMismatchError(f"feature cache shard '{path}' is refused: {why}; a shard copied in from another "
+                                 f"cache, or edited after extraction, would give features of another teacher or "
+                                 f"other images. {hint}")
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -306,6 +327,7 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
         for a in arrays.values():
             a.flush()
         del arrays
+        shards = {_cache_file(k): shard_record(tmp / _cache_file(k)) for k in shapes}
         seconds = time.time() - t0
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -321,6 +343,7 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
             "library_version": __version__, "torch_version": torch.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extract_seconds": round(seconds, 2),
             "bytes": nbytes,
+            "shards": shards,
         }
         atomic_write_json(tmp / MANIFEST, manifest)  # written last: marks the cache complete
     total = _dir_bytes(out)
@@ -343,14 +366,16 @@ class FeatureCache:
         path: the directory written by :func:`extract_features_cache`.
         expect: the key a run needs (:func:`expected_key`); every field given is compared with the manifest and
             any difference raises :class:`CacheMismatchError` listing each field (cached vs expected).
+        verify: ``'sample'`` (default: each shard's size and 64 sampled blocks, 256 KiB read per shard) or
+            ``'full'`` (also the sha256 of every shard, reading the whole cache) against the manifest.
 
     Raises:
         FileNotFoundError: no directory at ``path``.
         IncompleteCacheError: no manifest (half-written), a missing, truncated or misshapen feature file.
-        CacheMismatchError: see ``expect``.
+        CacheMismatchError: see ``expect``; a shard whose size or hash differs from the manifest's record.
     """
 
-    def __init__(self, path: Union[str, Path], expect: Optional[Mapping[str, Any]] = None):
+    def __init__(self, path: Union[str, Path], expect: Optional[Mapping[str, Any]] = None, verify: str = "sample"):
         self.path = Path(path).expanduser()
         p = self.path
         hint = _REBUILD_HINT.format(path=p)
@@ -386,6 +411,7 @@ class FeatureCache:
             if list(arr.shape) != list(manifest["shapes"][k]) or arr.dtype != np.float16:
                 raise IncompleteCacheError(f"feature cache file '{fp}' has shape {list(arr.shape)} {arr.dtype}; the "
                                            f"manifest says {manifest['shapes'][k]} float16. {hint}")
+            check_shard(fp, manifest.get("shards", {}).get(fname), verify, hint)
             self.arrays[k] = arr
         if expect is not None:
             self.check(expect)

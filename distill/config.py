@@ -21,8 +21,9 @@ import yaml
 
 from .atomic import atomic_write_text
 from .ranges import Range
-from .vocab import (AT_MODES, AUGMENTS, MIXED_PRECISION, MULTI_TIMESTEP, ON_NONFINITE, OPTIMIZERS,
-                    NUM_WORKERS_WORDS, POLICY_BASELINES, TEACHER_DTYPES, TIMESTEP_MODES, VAE_DTYPES)
+from .vocab import (AT_MODES, AUGMENTS, DATA_HASH, DATASETS, IMAGE_RESIZE, MIXED_PRECISION, MULTI_TIMESTEP,
+                    NUM_WORKERS_WORDS, ON_NONFINITE, OPTIMIZERS, POLICY_BASELINES, TEACHER_DTYPES, TIMESTEP_MODES,
+                    VAE_DTYPES)
 
 _logger = logging.getLogger(__name__)
 
@@ -106,11 +107,15 @@ class Recipe:
     """Every setting of a distillation run. See ``recipes/quickstart.yaml`` for a commented example."""
 
     # data
-    dataset: str = "fashion-mnist"  # fashion-mnist | image-folder
+    dataset: str = "fashion-mnist"  # fashion-mnist | image-folder | file-list | hf
     data_root: Optional[str] = None  # default for fashion-mnist: /usr/share/datasets/fashion-mnist
     image_channels: Optional[int] = None  # image-folder only: 1 or 3 (default 3)
     mean: Optional[list] = None  # student normalisation in [0, 1] units; default: measured on the data
     std: Optional[list] = None
+    image_size: Optional[int] = None  # decode-time size (square) of file datasets; null: the first image's size
+    image_resize: str = "center-crop"  # center-crop (aspect kept) | squash: how images are brought to that size
+    min_image_side: int = 8  # images with a side below this (px) are degenerate: skipped (warning names the file)
+    data_hash: str = "stat"  # feature-cache key per input file: stat (size + mtime) | content (sha256 of the bytes)
     # teacher
     teacher: Any = "fashion-mnist-ddpm"  # packaged name, local dir, hub id, or a UNet2DModel config dict
     teacher_blocks: list = field(default_factory=lambda: ["up_blocks.0", "up_blocks.1"])
@@ -198,6 +203,7 @@ RANGES: dict[str, Range] = {
                                                    "or [0.5]), or null to measure them on the data."),
     "std": Range(lo=0, lo_open=True, lengths=(1, 3), fix="Fix: per-channel standard deviations in [0, 1] units "
                                                          "(e.g. [0.25, 0.25, 0.25]), or null to measure them."),
+    "image_size": Range(lo=1, fix="Fix: null (every image at the first image's size), or a size in px such as 64."),
     "teacher_resolution": Range(lo=8, fix="Fix: null for the teacher's own size, or a size it takes (e.g. 256 for SD "
                                           "or DiT; the teacher checks that it fits its downsampling)."),
     "select_max_memory_gb": Range(lo=0, lo_open=True, fix="Fix: the memory budget in GB (e.g. 40), or null for no "
@@ -224,7 +230,7 @@ RANGES: dict[str, Range] = {
     "probe_train_fraction": Range(lo=0, hi=1, lo_open=True, fix="Fix: e.g. 0.1 for 10%, 1.0 for all."),
     **dict.fromkeys(("student_size", "regressor_width", "select_images", "select_val_images", "select_epochs",
                      "select_label_free_images", "steps", "batch_size", "grad_accum_steps", "log_every",
-                     "checkpoint_every", "keep_checkpoints", "probe_epochs", "knn_k"), Range(lo=1)),
+                     "checkpoint_every", "keep_checkpoints", "probe_epochs", "knn_k", "min_image_side"), Range(lo=1)),
 }
 
 def check_ranges(recipe: Recipe, source: str = "recipe") -> None:
@@ -338,6 +344,8 @@ def make_recipe(values: dict, source: str = "recipe", warn: bool = True) -> Reci
     _check_choice("at_mode", r.at_mode, AT_MODES)
     _check_choice("on_nonfinite", r.on_nonfinite, ON_NONFINITE)
     _check_choice("teacher_dtype", r.teacher_dtype, TEACHER_DTYPES)
+    for key, choices in (("dataset", DATASETS), ("image_resize", IMAGE_RESIZE), ("data_hash", DATA_HASH)):
+        _check_choice(key, getattr(r, key), choices)
     check_ranges(r, source)
     if warn:
         _warn_schedule(r, source)

@@ -31,9 +31,17 @@ VAE_DTYPES = ("float32", "bfloat16")
 #: ``num_workers`` words besides a number: ``auto`` = CPUs per process - 1, at most 8 (:func:`distill.build.loader_workers`).
 NUM_WORKERS_WORDS = ("auto",)
 #: Dataset sources a recipe or command can name.
-DATASETS = ("fashion-mnist", "image-folder")
+DATASETS = ("fashion-mnist", "image-folder", "file-list", "hf")
 #: What an image folder does with an image it cannot decode.
 ON_BAD_IMAGE = ("skip", "raise")
+#: How an image is brought to ``image_size`` at decode time: cover + centre crop (aspect kept), or squash.
+IMAGE_RESIZE = ("center-crop", "squash")
+#: What the feature-cache key records of every input file: size + modification time, or a sha256 of its bytes.
+DATA_HASH = ("stat", "content")
+#: How much of each feature-cache shard is checked against its manifest when opened.
+SHARD_VERIFY = ("sample", "full")
+#: Split folder names of an image-folder / file-list dataset; ``val`` stands in for a missing ``test``.
+SPLITS = ("train", "val", "test")
 #: Label-free selection and grid probe methods of ``distill select``.
 SELECT_METHODS = ("grid", "label-free", "both")
 #: Where the grid's probes are scored: held-out training images, or the test split (DDAE's table).

@@ -370,3 +370,79 @@ def test_distill_train_reads_the_cache_and_refuses_a_stale_one(tmp_path, rgb_fol
     with pytest.raises(ValueError, match="augment"):
         train(make_recipe({**base, "augment": "flip", "feature_cache": str(tmp_path / "cache")}),
               str(tmp_path / "run3"), progress=False)
+
+
+# ----------------------------------------------------------------------------------------------- shards and files
+def test_foreign_or_edited_shard_is_refused(cache_dir, tmp_path, fmnist_dir, tiny_pipeline_dir):
+    """Every shard is tied to the manifest: a shard of another cache (same name and shape, other noise) is refused
+    on open; an edit of one value is refused by verify='full'; a manifest without shard records is refused."""
+    other = tmp_path / "other"
+    extract_features_cache(_recipe(fmnist_dir, tiny_pipeline_dir), other, num_draws=DRAWS, batch_size=BATCH,
+                           max_images=N_IMAGES, progress=False, seed=1)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(cache_dir, mixed)
+    shutil.copy2(other / "up_blocks.0@t11.npy", mixed / "up_blocks.0@t11.npy")
+    assert (mixed / "up_blocks.0@t11.npy").stat().st_size == (cache_dir / "up_blocks.0@t11.npy").stat().st_size
+    with pytest.raises(CacheMismatchError, match=r"shard '.*up_blocks\.0@t11\.npy' is refused.*another cache"):
+        FeatureCache(mixed)
+    FeatureCache(other, verify="full")  # each cache is whole on its own
+    edited = tmp_path / "edited"
+    shutil.copytree(cache_dir, edited)
+    f = edited / "up_blocks.0@t11.npy"  # 983,040 bytes: larger than the 64 sampled blocks
+    size = f.stat().st_size
+    starts = [max(0, size - 4096) * i // 63 for i in range(64)]  # the 64 sampled 4 KiB blocks
+    gap, at = max((b - a - 4096, a + 4096) for a, b in zip(starts, starts[1:]))
+    assert gap > 0
+    with open(f, "r+b") as fh:  # flip one byte between two sampled blocks
+        fh.seek(at)
+        b = fh.read(1)
+        fh.seek(at)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    FeatureCache(edited)  # documented: the sampled check reads 256 KiB per shard and misses this byte
+    with pytest.raises(CacheMismatchError, match="sha256 of the whole file"):
+        FeatureCache(edited, verify="full")
+    with pytest.raises(ValueError, match="'all'"):
+        FeatureCache(cache_dir, verify="all")
+    m = json.loads((edited / MANIFEST).read_text())
+    del m["shards"]
+    (edited / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(CacheMismatchError, match="records no size and hash"):
+        FeatureCache(edited)
+
+
+def test_image_folder_key_covers_every_file_and_non_utf8_names(tmp_path, rgb_folder):
+    """`distill extract` on a folder holding a file whose name is not UTF-8; then an in-place edit of an image in the
+    middle of the folder changes data_sha256 (and nothing else), so the cache is refused."""
+    from PIL import Image
+
+    from distill.cli import main
+
+    from .conftest import tiny_unet_config
+
+    root = tmp_path / "imgs"
+    shutil.copytree(rgb_folder, root)
+    cat = root / "train" / "cat"
+    os.rename(cat / "0003.jpg", os.path.join(os.fsencode(cat), b"\xff-caf\xe9.jpg"))
+    base = dict(teacher=tiny_unet_config(3), teacher_blocks=["up_blocks.0"], timesteps=[11], dataset="image-folder",
+                data_root=str(root), student="resnet18", student_size=32, batch_size=12, augment="none",
+                mean=[0.5] * 3, std=[0.25] * 3)
+    (tmp_path / "r.yaml").write_text(json.dumps(base))  # JSON is YAML
+    assert main(["extract", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "cache"), "--draws", "1",
+                 "--no-progress"]) == 0
+    recipe = make_recipe(base)
+
+    def key():
+        from accelerate.utils import set_seed
+
+        set_seed(recipe.seed)  # a config-dict teacher is a seeded random init, as extract builds it
+        ds, ch = build_train_data(recipe)
+        return expected_key(recipe, ds, build_teacher(recipe, ch), ch, num_draws=1)
+
+    FeatureCache(tmp_path / "cache", expect=key())
+    ds, _ = build_train_data(recipe)
+    assert len(ds) == 36 and any(b"\xff-caf\xe9" in os.fsencode(p) for p, _ in ds.files)
+    middle = ds.files[18][0]
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(middle, format="JPEG")
+    with pytest.raises(CacheMismatchError) as e:
+        FeatureCache(tmp_path / "cache", expect=key())
+    assert [line.split(":")[0].strip() for line in str(e.value).splitlines() if ": cached " in line] == ["data_sha256"]

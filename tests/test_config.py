@@ -360,6 +360,8 @@ OUT_OF_RANGE = {
     "std": [([0.0], "must be 1 or 3 numbers > 0 and finite (or null)"), ([0.2, 0.2], "1 or 3 numbers"),
             ([0.2, -0.1, 0.2], "> 0")],
     "teacher_resolution": [(4, "must be >= 8 (or null)")],
+    "image_size": [(0, "must be >= 1 (or null)")],
+    "min_image_side": [(0, "must be >= 1")],
     "select_max_memory_gb": [(0, "must be > 0 and finite (or null)")],
     "policy_lr": [(0, "must be > 0 and finite"), (-1e-3, "must be > 0 and finite")],
     "policy_entropy": [(-0.1, "must be >= 0 and finite")],
@@ -538,3 +540,10 @@ def test_compile_is_a_bool_or_a_backend_name(value, ok):
     else:
         with pytest.raises(ValueError, match="compile"):
             make_recipe({"compile": value})
+@pytest.mark.parametrize("key, value, valid", [("dataset", "cifar-100", "fashion-mnist, image-folder, file-list, hf"),
+                                               ("image_resize", "crop", "center-crop, squash"),
+                                               ("data_hash", "md5", "stat, content")])
+def test_data_choices_are_checked_at_load(key, value, valid):
+    with pytest.raises(ValueError) as e:
+        make_recipe({key: value})
+    assert f"'{key}'" in str(e.value) and repr(value) in str(e.value) and valid in str(e.value)

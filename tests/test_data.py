@@ -335,7 +335,7 @@ def test_build_dataset_unknown_name_lists_valid_names():
     assert "'cifar-100'" in msg
     for name in DATASETS:
         assert name in msg
-    assert set(DATASETS) == {"fashion-mnist", "image-folder"}
+    assert set(DATASETS) == {"fashion-mnist", "image-folder", "file-list", "hf"}
 
 
 def test_build_dataset_fashion_mnist_root_and_split(tmp_path):

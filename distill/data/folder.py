@@ -1,0 +1,147 @@
+"""Image folders as downloaded: ``root/[train|val|test/]<class>[/<subclass>...]/<image>``, or flat (unlabelled).
+
+Only regular files are listed (a named pipe, socket or device with an image extension is skipped, never opened),
+directories are walked with :func:`os.scandir` (symlinked folders followed once), and names are kept as Python
+``str`` paths (bytes that are not UTF-8 survive as surrogate escapes, so any name the OS allows opens).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import DatasetNotFoundError
+from ..vocab import SPLITS
+from .images import DecodedImages
+
+_logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def _scan(folder: str) -> tuple[list[str], list[str], int]:
+    """``(image files, subfolders, skipped non-regular entries)`` of one folder, names sorted (hidden ones left out)."""
+    files, dirs, odd = [], [], 0
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                dirs.append(e.name)
+            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                if e.is_file():  # follows symlinks; False for a FIFO, socket or device
+                    files.append(e.name)
+                else:
+                    odd += 1
+                    _logger.warning("skipping '%s': not a regular file (a pipe, socket or device)", e.path)
+    return sorted(files), sorted(dirs), odd
+
+
+def list_images(root: str, labelled: bool = True) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
+    """Every image under ``root`` and its label: ``([(path, label)], classes)``.
+
+    ``labelled`` and ``root`` has subfolders: a class is every folder below ``root`` that holds images directly
+    (named by its path relative to ``root``, ``'animals/cat'``) or is empty (keeps its label, with a warning);
+    classes sorted by name. Images directly in ``root`` beside class folders are left out (with a warning).
+    Otherwise (flat folder, or ``labelled=False``): every image under ``root``, recursively, with label ``-1``.
+    """
+    files: list[tuple[str, int]] = []
+    top_files, top_dirs, _ = _scan(root)
+    if not labelled or not top_dirs:
+        stack, seen = [root], set()
+        while stack:
+            d = stack.pop()
+            real = os.path.realpath(d)
+            if real in seen:
+                continue
+            seen.add(real)
+            fs, ds, _ = _scan(d) if d != root else (top_files, top_dirs, 0)
+            files += [(os.path.join(d, f), -1) for f in fs]
+            stack += [os.path.join(d, s) for s in reversed(ds)]
+        return sorted(files, key=lambda t: t[0]), ()
+    per_class: dict[str, list[str]] = {}
+    stack, seen = [(os.path.join(root, s), s) for s in top_dirs], set()
+    while stack:
+        d, rel = stack.pop()
+        real = os.path.realpath(d)
+        if real in seen:
+            continue
+        seen.add(real)
+        fs, ds, _ = _scan(d)
+        if fs or not ds:
+            per_class[rel] = [os.path.join(d, f) for f in fs]
+        stack += [(os.path.join(d, s), f"{rel}/{s}") for s in ds]
+    if top_files:
+        _logger.warning("%d image(s) directly in '%s' beside class folders are left out (e.g. '%s'); move them into "
+                        "a class folder", len(top_files), root, top_files[0])
+    classes = tuple(sorted(per_class))
+    for label, name in enumerate(classes):
+        if not per_class[name]:
+            _logger.warning("class folder '%s' holds no images; it keeps label %d", os.path.join(root, name), label)
+        files += [(p, label) for p in per_class[name]]
+    return files, classes
+
+
+def split_folder(root: str, split: str) -> str:
+    """The folder of ``split`` under ``root``: ``root/split`` when ``root`` holds split folders (``train/``,
+    ``val/``, ``test/``; ``val/`` stands in for a missing ``test/``), else ``root`` itself (a folder of one split).
+
+    Raises:
+        DatasetNotFoundError: ``root`` holds split folders but not this split (names the ones it has).
+    """
+    r = Path(root).expanduser()
+    have = [s for s in SPLITS if (r / s).is_dir()]
+    if not have:
+        return str(r)
+    if split in have:
+        return str(r / split)
+    if split == "test" and "val" in have:
+        _logger.info("'%s' has no test/ split; evaluating on val/", r)
+        return str(r / "val")
+    raise DatasetNotFoundError(f"'{r}' holds the splits {have} but no '{split}/'. Fix: add '{r / split}', or point "
+                               f"data_root at a folder holding '{split}/'.")
+
+
+class ImageFolder(DecodedImages):
+    """Images in ``root/<class>/.../*.jpg`` (labelled, classes sorted by name) or flat in ``root`` (label -1).
+
+    Args:
+        root: the folder (one split; see :func:`split_folder` for a folder of splits).
+        channels, size, resize, min_side, on_error: see :class:`~distill.data.images.DecodedImages`.
+        labelled: False reads class folders as unlabelled images (label -1), e.g. for distillation only.
+
+    Attributes:
+        files: ``[(path, label)]`` in dataset order. classes: class names (``()`` when unlabelled).
+
+    Raises:
+        DatasetNotFoundError: no folder, or no image in it.
+    """
+
+    def __init__(self, root: str, channels: int = 3, on_error: str = "skip", size=None, resize: str = "center-crop",
+                 min_side: int = 1, labelled: bool = True):
+        root_p = Path(root).expanduser()
+        if not root_p.is_dir():
+            raise DatasetNotFoundError(
+                f"image folder '{root}' does not exist. For the CIFAR-10 JPEGs shipped beside the project run "
+                f"`mkdir -p ~/.cache/distill && tar -xzf ../shared/data/cifar10-jpg.tar.gz -C ~/.cache/distill` "
+                f"and point `data_root` at ~/.cache/distill/cifar10-jpg/train (or test)."
+            )
+        if channels not in (1, 3):
+            raise ValueError(f"channels={channels!r} is not valid; use 1 (grayscale) or 3 (RGB).")
+        self.files, self.classes = list_images(str(root_p), labelled)
+        if not self.files:
+            raise DatasetNotFoundError(f"no images with extensions {IMAGE_EXTENSIONS} found under '{root}'.")
+        self.labels = torch.tensor([label for _, label in self.files], dtype=torch.int64)
+        self.root = root_p
+        self._setup(channels, size, resize, min_side, on_error)
+
+    def source(self, i: int):
+        path = self.files[i][0]
+        return path, path
+
+    def input_files(self) -> list[str]:
+        """The files this dataset reads, in dataset order (for the feature-cache key)."""
+        return [p for p, _ in self.files]
