@@ -360,6 +360,7 @@ OUT_OF_RANGE = {
     "std": [([0.0], "must be 1 or 3 numbers > 0 and finite (or null)"), ([0.2, 0.2], "1 or 3 numbers"),
             ([0.2, -0.1, 0.2], "> 0")],
     "teacher_resolution": [(4, "must be >= 8 (or null)")],
+    "teacher_in_channels": [(0, "must be >= 1 (or null)")],
     "select_max_memory_gb": [(0, "must be > 0 and finite (or null)")],
     "policy_lr": [(0, "must be > 0 and finite"), (-1e-3, "must be > 0 and finite")],
     "policy_entropy": [(-0.1, "must be >= 0 and finite")],
@@ -434,6 +435,7 @@ def test_all_zero_loss_weights_are_refused():
     ("warmup_steps", 0), ("grad_clip", 0), ("weight_decay", 0), ("momentum", 0), ("momentum", 0.999), ("seed", 0),
     ("seed", 2 ** 32 - 1), ("num_workers", 0), ("policy_entropy", 0), ("policy_entropy_steps", 0),
     ("probe_train_fraction", 1), ("teacher_resolution", 8), ("image_channels", 1), ("image_channels", 3),
+    ("teacher_in_channels", 1),
     ("mean", [0, 1, 0.5]), ("mean", [0.5]), ("std", [1e-3]), ("std", [0.2, 0.3, 0.4]), ("select_max_memory_gb", 0.5),
     ("mse_weight", 0), ("at_weight", 0), ("cos_weight", 2.5),
 ])

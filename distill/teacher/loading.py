@@ -23,7 +23,8 @@ from .base import DiffusionTeacher
 from .latent import DiTTeacher, LatentDiffusionTeacher, resolve_vae_dtype
 from .model_dir import check_config_types, from_local, local_json, scheduler_from_local
 from .prompt import empty_prompt_embedding, load_prompt_embedding
-from .python import PYTHON_PREFIX, build_python_model, is_python_source, load_weights, qualified_name
+from .hub import check_hub_reachable, is_hub_id
+from .python import build_python_model, is_python_source, load_weights, qualified_name
 from .schedule import build_noise_schedule
 
 _logger = logging.getLogger(__name__)
@@ -309,10 +310,14 @@ def load_teacher(
         kwargs: passed to the teacher class (e.g. ``in_channels``, ``forward_kwargs`` for a pixel module).
 
     Raises:
-        ValueError: ``teacher_kwargs`` / ``weights`` for a diffusers teacher, ``noise_schedule`` for a latent one,
+        ValueError: a hub id while the hub cannot be reached (at once, with the fix: a local directory or
+            ``HF_HUB_OFFLINE=1``; :func:`distill.teacher.hub.check_hub_reachable`), ``teacher_kwargs`` / ``weights``
+            for a diffusers teacher, ``noise_schedule`` for a latent one,
             or a bad value of any of them (see :mod:`distill.teacher.python`); the message names the fix.
     """
     vae_dt = resolve_vae_dtype(vae_dtype)  # checked for every teacher: a wrong recipe value fails early
+    if is_hub_id(source) and not Path(source).expanduser().exists():
+        check_hub_reachable(source)  # one short request, not 79 s of retries per file
     info = inspect_teacher(source)
     name = source if isinstance(source, str) else (info["class"] or type(source).__name__)
     if info["kind"] != "latent-unet" and prompt_embedding is not None:
