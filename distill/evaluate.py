@@ -112,7 +112,8 @@ def resolve_probe_target(model: str) -> tuple:
         return "run", p
     raise FileNotFoundError(
         f"cannot probe {model!r}: give an exported student directory (config.json), a run directory "
-        f"(config.yaml), timm:NAME for a random-init baseline, or teacher:NAME_OR_DIR for a diffusion teacher's own "
+        f"(config.yaml), timm:NAME for a random-init baseline, or teacher:NAME_OR_DIR (a packaged name, directory, hub "
+        f"id, python:module:factory, or a recipe .yaml whose teacher keys are used) for a diffusion teacher's own "
         f"pooled features."
     )
 

@@ -322,6 +322,28 @@ def test_select_and_teacher_probe_on_a_python_teacher(unet_module, rgb_folder, t
                         val_images=12, epochs=1, label_free_images=12, batch_size=6, progress=False)
     assert {(r["block"], r["timestep"]) for r in sel.grid["rows"]} == {(b, t) for b in ("mid", "up.0") for t in (11, 50)}
     assert (tmp_path / "sel" / "best_grid.yaml").is_file() and len(sel.label_free) == 4
+    from distill.probe import eval_device
+    from distill.select import format_selection
+
+    assert sel.report["device"] == sel.grid["device"] == str(eval_device())  # Accelerate's device: the CPU here
+    assert format_selection(sel).startswith(f"selection of python:my_unet:make_unet on {eval_device()}")
     res = probe_teacher("python:my_unet:make_unet", ["mid"], [11, 50], dataset="image-folder",
                         data_root=str(rgb_folder), epochs=2, ensemble=True, progress=False)
     assert [r["timestep"] for r in res["rows"]] == [11, 50, "ensemble"] and res["test_images"] == 18
+
+
+def test_teacher_probe_from_a_recipe_file_uses_its_teacher_keys(unet_module, rgb_folder, tmp_path):
+    from distill.probe import eval_device
+    from distill.select import format_teacher_probe, probe_teacher
+
+    w = tmp_path / "w.safetensors"
+    _saved_weights(w, base=8)
+    r = _recipe(rgb_folder, teacher_weights=str(w)).to_dict()
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    res = probe_teacher(str(tmp_path / "r.yaml"), None, [11], epochs=1, progress=False)
+    assert [r["block"] for r in res["rows"]] == ["mid"] and res["dataset"] == "image-folder"
+    assert res["device"] == str(eval_device()) and format_teacher_probe(res).endswith(f"on {res['device']}")
+    wrong = _recipe(rgb_folder, teacher_weights=str(w), teacher_kwargs={"base": 16}).to_dict()
+    (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(wrong))
+    with pytest.raises(ValueError, match="do not fit the network built by the factory"):  # the recipe's keys apply
+        probe_teacher(str(tmp_path / "wrong.yaml"), None, [11], epochs=1, progress=False)

@@ -1,4 +1,5 @@
-"""Linear probes of a diffusion teacher's own pooled features (``distill probe teacher:NAME``).
+"""Linear probes of a diffusion teacher's own pooled features (``distill probe teacher:NAME`` or
+``teacher:RECIPE.yaml``).
 
 One probe per (block, timestep), trained as students' probes are (:func:`distill.probe.multi_linear_probe` on
 features pooled once, one seeded noise draw per image); with ``ensemble`` the timesteps of each block also
@@ -6,8 +7,12 @@ soft-vote (averaged logits; :func:`distill.probe.ensemble_probe`).
 """
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Optional, Sequence
 
+from ..build import build_teacher
+from ..config import load_recipe
 from ..evaluate import probe_data
 from ..probe import ensemble_probe, eval_device
 from ..teacher import feature_key, load_teacher
@@ -22,7 +27,9 @@ def probe_teacher(source, blocks: Sequence[str], timesteps: Optional[Sequence[in
     """Probe ``source``'s pooled features at every (block, timestep); with ``ensemble`` also each block's soft vote.
 
     Args:
-        source: the teacher (packaged name, directory or hub id; as :func:`distill.teacher.load_teacher` takes).
+        source: the teacher (packaged name, directory, hub id or ``python:module:factory``; as
+            :func:`distill.teacher.load_teacher` takes), or a recipe file (``.yaml``) whose teacher and ``teacher_*``
+            keys are used, with its ``teacher_blocks``, dataset and data root as defaults.
         blocks: the teacher blocks to probe.
         timesteps: the timesteps (default ``[11]``); ``ensemble`` needs two or more.
         dataset, data_root: a labelled dataset (default Fashion-MNIST); train split (a seeded stratified
@@ -43,15 +50,25 @@ def probe_teacher(source, blocks: Sequence[str], timesteps: Optional[Sequence[in
     Raises:
         ValueError: no ``blocks``, or ``ensemble`` with fewer than two timesteps.
     """
+    recipe = None
+    if isinstance(source, str) and source.endswith((".yaml", ".yml")) and Path(source).is_file():
+        recipe = load_recipe(source)  # its teacher with every teacher_* key, its blocks and data as defaults
+        blocks, dataset = blocks or recipe.teacher_blocks, dataset or recipe.dataset
+        data_root = data_root or (recipe.data_root if dataset == recipe.dataset else None)
     if not blocks:
         raise ValueError("probing a teacher needs --blocks, e.g. --blocks mid_block (see `distill select`).")
     timesteps = list(timesteps or [11])
     if ensemble and len(timesteps) < 2:
         raise ValueError(f"--ensemble needs two or more --timesteps (one probe each), got {timesteps}; e.g. "
                          f"--timesteps 1 5 11 25 50 (the best t, two finer, two coarser).")
-    teacher = load_teacher(source, list(blocks), timesteps, **teacher_options).to(eval_device(device))
     dataset = dataset or "fashion-mnist"
-    data = probe_data(dataset, data_root, dataset_channels(dataset), train_fraction, seed)
+    channels = dataset_channels(dataset, recipe.image_channels if recipe is not None else None)
+    if recipe is not None:
+        teacher = build_teacher(dataclasses.replace(recipe, teacher_blocks=list(blocks)), channels, timesteps)
+    else:
+        teacher = load_teacher(source, list(blocks), timesteps, **teacher_options)
+    teacher = teacher.to(eval_device(device))
+    data = probe_data(dataset, data_root, channels, train_fraction, seed)
     tr, tr_y = pooled_teacher_features(teacher, data.train, seed=seed, progress=progress,
                                        desc="teacher: train features")
     te, te_y = pooled_teacher_features(teacher, data.test, seed=seed + 1, progress=progress,
