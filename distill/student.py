@@ -160,7 +160,8 @@ class Student(nn.Module):
                 f"student {name!r} has no forward_intermediates in timm {timm.__version__}; pick a ResNet, ConvNeXt, "
                 f"EfficientNet, RegNet, ViT, DeiT, EVA or Swin model."
             )
-        check_patch_size(name, self.model, img_size)
+        if not kwargs.get("dynamic_img_pad"):  # timm pads a partial patch only when asked to
+            check_patch_size(name, self.model, img_size)
         self.name, self.img_size, self.model_kwargs = name, int(img_size), kwargs
         n_feat = len(getattr(self.model, "feature_info", []) or [])
         if indices is None:

@@ -325,6 +325,8 @@ def test_vit_size_not_a_multiple_of_patch_is_refused_with_the_sizes_that_work():
     msg = str(e.value)
     assert "student_size 30" in msg and "patch size 4" in msg and "28 or 32" in msg
     assert not isinstance(e.value, AssertionError)
+    padded = Student("vit_tiny_patch16_224", 30, model_kwargs={"patch_size": 4, "dynamic_img_pad": True})
+    assert padded.sizes[0] == (8, 8)  # asked for: timm pads the 2 px border to a whole patch
 
 
 def test_size_a_family_cannot_take_names_timm_and_the_stride():

@@ -212,6 +212,9 @@ class _Pickled:
 def test_factory_errors(unet_module):
     with pytest.raises(ValueError, match=r"module 'no_such_pkg.unet' cannot be imported.*PYTHONPATH"):
         load_teacher("python:no_such_pkg.unet:make", ["mid"], [11])
+    (unet_module.parent / "needs_missing.py").write_text("import no_such_dependency_xyz\n")
+    with pytest.raises(ValueError, match=r"'needs_missing' imports 'no_such_dependency_xyz', which is not installed"):
+        load_teacher("python:needs_missing:make", ["mid"], [11])
     with pytest.raises(ValueError, match=r"has no attribute 'make_net'; its callables: .*make_unet"):
         load_teacher("python:my_unet:make_net", ["mid"], [11])
     with pytest.raises(ValueError, match=r"returned a str, not an nn.Module"):

@@ -67,8 +67,10 @@ def _import(module: str, source: str):
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name and module.split(".")[0] != e.name.split(".")[0] and not module.startswith(e.name):
-            raise  # the module exists but imports something missing: its own error says what
+        if e.name and module.split(".")[0] != e.name.split(".")[0]:  # the module imports a package that is missing
+            raise ValueError(f"teacher {source!r}: module {module!r} imports {e.name!r}, which is not installed. Fix: "
+                             f"install it (e.g. pip install -e the repository that provides {e.name!r}) or put its "
+                             f"folder on PYTHONPATH.") from None
         raise ValueError(f"teacher {source!r}: module {module!r} cannot be imported ({e}). Fix: install the package "
                          f"that defines it (pip install -e PATH), add its folder to PYTHONPATH, or give the path of "
                          f"the .py file: python:/path/to/{module.split('.')[-1]}.py:<factory>.") from None
@@ -82,10 +84,10 @@ def import_factory(source: str) -> Callable[..., nn.Module]:
             its public callables).
     """
     module, factory = parse_python_source(source)
-    obj = _import(module, source)
+    obj = mod = _import(module, source)
     for part in factory.split("."):
         if not hasattr(obj, part):
-            names = sorted(n for n, v in vars(_import(module, source)).items() if callable(v) and not n.startswith("_"))
+            names = sorted(n for n, v in vars(mod).items() if callable(v) and not n.startswith("_"))
             raise ValueError(f"teacher {source!r}: {module!r} has no attribute {factory!r}; its callables: "
                              f"{', '.join(names) or 'none'}.")
         obj = getattr(obj, part)
