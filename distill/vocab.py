@@ -32,6 +32,10 @@ VAE_DTYPES = ("float32", "bfloat16")
 DATASETS = ("fashion-mnist", "image-folder")
 #: What an image folder does with an image it cannot decode.
 ON_BAD_IMAGE = ("skip", "raise")
+#: diffusers' beta schedules (``DDPMScheduler(beta_schedule=...)``), for a recipe's ``teacher_scheduler``.
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+#: Suffixes of teacher weight files read with ``torch.load(weights_only=True)`` (besides ``.safetensors``).
+TORCH_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 #: Label-free selection and grid probe methods of ``distill select``.
 SELECT_METHODS = ("grid", "label-free", "both")
 #: Where the grid's probes are scored: held-out training images, or the test split (DDAE's table).

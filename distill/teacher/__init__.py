@@ -15,7 +15,7 @@ from .latent import DiTTeacher, LatentDiffusionTeacher, resolve_vae_dtype, vae_s
 from .loading import (DIT_CLASSES, LATENT_UNET_CLASSES, PACKAGED_TEACHERS_DIR, inspect_teacher, load_latent_model,
                       load_teacher, load_unet, packaged_teachers)
 from .python import PYTHON_PREFIX, build_python_model, load_weights, read_state_dict
-from .schedule import BETA_SCHEDULES, build_noise_schedule
+from .schedule import build_noise_schedule
 from .prompt import (EMBEDDING_FILENAME, SD_EXTRA_HINT, distill_cache_dir, embedding_cache_files,
                      empty_prompt_embedding, load_prompt_embedding)
 
@@ -27,5 +27,5 @@ __all__ = [
     "load_teacher", "load_unet", "packaged_teachers",
     "EMBEDDING_FILENAME", "SD_EXTRA_HINT", "distill_cache_dir", "embedding_cache_files", "empty_prompt_embedding",
     "load_prompt_embedding",
-    "PYTHON_PREFIX", "build_python_model", "load_weights", "read_state_dict", "BETA_SCHEDULES", "build_noise_schedule",
+    "PYTHON_PREFIX", "build_python_model", "load_weights", "read_state_dict", "build_noise_schedule",
 ]

@@ -25,11 +25,10 @@ import torch
 import torch.nn as nn
 
 from ..integrity import error_text
+from ..vocab import TORCH_WEIGHT_SUFFIXES
 
 #: the recipe form of a Python teacher: ``python:<module or file.py>:<factory>``
 PYTHON_PREFIX = "python:"
-#: weight files read with torch.load(weights_only=True)
-TORCH_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
 def is_python_source(source: Any) -> bool:

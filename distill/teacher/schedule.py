@@ -15,8 +15,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-#: diffusers' beta schedules (DDPMScheduler's ``beta_schedule``)
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+from ..vocab import BETA_SCHEDULES
+
 
 
 def _ddpm_args() -> list[str]:
