@@ -125,7 +125,9 @@ def check_channels(data_channels: int, teacher_channels: int, teacher_name) -> N
 
 
 def build_teacher(recipe: Recipe, data_channels: int, timesteps: Optional[list] = None) -> DiffusionTeacher:
-    """The recipe's teacher at ``timesteps`` (default: the recipe's list; a mode such as ``policy`` needs them).
+    """The recipe's teacher at ``timesteps`` (default: the recipe's list; a mode such as ``policy`` needs them), with
+    the recipe's ``teacher_*`` keys (a ``python:module:factory`` teacher's kwargs, weights, input channels and noise
+    schedule; see :func:`distill.teacher.load_teacher`).
 
     Raises:
         ValueError: ``timesteps`` is still a mode, or the teacher's channels do not fit the data.
@@ -134,9 +136,13 @@ def build_teacher(recipe: Recipe, data_channels: int, timesteps: Optional[list] 
     if isinstance(timesteps, str):
         raise ValueError(f"timesteps: {timesteps} is resolved by distill.train; pass explicit timesteps to "
                          f"build_teacher.")
+    extra = {"in_channels": recipe.teacher_in_channels} if recipe.teacher_in_channels is not None else {}
     teacher = load_teacher(recipe.teacher, recipe.teacher_blocks, timesteps,
                            torch_dtype=getattr(torch, recipe.teacher_dtype), vae_dtype=recipe.vae_dtype,
-                           prompt_embedding=recipe.prompt_embedding, resolution=recipe.teacher_resolution)
+                           prompt_embedding=recipe.prompt_embedding, resolution=recipe.teacher_resolution,
+                           teacher_kwargs=recipe.teacher_kwargs, weights=recipe.teacher_weights,
+                           weights_prefix=recipe.teacher_weights_prefix, noise_schedule=recipe.teacher_scheduler,
+                           **extra)
     check_channels(data_channels, teacher.in_channels, recipe.teacher)
     return teacher
 

@@ -124,6 +124,11 @@ class Recipe:
     teacher_resolution: Optional[int] = None  # px the teacher sees; default its sample_size (x VAE factor for SD/DiT)
     vae_dtype: str = "float32"  # SD/DiT VAE: float32 | bfloat16 (float16 is refused: the VAE overflows)
     prompt_embedding: Optional[str] = None  # SD: [1, 77, D] tensor file; default: empty prompt, computed and cached
+    teacher_kwargs: dict = field(default_factory=dict)  # teacher: python:module:factory only: the factory's arguments
+    teacher_weights: Optional[str] = None  # python: teachers: .safetensors, or .pt/.pth read with weights_only=True
+    teacher_weights_prefix: Optional[str] = None  # key prefix stripped from teacher_weights (e.g. module.)
+    teacher_in_channels: Optional[int] = None  # python: teachers: input channels (default: the model's in_channels)
+    teacher_scheduler: Any = None  # pixel teachers: scheduler_config.json path, or {beta_schedule: linear, ...}
     # student
     student: str = "resnet18"
     student_size: int = 64  # input resize (px) for the student
@@ -206,6 +211,7 @@ RANGES: dict[str, Range] = {
     "image_size": Range(lo=1, fix="Fix: null (every image at the first image's size), or a size in px such as 64."),
     "teacher_resolution": Range(lo=8, fix="Fix: null for the teacher's own size, or a size it takes (e.g. 256 for SD "
                                           "or DiT; the teacher checks that it fits its downsampling)."),
+    "teacher_in_channels": Range(lo=1, fix="Fix: the channels the teacher network takes (e.g. 3), or null."),
     "select_max_memory_gb": Range(lo=0, lo_open=True, fix="Fix: the memory budget in GB (e.g. 40), or null for no "
                                                           "limit."),
     "policy_lr": Range(lo=0, lo_open=True),

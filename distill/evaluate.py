@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from .atomic import atomic_write_json
 from .data import build_dataset, collate, dataset_mean_std, label_subset, to_student, to_unit
 from .export import export_data_root, load_exported, read_export
-from .probe import extract_features, knn_probe, linear_probe
+from .probe import eval_device, extract_features, knn_probe, linear_probe
 from .rundir import load_trained
 from .student import Student
 from .vocab import dataset_channels
@@ -39,10 +39,14 @@ def probe_data(dataset: str, data_root: Optional[str], channels: int, train_frac
 
 
 def backbone_fn(model: nn.Module, size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """uint8 batch -> pooled features of a timm backbone built with ``num_classes=0``."""
+    """uint8 batch ``[B, C, H, W]`` -> pooled features ``[B, D]`` of a timm backbone built with ``num_classes=0``;
+    the model moves to the device of the images it is given (where :func:`probe_fn` runs)."""
     model.eval()
 
     def fn(images: torch.Tensor) -> torch.Tensor:
+        p = next(model.parameters(), None)
+        if p is not None and p.device != images.device:
+            model.to(images.device)
         return model(to_student(to_unit(images), size, mean, std))  # (B, D)
 
     return fn
@@ -54,19 +58,23 @@ def pixels_fn(images: torch.Tensor) -> torch.Tensor:
 
 
 def probe_fn(fn: Callable, data: ProbeData, batch_size: int = 256, epochs: int = 30, k: int = 20, seed: int = 0,
-             device: str = "cpu", progress: bool = True, name: str = "model") -> dict:
-    """Linear and kNN probe of features ``fn(images)`` on ``data``; returns accuracies in percent."""
+             device=None, progress: bool = True, name: str = "model") -> dict:
+    """Linear and kNN probe of features ``fn(images)`` on ``data``; returns accuracies in percent and the
+    ``device`` the features were extracted and the probes trained on (``device``, default
+    :func:`distill.probe.eval_device`: Accelerate's, a GPU when there is one)."""
     t0 = time.time()
+    device = eval_device(device)
     kw = dict(batch_size=batch_size, collate_fn=collate, shuffle=False)
     tr_x, tr_y = extract_features(fn, DataLoader(data.train, **kw), device, desc=f"{name}: train features",
                                   progress=progress)
     te_x, te_y = extract_features(fn, DataLoader(data.test, **kw), device, desc=f"{name}: test features",
                                   progress=progress)
     lin = linear_probe(tr_x, tr_y, te_x, te_y, epochs=epochs, seed=seed, device=device)
-    knn = knn_probe(tr_x, tr_y, te_x, te_y, k=k)
+    knn = knn_probe(tr_x, tr_y, te_x, te_y, k=k, device=device)
     return {"name": name, "linear_top1": round(lin["top1"], 2), "linear_top5": round(lin["top5"], 2),
             "knn_top1": round(knn["top1"], 2), "knn_top5": round(knn["top5"], 2), "k": k, "dim": lin["dim"],
-            "num_train": lin["num_train"], "num_test": len(te_y), "seconds": round(time.time() - t0, 1)}
+            "num_train": lin["num_train"], "num_test": len(te_y), "seconds": round(time.time() - t0, 1),
+            "device": str(device)}
 
 
 def probe_exported(path: str, data: ProbeData, **kwargs) -> dict:
@@ -104,7 +112,8 @@ def resolve_probe_target(model: str) -> tuple:
         return "run", p
     raise FileNotFoundError(
         f"cannot probe {model!r}: give an exported student directory (config.json), a run directory "
-        f"(config.yaml), timm:NAME for a random-init baseline, or teacher:NAME_OR_DIR for a diffusion teacher's own "
+        f"(config.yaml), timm:NAME for a random-init baseline, or teacher:NAME_OR_DIR (a packaged name, directory, hub "
+        f"id, python:module:factory, or a recipe .yaml whose teacher keys are used) for a diffusion teacher's own "
         f"pooled features."
     )
 
@@ -146,6 +155,9 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['name']} | {r['linear_top1']:.2f} | {r['knn_top1']:.2f} (k={r['k']}) | "
                      f"{r['linear_top5']:.2f} | {r['dim']} | {r['num_train']} / {r['num_test']} |")
+    devices = sorted({r["device"] for r in rows if r.get("device")})
+    if devices:
+        lines.append(f"\nfeatures extracted and probes trained on {', '.join(devices)}")
     return "\n".join(lines)
 
 

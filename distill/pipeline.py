@@ -14,14 +14,18 @@ from .config import Recipe
 from .evaluate import (format_table, pixels_fn, probe_data, probe_exported, probe_fn, probe_random_init,
                        save_results)
 from .export import export_student, write_model_card
+from .probe import eval_device
 from .rundir import read_config
 from .trainer import train
 
 
-def machine_line() -> str:
-    """One line naming the processor, torch threads, torch version and device, for result files."""
+def machine_line(device=None) -> str:
+    """One line naming the processor, torch threads, torch version and the device the probes ran on (``device``,
+    default :func:`distill.probe.eval_device`), for result files; a GPU is named (``cuda:0 (NVIDIA H200)``)."""
+    device = eval_device(device)
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     return (f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+            f"torch {torch.__version__}, device {device}{name}")
 
 
 def run_recipe(recipe: Recipe, run_dir: str, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -30,6 +34,8 @@ def run_recipe(recipe: Recipe, run_dir: str, resume: bool = False, overwrite: bo
     """Train ``recipe`` in ``run_dir``, export the student to ``run_dir/student``, probe it and the baselines.
 
     Writes ``results.json`` (rows, train summary, timings, machine) and ``results.md`` (the table) in ``run_dir``.
+    Probe features are extracted and probes trained on Accelerate's device (:func:`distill.probe.eval_device`), named
+    in every row and in ``machine``.
 
     Returns:
         ``{'rows': [...], 'table': str, 'train_seconds', 'total_seconds', 'machine', 'summary'}``.
@@ -43,13 +49,14 @@ def run_recipe(recipe: Recipe, run_dir: str, resume: bool = False, overwrite: bo
     _, resolved = read_config(run)
     data = probe_data(recipe.dataset, recipe.data_root, resolved["data_channels"], recipe.probe_train_fraction,
                       recipe.seed)
-    kw = dict(epochs=recipe.probe_epochs, k=recipe.knn_k, seed=recipe.seed, progress=progress)
+    device = eval_device()  # Accelerate's: features and probes on the GPU when there is one
+    kw = dict(epochs=recipe.probe_epochs, k=recipe.knn_k, seed=recipe.seed, progress=progress, device=device)
     rows = [probe_exported(str(out), data, name=f"{recipe.student} distilled", **kw),
             probe_random_init(recipe.student, recipe.student_size, resolved["mean"], resolved["std"], data,
                               model_kwargs=recipe.student_kwargs, name=f"{recipe.student} random init", **kw),
             probe_fn(pixels_fn, data, name="raw pixels", **kw)]
     total = time.time() - t0
-    table, machine = format_table(rows), machine_line()
+    table, machine = format_table(rows), machine_line(device)
     save_results(rows, run / "results.json",
                  {"train_summary": summary, "train_seconds": round(t_train, 1), "total_seconds": round(total, 1),
                   "machine": machine, "recipe": str(recipe_name), "overrides": overrides or []})

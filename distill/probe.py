@@ -11,7 +11,8 @@ everything here works on feature tensors. Protocols:
 * kNN probe (solo-learn / InstDisc, Wu et al. 2018): cosine similarity on L2-normalised features, k=20,
   each neighbour votes for its class with weight ``exp(sim / T)``, T=0.07.
 
-Accuracies are micro averages (``torchmetrics.Accuracy(task='multiclass')``) in percent.
+Accuracies are micro averages (``torchmetrics.Accuracy(task='multiclass')``) in percent. Everything runs on the
+``device`` it is given; :func:`eval_device` picks Accelerate's (a GPU when there is one, else the CPU).
 """
 from __future__ import annotations
 
@@ -24,6 +25,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Accuracy
 from tqdm.auto import tqdm
+
+
+def eval_device(device: Optional[str | torch.device] = None) -> torch.device:
+    """Where feature extraction and probes run: ``device`` when given, else Accelerate's device
+    (``PartialState().device``: this process's GPU under ``accelerate launch``, else ``cuda``, ``mps``, ``xpu`` ...
+    when one is available, else the CPU).
+
+    Raises:
+        RuntimeError: ``device`` is not a device torch knows (torch's message).
+    """
+    if device is not None:
+        return torch.device(device)
+    from accelerate import PartialState
+
+    return torch.device(PartialState().device)
 
 
 def extract_features(
@@ -240,6 +256,7 @@ def knn_probe(
     temperature: float = 0.07,
     num_classes: Optional[int] = None,
     chunk: int = 1024,
+    device: Optional[str | torch.device] = None,
 ) -> dict:
     """Weighted cosine kNN probe (solo-learn ``WeightedKNNClassifier`` / InstDisc convention).
 
@@ -254,6 +271,7 @@ def knn_probe(
         temperature: vote temperature.
         num_classes: defaults to the largest label + 1.
         chunk: test rows per similarity matrix.
+        device: where the similarities are computed (default: where ``train_x`` is); results come back on the CPU.
 
     Returns:
         ``{'top1', 'top5', 'k'}``, accuracies in percent.
@@ -265,7 +283,7 @@ def knn_probe(
     if train_x.shape[1] != test_x.shape[1]:
         raise ValueError(f"feature dims differ: train {train_x.shape[1]}, test {test_x.shape[1]}.")
     num_classes = _resolve_classes(train_y, test_y, num_classes)
-    bank = F.normalize(train_x.float(), dim=1)  # [N, D]
+    bank = F.normalize(train_x.float().to(device or train_x.device), dim=1)  # [N, D]
     bank_y = train_y.long().to(bank.device)
     scores = []
     for i in range(0, test_x.shape[0], chunk):

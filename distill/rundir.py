@@ -16,6 +16,7 @@ summary, and reloads a trained run (:func:`load_trained`) for export and probes.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import re
 import shutil
@@ -31,6 +32,8 @@ from .errors import RunExistsError, UnreadableFileError
 from .integrity import error_text, safetensors_problem, torch_file_problem
 from .regressor import FeatureRegressor
 from .student import DistillModel
+from .teacher.loading import MODULE_PREFIX
+from .teacher.python import qualified_name
 
 _logger = logging.getLogger(__name__)
 
@@ -222,9 +225,17 @@ def remove_run(run_dir: Path) -> None:
             p.unlink()
 
 
+def recipe_for_yaml(recipe: Recipe) -> Recipe:
+    """``recipe`` as ``config.yaml`` records it: an ``nn.Module`` teacher (``distill.train``'s Python API) becomes
+    ``'module:<package.module.Class>'`` (its class, factory and weights hash are in ``_resolved.teacher_source``)."""
+    if isinstance(recipe.teacher, (str, dict, type(None))):
+        return recipe
+    return dataclasses.replace(recipe, teacher=f"{MODULE_PREFIX}{qualified_name(recipe.teacher)}")
+
+
 def write_config(run_dir: Path, recipe: Recipe, resolved: dict) -> None:
-    """``RUN/config.yaml``: the recipe and the values the run resolved (atomically)."""
-    save_recipe(recipe, Path(run_dir) / CONFIG, resolved)
+    """``RUN/config.yaml``: the recipe (:func:`recipe_for_yaml`) and the values the run resolved (atomically)."""
+    save_recipe(recipe_for_yaml(recipe), Path(run_dir) / CONFIG, resolved)
 
 
 def read_config(run_dir: Path) -> tuple[Recipe, dict]:
@@ -247,13 +258,14 @@ RESUME_FREE_KEYS = ("steps", "num_workers", "log_every", "checkpoint_every", "ke
                     "probe_train_fraction", "probe_epochs", "knn_k", "channels_last", "compile")
 #: resolved values a resume must find unchanged (what the run measured or loaded at its start)
 RESUME_RESOLVED_KEYS = ("mean", "std", "data_channels", "teacher_sha256", "data_sha256", "teacher_features",
-                        "sources", "regressor_targets", "target_groups", "timesteps_used")
+                        "sources", "regressor_targets", "target_groups", "timesteps_used", "teacher_source")
 
 
 def resume_changes(old: Recipe, old_resolved: dict, new: Recipe, new_resolved: Optional[dict] = None) -> list:
     """What a resume would change: ``[(key, old value, new value), ...]`` over the recipe's keys and, when
     ``new_resolved`` is given, the resolved values of :data:`RESUME_RESOLVED_KEYS` that both runs recorded
     (a resolved key is prefixed ``_resolved.``)."""
+    new = recipe_for_yaml(new)
     out = [(k, v, getattr(new, k)) for k, v in old.to_dict().items() if getattr(new, k) != v]
     for k in RESUME_RESOLVED_KEYS if new_resolved is not None else ():
         if k in old_resolved and k in new_resolved and _plain(old_resolved[k]) != _plain(new_resolved[k]):

@@ -42,6 +42,10 @@ DATA_HASH = ("stat", "content")
 SHARD_VERIFY = ("sample", "full")
 #: Split folder names of an image-folder / file-list dataset; ``val`` stands in for a missing ``test``.
 SPLITS = ("train", "val", "test")
+#: diffusers' beta schedules (``DDPMScheduler(beta_schedule=...)``), for a recipe's ``teacher_scheduler``.
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+#: Suffixes of teacher weight files read with ``torch.load(weights_only=True)`` (besides ``.safetensors``).
+TORCH_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 #: Label-free selection and grid probe methods of ``distill select``.
 SELECT_METHODS = ("grid", "label-free", "both")
 #: Where the grid's probes are scored: held-out training images, or the test split (DDAE's table).

@@ -72,3 +72,59 @@ def test_probe_results_that_cannot_be_written_exit_2(exported, rgb_folder, tmp_p
     err = capsys.readouterr().err
     assert f"'{tmp_path / 'notes.txt'}' is a file, not a directory" in err and "Traceback" not in err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------ device: chosen, used and reported
+def test_probe_uses_and_reports_the_device_chosen(monkeypatch, rgb_folder):
+    import torch
+
+    import distill.evaluate as ev
+
+    chosen = []
+
+    def fake_eval_device(device=None):  # stands in for Accelerate's choice (a GPU on a GPU machine)
+        chosen.append(device)
+        return torch.device("cpu")
+
+    monkeypatch.setattr(ev, "eval_device", fake_eval_device)
+    used = {}
+    for name in ("extract_features", "linear_probe", "knn_probe"):  # record the device each step is given
+        real = getattr(ev, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            used.setdefault(_name, []).append(str(kw.get("device", a[2] if _name == "extract_features" else None)))
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(ev, name, spy)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    seen = []
+    fn = ev.backbone_fn(model, 16, [0.5] * 3, [0.25] * 3)
+    data = ev.probe_data("image-folder", str(rgb_folder), 3)
+    row = ev.probe_fn(lambda x: seen.append((x.device, next(model.parameters()).device)) or fn(x), data, epochs=1,
+                      k=3, progress=False)
+    assert chosen == [None] and row["device"] == "cpu"
+    assert used == {"extract_features": ["cpu", "cpu"], "linear_probe": ["cpu"], "knn_probe": ["cpu"]}
+    assert seen and all(d == (torch.device("cpu"), torch.device("cpu")) for d in seen)
+    assert ev.format_table([row]).endswith("features extracted and probes trained on cpu")
+
+
+def test_backbone_moves_to_the_device_of_its_input():
+    import torch
+
+    from distill.evaluate import backbone_fn
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    out = backbone_fn(model, 16, [0.5] * 3, [0.25] * 3)(torch.zeros(2, 3, 8, 8, dtype=torch.uint8, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 4)  # a device other than the CPU without a GPU
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_run_pipeline_machine_line_names_the_device_used(monkeypatch):
+    import torch
+
+    import distill.pipeline as pl
+
+    assert pl.machine_line("cpu").endswith("device cpu")
+    monkeypatch.setattr(pl, "eval_device", lambda device=None: torch.device("cpu") if device is None else device)
+    assert pl.machine_line().endswith("device cpu")

@@ -150,3 +150,29 @@ def test_ensemble_probe_averages_member_logits():
     assert res["best_member"] == max("abc", key=lambda k: ref[k]["top1"])
     single = ensemble_probe(tr, y, te, yt, members=["b"], epochs=5)
     assert single["ensemble"]["top1"] == pytest.approx(single["members"]["b"]["top1"])
+
+
+# ------------------------------------------------------------------ device: Accelerate's choice, or the one given
+def test_eval_device_is_accelerates_unless_one_is_given(monkeypatch):
+    import accelerate
+
+    from distill.probe import eval_device
+
+    assert eval_device() == torch.device(accelerate.PartialState().device)  # the CPU here, a GPU where there is one
+    assert eval_device("cpu") == torch.device("cpu")
+
+    class FakeState:  # a machine with a GPU, as Accelerate would report it
+        device = torch.device("cuda", 3)
+
+    monkeypatch.setattr(accelerate, "PartialState", FakeState)
+    assert eval_device() == torch.device("cuda", 3)
+    assert eval_device("cpu") == torch.device("cpu")  # an explicit device wins
+
+
+def test_knn_runs_on_the_given_device_with_the_same_result():
+    train_x, train_y = _blobs(20)
+    test_x, test_y = _blobs(10, seed=1)
+    assert knn_probe(train_x, train_y, test_x, test_y, k=5, device="cpu") == knn_probe(train_x, train_y, test_x,
+                                                                                        test_y, k=5)
+    with pytest.raises(RuntimeError):  # the device is used, not ignored: meta tensors cannot be read back
+        knn_probe(train_x, train_y, test_x, test_y, k=5, device="meta")

@@ -100,3 +100,21 @@ def test_auto_grid_out_of_range_candidates_error(tmp_path, fmnist_dir):
     with pytest.raises(ValueError, match=r"timestep_candidates \[1000\] are outside \[0, 1000\)"):
         train(_recipe(fmnist_dir, timesteps="auto-grid", timestep_candidates=[1, 1000]), str(tmp_path / "r"),
               progress=False)
+
+
+def test_auto_selection_runs_on_the_device_chosen_and_records_it(tmp_path, fmnist_dir, monkeypatch):
+    import distill.select.auto as auto
+    from distill.build import build_train_data
+
+    chosen = []
+
+    def fake_eval_device(device=None):  # stands in for Accelerate's choice (a GPU on a GPU machine)
+        chosen.append(device)
+        return torch.device("cpu")
+
+    monkeypatch.setattr(auto, "eval_device", fake_eval_device)
+    recipe = _recipe(fmnist_dir, timesteps="auto-label-free", timestep_candidates=[1, 11])
+    ds, channels = build_train_data(recipe)
+    res = auto.auto_select_timestep(recipe, ds, channels, tmp_path / "sel", progress=False)
+    assert chosen == [None] and res["device"] == "cpu"
+    assert json.loads((tmp_path / "sel" / "selection.json").read_text())["device"] == "cpu"

@@ -275,3 +275,82 @@ def test_gradients_reach_every_used_student_level():
     for name, p in st.model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert model.regressor.w.grad is not None and (model.regressor.w.grad != 0).all()
+
+
+# ------------------------------------------------------------------ every timm family at the recipes' small sizes
+FAMILIES = [  # (name, student_size, student_kwargs): tiny variants at the sizes the recipes use
+    ("resnet18", 64, {}),
+    ("convnext_atto", 64, {}),
+    ("efficientnet_b0", 64, {}),
+    ("regnetx_002", 64, {}),
+    ("vit_tiny_patch16_224", 32, {"patch_size": 4}),
+    ("deit_tiny_patch16_224", 32, {"patch_size": 4}),
+    ("swin_tiny_patch4_window7_224", 64, {}),
+    ("maxvit_nano_rw_256", 64, {}),
+    ("coatnet_nano_rw_224", 64, {}),
+]
+
+
+@pytest.mark.parametrize("name, size, kwargs", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_every_family_builds_at_the_recipe_size(name, size, kwargs):
+    torch.manual_seed(0)
+    st = Student(name, size, model_kwargs=kwargs).eval()
+    fixed = timm.models.get_pretrained_cfg(name).fixed_input_size  # timm's own record of the family
+    assert ("img_size" in st.model_kwargs) == (fixed or name.startswith(("vit_", "deit_")))
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats = st(x)
+        pooled = st.pooled(x)
+    assert len(feats) == len(st.feature_info) >= 3
+    for f, info in zip(feats, st.feature_info):
+        assert f.shape[1] == info.num_chs == st.model.feature_info[info.index]["num_chs"]
+        assert tuple(f.shape[-2:]) == info.size and torch.isfinite(f).all()
+    assert pooled.shape == (2, st.model.num_features)
+    # what export records (the model's arguments) rebuilds the same network: same weights, same output
+    rebuilt = timm.create_model(name, pretrained=False, num_classes=0, **st.model_kwargs).eval()
+    rebuilt.load_state_dict(st.model.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), pooled)
+
+
+def test_swin_default_size_is_set_from_student_size():
+    # ../shared/cases/swin_student_default_size.py: timm's bare "Input height (64) doesn't match model (224)"
+    st = Student("swin_tiny_patch4_window7_224", 64)
+    assert st.model_kwargs["img_size"] == 64 and st.sizes == [(16, 16), (8, 8), (4, 4), (2, 2)]
+
+
+def test_vit_size_not_a_multiple_of_patch_is_refused_with_the_sizes_that_work():
+    with pytest.raises(ValueError) as e:
+        Student("vit_tiny_patch16_224", 30, model_kwargs={"patch_size": 4})
+    msg = str(e.value)
+    assert "student_size 30" in msg and "patch size 4" in msg and "28 or 32" in msg
+    assert not isinstance(e.value, AssertionError)
+    padded = Student("vit_tiny_patch16_224", 30, model_kwargs={"patch_size": 4, "dynamic_img_pad": True})
+    assert padded.sizes[0] == (8, 8)  # asked for: timm pads the 2 px border to a whole patch
+
+
+def test_size_a_family_cannot_take_names_timm_and_the_stride():
+    with pytest.raises(ValueError) as e:
+        Student("coatnet_nano_rw_224", 40)  # windows of 7 do not tile the 40 px maps
+    msg = str(e.value)
+    assert "'coatnet_nano_rw_224' cannot take student_size 40" in msg and "timm says" in msg
+    assert "stride 32 (32 or 64)" in msg
+
+
+def test_img_size_kwarg_conflicting_with_student_size_is_refused():
+    with pytest.raises(ValueError, match=r"img_size=32 differs from student_size=64.*student_size: 32"):
+        Student("swin_tiny_patch4_window7_224", 64, model_kwargs={"img_size": 32})
+    assert Student("vit_tiny_patch16_224", 32, model_kwargs={"img_size": 32, "patch_size": 4}).img_size == 32
+
+
+def test_unknown_model_kwarg_is_a_value_error_naming_it():
+    with pytest.raises(ValueError, match=r"does not take student_kwargs \{'foo': 1\}.*foo"):
+        Student("resnet18", 64, model_kwargs={"foo": 1})
+
+
+def test_fixed_input_size_follows_timm_cfg():
+    from distill.student import fixed_input_size
+
+    assert fixed_input_size("resnet18") is None
+    assert fixed_input_size("swin_tiny_patch4_window7_224") == 224
+    assert fixed_input_size("maxvit_nano_rw_256") == 256

@@ -18,6 +18,7 @@ from ..build import build_teacher, build_train_data
 from ..config import Recipe, make_recipe
 from ..data import dataset_labels, stratified_indices
 from ..evaluate import ProbeData, probe_data
+from ..probe import eval_device
 from ..vocab import SELECT_METHODS
 from .grid import grid_probe
 from .label_free import label_free_scores
@@ -76,19 +77,21 @@ def _teacher_name(recipe: Recipe) -> str:
     return recipe.teacher if isinstance(recipe.teacher, str) else "teacher"
 
 
-def auto_select_timestep(recipe: Recipe, dataset, channels: int, out_dir, progress: bool = True) -> dict:
+def auto_select_timestep(recipe: Recipe, dataset, channels: int, out_dir, progress: bool = True,
+                         device=None) -> dict:
     """Pick the recipe's timestep among ``recipe.timestep_candidates`` (``timesteps: auto-grid | auto-label-free``).
 
     The recipe's blocks are fixed; each candidate timestep is scored by the mean over those blocks of the grid
     probe's held-out accuracy (auto-grid) or of the label-free score (auto-label-free). Writes the selection's files
     to ``out_dir`` and returns ``{'timestep', 'method', 'teacher_forwards', 'image_forwards', 'scores', ...}``
-    (also written to ``out_dir/selection.json``).
+    (also written to ``out_dir/selection.json``). The teacher and the probes run on ``device`` (default
+    :func:`distill.probe.eval_device`: Accelerate's, a GPU when there is one), recorded as ``'device'``.
 
     Raises:
         ValueError: ``recipe.timesteps`` is neither mode, or the candidates are out of the teacher's range.
     """
     mode = recipe.timesteps
-    teacher = build_teacher(recipe, channels, timesteps=[0])
+    teacher = build_teacher(recipe, channels, timesteps=[0]).to(eval_device(device))
     teacher.set_timesteps(check_candidates(recipe.timestep_candidates, teacher.num_train_timesteps))
     teacher_name = _teacher_name(recipe)
     out = Path(out_dir)
@@ -112,7 +115,7 @@ def auto_select_timestep(recipe: Recipe, dataset, channels: int, out_dir, progre
     else:
         raise ValueError(f"auto_select_timestep: timesteps {mode!r} is not auto-grid or auto-label-free.")
     result = {"timestep": int(t), "method": mode, "candidates": teacher.timesteps, "blocks": teacher.blocks,
-              "scores": {str(k): round(v, 5) for k, v in sorted(scores.items())}, **info}
+              "scores": {str(k): round(v, 5) for k, v in sorted(scores.items())}, **info, "device": str(teacher.device)}
     atomic_write_json(out / "selection.json", result)
     return result
 
@@ -123,7 +126,8 @@ def run_selection(out_dir, *, recipe: Optional[Recipe] = None, teacher=None, blo
                   val_images: Optional[int] = None, epochs: Optional[int] = None,
                   label_free_images: Optional[int] = None, seed: Optional[int] = None, score_on: str = "val",
                   batch_size: int = 64, augment: str = "flip", max_memory_gb: Optional[float] = None,
-                  compare=None, progress: bool = True, timesteps_name: str = "timesteps") -> SelectionResult:
+                  compare=None, progress: bool = True, timesteps_name: str = "timesteps",
+                  device=None) -> SelectionResult:
     """Grid probe and/or label-free selection over blocks x timesteps (``distill select``); files in ``out_dir``.
 
     Every argument left None comes from ``recipe`` (default: the :class:`~distill.config.Recipe` defaults).
@@ -149,6 +153,8 @@ def run_selection(out_dir, *, recipe: Optional[Recipe] = None, teacher=None, blo
         compare: label-free only: a ``grid.csv`` to rank against.
         progress: tqdm bars.
         timesteps_name: how errors name the candidate list (the CLI passes ``'--timesteps'``).
+        device: where the teacher and the probes run (default :func:`distill.probe.eval_device`: Accelerate's, a GPU
+            when there is one); recorded in ``report['device']``.
 
     Returns:
         a :class:`SelectionResult`; :func:`distill.select.format_selection` renders it as Markdown.
@@ -170,13 +176,14 @@ def run_selection(out_dir, *, recipe: Optional[Recipe] = None, teacher=None, blo
     values["timesteps"] = [0]
     recipe = make_recipe(values, source="distill select")
     ds, channels = build_train_data(recipe)
-    tea = build_teacher(recipe, channels, timesteps=[0])
+    tea = build_teacher(recipe, channels, timesteps=[0]).to(eval_device(device))
     tea.set_timesteps(check_candidates(recipe.timestep_candidates, tea.num_train_timesteps, timesteps_name))
     name = _teacher_name(recipe)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     methods = ["grid", "label-free"] if method == "both" else [method]
-    report: dict = {"teacher": name, "blocks": tea.blocks, "timesteps": tea.timesteps, "dataset": recipe.dataset}
+    report: dict = {"teacher": name, "blocks": tea.blocks, "timesteps": tea.timesteps, "dataset": recipe.dataset,
+                    "device": str(tea.device)}
     grid_rows = res = rows = None
     if compare:
         with open(compare, newline="") as f:

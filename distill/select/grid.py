@@ -202,7 +202,7 @@ def grid_probe(teacher: DiffusionTeacher, data: ProbeData, epochs: int = 2, batc
     return {"rows": rows, "best": rows[0], "blocks": teacher.blocks, "timesteps": teacher.timesteps,
             "teacher_forwards": forwards, "image_forwards": image_forwards,
             "train_images": len(data.train), "test_images": len(data.test), "epochs": epochs,
-            "batch_size": batch_size, "augment": augment, "seconds": round(time.time() - t0, 1),
+            "batch_size": batch_size, "augment": augment, "seconds": round(time.time() - t0, 1), "device": str(device),
             "memory_estimate_gb": round(mem["bytes"] / GiB, 3)}
 
 

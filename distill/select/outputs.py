@@ -106,8 +106,8 @@ def yaml_value(path, key) -> str:
 def format_selection(result: SelectionResult) -> str:
     """The Markdown summary ``distill select`` prints: each method's table and cost, the label-free ranking against
     the grid, and each method's pick as ``--set`` overrides for ``distill train``."""
-    lines = []
     report, res, rows = result.report, result.grid, result.label_free
+    lines = [f"selection of {report['teacher']} on {report['device']}"] if report.get("device") else []
     if res is not None:
         lines += [f"\n## grid probe: {res['train_images']} train images x {res['epochs']} epochs, scored on "
                   f"{res['test_images']} {res['scored_on']} images; {res['teacher_forwards']} teacher forwards "

@@ -113,6 +113,8 @@ class DiffusionTeacher(nn.Module):
 
     #: pixels per model-input pixel (a latent teacher's VAE downsampling factor); 1 for a pixel-space model.
     latent_scale: int = 1
+    #: what :func:`~distill.teacher.loading.load_teacher` built (kind, class, factory, weights and their sha256)
+    source_info: Optional[dict] = None
 
     def __init__(
         self,
@@ -172,7 +174,15 @@ class DiffusionTeacher(nn.Module):
         self.timesteps = self.check_timesteps(timesteps)
         self._modules_by_block = {b: modules[b] for b in blocks}
         self._stop_block: Optional[str] = None
-        self.feature_info = self._dry_run()
+        try:
+            self.feature_info = self._dry_run()
+        except (RuntimeError, TypeError) as e:  # the user's network refused the dry-run input
+            raise ValueError(
+                f"teacher {name!r} failed on a dry-run input of shape [1, {self.model_in_channels}, "
+                f"{self.model_sample_size}, {self.model_sample_size}] called as model(x_t, t) ({str(e)[:300]}). Fix: "
+                f"set teacher_in_channels and teacher_resolution to the input the network takes, and check that its "
+                f"forward takes (noisy_image, timestep) and that the blocks run in it."
+            ) from e
 
     def _check_resolution(self, model: nn.Module, resolution: int, default: int) -> int:
         """The model-space size of images of ``resolution`` px; raises ValueError unless ``resolution`` is a

@@ -23,6 +23,9 @@ from .base import DiffusionTeacher
 from .latent import DiTTeacher, LatentDiffusionTeacher, resolve_vae_dtype
 from .model_dir import check_config_types, from_local, local_json, scheduler_from_local
 from .prompt import empty_prompt_embedding, load_prompt_embedding
+from .hub import check_hub_reachable, is_hub_id
+from .python import build_python_model, is_python_source, load_weights, qualified_name
+from .schedule import build_noise_schedule
 
 _logger = logging.getLogger(__name__)
 
@@ -94,6 +97,24 @@ def load_unet(source: Union[str, Mapping[str, Any], nn.Module], torch_dtype: Opt
     return unet, scheduler
 
 
+#: how a run's config.yaml names an nn.Module teacher: ``module:<package.module.Class>`` (not loadable by name)
+MODULE_PREFIX = "module:"
+
+
+def _set_input_size(model: nn.Module, kwargs: dict, resolution: Optional[int]) -> None:
+    """A user network without a diffusers config: ``in_channels`` / ``sample_size`` from its attributes
+    (``in_channels``; ``sample_size``, ``image_size`` (ADM) or ``img_resolution`` (EDM)) unless given."""
+    if getattr(model, "config", None) is not None:
+        return
+    if kwargs.get("in_channels") is None and isinstance(getattr(model, "in_channels", None), int):
+        kwargs["in_channels"] = model.in_channels
+    if resolution is None and kwargs.get("sample_size") is None:
+        for attr in ("sample_size", "image_size", "img_resolution"):
+            if isinstance(getattr(model, attr, None), int):
+                kwargs["sample_size"] = getattr(model, attr)
+                break
+
+
 LATENT_UNET_CLASSES = ("UNet2DConditionModel",)
 DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # the hub's DiT configs say Transformer2DModel
 
@@ -139,6 +160,9 @@ def inspect_teacher(source: Union[str, Mapping[str, Any], nn.Module]) -> dict:
     which gives its own errors).
     """
     info: dict = {"kind": "pixel", "class": None, "subfolder": None, "components": set(), "local": None}
+    if is_python_source(source):  # the user's network, called as model(noisy_image, timestep)
+        info["class"] = source
+        return info
 
     def classify(name: Optional[str]) -> str:
         if name in LATENT_UNET_CLASSES:
@@ -246,6 +270,10 @@ def load_teacher(
     vae_dtype: Union[str, torch.dtype] = "float32",
     prompt_embedding: Union[None, str, Path, torch.Tensor] = None,
     resolution: Optional[int] = None,
+    teacher_kwargs: Optional[Mapping[str, Any]] = None,
+    weights: Union[None, str, Path] = None,
+    weights_prefix: Optional[str] = None,
+    noise_schedule: Union[None, str, Path, Mapping[str, Any]] = None,
     **kwargs,
 ) -> DiffusionTeacher:
     """Load a teacher and wrap it in the class its config calls for (see :func:`inspect_teacher`).
@@ -257,6 +285,14 @@ def load_teacher(
       :class:`LatentDiffusionTeacher` conditioned on the empty-prompt embedding (:func:`empty_prompt_embedding`).
     - ``DiTTransformer2DModel`` (DiT pipeline with ``transformer/ vae/ scheduler/``, e.g. ``facebook/DiT-XL-2-256``):
       :class:`DiTTeacher` with the null class.
+    - ``'python:package.module:factory'`` (or ``python:/path/file.py:factory``): ``factory(**teacher_kwargs)``, the
+      user's network called as ``model(noisy_image, timestep)`` (:mod:`distill.teacher.python`), and an
+      ``nn.Module`` given as is: :class:`DiffusionTeacher` on pixels. Their input channels and size come from
+      ``in_channels=`` / ``resolution``, else from the model's ``in_channels`` and ``sample_size`` / ``image_size`` /
+      ``img_resolution`` attributes.
+
+    The returned teacher's ``source_info`` says what was built: ``{'kind', 'class', 'factory', 'weights',
+    'weights_sha256'}`` (what a run's ``config.yaml`` records for a Python or module teacher).
 
     Args:
         torch_dtype: dtype of the UNet/DiT (``from_pretrained(torch_dtype=...)``).
@@ -264,9 +300,24 @@ def load_teacher(
         prompt_embedding: SD only: the text embedding ``[1, L, D]`` (tensor or .safetensors/.pt file) instead of
             the empty-prompt one; required for a config dict or module (no text encoder).
         resolution: pixel size the teacher sees; default the model's ``sample_size`` (x the VAE factor).
+        teacher_kwargs: ``python:`` teachers only: the factory's keyword arguments.
+        weights: ``python:`` teachers and modules: a ``.safetensors`` or ``.pt``/``.pth`` state dict loaded strictly
+            (``torch.load(weights_only=True)``; see :func:`distill.teacher.python.load_weights`).
+        weights_prefix: key prefix stripped from ``weights`` (e.g. ``'module.'``).
+        noise_schedule: pixel teachers: a scheduler config path or a mapping of DDPMScheduler arguments
+            (:func:`distill.teacher.schedule.build_noise_schedule`) replacing the teacher's own (default for a
+            ``python:`` teacher or a module: DDPM's linear schedule, 1000 steps).
         kwargs: passed to the teacher class (e.g. ``in_channels``, ``forward_kwargs`` for a pixel module).
+
+    Raises:
+        ValueError: a hub id while the hub cannot be reached (at once, with the fix: a local directory or
+            ``HF_HUB_OFFLINE=1``; :func:`distill.teacher.hub.check_hub_reachable`), ``teacher_kwargs`` / ``weights``
+            for a diffusers teacher, ``noise_schedule`` for a latent one,
+            or a bad value of any of them (see :mod:`distill.teacher.python`); the message names the fix.
     """
     vae_dt = resolve_vae_dtype(vae_dtype)  # checked for every teacher: a wrong recipe value fails early
+    if is_hub_id(source) and not Path(source).expanduser().exists():
+        check_hub_reachable(source)  # one short request, not 79 s of retries per file
     info = inspect_teacher(source)
     name = source if isinstance(source, str) else (info["class"] or type(source).__name__)
     if info["kind"] != "latent-unet" and prompt_embedding is not None:
@@ -274,11 +325,45 @@ def load_teacher(
             f"prompt_embedding is set but teacher {name!r} is a {info['class'] or 'UNet2DModel'}, which takes no text; "
             f"remove prompt_embedding (it is for Stable Diffusion UNet2DConditionModel teachers)."
         )
+    user_model = is_python_source(source) or isinstance(source, nn.Module)
+    for key, value in (("teacher_kwargs", teacher_kwargs), ("teacher_weights", weights),
+                       ("teacher_weights_prefix", weights_prefix)):
+        if value and not user_model:
+            raise ValueError(f"{key} is set but teacher {name!r} is not a python:module:factory teacher (a diffusers "
+                             f"model loads its own weights). Fix: remove {key}, or name the network's factory as "
+                             f"teacher: python:package.module:factory.")
+    if weights_prefix and not weights:
+        raise ValueError("teacher_weights_prefix is set without teacher_weights; give the weight file, or remove it.")
+    if noise_schedule is not None and info["kind"] != "pixel":
+        raise ValueError(f"teacher_scheduler is set but teacher {name!r} is a {info['class']}, which noises with its "
+                         f"pipeline's own scheduler; remove teacher_scheduler.")
+    if isinstance(source, str) and source.startswith(MODULE_PREFIX):
+        raise ValueError(f"teacher {source!r} is the record of an nn.Module given to distill.train; a module cannot "
+                         f"be rebuilt from its name. Fix: pass the module again (distill.train(recipe with teacher="
+                         f"module)), or name its factory as teacher: python:package.module:factory.")
     if info["kind"] == "pixel":
-        model, scheduler = load_unet(source, torch_dtype)
+        source_info = {"kind": "diffusers", "class": None, "factory": None, "weights": None, "weights_sha256": None}
+        if user_model:
+            python = is_python_source(source)
+            model = build_python_model(source, teacher_kwargs) if python else source
+            source_info.update(kind="python" if python else "module", factory=source if python else None,
+                               **{"class": qualified_name(model)})
+            if weights:
+                source_info.update(weights=str(weights), weights_sha256=load_weights(model, weights, weights_prefix))
+            if torch_dtype is not None:
+                model = model.to(torch_dtype)
+            scheduler = None
+            _set_input_size(model, kwargs, resolution)
+        else:
+            model, scheduler = load_unet(source, torch_dtype)
+            source_info["class"] = type(model).__name__
+        if noise_schedule is not None:
+            scheduler = build_noise_schedule(noise_schedule)
         if resolution is not None:
             kwargs.setdefault("sample_size", resolution)
-        return DiffusionTeacher(model, blocks, timesteps, scheduler=scheduler, name=name, **kwargs)
+        teacher = DiffusionTeacher(model, blocks, timesteps, scheduler=scheduler, name=name, **kwargs)
+        teacher.source_info = source_info
+        return teacher
     model, vae, scheduler = load_latent_model(source, info, torch_dtype, vae_dt)
     if info["kind"] == "dit":
         return DiTTeacher(model, blocks, timesteps, scheduler=scheduler, vae=vae, vae_dtype=vae_dt,

@@ -170,6 +170,7 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
         "target_groups": layout.groups,
         "feature_cache": {"path": str(cache.path), "key": cache.key} if cache is not None else None,
         "teacher_sha256": teacher_sha256(teacher), "data_sha256": data_fingerprint(ds),
+        "teacher_source": teacher.source_info,  # class, factory, weights sha256 of a python: or module teacher
     }
     entropy_steps = recipe.policy_entropy_steps if recipe.policy_entropy_steps is not None else recipe.steps // 2
     return Session(recipe, run_dir, accelerator, model, optimizer, scheduler, source, build_loss(recipe),

@@ -1,0 +1,352 @@
+"""Tests for distill.teacher.python (``teacher: python:module:factory``) and the teacher keys around it: a small UNet
+written here (not diffusers), made importable from tmp_path, loaded by name with kwargs, weights (safetensors and .pt
+with a prefix), its own noise schedule; trained through ``distill.train`` from a recipe and as an ``nn.Module``; its
+record in config.yaml and the resume check of its weights; ``distill select`` and the teacher probe on it.
+
+Independent computations: block outputs are compared with the network run by hand on ``x_t`` noised with a schedule
+computed here from its betas (DDPM, Ho et al. 2020: ``abar_t = prod(1 - beta_s)``), weights with the tensors saved,
+hashes with hashlib on the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+
+from distill.config import make_recipe
+from distill.teacher import load_teacher
+from distill.teacher.python import parse_python_source, read_state_dict
+
+UNET_SOURCE = textwrap.dedent('''
+    """A small DDPM-style UNet: sinusoidal timestep embedding, two levels, a middle block, skip connections."""
+    import math
+
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+
+    def timestep_embedding(t, dim):
+        half = dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+    class ResBlock(nn.Module):
+        def __init__(self, cin, cout, tdim):
+            super().__init__()
+            self.norm1, self.conv1 = nn.GroupNorm(4, cin), nn.Conv2d(cin, cout, 3, padding=1)
+            self.temb = nn.Linear(tdim, cout)
+            self.norm2, self.conv2 = nn.GroupNorm(4, cout), nn.Conv2d(cout, cout, 3, padding=1)
+            self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+        def forward(self, x, emb):
+            h = self.conv1(F.silu(self.norm1(x))) + self.temb(emb)[:, :, None, None]
+            return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+    class TinyUNet(nn.Module):
+        def __init__(self, in_channels=3, base=8, image_size=16):
+            super().__init__()
+            self.in_channels, self.image_size, self.base = in_channels, image_size, base
+            tdim = 4 * base
+            self.time_mlp = nn.Sequential(nn.Linear(base, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+            self.inp = nn.Conv2d(in_channels, base, 3, padding=1)
+            self.down = nn.ModuleList([ResBlock(base, base, tdim), ResBlock(base, 2 * base, tdim)])
+            self.mid = ResBlock(2 * base, 2 * base, tdim)
+            self.up = nn.ModuleList([ResBlock(4 * base, base, tdim), ResBlock(2 * base, base, tdim)])
+            self.out = nn.Conv2d(base, in_channels, 3, padding=1)
+
+        def forward(self, x, t):
+            emb = self.time_mlp(timestep_embedding(t, self.base))
+            h, skips = self.inp(x), []
+            for i, block in enumerate(self.down):
+                h = block(h, emb)
+                skips.append(h)
+                if i == 0:
+                    h = F.avg_pool2d(h, 2)
+            h = self.mid(h, emb)
+            for i, block in enumerate(self.up):
+                h = block(torch.cat([h, skips.pop()], 1), emb)
+                if i == 0:
+                    h = F.interpolate(h, scale_factor=2.0)
+            return self.out(h)
+
+
+    def make_unet(in_channels=3, base=8, image_size=16):
+        return TinyUNet(in_channels, base, image_size)
+
+
+    def not_a_module():
+        return "a string"
+''')
+BLOCKS = ["mid", "up.0"]  # 8x8 (16 channels) and 8x8 (8 channels) at 16 px
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def unet_module(tmp_path, monkeypatch):
+    """``my_unet.py`` in tmp_path, importable as ``my_unet`` (tmp_path on sys.path); its path for the file form."""
+    path = tmp_path / "pkg" / "my_unet.py"
+    path.parent.mkdir()
+    path.write_text(UNET_SOURCE)
+    monkeypatch.syspath_prepend(str(path.parent))
+    sys.modules.pop("my_unet", None)
+    yield path
+    sys.modules.pop("my_unet", None)
+
+
+def _saved_weights(path, prefix="", seed=1, **kw):
+    """Weights of a seeded TinyUNet saved to ``path`` (.safetensors or .pt) with ``prefix`` on every key."""
+    import my_unet
+
+    torch.manual_seed(seed)
+    sd = {prefix + k: v for k, v in my_unet.make_unet(**kw).state_dict().items()}
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, path)
+    return sd
+
+
+def _linear_abar(T=1000, start=1e-4, end=0.02):
+    betas = torch.linspace(start, end, T, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0)
+
+
+# ------------------------------------------------------------------------------------------ loading by name
+def test_parse_python_source():
+    assert parse_python_source("python:pkg.mod:make") == ("pkg.mod", "make")
+    assert parse_python_source("python:/a/b/unet.py:Net.build") == ("/a/b/unet.py", "Net.build")
+    for bad in ("python:pkg.mod", "python::make", "python:pkg:1x"):
+        with pytest.raises(ValueError, match="python:<module>:<factory>"):
+            parse_python_source(bad)
+
+
+def test_features_equal_the_network_run_by_hand(unet_module):
+    teacher = load_teacher("python:my_unet:make_unet", BLOCKS, [11, 50], teacher_kwargs={"base": 8})
+    assert (teacher.in_channels, teacher.sample_size) == (3, 16)  # from the network's attributes
+    assert [(f.key, f.num_chs, f.size, f.reduction) for f in teacher.feature_info] == [
+        ("mid@t11", 16, (8, 8), 2), ("up.0@t11", 8, (8, 8), 2), ("mid@t50", 16, (8, 8), 2), ("up.0@t50", 8, (8, 8), 2)]
+    x0 = torch.rand(2, 3, 16, 16) * 2 - 1
+    feats = teacher(x0, generator=torch.Generator().manual_seed(3))
+    # by hand: the same noise draw, DDPM's linear schedule computed here, hooks on the bare network
+    eps = torch.randn((4, 3, 16, 16), generator=torch.Generator().manual_seed(3))
+    abar = _linear_abar()[torch.tensor([11, 11, 50, 50])].float()[:, None, None, None]
+    x_t = abar.sqrt() * x0.repeat(2, 1, 1, 1) + (1 - abar).sqrt() * eps
+    got = {}
+    net = teacher.model
+    hooks = [dict(net.named_modules())[b].register_forward_hook(lambda m, i, o, b=b: got.__setitem__(b, o))
+             for b in BLOCKS]
+    with torch.no_grad():
+        net(x_t, torch.tensor([11, 11, 50, 50]))
+    for h in hooks:
+        h.remove()
+    for k, t in enumerate((11, 50)):
+        for b in BLOCKS:
+            torch.testing.assert_close(feats[f"{b}@t{t}"], got[b][2 * k:2 * k + 2], rtol=1e-4, atol=1e-5)
+    assert teacher.source_info == {"kind": "python", "class": "my_unet.TinyUNet", "factory": "python:my_unet:make_unet",
+                                   "weights": None, "weights_sha256": None}
+
+
+def test_file_path_form(unet_module):
+    teacher = load_teacher(f"python:{unet_module}:make_unet", ["mid"], [11])
+    assert teacher.feature_info[0].num_chs == 16 and teacher.source_info["class"].endswith(".TinyUNet")
+
+
+@pytest.mark.parametrize("suffix, prefix", [(".safetensors", ""), (".pt", "module."), (".pth", "ema_model.")])
+def test_weights_are_loaded_strictly_with_the_prefix_stripped(unet_module, tmp_path, suffix, prefix):
+    path = tmp_path / f"w{suffix}"
+    saved = _saved_weights(path, prefix)
+    teacher = load_teacher("python:my_unet:make_unet", ["mid"], [11], weights=str(path), weights_prefix=prefix or None)
+    for k, v in teacher.model.state_dict().items():
+        assert torch.equal(v, saved[prefix + k]), k
+    assert teacher.source_info["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_weights_errors_name_the_fix(unet_module, tmp_path):
+    pt = tmp_path / "w.pt"
+    _saved_weights(pt, "module.")
+    with pytest.raises(ValueError, match=r"prefix 'module\.'.*teacher_weights_prefix: 'module\.'"):
+        load_teacher("python:my_unet:make_unet", ["mid"], [11], weights=str(pt))
+    with pytest.raises(ValueError, match=r"prefix 'ema\.' starts none of the"):
+        load_teacher("python:my_unet:make_unet", ["mid"], [11], weights=str(pt), weights_prefix="ema.")
+    wide = tmp_path / "wide.safetensors"
+    _saved_weights(wide, base=16)
+    with pytest.raises(ValueError, match=r"do not fit .* of another shape .*teacher_kwargs"):
+        load_teacher("python:my_unet:make_unet", ["mid"], [11], weights=str(wide))
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": read_state_dict(pt), "epoch": 3}, ckpt)
+    with pytest.raises(ValueError, match=r"not a flat state dict.*ckpt\['state_dict'\]"):
+        load_teacher("python:my_unet:make_unet", ["mid"], [11], weights=str(ckpt))
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(1), "obj": _Pickled()}, evil)  # a class that unpickling would import
+    with pytest.raises(ValueError, match=r"pickled objects beyond tensors.*Unsupported global.*_Pickled.*"
+                                         r"model.state_dict\(\)"):
+        read_state_dict(evil)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_state_dict(tmp_path / "none.pt")
+    with pytest.raises(ValueError, match=r"suffix '\.npz'"):
+        (tmp_path / "w.npz").write_bytes(b"x")
+        read_state_dict(tmp_path / "w.npz")
+
+
+class _Pickled:
+    pass
+
+
+def test_factory_errors(unet_module):
+    with pytest.raises(ValueError, match=r"module 'no_such_pkg.unet' cannot be imported.*PYTHONPATH"):
+        load_teacher("python:no_such_pkg.unet:make", ["mid"], [11])
+    (unet_module.parent / "needs_missing.py").write_text("import no_such_dependency_xyz\n")
+    with pytest.raises(ValueError, match=r"'needs_missing' imports 'no_such_dependency_xyz', which is not installed"):
+        load_teacher("python:needs_missing:make", ["mid"], [11])
+    with pytest.raises(ValueError, match=r"has no attribute 'make_net'; its callables: .*make_unet"):
+        load_teacher("python:my_unet:make_net", ["mid"], [11])
+    with pytest.raises(ValueError, match=r"returned a str, not an nn.Module"):
+        load_teacher("python:my_unet:not_a_module", ["mid"], [11])
+    with pytest.raises(ValueError, match=r"teacher_kwargs \{'width': 8\} do not fit make_unet\(in_channels=3"):
+        load_teacher("python:my_unet:make_unet", ["mid"], [11], teacher_kwargs={"width": 8})
+    with pytest.raises(ValueError, match=r"unknown teacher block 'middle'.*Did you mean 'mid'"):
+        load_teacher("python:my_unet:make_unet", ["middle"], [11])
+    with pytest.raises(ValueError, match=r"failed on a dry-run input of shape \[1, 1, 16, 16\].*teacher_in_channels"):
+        load_teacher("python:my_unet:make_unet", ["mid"], [11], in_channels=1)
+    with pytest.raises(ValueError, match=r"teacher_kwargs is set but teacher .* is not a python:module:factory"):
+        from .conftest import tiny_unet_config
+
+        load_teacher(tiny_unet_config(), ["mid_block"], [11], teacher_kwargs={"base": 8})
+
+
+# ------------------------------------------------------------------------------------------- noise schedule
+def test_noise_schedule_from_a_mapping_and_a_file(unet_module, tmp_path):
+    spec = {"beta_schedule": "linear", "beta_start": 1e-3, "beta_end": 0.03, "num_train_timesteps": 500}
+    teacher = load_teacher("python:my_unet:make_unet", ["mid"], [11], noise_schedule=spec)
+    assert teacher.num_train_timesteps == 500
+    torch.testing.assert_close(teacher.scheduler.alphas_cumprod.double(), _linear_abar(500, 1e-3, 0.03), rtol=1e-5,
+                               atol=1e-6)
+    cfg = tmp_path / "sched"
+    cfg.mkdir()
+    (cfg / "scheduler_config.json").write_text('{"_class_name": "PNDMScheduler", "beta_start": 0.00085, '
+                                               '"beta_end": 0.012, "beta_schedule": "scaled_linear", '
+                                               '"num_train_timesteps": 1000, "skip_prk_steps": true}')
+    teacher = load_teacher("python:my_unet:make_unet", ["mid"], [11], noise_schedule=str(cfg))
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # SD's scaled_linear
+    torch.testing.assert_close(teacher.scheduler.alphas_cumprod.double(), torch.cumprod(1 - betas, 0), rtol=1e-5,
+                               atol=1e-6)  # diffusers computes in float32
+    with pytest.raises(ValueError, match=r"timesteps \[600\] are outside \[0, 500\)"):
+        load_teacher("python:my_unet:make_unet", ["mid"], [600], noise_schedule=spec)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"beta_shedule": "linear"}, r"unknown key 'beta_shedule'. Did you mean 'beta_schedule'"),
+    ({"beta_schedule": "cosine"}, r"beta_schedule 'cosine' is not valid; valid: linear, .*squaredcos_cap_v2"),
+    ({"beta_start": 0.02, "beta_end": 0.01}, r"beta_start 0.02 must be below beta_end 0.01"),
+    ({"beta_end": 1.5}, r"beta_end must be in \(0, 1\), got 1.5"),
+    ({"num_train_timesteps": 0}, r"num_train_timesteps must be an integer >= 2, got 0"),
+    ("/no/such/dir", r"neither a scheduler config file nor a directory"),
+    (7, r"must be a path to a scheduler config or a mapping"),
+])
+def test_bad_noise_schedules(unet_module, spec, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        load_teacher("python:my_unet:make_unet", ["mid"], [11], noise_schedule=spec)
+
+
+# ------------------------------------------------------------------------------------ recipe, train, resume
+def _recipe(rgb_folder, **kw):
+    base = dict(dataset="image-folder", data_root=str(rgb_folder), teacher="python:my_unet:make_unet",
+                teacher_kwargs={"base": 8}, teacher_blocks=["mid"], timesteps=[11], student="resnet18",
+                student_size=32, regressor_width=16, steps=2, batch_size=4, augment="none", warmup_steps=0,
+                checkpoint_every=2, log_every=1, mean=[0.5], std=[0.25])
+    base.update(kw)
+    return make_recipe(base)
+
+
+def test_recipe_teacher_trains_and_config_records_it(unet_module, rgb_folder, tmp_path):
+    from distill.trainer import train
+
+    w = tmp_path / "w.pt"
+    _saved_weights(w, "module.")
+    recipe = _recipe(rgb_folder, teacher_weights=str(w), teacher_weights_prefix="module.",
+                     teacher_scheduler={"beta_schedule": "linear", "num_train_timesteps": 1000})
+    train(recipe, str(tmp_path / "run"), progress=False)
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert cfg["teacher"] == "python:my_unet:make_unet" and cfg["teacher_kwargs"] == {"base": 8}
+    assert cfg["_resolved"]["teacher_source"] == {
+        "kind": "python", "class": "my_unet.TinyUNet", "factory": "python:my_unet:make_unet", "weights": str(w),
+        "weights_sha256": hashlib.sha256(w.read_bytes()).hexdigest()}
+    # resume with other weights in the same file: refused, naming the changed hash
+    _saved_weights(w, "module.", seed=2)
+    with pytest.raises(ValueError, match=r"--resume .*teacher_sha256.*teacher_source"):
+        train(make_recipe({**recipe.to_dict(), "steps": 3}), str(tmp_path / "run"), resume=True, progress=False)
+
+
+def test_module_teacher_through_distill_train(unet_module, rgb_folder, tmp_path):
+    import my_unet
+
+    from distill.trainer import train
+
+    torch.manual_seed(0)
+    net = my_unet.make_unet()
+    recipe = _recipe(rgb_folder, teacher=net, teacher_kwargs={})
+    train(recipe, str(tmp_path / "run"), progress=False)  # used to crash in PyYAML writing config.yaml
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert cfg["teacher"] == "module:my_unet.TinyUNet"
+    assert cfg["_resolved"]["teacher_source"]["kind"] == "module"
+    # resume with the same module goes on; with other weights it is refused
+    train(make_recipe({**recipe.to_dict(), "steps": 3}), str(tmp_path / "run"), resume=True, progress=False)
+    assert (tmp_path / "run" / "checkpoint-3").is_dir()
+    with torch.no_grad():
+        net.mid.conv1.weight.add_(1.0)
+    with pytest.raises(ValueError, match=r"teacher_sha256"):
+        train(make_recipe({**recipe.to_dict(), "steps": 4}), str(tmp_path / "run"), resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"record of an nn.Module given to distill.train.*python:package"):
+        load_teacher("module:my_unet.TinyUNet", ["mid"], [11])
+
+
+def test_select_and_teacher_probe_on_a_python_teacher(unet_module, rgb_folder, tmp_path):
+    from distill.select import probe_teacher, run_selection
+
+    recipe = _recipe(rgb_folder, teacher_blocks=["mid", "up.0"])
+    sel = run_selection(tmp_path / "sel", recipe=recipe, timesteps=[11, 50], method="both", images=18,
+                        val_images=12, epochs=1, label_free_images=12, batch_size=6, progress=False)
+    assert {(r["block"], r["timestep"]) for r in sel.grid["rows"]} == {(b, t) for b in ("mid", "up.0") for t in (11, 50)}
+    assert (tmp_path / "sel" / "best_grid.yaml").is_file() and len(sel.label_free) == 4
+    from distill.probe import eval_device
+    from distill.select import format_selection
+
+    assert sel.report["device"] == sel.grid["device"] == str(eval_device())  # Accelerate's device: the CPU here
+    assert format_selection(sel).startswith(f"selection of python:my_unet:make_unet on {eval_device()}")
+    res = probe_teacher("python:my_unet:make_unet", ["mid"], [11, 50], dataset="image-folder",
+                        data_root=str(rgb_folder), epochs=2, ensemble=True, progress=False)
+    assert [r["timestep"] for r in res["rows"]] == [11, 50, "ensemble"] and res["test_images"] == 18
+
+
+def test_teacher_probe_from_a_recipe_file_uses_its_teacher_keys(unet_module, rgb_folder, tmp_path):
+    from distill.probe import eval_device
+    from distill.select import format_teacher_probe, probe_teacher
+
+    w = tmp_path / "w.safetensors"
+    _saved_weights(w, base=8)
+    r = _recipe(rgb_folder, teacher_weights=str(w)).to_dict()
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    res = probe_teacher(str(tmp_path / "r.yaml"), None, [11], epochs=1, progress=False)
+    assert [r["block"] for r in res["rows"]] == ["mid"] and res["dataset"] == "image-folder"
+    assert res["device"] == str(eval_device()) and format_teacher_probe(res).endswith(f"on {res['device']}")
+    wrong = _recipe(rgb_folder, teacher_weights=str(w), teacher_kwargs={"base": 16}).to_dict()
+    (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(wrong))
+    with pytest.raises(ValueError, match="do not fit the network built by the factory"):  # the recipe's keys apply
+        probe_teacher(str(tmp_path / "wrong.yaml"), None, [11], epochs=1, progress=False)
