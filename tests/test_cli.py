@@ -160,3 +160,11 @@ def test_output_dir_is_one_spelling_with_out_as_hidden_alias(tiny_recipe, tmp_pa
     with pytest.raises(SystemExit) as e:
         main(["export", str(run)])
     assert e.value.code == 2 and "-o/--output-dir" in capsys.readouterr().err
+
+
+def test_tracker_that_cannot_start_exits_2(tiny_recipe, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("accelerate.utils.is_tensorboard_available", lambda: False)
+    assert main(["train", str(tiny_recipe), "-o", str(tmp_path / "run"), "--set", "log_with=tensorboard"]) == 2
+    err = capsys.readouterr().err
+    assert "log_with: tensorboard" in err and 'distill[tensorboard]' in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -21,17 +21,19 @@ from ..build import (build_loss, build_model, build_optimizer, build_policy, bui
                      build_train_data, resolve_mean_std, target_layout)
 from ..config import Recipe
 from ..data import IndexedDataset
-from ..errors import NonFiniteLossError, TrainingInterrupted
+from ..errors import MissingDependencyError, NonFiniteLossError, TrainingInterrupted
 from ..policy import entropy_weight
 from ..cache import data_fingerprint, teacher_sha256
 from ..rundir import (CsvLog, check_resume, checkpoint_step, latest_checkpoint, newest_loadable_checkpoint,
                       prepare_run_dir, record_changes, write_config, write_summary)
 from ..runlock import RunLock
 from ..select import check_candidates
+from ..vocab import TRACKER_EXTRAS, TRACKERS
 from .batches import epoch_batches
 from .checkpoint import load_checkpoint, save_checkpoint
 from .policy_log import PolicyLog
 from .stop import StopOnSignal
+from .textlog import TrainLog, format_line, show_progress_bar
 from .step import apply_update, clip_gradients, nonfinite_terms, train_step
 from .targets import CacheTargets, LiveTeacherTargets, PolicyTargets
 from .timesteps import resolve_timesteps
@@ -63,6 +65,9 @@ class Session:
     policy_log: Optional[PolicyLog] = None
     bar: Any = None  # tqdm
     t0: float = 0.0
+    text_log: Optional[TrainLog] = None  # RUN/train.log (and stdout without a progress bar)
+    data_wait: float = 0.0  # seconds spent waiting for batches since t0
+    mark: tuple = (0.0, 0.0)  # (time, data_wait) at the previous log line
 
     @property
     def optimizers(self) -> list:
@@ -80,6 +85,7 @@ def make_accelerator(recipe: Recipe, run_dir: Path):
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
+    check_tracker(recipe.log_with)
     AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         mixed_precision=recipe.mixed_precision, gradient_accumulation_steps=recipe.grad_accum_steps,
@@ -87,6 +93,28 @@ def make_accelerator(recipe: Recipe, run_dir: Path):
         # ViT students leave their final norm unused in forward_intermediates
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+
+
+def check_tracker(name: Optional[str]) -> None:
+    """A recipe's ``log_with`` must name a tracker of :data:`TRACKERS` whose package is installed (Accelerate
+    itself only warns and trains without it).
+
+    Raises:
+        ValueError: an unknown tracker name (the valid ones listed).
+        MissingDependencyError: its package is not installed (the message names the pip extra).
+    """
+    if name is None:
+        return
+    if name not in TRACKERS:
+        raise ValueError(f"recipe key 'log_with' has value {name!r}; valid: {', '.join(TRACKERS)} (or null for "
+                         f"metrics.csv and train.log only).")
+    import accelerate.utils as au
+
+    if not getattr(au, f"is_{name}_available")():
+        extra = TRACKER_EXTRAS[name]
+        raise MissingDependencyError(
+            f"log_with: {name} needs the {name} package, which is not installed, so no tracker could start. Fix: "
+            f"pip install \"distill[{extra}]\" (or pip install -e \".[{extra}]\" in a checkout), or remove log_with.")
 
 
 def exact_accumulation(accelerator, grad_accum_steps: int) -> None:
@@ -183,7 +211,9 @@ def optimizer_step(s: Session, batches, step: int, policy_log: Optional[PolicyLo
     r, acc = s.recipe, s.accelerator
     sums, bad, grad_norm, inputs = {}, [], None, None
     for micro in range(r.grad_accum_steps):
+        t_wait = time.perf_counter()
         batch = next(batches)
+        s.data_wait += time.perf_counter() - t_wait
         inputs = s.source(batch, (step - 1) * r.grad_accum_steps + micro)
         with acc.accumulate(*([s.model] if s.policy is None else [s.model, s.policy])):
             losses = train_step(s.model, inputs, s.loss_fn, acc, s.policy, s.entropy_weight(step))
@@ -215,6 +245,11 @@ def log_step(s: Session, step: int, sums: dict, grad_norm, t0: float, metrics: C
            "grad_norm": round(float(grad_norm), 4) if grad_norm is not None else "",
            "img_per_s": round(s.seen / (time.time() - t0), 1), "skipped": s.skipped}
     metrics.write(row)
+    now = time.time()
+    if s.text_log is not None:
+        share = (s.data_wait - s.mark[1]) / max(now - s.mark[0], 1e-9)
+        s.text_log.write(format_line(step, s.recipe.steps, terms, row["lr"], row["img_per_s"], min(share, 1.0)))
+    s.mark = (now, s.data_wait)
     if s.recipe.log_with:
         s.accelerator.log({k: v for k, v in row.items() if isinstance(v, float)}, step=step)
     return terms
@@ -270,10 +305,12 @@ def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, pr
     s.metrics = CsvLog(run_dir / "metrics.csv", start, acc.is_main_process)
     if s.policy is not None:
         s.policy_log = PolicyLog(run_dir / "policy.csv", s.resolved["timesteps_used"]["policy"], start, acc)
-    s.bar = tqdm(total=recipe.steps, initial=start, desc="distill", disable=not (progress and acc.is_main_process),
-                 dynamic_ncols=True)
+    show_bar = show_progress_bar(progress, acc.is_main_process)
+    s.bar = tqdm(total=recipe.steps, initial=start, desc="distill", disable=not show_bar, dynamic_ncols=True)
+    s.text_log = TrainLog(run_dir, start, acc.is_main_process, echo=not show_bar)
     s.model.train()
     s.t0 = time.time()
+    s.mark = (s.t0, 0.0)
     try:
         with StopOnSignal() as stop:
             for step in range(start + 1, recipe.steps + 1):
@@ -283,6 +320,7 @@ def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, pr
     finally:
         s.bar.close()
         s.metrics.close()
+        s.text_log.close()
         if s.policy_log is not None:
             s.policy_log.close()
         if recipe.log_with:
