@@ -5,18 +5,17 @@ import sys
 from distill.logs import setup_logging
 
 
-def test_distill_logger_has_one_handler_and_leaves_root_alone(capsys):
+def test_distill_logger_has_one_handler_and_leaves_root_alone(capsys, caplog):
     root_handlers = list(logging.getLogger().handlers)
     setup_logging(False)
     setup_logging(True)  # again: no second handler
     logger = logging.getLogger("distill")
     assert sum(type(h).__name__ == "_DistillHandler" for h in logger.handlers) == 1
-    assert logger.level == logging.INFO and not logger.propagate
+    assert logger.level == logging.INFO
     assert logging.getLogger().handlers == root_handlers
-    for h in logger.handlers:  # the handler captured sys.stderr at creation; point it at pytest's capture
-        h.setStream(sys.stderr)
     logging.getLogger("distill.some.module").info("hello")
     assert capsys.readouterr().err.count("INFO distill.some.module: hello") == 1
+    assert "hello" in caplog.text  # still propagates: pytest (or a caller's handler) sees distill's records
     setup_logging(False)
 
 
@@ -25,8 +24,8 @@ def test_hub_warning_is_printed_once(capsys):
 
     setup_logging(False)
     hub = hub_logging.get_logger("huggingface_hub.test")
-    for h in hub_logging._get_library_root_logger().handlers:
-        h.setStream(sys.stderr)
+    handlers = hub_logging._get_library_root_logger().handlers
+    old = [h.setStream(sys.stderr) for h in handlers]  # its handler holds the stderr of its creation
     logging.basicConfig()  # even with a root handler (a notebook, another library), no second copy
     try:
         hub.warning("a hub warning")
@@ -34,3 +33,5 @@ def test_hub_warning_is_printed_once(capsys):
     finally:
         for h in list(logging.getLogger().handlers):
             logging.getLogger().removeHandler(h)
+        for h, stream in zip(handlers, old):
+            h.setStream(stream)
