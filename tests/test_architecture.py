@@ -16,7 +16,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "distill"
 
-FOUNDATION = {"distill.vocab", "distill.errors", "distill.atomic", "distill.integrity", "distill.version", "distill.recipes",
+FOUNDATION = {"distill.vocab", "distill.errors", "distill.atomic", "distill.integrity", "distill.version", "distill.recipes", "distill.logs",
               "distill.config"}
 BLOCKS = {"distill.data", "distill.augment", "distill.teacher", "distill.student", "distill.regressor",
           "distill.losses", "distill.policy", "distill.probe", "distill.plots", "distill.optim"}
