@@ -17,9 +17,25 @@ def test_format_line_holds_every_field():
     assert line == "step 10/400 | total 0.8937 at 0.08937 mse 0.001732 | lr 0.000667 | 57.1 img/s | data 3%"
 
 
-def test_no_bar_off_a_terminal(monkeypatch):
-    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
-    assert not show_progress_bar(True) and not show_progress_bar(False)
+def test_bar_only_on_a_terminal_or_in_jupyter(monkeypatch):
+    import sys
+    import types
+
+    class Err:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    monkeypatch.setattr(sys, "stderr", Err(False))
+    assert not show_progress_bar(True)
+    monkeypatch.setattr(sys, "stderr", Err(True))
+    assert show_progress_bar(True) and not show_progress_bar(False) and not show_progress_bar(True, False)
+    monkeypatch.setattr(sys, "stderr", Err(False))
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    assert show_progress_bar(True)
 
 
 def test_train_log_lines_match_metrics_and_are_echoed(rgb_folder, tmp_path, capsys):

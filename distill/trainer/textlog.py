@@ -9,15 +9,15 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 #: The name of the log file in a run directory.
 TRAIN_LOG = "train.log"
 
 
 def show_progress_bar(progress: bool, is_main_process: bool = True) -> bool:
-    """Whether to draw tqdm: asked for, on the main process, and stderr (where tqdm draws) is a terminal."""
-    return progress and is_main_process and sys.stderr.isatty()
+    """Whether to draw tqdm: asked for, on the main process, and stderr (where tqdm draws) is a terminal or a
+    Jupyter kernel's (``tqdm.auto`` draws a widget there)."""
+    return progress and is_main_process and (sys.stderr.isatty() or "ipykernel" in sys.modules)
 
 
 def format_line(step: int, steps: int, terms: dict, lr: float, img_per_s: float, data_share: float) -> str:
@@ -54,9 +54,7 @@ class TrainLog:
         if self.echo:
             print(line, flush=True)
 
-    def close(self, summary: Optional[str] = None) -> None:
+    def close(self) -> None:
         if self.f is not None:
-            if summary:
-                self.write(summary)
             self.f.close()
             self.f = None
