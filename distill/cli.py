@@ -43,7 +43,7 @@ def _add_output_dir(p: argparse.ArgumentParser, help: str) -> None:
     """``-o/--output-dir`` (required), with the old ``--out`` kept as a hidden alias."""
     p.add_argument("--output-dir", "-o", dest="output_dir", default=None, help=f"(required) {help}")
     p.add_argument("--out", dest="output_dir", default=None, help=argparse.SUPPRESS)
-    p.set_defaults(_needs_output_dir=True)
+    p.set_defaults(_output_dir_parser=p)  # main() checks it was given (argparse cannot require one of two flags)
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -384,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(spread_set_options(sys.argv[1:] if argv is None else list(argv)))
-    if getattr(args, "_needs_output_dir", False) and args.output_dir is None:
-        parser.error(f"distill {args.command}: the following arguments are required: -o/--output-dir")
+    if getattr(args, "_output_dir_parser", None) is not None and args.output_dir is None:
+        args._output_dir_parser.error("the following arguments are required: -o/--output-dir")
     setup_logging(args.verbose)
     try:
         return args.func(args)
