@@ -14,7 +14,8 @@ from .version import __version__
 # public name -> module that defines it
 _EXPORTS = {
     "cache": ["CacheMismatchError", "FeatureCache", "extract_features_cache"],
-    "config": ["Recipe", "load_recipe", "make_recipe"],
+    "config": ["Recipe", "make_recipe"],
+    "recipes": ["load_recipe", "shipped_recipes"],  # load_recipe takes a path or a shipped recipe's name
     "data": ["FashionMNIST", "ImageFolder", "build_dataset", "label_subset", "stratified_indices", "to_student",
              "to_teacher"],
     "evaluate": ["probe_exported", "probe_fn", "probe_random_init"],
@@ -52,7 +53,8 @@ def __dir__() -> list:
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     from .cache import CacheMismatchError, FeatureCache, extract_features_cache  # noqa: F401
-    from .config import Recipe, load_recipe, make_recipe  # noqa: F401
+    from .config import Recipe, make_recipe  # noqa: F401
+    from .recipes import load_recipe, shipped_recipes  # noqa: F401
     from .data import (FashionMNIST, ImageFolder, build_dataset, label_subset, stratified_indices,  # noqa: F401
                        to_student, to_teacher)
     from .evaluate import probe_exported, probe_fn, probe_random_init  # noqa: F401

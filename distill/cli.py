@@ -3,20 +3,57 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import re
 import sys
 
 from .atomic import atomic_write_json
-from .config import load_recipe, parse_overrides
+from .config import parse_overrides
 from .errors import EXIT_CODES, TrainingInterrupted
+from .logs import setup_logging
+from .recipes import load_recipe
 from .version import __version__
 from .vocab import AUGMENTS, SELECT_METHODS, SELECT_SCORE_ON
 
+_KEY_VALUE = re.compile(r"^[A-Za-z_]\w*=")
+_RECIPE_HELP = "YAML recipe file, or the name of a shipped recipe (distill recipes lists them), e.g. quickstart"
+_SET_HELP = ("override recipe keys, e.g. --set steps=100 lr=1e-3 (values are YAML; anywhere on the line; "
+             "distill train --help lists every key)")
+
+
+def spread_set_options(argv: list[str]) -> list[str]:
+    """``['--set', 'a=1', 'b=2', 'RECIPE']`` -> ``['--set=a=1', '--set=b=2', 'RECIPE']``: ``--set`` takes the
+    KEY=VALUE words that follow it and no other, so it may stand anywhere on the line (before the recipe too).
+    Words after ``--`` are left alone."""
+    out, i = [], 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            return out + argv[i:]
+        if word == "--set" and i + 1 < len(argv) and _KEY_VALUE.match(argv[i + 1]):
+            while i + 1 < len(argv) and _KEY_VALUE.match(argv[i + 1]):
+                out.append(f"--set={argv[i + 1]}")
+                i += 1
+        else:
+            out.append(word)
+        i += 1
+    return out
+
+
+def _add_output_dir(p: argparse.ArgumentParser, help: str) -> None:
+    """``-o/--output-dir`` (required), with the old ``--out`` kept as a hidden alias."""
+    p.add_argument("--output-dir", "-o", dest="output_dir", default=None, help=f"(required) {help}")
+    p.add_argument("--out", dest="output_dir", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(_output_dir_parser=p)  # main() checks it was given (argparse cannot require one of two flags)
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
+
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="YAML recipe, e.g. recipes/quickstart.yaml")
-    p.add_argument("--output-dir", "-o", required=True, help="run directory (checkpoints, logs, config)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys, e.g. steps=100")
+    p.add_argument("recipe", help=_RECIPE_HELP)
+    _add_output_dir(p, "run directory (checkpoints, logs, config)")
+    _add_set(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
     p.add_argument("--allow-changes", action="store_true",
@@ -25,8 +62,16 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _keys_epilog() -> str:
+    from .recipes import key_reference_text
+
+    return ("recipe keys (in the YAML file or as --set KEY=VALUE; also in docs/recipe-keys.md):\n"
+            + key_reference_text())
+
+
 def _add_train_parser(sub) -> None:
-    t = sub.add_parser("train", help="pretrain a student on a recipe")
+    t = sub.add_parser("train", help="pretrain a student on a recipe", epilog=_keys_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_recipe_args(t)
     t.set_defaults(func=cmd_train)
 
@@ -44,7 +89,7 @@ def cmd_train(args) -> int:
 def _add_export_parser(sub) -> None:
     e = sub.add_parser("export", help="write a run's student in timm format")
     e.add_argument("run_dir")
-    e.add_argument("--out", required=True)
+    _add_output_dir(e, "directory for the exported student (config.json + model.safetensors)")
     e.add_argument("--checkpoint", default=None, help="a checkpoint-{step} directory (default: latest)")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--ema", action="store_true", help="export the EMA of the student's weights (recipe ema: true)")
@@ -63,7 +108,7 @@ def cmd_export(args) -> int:
     if args.push_to_hub is not None and not REPO_ID_RE.match(args.push_to_hub):  # before the export is written
         raise ValueError(f"--push-to-hub {args.push_to_hub!r} is not a Hub repository id; valid: NAMESPACE/NAME "
                          f"(letters, digits, '-', '_', '.'), e.g. your-user/resnet18-distill-fmnist.")
-    out = export_student(args.run_dir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite, ema=args.ema)
+    out = export_student(args.run_dir, args.output_dir, checkpoint=args.checkpoint, overwrite=args.overwrite, ema=args.ema)
     ckpt = json.loads((out / "config.json").read_text())["distill"]["checkpoint"]
     print(f"exported the {'EMA ' if args.ema else ''}student of {ckpt} to {out}\nload it with: "
           f"timm.create_model('local-dir:{out}', pretrained=True, num_classes=K)")
@@ -80,7 +125,9 @@ def _add_probe_parser(sub) -> None:
     pr.add_argument("model")
     pr.add_argument("--dataset", default=None, help="fashion-mnist or image-folder (default: the run's)")
     pr.add_argument("--data-root", default=None)
-    pr.add_argument("--train-fraction", type=float, default=1.0)
+    pr.add_argument("--train-fraction", type=float, default=1.0,
+                    help="stratified share of the train split the probes are fit on (the recipe key "
+                         "probe_train_fraction); default 1.0: all of it")
     pr.add_argument("--epochs", type=int, default=30)
     pr.add_argument("--k", type=int, default=20)
     pr.add_argument("--size", type=int, default=64, help="input size for timm:NAME")
@@ -129,7 +176,8 @@ def _probe_teacher(source: str, args) -> int:
 
 
 def _add_run_parser(sub) -> None:
-    r = sub.add_parser("run", help="train + export + probe against random-init and raw-pixel baselines")
+    r = sub.add_parser("run", help="train + export + probe against random-init and raw-pixel baselines",
+                       epilog=_keys_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_recipe_args(r)
     r.set_defaults(func=cmd_run)
 
@@ -153,8 +201,8 @@ def _add_finetune_parser(sub) -> None:
     ft = sub.add_parser("finetune", help="fine-tune an exported student or timm:NAME (scratch) with a label "
                                          "fraction; top-1/top-5 on the test split")
     ft.add_argument("model", help="exported student directory (distill export) or timm:NAME for random init")
-    ft.add_argument("--output-dir", "-o", required=True, help="run directory (result.json, train_log.csv); with "
-                                                              "--fractions/--seeds one frac{F}-seed{S}/ per run")
+    _add_output_dir(ft, "run directory (result.json, train_log.csv); with --fractions/--seeds one "
+                        "frac{F}-seed{S}/ per run")
     ft.add_argument("--dataset", default=None, help="fashion-mnist or image-folder (default: the export's dataset)")
     ft.add_argument("--data-root", default=None)
     ft.add_argument("--test-root", default=None, help="image-folder test split if not DATA_ROOT/test")
@@ -217,7 +265,7 @@ def cmd_finetune(args) -> int:
                        overwrite=args.overwrite, skip_existing=args.skip_existing, progress=progress,
                        on_result=lambda r: print(result_line(r), flush=True))
         print(f"results in {args.output_dir}/frac*-seed*/result.json; table and plots: "
-              f"distill report {args.output_dir} --out {args.output_dir}/report")
+              f"distill report {args.output_dir} -o {args.output_dir}/report")
     else:
         print(result_line(finetune(cfg, args.output_dir, overwrite=args.overwrite, progress=progress)))
     return 0
@@ -226,7 +274,7 @@ def cmd_finetune(args) -> int:
 def _add_report_parser(sub) -> None:
     rp = sub.add_parser("report", help="Markdown table + PNG plots from train/run/finetune directories")
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories holding them")
-    rp.add_argument("--out", required=True, help="output directory (report.md, report.json, *.png)")
+    _add_output_dir(rp, "output directory (report.md, report.json, *.png)")
     rp.add_argument("--teacher-probe", default=None, metavar="JSON",
                     help="teacher probe rows, e.g. distill/teacher/packaged/fashion-mnist-ddpm/probe.json")
     rp.add_argument("--title", default="distill report")
@@ -237,7 +285,7 @@ def cmd_report(args) -> int:
     """Markdown table + PNG plots from distillation and fine-tuning run directories."""
     from .report import write_report
 
-    summary = write_report(args.runs, args.out, teacher_probe=args.teacher_probe, title=args.title)
+    summary = write_report(args.runs, args.output_dir, teacher_probe=args.teacher_probe, title=args.title)
     print(f"wrote {summary['report']}")
     for name, path in summary["plots"].items():
         print(f"  {name}: {path or '(no data)'}")
@@ -246,14 +294,13 @@ def cmd_report(args) -> int:
 
 def _add_extract_parser(sub) -> None:
     x = sub.add_parser("extract", help="cache the teacher's features of every training image (fp16, memory-mapped)")
-    x.add_argument("recipe", help="YAML recipe, e.g. recipes/quickstart.yaml")
-    x.add_argument("--out", required=True, help="cache directory (written atomically; manifest.json + one .npy per "
-                                                "teacher feature)")
+    x.add_argument("recipe", help=_RECIPE_HELP)
+    _add_output_dir(x, "cache directory (written atomically; manifest.json + one .npy per teacher feature)")
     x.add_argument("--draws", type=int, default=2, help="noise draws per image (training picks one per step)")
     x.add_argument("--batch-size", type=int, default=None, help="images per teacher forward (default: the recipe's)")
     x.add_argument("--max-images", type=int, default=None, help="cache only the first N training images")
-    x.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys, e.g. timesteps=[11]")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
+    _add_set(x)
+    x.add_argument("--overwrite", action="store_true", help="replace an existing cache in --output-dir")
     x.add_argument("--no-progress", action="store_true")
     x.set_defaults(func=cmd_extract)
 
@@ -263,7 +310,7 @@ def cmd_extract(args) -> int:
     from .cache import extract_features_cache
 
     recipe = load_recipe(args.recipe, parse_overrides(args.set))
-    res = extract_features_cache(recipe, args.out, num_draws=args.draws, batch_size=args.batch_size,
+    res = extract_features_cache(recipe, args.output_dir, num_draws=args.draws, batch_size=args.batch_size,
                                  overwrite=args.overwrite, progress=not args.no_progress, max_images=args.max_images)
     mib = res["bytes"] / 2**20
     print(f"wrote {res['num_images']} images x {res['num_draws']} draws of {', '.join(res['keys'])} (float16) to "
@@ -277,8 +324,9 @@ def _add_select_parser(sub) -> None:
     se = sub.add_parser("select", help="choose teacher block + timestep: grid probe (DDAE 3.2) and/or label-free "
                                        "alignment/uniformity (DDAE 3.3); CSV, heatmap PNG, recipe-ready best_*.yaml")
     se.add_argument("--method", choices=SELECT_METHODS, default="both")
-    se.add_argument("--recipe", default=None, help="take teacher, data, blocks and timestep_candidates from a recipe")
-    se.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys")
+    se.add_argument("--recipe", default=None, help="take teacher, data, blocks and timestep_candidates from a recipe "
+                                                   "(a file or a shipped recipe's name)")
+    _add_set(se)
     se.add_argument("--teacher", default=None, help="packaged name, directory or hub id (default: the recipe's)")
     se.add_argument("--blocks", nargs="+", default=None, help="candidate blocks, e.g. mid_block up_blocks.0")
     se.add_argument("--timesteps", nargs="*", type=int, default=None, help="candidate timesteps, e.g. 1 11 50 100")
@@ -296,7 +344,7 @@ def _add_select_parser(sub) -> None:
                     help="refuse a grid whose estimated step memory exceeds this (default: the free memory)")
     se.add_argument("--compare", default=None, help="label-free only: a grid.csv to rank against")
     se.add_argument("--seed", type=int, default=None)
-    se.add_argument("--out", required=True, help="output directory")
+    _add_output_dir(se, "output directory")
     se.add_argument("--no-progress", action="store_true")
     se.set_defaults(func=cmd_select)
 
@@ -308,7 +356,7 @@ def cmd_select(args) -> int:
     if args.timesteps == []:
         raise ValueError("--timesteps is empty; give candidate timesteps such as --timesteps 1 11 50 100.")
     recipe = load_recipe(args.recipe, parse_overrides(args.set)) if args.recipe else None
-    sel = run_selection(args.out, recipe=recipe, teacher=args.teacher, blocks=args.blocks, timesteps=args.timesteps,
+    sel = run_selection(args.output_dir, recipe=recipe, teacher=args.teacher, blocks=args.blocks, timesteps=args.timesteps,
                         dataset=args.dataset, data_root=args.data_root, method=args.method, images=args.images,
                         val_images=args.val_images, epochs=args.epochs, label_free_images=args.label_free_images,
                         seed=args.seed, score_on=args.score_on, batch_size=args.batch_size, augment=args.augment,
@@ -318,20 +366,48 @@ def cmd_select(args) -> int:
     return 0
 
 
+def _add_recipes_parser(sub) -> None:
+    rc = sub.add_parser("recipes", help="list the shipped recipes (usable by name: distill train quickstart -o DIR)")
+    rc.add_argument("--keys", action="store_true", help="print every recipe key (type, default, valid values)")
+    rc.add_argument("--show", default=None, metavar="NAME", help="print one shipped recipe's YAML")
+    rc.set_defaults(func=cmd_recipes)
+
+
+def cmd_recipes(args) -> int:
+    """List the shipped recipes (name and first comment line), the key reference, or one recipe's text."""
+    from .recipes import key_reference_text, recipe_summary, resolve_recipe, shipped_recipes
+
+    if args.show:
+        print(resolve_recipe(args.show).read_text(), end="")
+    elif args.keys:
+        print(key_reference_text())
+    else:
+        shipped = shipped_recipes()
+        width = max(map(len, shipped), default=0)
+        for name, path in shipped.items():
+            print(f"{name:<{width}}  {recipe_summary(path)}")
+        print(f"\nrun one by name: distill train NAME -o runs/NAME; see one: distill recipes --show NAME; keys: "
+              f"distill recipes --keys")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Distill diffusion-model features into timm students.")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--version", action="version", version=f"distill {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_train_parser, _add_run_parser, _add_export_parser, _add_probe_parser, _add_select_parser,
-                _add_extract_parser, _add_finetune_parser, _add_report_parser):
+                _add_extract_parser, _add_finetune_parser, _add_report_parser, _add_recipes_parser):
         add(sub)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(spread_set_options(sys.argv[1:] if argv is None else list(argv)))
+    if getattr(args, "_output_dir_parser", None) is not None and args.output_dir is None:
+        args._output_dir_parser.error("the following arguments are required: -o/--output-dir")
+    setup_logging(args.verbose)
     try:
         return args.func(args)
     except TrainingInterrupted as e:

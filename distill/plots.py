@@ -53,10 +53,24 @@ def grid_heatmap(rows: Sequence[dict], path, value: str = "linear_top1", title: 
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             if v == v:
-                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w", fontsize=8)
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color=text_color(im.cmap(im.norm(v))),
+                        fontsize=8)
     fig.colorbar(im, ax=ax, label=value)
     ax.set_title(title or f"{value} per (block, timestep)")
     return save_figure(fig, path)
+
+
+def text_color(rgba: Sequence[float]) -> str:
+    """Black or white, whichever contrasts more with a cell of colour ``rgba`` (components in [0, 1]): black on
+    cells whose relative luminance (WCAG 2.x, sRGB) is above 0.179, where black's contrast ratio exceeds white's."""
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    luminance = 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    return "black" if luminance > 0.179 else "white"
+
+
+def seeds_label(n: int) -> str:
+    """``'1 seed'``, ``'3 seeds'``."""
+    return f"{n} seed{'' if n == 1 else 's'}"
 
 
 def ranking_scatter(label_free: Sequence[dict], probe: Sequence[dict], path, spearman: float | None = None) -> Path:
@@ -157,7 +171,7 @@ def plot_fraction(rows: list[dict], path: Path) -> Optional[Path]:
         mean = [r["last_top1"]["mean"] for r in rs]
         lo, hi = [r["last_top1"]["min"] for r in rs], [r["last_top1"]["max"] for r in rs]
         line, = ax.plot(xs, mean, marker="o", linestyle="--" if rs[0]["model_kind"] == "timm" else "-",
-                        label=f"{label} (n={max(r['last_top1']['n'] for r in rs)} seeds)")
+                        label=f"{label} ({seeds_label(max(r['last_top1']['n'] for r in rs))})")
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.vlines(xs, lo, hi, color=line.get_color(), alpha=0.6)
     ax.set_xscale("log")
@@ -172,7 +186,10 @@ def plot_fraction(rows: list[dict], path: Path) -> Optional[Path]:
 
 
 def plot_probes(rows: list[dict], path: Path) -> Optional[Path]:
-    """Bars of linear and kNN probe top-1 per model row. Returns ``path``, or None without probe numbers."""
+    """Bars of linear and kNN probe top-1 (%) per model row, on a y axis from 0 (a truncated axis exaggerates
+    differences), each model labelled with the number of training images its probes were fit on (``num_train``)
+    and the title with the test images (``num_test``) when the rows carry them. Returns ``path``, or None without
+    probe numbers."""
     rows = [r for r in rows if r.get("linear_top1") is not None]
     if not rows:
         return None
@@ -186,11 +203,13 @@ def plot_probes(rows: list[dict], path: Path) -> Optional[Path]:
             continue
         bars = ax.bar([p[0] for p in pts], [p[1] for p in pts], width=w, label=name)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(xs, [textwrap.fill(r["name"], 22) for r in rows], fontsize=7)
-    lows = [r[k] for r in rows for k in ("linear_top1", "knn_top1") if r.get(k) is not None]
-    ax.set_ylim(max(0.0, min(lows) - 10), min(100.0, max(lows) + 5))
+    ax.set_xticks(xs, [textwrap.fill(r["name"], 22) + (f"\nfit on {int(r['num_train']):,} images"
+                                                          if r.get("num_train") else "") for r in rows], fontsize=7)
+    ax.set_ylim(0, 108)  # from 0, with room for the bar labels above 100
+    ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title("frozen-feature probes")
+    tests = {int(r["num_test"]) for r in rows if r.get("num_test")}
+    ax.set_title("frozen-feature probes" + (f" (tested on {tests.pop():,} images)" if len(tests) == 1 else ""))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)

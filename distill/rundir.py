@@ -50,7 +50,7 @@ CHECKPOINT_FILE_RE = re.compile(r"^(model(_\d+)?\.safetensors|optimizer(_\d+)?\.
 #: what a run writes in its directory (besides checkpoint-{step}/ and .tmp-* temporaries): an --overwrite deletes
 #: these and refuses a directory holding anything else
 RUN_ARTEFACTS = frozenset({CONFIG, METRICS, SUMMARY, LOCK, MONITOR, "policy.csv", "policy_histogram.png", "selection",
-                           "student", "results.json", "results.md"})
+                           "student", "results.json", "results.md", "train.log"})
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -50,6 +50,10 @@ TORCH_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SELECT_METHODS = ("grid", "label-free", "both")
 #: Where the grid's probes are scored: held-out training images, or the test split (DDAE's table).
 SELECT_SCORE_ON = ("val", "test")
+#: Experiment trackers a recipe's ``log_with`` may name (Accelerate's tracker names).
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+#: The pip extra of distill that installs each tracker: ``pip install "distill[EXTRA]"``.
+TRACKER_EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 def dataset_channels(dataset: str, image_channels: Optional[int] = None) -> int:

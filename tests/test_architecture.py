@@ -17,7 +17,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "distill"
 
 FOUNDATION = {"distill.vocab", "distill.errors", "distill.atomic", "distill.integrity", "distill.version",
-              "distill.ranges", "distill.config"}
+              "distill.ranges", "distill.recipes", "distill.logs", "distill.config"}
 BLOCKS = {"distill.data", "distill.augment", "distill.teacher", "distill.student", "distill.regressor",
           "distill.losses", "distill.policy", "distill.probe", "distill.plots", "distill.optim"}
 WIRING = {"distill.build", "distill.rundir", "distill.runlock", "distill.export"}

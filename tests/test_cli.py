@@ -91,3 +91,83 @@ def test_cli_exits_nonzero_on_nonfinite_loss(rgb_folder, tmp_path, nan_at_call, 
     assert main(["train", str(path), "-o", str(tmp_path / "run"), "--no-progress"]) == 3
     err = capsys.readouterr().err
     assert "non-finite loss at step 3: at" in err and "checkpoint-2" in err
+
+
+def test_spread_set_options_lets_set_stand_anywhere():
+    from distill.cli import spread_set_options
+
+    argv = ["train", "--set", "steps=20", "lr=1e-3", "recipes/quickstart.yaml", "-o", "x", "--set", "seed=1"]
+    assert spread_set_options(argv) == ["train", "--set=steps=20", "--set=lr=1e-3", "recipes/quickstart.yaml", "-o",
+                                        "x", "--set=seed=1"]
+    assert spread_set_options(["--set", "a=1", "--", "--set", "b=2"]) == ["--set=a=1", "--", "--set", "b=2"]
+
+
+def test_set_before_the_recipe(tiny_recipe, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--set", "steps=2", "seed=3", str(tiny_recipe), "-o", str(run), "--no-progress"]) == 0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["steps"] == 2 and cfg["seed"] == 3
+
+
+def test_recipes_lists_every_shipped_recipe(capsys):
+    from distill.recipes import recipe_summary, shipped_recipes
+
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, path in shipped_recipes().items():
+        assert any(line.split() and line.split()[0] == name and recipe_summary(path) in line for line in lines)
+    assert main(["recipes", "--show", "quickstart"]) == 0
+    assert capsys.readouterr().out == shipped_recipes()["quickstart"].read_text()
+
+
+def test_train_help_lists_every_recipe_key():
+    import dataclasses
+
+    from distill.config import Recipe
+
+    out = subprocess.run([sys.executable, "-m", "distill.cli", "train", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert all(f"\n  {f.name} (" in out for f in dataclasses.fields(Recipe))
+
+
+def test_train_a_shipped_recipe_by_name(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from distill.data import FASHION_MNIST_DIR
+
+    if not Path(FASHION_MNIST_DIR).is_dir():
+        pytest.skip(f"Fashion-MNIST not installed in {FASHION_MNIST_DIR}")
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here: the name is found in the package
+    assert main(["train", "quickstart", "-o", "runs/q", "--set", "steps=1", "batch_size=4", "warmup_steps=0",
+                 "checkpoint_every=1", "--no-progress"]) == 0
+    assert yaml.safe_load((tmp_path / "runs/q/config.yaml").read_text())["teacher"] == "fashion-mnist-ddpm"
+
+
+def test_unknown_recipe_name_exits_2(tmp_path, capsys):
+    assert main(["train", "quikstart", "-o", str(tmp_path / "r")]) == 2
+    assert "shipped: " in capsys.readouterr().err
+
+
+def test_output_dir_is_one_spelling_with_out_as_hidden_alias(tiny_recipe, tmp_path, capsys):
+    from distill.cli import build_parser
+
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_recipe), "--output-dir", str(run), "--set", "steps=1", "--no-progress"]) == 0
+    assert main(["export", str(run), "-o", str(tmp_path / "a")]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "b")]) == 0  # the old spelling still works
+    assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name in ("train", "run", "export", "finetune", "report", "extract", "select"):
+        text = sub[name].format_help()
+        assert "--output-dir OUTPUT_DIR, -o OUTPUT_DIR" in text and "--out " not in text, name
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(run)])
+    assert e.value.code == 2 and "-o/--output-dir" in capsys.readouterr().err
+
+
+def test_tracker_that_cannot_start_exits_2(tiny_recipe, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("accelerate.utils.is_tensorboard_available", lambda: False)
+    assert main(["train", str(tiny_recipe), "-o", str(tmp_path / "run"), "--set", "log_with=tensorboard"]) == 2
+    err = capsys.readouterr().err
+    assert "log_with: tensorboard" in err and 'distill[tensorboard]' in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -28,12 +28,14 @@ from ..rundir import (MONITOR, CsvLog, check_resume, checkpoint_step, latest_che
                       prepare_run_dir, record_changes, write_config, write_summary)
 from ..runlock import RunLock
 from ..select import check_candidates
+from .accelerator import exact_accumulation, make_accelerator, process_seed
 from .batches import epoch_batches
 from .checkpoint import load_checkpoint, save_checkpoint
 from .ema import StudentEma
 from .monitor import MONITOR_COLUMN, Monitor
 from .policy_log import PolicyLog
 from .stop import StopOnSignal
+from .textlog import TrainLog, format_line, show_progress_bar
 from .step import apply_update, clip_gradients, nonfinite_terms, train_step
 from .targets import CacheTargets, LiveTeacherTargets, PolicyTargets
 from .timesteps import resolve_timesteps
@@ -69,6 +71,9 @@ class Session:
     monitor: Optional[Monitor] = None  # recipe monitor_every (main process only)
     monitor_log: Any = None  # RUN/monitor.csv (rundir.CsvLog)
     monitor_last: Optional[dict] = None
+    text_log: Optional[TrainLog] = None  # RUN/train.log (and stdout without a progress bar)
+    data_wait: float = 0.0  # seconds spent waiting for batches since t0
+    mark: tuple = (0.0, 0.0)  # (time, data_wait) at the previous log line
 
     @property
     def optimizers(self) -> list:
@@ -76,38 +81,6 @@ class Session:
 
     def entropy_weight(self, step: int) -> float:
         return entropy_weight(step - 1, self.recipe.policy_entropy, self.entropy_steps)
-
-
-def make_accelerator(recipe: Recipe, run_dir: Path):
-    """An Accelerator for the recipe (precision, accumulation, tracker). AcceleratorState is a process-wide
-    singleton that refuses a second Accelerator with another precision (a notebook running two recipes), so it is
-    reset first; the process group (PartialState) is kept."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(
-        mixed_precision=recipe.mixed_precision, gradient_accumulation_steps=recipe.grad_accum_steps,
-        log_with=recipe.log_with, project_dir=str(run_dir),
-        # ViT students leave their final norm unused in forward_intermediates
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-
-
-def exact_accumulation(accelerator, grad_accum_steps: int) -> None:
-    """Make every optimizer update use exactly ``grad_accum_steps`` micro-batches. Accelerate's default
-    (``GradientAccumulationPlugin.sync_with_dataloader=True``) also forces a sync at the end of every pass over a
-    prepared DataLoader, so with a number of batches per epoch that is not a multiple of ``grad_accum_steps`` some
-    updates used fewer micro-batches, some steps made none, and a resume taken with a gradient pending differed."""
-    accelerator.gradient_state.plugin_kwargs.update({"num_steps": grad_accum_steps, "sync_with_dataloader": False})
-
-
-def process_seed(seed: int, process_index: int) -> int:
-    """The RNG seed of process ``process_index``: ``seed`` for the main process (a 1-process run is unchanged),
-    ``seed + 1_000_003 * process_index`` (mod 2**32) for the others, so every process draws its own diffusion noise
-    and augmentation; reproducible, and restored per process by Accelerate on resume."""
-    return (seed + 1_000_003 * process_index) % 2**32
 
 
 def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session:
@@ -219,7 +192,9 @@ def optimizer_step(s: Session, batches, step: int, policy_log: Optional[PolicyLo
     r, acc = s.recipe, s.accelerator
     sums, bad, grad_norm, inputs = {}, [], None, None
     for micro in range(r.grad_accum_steps):
+        t_wait = time.perf_counter()
         batch = next(batches)
+        s.data_wait += time.perf_counter() - t_wait
         inputs = s.source(batch, (step - 1) * r.grad_accum_steps + micro)
         if r.channels_last:
             inputs.student_x = inputs.student_x.contiguous(memory_format=torch.channels_last)
@@ -258,6 +233,11 @@ def log_step(s: Session, step: int, sums: dict, grad_norm, t0: float, metrics: C
            "img_per_s": round(s.seen / (time.time() - t0), 1), "skipped": s.skipped}
     row.update(extra or {})
     metrics.write(row)
+    now = time.time()
+    if s.text_log is not None:
+        share = (s.data_wait - s.mark[1]) / max(now - s.mark[0], 1e-9)
+        s.text_log.write(format_line(step, s.recipe.steps, terms, row["lr"], row["img_per_s"], min(share, 1.0)))
+    s.mark = (now, s.data_wait)
     if s.recipe.log_with:
         s.accelerator.log({k: v for k, v in row.items() if isinstance(v, float)}, step=step)
     return terms
@@ -311,16 +291,18 @@ def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, pr
                                              if isinstance(v, (int, float, str, bool))})
     batches = epoch_batches(s.ds, recipe, acc, start)
     s.metrics = CsvLog(run_dir / "metrics.csv", start, acc.is_main_process)
+    if s.policy is not None:
+        s.policy_log = PolicyLog(run_dir / "policy.csv", s.resolved["timesteps_used"]["policy"], start, acc)
+    show_bar = show_progress_bar(progress, acc.is_main_process)
+    s.bar = tqdm(total=recipe.steps, initial=start, desc="distill", disable=not show_bar, dynamic_ncols=True)
+    s.text_log = TrainLog(run_dir, start, acc.is_main_process, echo=not show_bar)
     if s.monitor is not None:
         s.monitor_log = CsvLog(run_dir / MONITOR, start, acc.is_main_process)
         if start == 0:
             monitor_step(s, 0)
-    if s.policy is not None:
-        s.policy_log = PolicyLog(run_dir / "policy.csv", s.resolved["timesteps_used"]["policy"], start, acc)
-    s.bar = tqdm(total=recipe.steps, initial=start, desc="distill", disable=not (progress and acc.is_main_process),
-                 dynamic_ncols=True)
     s.model.train()
     s.t0 = time.time()
+    s.mark = (s.t0, 0.0)
     try:
         with StopOnSignal() as stop:
             for step in range(start + 1, recipe.steps + 1):
@@ -332,6 +314,7 @@ def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, pr
         s.metrics.close()
         if s.monitor_log is not None:
             s.monitor_log.close()
+        s.text_log.close()
         if s.policy_log is not None:
             s.policy_log.close()
         if recipe.log_with:
@@ -375,9 +358,13 @@ def monitor_step(s: Session, step: int) -> Optional[float]:
     s.monitor_log.write(s.monitor_last)
     if r.log_with:
         s.accelerator.log({"monitor/knn_top1": s.monitor_last["knn_top1"]}, step=step)
-    _logger.info("step %d: monitor kNN top-1 %.2f%% (k=%d, %d train / %d test images, %.1fs)", step,
-                 s.monitor_last["knn_top1"], s.monitor_last["k"], s.monitor_last["train_images"],
-                 s.monitor_last["test_images"], s.monitor_last["seconds"])
+    m = s.monitor_last
+    line = (f"step {step}/{r.steps} | monitor kNN top-1 {m['knn_top1']:.2f}% (k={m['k']}, {m['train_images']} train / "
+            f"{m['test_images']} test images, {m['seconds']:.1f}s)")
+    if s.text_log is not None:
+        s.text_log.write(line)  # train.log (and stdout when no bar is drawn)
+    else:
+        _logger.info(line)
     return s.monitor_last["knn_top1"]
 
 

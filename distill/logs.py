@@ -1,0 +1,67 @@
+"""Console logging of the command line: one ``distill`` logger, and the hub libraries' own loggers set once.
+
+Every module logs through ``logging.getLogger(__name__)``, i.e. a child of the ``distill`` logger. The command line
+gives that logger one stderr handler and leaves the root logger without one: configuring the root logger (as
+``logging.basicConfig`` does) printed every huggingface_hub warning twice, once by huggingface_hub's own handler and
+once more by the root's, since that library's logger propagates (transformers' does too when ``CI`` is set).
+diffusers, transformers and huggingface_hub are set through their own verbosity setters (or their
+``*_VERBOSITY`` environment variables when they are not imported yet, so ``distill --help`` imports none of them)
+and stop propagating, so each of their messages is printed once, by their handler.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+#: The hub libraries whose loggers are set: ``{module: (verbosity environment variable, logging module)}``.
+_HUB_LOGGERS = {
+    "diffusers": ("DIFFUSERS_VERBOSITY", "diffusers.utils.logging"),
+    "transformers": ("TRANSFORMERS_VERBOSITY", "transformers.utils.logging"),
+    "huggingface_hub": ("HF_HUB_VERBOSITY", "huggingface_hub.utils.logging"),
+}
+
+
+class _DistillHandler(logging.StreamHandler):
+    """The stderr handler of the ``distill`` logger (a class of its own, so setting up twice adds no second one).
+    It writes to whatever ``sys.stderr`` is when a record comes, so a replaced stderr (pytest's capture, a notebook)
+    is followed rather than a closed one kept."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ and setStream assign it; stderr is looked up instead
+        pass
+
+
+def setup_logging(verbose: bool = False) -> logging.Logger:
+    """Give the ``distill`` logger one stderr handler (``LEVEL distill.module: message``) at INFO when
+    ``verbose`` else WARNING, and set the hub libraries to the same level. The root logger gets no handler (records
+    still propagate to it, for handlers a caller installs, e.g. pytest's caplog). Calling it again only changes the
+    level. Returns the ``distill`` logger."""
+    level = logging.INFO if verbose else logging.WARNING
+    logger = logging.getLogger("distill")
+    if not any(isinstance(h, _DistillHandler) for h in logger.handlers):
+        handler = _DistillHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    set_hub_verbosity(level)
+    return logger
+
+
+def set_hub_verbosity(level: int) -> None:
+    """Set diffusers, transformers and huggingface_hub to ``level`` (a ``logging`` level) without importing them:
+    an imported one through its ``set_verbosity`` and ``disable_propagation``, one not imported yet through its
+    environment variable (read when it is first imported; a value the user exported is kept)."""
+    name = logging.getLevelName(level).lower()
+    for module, (env, log_module) in _HUB_LOGGERS.items():
+        if module in sys.modules:
+            hub_logging = importlib.import_module(log_module)
+            hub_logging.set_verbosity(level)
+            hub_logging.disable_propagation()
+        else:
+            os.environ.setdefault(env, name)

@@ -1,0 +1,76 @@
+"""distill.plots: readable heatmap text, probe bars from 0 with the probe's image count, '1 seed'."""
+import pytest
+
+from distill import plots
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Capture the figures the plot functions save (the PNG is not written)."""
+    captured = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=plots.DPI: captured.append(fig) or path)
+    return captured
+
+
+def _luminance(rgb):  # WCAG 2.x relative luminance, written out independently of plots.text_color
+    def lin(c):
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (lin(c) for c in rgb[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def _contrast(a, b):
+    hi, lo = max(_luminance(a), _luminance(b)), min(_luminance(a), _luminance(b))
+    return (hi + 0.05) / (lo + 0.05)
+
+
+@pytest.mark.parametrize("cmap", ["viridis", "magma", "coolwarm", "gray"])
+def test_text_color_has_the_better_contrast_on_every_cell(cmap):
+    from matplotlib import colormaps
+    from matplotlib.colors import to_rgba
+
+    for i in range(101):
+        cell = colormaps[cmap](i / 100)
+        chosen = plots.text_color(cell)
+        other = "white" if chosen == "black" else "black"
+        assert _contrast(cell, to_rgba(chosen)) >= _contrast(cell, to_rgba(other)) - 1e-6
+        assert _contrast(cell, to_rgba(chosen)) >= 4.5 - 1e-6 or cmap == "coolwarm"  # WCAG AA for normal text
+
+
+def test_heatmap_labels_use_the_readable_color(figures, tmp_path):
+    from matplotlib.colors import to_rgba
+
+    rows = [{"block": b, "timestep": t, "linear_top1": v} for b, t, v in
+            [("a", 1, 10.0), ("a", 11, 50.0), ("b", 1, 90.0), ("b", 11, 70.0)]]
+    plots.grid_heatmap(rows, tmp_path / "h.png")
+    ax = figures[0].axes[0]
+    im = ax.images[0]
+    for text in ax.texts:
+        cell = im.cmap(im.norm(float(text.get_text())))
+        other = "white" if to_rgba(text.get_color()) == to_rgba("black") else "black"
+        assert _contrast(cell, to_rgba(text.get_color())) >= _contrast(cell, to_rgba(other))
+    colors = {text.get_text(): text.get_color() for text in ax.texts}
+    assert colors["10.0"] == "white" and colors["90.0"] == "black"  # viridis: dark purple low, yellow high
+
+
+def test_probe_bars_start_at_zero_and_say_how_many_images(figures, tmp_path):
+    rows = [{"name": "distilled", "linear_top1": 85.2, "knn_top1": 82.4, "num_train": 12000, "num_test": 10000},
+            {"name": "raw pixels", "linear_top1": 83.4, "knn_top1": 80.5, "num_train": 60000, "num_test": 10000}]
+    plots.plot_probes(rows, tmp_path / "p.png")
+    ax = figures[0].axes[0]
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= 100
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert "fit on 12,000 images" in labels[0] and "fit on 60,000 images" in labels[1]
+    assert "10,000" in ax.get_title()
+
+
+def test_fraction_plot_says_1_seed_and_ticks_every_fraction(figures, tmp_path):
+    def row(label, f, n, kind):
+        return {"label": label, "fraction": f, "model_kind": kind,
+                "last_top1": {"mean": 50.0 + f, "min": 49.0, "max": 51.0 + f, "n": n}}
+    rows = [row("d", f, 1, "exported") for f in (0.01, 0.1, 1.0)] + [row("s", f, 3, "timm") for f in (0.01, 1.0)]
+    plots.plot_fraction(rows, tmp_path / "f.png")
+    ax = figures[0].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["d (1 seed)", "s (3 seeds)"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1%", "10%", "100%"]
+    assert plots.seeds_label(1) == "1 seed" and plots.seeds_label(2) == "2 seeds"

@@ -1,0 +1,75 @@
+"""RUN/train.log: plain lines every log_every steps (step, loss terms, lr, img/s, data-wait share), echoed to stdout
+when there is no progress bar; a resume appends; tracker errors name the pip extra."""
+import csv
+
+import pytest
+
+from distill.errors import MissingDependencyError
+from distill.trainer import train
+from distill.trainer.accelerator import check_tracker
+from distill.trainer.textlog import TRAIN_LOG, format_line, show_progress_bar
+
+from .conftest import rgb_recipe
+
+
+def test_format_line_holds_every_field():
+    line = format_line(10, 400, {"mse": 0.001732, "total": 0.8937, "at": 0.08937}, 6.6667e-4, 57.14, 0.034)
+    assert line == "step 10/400 | total 0.8937 at 0.08937 mse 0.001732 | lr 0.000667 | 57.1 img/s | data 3%"
+
+
+def test_bar_only_on_a_terminal_or_in_jupyter(monkeypatch):
+    import sys
+    import types
+
+    class Err:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    monkeypatch.setattr(sys, "stderr", Err(False))
+    assert not show_progress_bar(True)
+    monkeypatch.setattr(sys, "stderr", Err(True))
+    assert show_progress_bar(True) and not show_progress_bar(False) and not show_progress_bar(True, False)
+    monkeypatch.setattr(sys, "stderr", Err(False))
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    assert show_progress_bar(True)
+
+
+def test_train_log_lines_match_metrics_and_are_echoed(rgb_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(rgb_recipe(rgb_folder, steps=4, log_every=2, checkpoint_every=2), str(run), progress=True)
+    lines = (run / TRAIN_LOG).read_text().splitlines()
+    assert lines[0].endswith("started") and len(lines) == 1 + 3  # steps 1 (first), 2, 4
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    for line, row in zip(lines[1:], rows):
+        fields = line.split(" | ")
+        assert fields[0] == f"step {row['step']}/4"
+        terms = dict(zip(fields[1].split()[::2], map(float, fields[1].split()[1::2])))
+        assert terms == pytest.approx({k: float(row[k]) for k in terms}, rel=1e-3) and "total" in terms
+        assert float(fields[2].split()[1]) == pytest.approx(float(row["lr"]), rel=1e-2)
+        assert fields[3] == f"{float(row['img_per_s']):.1f} img/s"
+        assert 0 <= int(fields[4].removeprefix("data ").removesuffix("%")) <= 100
+    assert capsys.readouterr().out.splitlines()[-3:] == lines[1:]  # pytest's stderr is no terminal: no bar, lines
+    # a resume appends after a marker; nothing written before is lost
+    train(rgb_recipe(rgb_folder, steps=6, log_every=2, checkpoint_every=2), str(run), resume=True, progress=False)
+    again = (run / TRAIN_LOG).read_text().splitlines()
+    assert again[:4] == lines and again[4].endswith("resumed after step 4") and again[-1].startswith("step 6/6")
+
+
+def test_overwrite_removes_train_log_as_its_own(rgb_folder, tmp_path):
+    run = tmp_path / "run"
+    train(rgb_recipe(rgb_folder, steps=2), str(run), progress=False)
+    train(rgb_recipe(rgb_folder, steps=2), str(run), overwrite=True, progress=False)
+    assert (run / TRAIN_LOG).read_text().count("started") == 1
+
+
+def test_unknown_or_missing_tracker_is_an_error(monkeypatch):
+    check_tracker(None)
+    with pytest.raises(ValueError, match="valid: tensorboard, wandb, mlflow"):
+        check_tracker("tensorbord")
+    monkeypatch.setattr("accelerate.utils.is_wandb_available", lambda: False)
+    with pytest.raises(MissingDependencyError, match=r'pip install "distill\[wandb\]"'):
+        check_tracker("wandb")
