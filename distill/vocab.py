@@ -36,6 +36,12 @@ ON_BAD_IMAGE = ("skip", "raise")
 SELECT_METHODS = ("grid", "label-free", "both")
 #: Where the grid's probes are scored: held-out training images, or the test split (DDAE's table).
 SELECT_SCORE_ON = ("val", "test")
+#: Downstream tasks of ``distill finetune --task``.
+TASKS = ("classification", "segmentation")
+#: Folder layouts of a segmentation set: ``S/`` + ``Sannot/`` (CamVid) or ``S/images/`` + ``S/masks/``.
+SEG_LAYOUTS = ("camvid", "images-masks")
+#: Segmentation heads: a light FPN decoder over the backbone's levels, or one 1x1 conv (the dense linear probe).
+SEG_DECODERS = ("fpn", "linear")
 
 
 def dataset_channels(dataset: str, image_channels: Optional[int] = None) -> int:
