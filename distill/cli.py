@@ -10,7 +10,7 @@ from .atomic import atomic_write_json
 from .config import load_recipe, parse_overrides
 from .errors import EXIT_CODES, TrainingInterrupted
 from .version import __version__
-from .vocab import AUGMENTS, SELECT_METHODS, SELECT_SCORE_ON
+from .vocab import AUGMENTS, SEG_DECODERS, SEG_LAYOUTS, SELECT_METHODS, SELECT_SCORE_ON, TASKS
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -174,11 +174,37 @@ def _add_finetune_parser(sub) -> None:
     ft.add_argument("--overwrite", action="store_true", help="replace an existing result.json")
     ft.add_argument("--skip-existing", action="store_true", help="sweep: keep runs that already have a result")
     ft.add_argument("--no-progress", action="store_true")
+    _add_segmentation_args(ft)
     ft.set_defaults(func=cmd_finetune)
+
+
+def _add_segmentation_args(ft) -> None:
+    """``distill finetune --task segmentation`` options (docs/segmentation.md)."""
+    sg = ft.add_argument_group("segmentation (--task segmentation; defaults differ: --steps 300 --batch-size 16 "
+                               "--warmup-steps 30 --eval-every 0 --eval-batch-size 16)")
+    sg.add_argument("--task", choices=TASKS, default="classification")
+    sg.add_argument("--layout", choices=SEG_LAYOUTS, default="camvid",
+                    help="camvid: S/ + Sannot/; images-masks: S/images/ + S/masks/ (masks paired by file stem)")
+    sg.add_argument("--num-classes", type=int, default=11, help="class ids 0..N-1 in the masks (CamVid: 11)")
+    sg.add_argument("--ignore-index", type=int, default=11, help="id of unlabelled pixels (CamVid: 11)")
+    sg.add_argument("--class-names", default=None, metavar="FILE", help="one class name per line")
+    sg.add_argument("--eval-split", default="test", help="split evaluated at the end (test or val)")
+    sg.add_argument("--decoder", choices=SEG_DECODERS, default="fpn",
+                    help="fpn: light FPN decoder; linear: BN + one 1x1 conv (the dense linear probe)")
+    sg.add_argument("--decoder-width", type=int, default=128)
+    sg.add_argument("--freeze-backbone", action="store_true", help="train the decoder only (with --decoder linear: "
+                                                                   "the dense linear probe)")
+    sg.add_argument("--levels", type=int, nargs="+", default=None, help="timm out_indices (default: strides 4..32)")
+    sg.add_argument("--scale-min", type=float, default=0.25, help="crop-flip: smallest crop area share")
+    sg.add_argument("--blocks", nargs="+", default=None, help="teacher:NAME: the teacher blocks probed")
+    sg.add_argument("--timesteps", nargs="+", type=int, default=None, help="teacher:NAME: timesteps (default 11)")
+    sg.add_argument("--grid-images", type=int, default=4, help="test images drawn in predictions.png (0: none)")
 
 
 def cmd_finetune(args) -> int:
     """Fine-tune an exported student or timm:NAME (random init) with a label fraction; one run or a sweep."""
+    if args.task == "segmentation":
+        return _segment(args)
     from .finetune import FinetuneConfig, finetune, finetune_sweep, result_line
 
     cfg = FinetuneConfig(
@@ -199,6 +225,37 @@ def cmd_finetune(args) -> int:
               f"distill report {args.output_dir} --out {args.output_dir}/report")
     else:
         print(result_line(finetune(cfg, args.output_dir, overwrite=args.overwrite, progress=progress)))
+    return 0
+
+
+def _segment(args) -> int:
+    """``distill finetune --task segmentation``: one run or a sweep; mIoU on the evaluation split."""
+    import dataclasses
+
+    from .segment import SegmentConfig, segment_finetune, segment_sweep
+
+    seg_defaults = {"steps": 300, "batch_size": 16, "warmup_steps": 30, "eval_every": 0, "eval_batch_size": 16}
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(SegmentConfig)}}
+    parser_defaults = vars(build_parser().parse_args(["finetune", "MODEL", "-o", "OUT"]))
+    for k, v in seg_defaults.items():  # an option left at classification's default takes segmentation's
+        if given[k] == parser_defaults[k]:
+            given[k] = v
+    given.pop("dataset", None)
+    cfg = SegmentConfig(**given)
+
+    def line(r: dict) -> str:
+        return (f"{r['label']}: fraction {r['fraction']:g} ({r['train_images']} images), seed {r['seed']}, "
+                f"{r['steps']} steps: {r['eval_split']} mIoU {r['last_miou']:.2f}, pixel acc {r['last_pixel_acc']:.2f}"
+                f", {r['seconds']:.0f}s")
+
+    if args.fractions or args.seeds:
+        segment_sweep(cfg, args.output_dir, args.fractions or [args.fraction], args.seeds or [args.seed],
+                      overwrite=args.overwrite, skip_existing=args.skip_existing, progress=not args.no_progress,
+                      on_result=lambda r: print(line(r), flush=True))
+        print(f"results in {args.output_dir}/frac*-seed*/result.json; table and plots: "
+              f"distill report {args.output_dir} --out {args.output_dir}/report")
+    else:
+        print(line(segment_finetune(cfg, args.output_dir, overwrite=args.overwrite, progress=not args.no_progress)))
     return 0
 
 

@@ -102,7 +102,7 @@ def read_mask(path: str | Path, num_classes: int, ignore_index: int) -> torch.Te
                              f"(a one-channel PNG, mode L or P). Fix: map each colour to its class id (e.g. CamVid's "
                              f"palette in distill.segment.data.CAMVID_PALETTE) and save it as a one-channel PNG.")
         arr = rgb[..., 0]
-    ids = torch.from_numpy(np.ascontiguousarray(arr))
+    ids = torch.from_numpy(np.array(arr, copy=True))
     bad = ids.unique()
     bad = bad[(bad >= num_classes) & (bad != ignore_index)]
     if bad.numel():
