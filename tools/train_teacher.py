@@ -78,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--preload", action="store_true",
                    help="decode every image once, resize it to --resolution and keep the set on the device (small "
                         "sets: no data loader in the loop)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="a safety stop: save and stop once training has run this long (training.json records it); "
+                        "budgets are steps, this only guards a slower machine")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"],
                    help="dtype of the saved weights (float16 halves the file; distill loads it back in float32)")
     p.add_argument("--resume", action="store_true",
@@ -248,7 +251,11 @@ def main(argv=None):
                              f"{time.time() - t0:.1f}"])
             bar.update(1)
             bar.set_postfix(loss=f"{ema_loss:.4f}")
-            if step % args.save_every == 0 or step == last:
+            timed_out = args.time_limit is not None and time.time() - t0 > args.time_limit and step < last
+            if timed_out:
+                accelerator.print(f"--time-limit {args.time_limit:g}s reached at step {step} of {last}: saving and "
+                                  f"stopping")
+            if step % args.save_every == 0 or step == last or timed_out:
                 f.flush()
                 if accelerator.is_main_process:
                     info = dict(command="python tools/train_teacher.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -256,9 +263,11 @@ def main(argv=None):
                                 params=n_params, dataset=args.dataset, resolution=args.resolution, ema=args.ema,
                                 images=len(ds), batch_size=args.batch_size, mixed_precision=args.mixed_precision,
                                 save_dtype=args.save_dtype, torch=torch.__version__, threads=torch.get_num_threads(),
-                                device=str(accelerator.device))
+                                device=str(accelerator.device), planned_steps=last, stopped_by_time_limit=timed_out)
                     save(accelerator.unwrap_model(unet), ema, scheduler, out, info, args.save_dtype)
                 save_state(accelerator, out, step, round(time.time() - t0, 1), ema_loss)
+            if timed_out:
+                break
     bar.close()
     accelerator.print(f"done: {step} steps, smoothed loss {ema_loss:.4f}, {time.time() - t0:.0f}s -> {out}")
 
