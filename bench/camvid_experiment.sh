@@ -25,10 +25,10 @@ fi
 mkdir -p "$OUT"
 GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
 if [ "${SMOKE:-0}" = 1 ]; then
-  : "${T_STEPS:=4}" "${T_BS:=4}" "${P_STEPS:=3}" "${D_STEPS:=3}" "${D_BS:=4}" "${D_WORKERS:=0}"
+  : "${T_STEPS:=4}" "${T_BS:=4}" "${T_RES:=32}" "${P_STEPS:=3}" "${D_STEPS:=3}" "${D_BS:=4}" "${D_WORKERS:=0}"
   : "${SEG_STEPS:=3}" "${SEG_BS:=2}" "${SEG_SIZE:=48}" "${SEG_WORKERS:=0}" "${T_LIMIT:=600}"
 else
-  : "${T_STEPS:=3000}" "${T_BS:=128}" "${P_STEPS:=300}" "${D_STEPS:=1500}" "${D_BS:=64}" "${D_WORKERS:=8}"
+  : "${T_STEPS:=3000}" "${T_BS:=128}" "${T_RES:=64}" "${P_STEPS:=300}" "${D_STEPS:=1500}" "${D_BS:=64}" "${D_WORKERS:=8}"
   : "${SEG_STEPS:=500}" "${SEG_BS:=16}" "${SEG_SIZE:=}" "${SEG_WORKERS:=0}" "${T_LIMIT:=240}"
 fi
 MP=${MP:-$([ "$GPU" = 1 ] && echo bf16 || echo no)}
@@ -43,13 +43,13 @@ stage() {  # stage NAME CMD...: run, time, log
 }
 mkdir -p "$OUT/logs" "$OUT/frames"
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'threads', torch.get_num_threads())" | tee "$OUT/machine.txt"
-echo "budgets: T_STEPS=$T_STEPS T_BS=$T_BS P_STEPS=$P_STEPS D_STEPS=$D_STEPS D_BS=$D_BS SEG_STEPS=$SEG_STEPS SEG_BS=$SEG_BS SEG_SIZE=${SEG_SIZE:-native} MP=$MP" | tee -a "$OUT/machine.txt"
+echo "budgets: T_STEPS=$T_STEPS T_BS=$T_BS T_RES=$T_RES P_STEPS=$P_STEPS D_STEPS=$D_STEPS D_BS=$D_BS SEG_STEPS=$SEG_STEPS SEG_BS=$SEG_BS SEG_SIZE=${SEG_SIZE:-native} MP=$MP" | tee -a "$OUT/machine.txt"
 # the unlabelled frames the teacher and the distillation see: train + val images (links; masks never read)
 for s in train val; do for f in "$CAMVID/$s"/*; do ln -s "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$OUT/frames/${s}_$(basename "$f")"; done; done
 
 # 1. the teacher
 stage teacher $PY tools/train_teacher.py --dataset image-folder --data-root "$CAMVID/train" "$CAMVID/val" \
-  --resolution 64 --unet-config tools/unet_camvid_64.json --out "$OUT/teacher" --steps "$T_STEPS" \
+  --resolution "$T_RES" --unet-config tools/unet_camvid_64.json --out "$OUT/teacher" --steps "$T_STEPS" \
   --batch-size "$T_BS" --lr 5e-4 --warmup $(( T_STEPS / 20 + 1 )) --ema --hflip --preload --save-dtype float16 \
   --mixed-precision "$MP" --save-every "$T_STEPS" --time-limit "$T_LIMIT"
 # 2. dense linear probe of the teacher's own features (frozen), two timesteps

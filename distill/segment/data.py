@@ -56,7 +56,7 @@ def split_dirs(root: str | Path, split: str, layout: str) -> tuple[Path, Path]:
             hint = (" For CamVid: `mkdir -p ~/.cache/distill && tar -xzf ../shared/data/camvid-240x180.tar.gz -C "
                     "~/.cache/distill` and --data-root ~/.cache/distill/camvid-240x180.") if layout == "camvid" else ""
             raise DatasetNotFoundError(f"{what} folder '{d}' of split {split!r} does not exist; layout {layout!r} "
-                                       f"expects {expected}.{hint} Or choose --layout {'/'.join(SEG_LAYOUTS)}.")
+                                       f"expects {expected}.{hint} Layouts: {', '.join(SEG_LAYOUTS)} (--layout).")
     return images, masks
 
 
