@@ -32,10 +32,11 @@ class SegMetrics:
         pred, target = pred.detach().cpu(), target.detach().cpu()
         self.iou.update(pred, target)
         self.acc.update(pred, target)
-        for t in (pred, target[target != self.ignore_index]):
+        valid = target != self.ignore_index
+        for t in (pred[valid], target[valid]):
             ids = t.unique()
             self.present[ids[ids < self.num_classes]] = True
-        self.pixels += int((target != self.ignore_index).sum())
+        self.pixels += int(valid.sum())
 
     def compute(self) -> dict:
         """``{'miou', 'miou_present', 'pixel_acc', 'per_class_iou': [K], 'absent_classes', 'pixels'}``, in percent."""
