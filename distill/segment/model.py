@@ -82,7 +82,7 @@ class TeacherBackbone(nn.Module):
     def __init__(self, teacher: nn.Module):
         super().__init__()
         self.teacher = teacher
-        info = sorted(teacher.feature_info, key=lambda f: -f.size)
+        info = sorted(teacher.feature_info, key=lambda f: f.reduction)  # finest first
         self.keys = [f.key for f in info]
         self.channels = [f.num_chs for f in info]
 
