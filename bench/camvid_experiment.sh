@@ -9,7 +9,8 @@
 #
 # Usage (repository root):  CAMVID=<dir with train/ trainannot/ val/ valannot/ test/ testannot/> OUT=<new dir> \
 #                           bash bench/camvid_experiment.sh
-#   SMOKE=1   toy scale (a few steps, small images), for a CPU: checks the whole chain in minutes
+#   SMOKE=1   toy scale (a few steps, small images), for a CPU: checks the whole chain in minutes; give it a few
+#             images per split: python bench/camvid_jpeg.py CAMVID /tmp/camvid-small --max-per-split 12
 #   PY=...    the Python (default: python3); MP=bf16|no (default: bf16 on a GPU, no on a CPU)
 #   every budget below can be overridden from the environment (T_STEPS=..., SEG_STEPS=..., ...).
 # Budgets are steps (reproducible numbers); the GPU defaults were sized for one H200 to finish in under 8 minutes.
