@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DreamTeacher's in-domain claim on CamVid, end to end (issue 14; docs/segmentation.md):
 #   1. train a DDPM teacher (diffusers UNet2DModel, 6.1M params, 64 px) on CamVid's train + val frames (no masks)
-#   2. dense linear probe of the teacher's own features (frozen; BN + one 1x1 conv), t=50 and t=150
+#   2. dense linear probe of the teacher's own features (frozen; BN + one 1x1 conv), t=50 (P_TIMESTEPS="50 150")
 #   3. distill a ResNet-18 from it (recipes/camvid-resnet18.yaml)        4. export it in timm format
 #   5. segmentation fine-tunes on the 233 test images: 10% and 100% of the train masks x distilled / scratch
 #      (timm:resnet18 --like the export) x seeds 0 and 1: the same steps, subsets, batches and augmentation draws
@@ -29,8 +29,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
   : "${T_STEPS:=4}" "${T_BS:=4}" "${T_RES:=32}" "${P_STEPS:=3}" "${D_STEPS:=3}" "${D_BS:=4}" "${D_WORKERS:=0}"
   : "${SEG_STEPS:=3}" "${SEG_BS:=2}" "${SEG_SIZE:=48}" "${SEG_WORKERS:=0}" "${T_LIMIT:=600}"
 else
-  : "${T_STEPS:=3000}" "${T_BS:=128}" "${T_RES:=64}" "${P_STEPS:=300}" "${D_STEPS:=1500}" "${D_BS:=64}" "${D_WORKERS:=8}"
-  : "${SEG_STEPS:=500}" "${SEG_BS:=16}" "${SEG_SIZE:=}" "${SEG_WORKERS:=0}" "${T_LIMIT:=240}"
+  : "${T_STEPS:=2500}" "${T_BS:=128}" "${T_RES:=64}" "${P_STEPS:=200}" "${D_STEPS:=1200}" "${D_BS:=64}" "${D_WORKERS:=8}"
+  : "${SEG_STEPS:=400}" "${SEG_BS:=16}" "${SEG_SIZE:=}" "${SEG_WORKERS:=0}" "${T_LIMIT:=180}"
 fi
 MP=${MP:-$([ "$GPU" = 1 ] && echo bf16 || echo no)}
 SIZE_ARG=${SEG_SIZE:+--size $SEG_SIZE}
@@ -44,7 +44,7 @@ stage() {  # stage NAME CMD...: run, time, log
 }
 mkdir -p "$OUT/logs" "$OUT/frames"
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'threads', torch.get_num_threads())" | tee "$OUT/machine.txt"
-echo "budgets: T_STEPS=$T_STEPS T_BS=$T_BS T_RES=$T_RES P_STEPS=$P_STEPS D_STEPS=$D_STEPS D_BS=$D_BS SEG_STEPS=$SEG_STEPS SEG_BS=$SEG_BS SEG_SIZE=${SEG_SIZE:-native} MP=$MP" | tee -a "$OUT/machine.txt"
+echo "budgets: P_TIMESTEPS=${P_TIMESTEPS:-50} T_LIMIT=$T_LIMIT T_STEPS=$T_STEPS T_BS=$T_BS T_RES=$T_RES P_STEPS=$P_STEPS D_STEPS=$D_STEPS D_BS=$D_BS SEG_STEPS=$SEG_STEPS SEG_BS=$SEG_BS SEG_SIZE=${SEG_SIZE:-native} MP=$MP" | tee -a "$OUT/machine.txt"
 # the unlabelled frames the teacher and the distillation see: train + val images (links; masks never read)
 for s in train val; do for f in "$CAMVID/$s"/*; do ln -s "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$OUT/frames/${s}_$(basename "$f")"; done; done
 
@@ -54,7 +54,7 @@ stage teacher $PY tools/train_teacher.py --dataset image-folder --data-root "$CA
   --batch-size "$T_BS" --lr 5e-4 --warmup $(( T_STEPS / 20 + 1 )) --ema --hflip --preload --save-dtype float16 \
   --mixed-precision "$MP" --save-every "$T_STEPS" --time-limit "$T_LIMIT"
 # 2. dense linear probe of the teacher's own features (frozen), two timesteps
-for t in 50 150; do
+for t in ${P_TIMESTEPS:-50}; do
   stage "teacher_probe_t$t" $PY -m distill.cli finetune "teacher:$OUT/teacher" --task segmentation --decoder linear \
     --blocks up_blocks.0 up_blocks.1 up_blocks.2 --timesteps $t --data-root "$CAMVID" --fraction 1.0 --seed 0 \
     --steps "$P_STEPS" --batch-size "$SEG_BS" --lr 1e-3 --weight-decay 0 --augment flip $SIZE_ARG \
@@ -64,7 +64,7 @@ done
 # 3. distillation, 4. export
 stage distill $PY -m distill.cli train recipes/camvid-resnet18.yaml -o "$OUT/distill" --no-progress --set \
   "data_root=$OUT/frames" "teacher=$OUT/teacher" "steps=$D_STEPS" "batch_size=$D_BS" "num_workers=$D_WORKERS" \
-  "mixed_precision=$MP" "checkpoint_every=$D_STEPS" "log_every=$(( D_STEPS / 30 + 1 ))"
+  "mixed_precision='$MP'" "checkpoint_every=$D_STEPS" "log_every=$(( D_STEPS / 30 + 1 ))"
 stage export $PY -m distill.cli export "$OUT/distill" --out "$OUT/student"
 # 5. segmentation: distilled vs scratch, 10% and 100% of the masks, seeds 0 and 1
 COMMON=(--task segmentation --data-root "$CAMVID" --fractions 0.1 1.0 --seeds 0 1 --steps "$SEG_STEPS"
