@@ -12,6 +12,8 @@
 #   SMOKE=1   toy scale (a few steps, small images), for a CPU: checks the whole chain in minutes; give it a few
 #             images per split: python bench/camvid_jpeg.py CAMVID /tmp/camvid-small --max-per-split 12
 #   PY=...    the Python (default: python3); MP=bf16|no (default: bf16 on a GPU, no on a CPU)
+#   SLIM=1    (default) delete the teacher's resume state and the distillation checkpoints at the end; SLIM=2 also
+#             the student's weights (OUT is then ~15 MB); SLIM=0 keeps all
 #   every budget below can be overridden from the environment (T_STEPS=..., SEG_STEPS=..., ...).
 # Budgets are steps (reproducible numbers); the GPU defaults were sized for one H200 to finish in under 8 minutes.
 # The images may be .jpg or .png; masks are .png with the image's stem.
@@ -79,4 +81,10 @@ stage report $PY -m distill.cli report "$OUT/seg" "$OUT/teacher_probe" "$OUT/dis
   --title "CamVid: distilled vs scratch"
 echo "total $(( $(date +%s) - T0 ))" >> "$OUT/wall_times.txt"
 $PY bench/camvid_summary.py "$OUT"
+# what this script wrote and the results do not need (OUT was empty when it started): SLIM=1 (default) removes the
+# teacher's resume state (~75 MB) and the distillation checkpoints (the export holds the student); SLIM=2 also the
+# student's weights (45 MB), to keep OUT under a transfer limit; SLIM=0 keeps everything. The teacher (12 MB) stays.
+if [ "${SLIM:-1}" -ge 1 ]; then rm -rf "$OUT/teacher.state" "$OUT/distill"/checkpoint-* "$OUT/frames"; fi
+if [ "${SLIM:-1}" -ge 2 ]; then rm -f "$OUT/student/model.safetensors"; fi
+du -sh "$OUT"
 echo "=== all done in $(( $(date +%s) - T0 )) s; read $OUT/summary.md"
