@@ -74,7 +74,8 @@ def main(out: str) -> dict:
         md += [f"teacher: UNet2DModel {tt['params'] / 1e6:.2f}M params at {tt['resolution']} px, {tt['step']} of "
                f"{tt['planned_steps']} steps of {tt['batch_size']} on {tt['images']} frames in {tt['seconds']} s, "
                f"smoothed loss {tt['loss_ema']} (first 100 steps {tt['loss_first_100_mean']}), "
-               f"{tt['file_mb']} MB on disk" + (" **stopped by the time limit**" if tt["stopped_by_time_limit"] else ""),
+               f"{tt['file_mb']} MB on disk" + (" **stopped by the time limit**" if tt["stopped_by_time_limit"]
+                                                else ""),
                ""]
     for p in s["teacher_probe"]:
         md.append(f"- {p['label']}: mIoU {p['last_miou']:.2f}, pixel acc {p['last_pixel_acc']:.2f} ({p['steps']} "
@@ -82,7 +83,8 @@ def main(out: str) -> dict:
     if d:
         md += ["", f"distillation: {d.get('steps')} steps, {d.get('train_seconds', d.get('seconds'))} s, final losses "
                f"{d.get('final_losses')}", ""]
-    md += ["| masks | arm | mIoU per seed | mean mIoU | pixel acc per seed | mean pixel acc |", "|---|---|---|---|---|---|"]
+    md += ["| masks | arm | mIoU per seed | mean mIoU | pixel acc per seed | mean pixel acc |",
+           "|---|---|---|---|---|---|"]
     for row in table:
         for kind, name in (("exported", "distilled"), ("timm", "scratch")):
             if kind in row:

@@ -23,9 +23,14 @@ def export18(tmp_path_factory):
 def test_logits_have_the_input_size(decoder, hw):
     torch.manual_seed(0)
     bb = TimmBackbone(timm_features(parse_model_source("timm:resnet18"), None), MEAN, STD)
-    assert bb.channels == [64, 128, 256, 512] and bb.model.feature_info.reduction() == [4, 8, 16, 32]
+    assert bb.channels == [64, 128, 256, 512] and bb.reductions == [4, 8, 16, 32]
     model = SegModel(bb, build_decoder(decoder, bb.channels, 5, width=16))
     assert model(torch.rand(2, 3, *hw)).shape == (2, 5, *hw)
+
+
+def test_explicit_levels_are_kept():
+    bb = TimmBackbone(timm_features(parse_model_source("timm:resnet18"), [0, 4]), MEAN, STD, drop_stem=False)
+    assert bb.reductions == [2, 32] and [f.shape[1] for f in bb(torch.rand(1, 3, 64, 64))] == [64, 512]
 
 
 def test_exported_weights_reach_the_features_only_backbone(export18):

@@ -62,17 +62,25 @@ class LinearDecoder(nn.Module):
 
 
 class TimmBackbone(nn.Module):
-    """A timm ``features_only`` model; normalises [0, 1] input with ``mean``/``std``. Levels finest first."""
+    """A timm ``features_only`` model; normalises [0, 1] input with ``mean``/``std``. Levels finest first.
 
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+    With ``drop_stem`` a CNN's stride-2 stem level is dropped (levels at strides 4..32, as FPN segmentation heads
+    take them); pass False for a model built with explicit ``out_indices``.
+    """
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], drop_stem: bool = True):
         super().__init__()
         self.model = model
-        self.channels = list(model.feature_info.channels())
+        red = list(model.feature_info.reduction())
+        self.keep = list(range(1, len(red))) if drop_stem and len(red) == 5 and red[0] == 2 else list(range(len(red)))
+        self.channels = [model.feature_info.channels()[i] for i in self.keep]
+        self.reductions = [red[i] for i in self.keep]
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.model((x - self.mean) / self.std))
+        feats = self.model((x - self.mean) / self.std)
+        return [feats[i] for i in self.keep]
 
 
 class TeacherBackbone(nn.Module):
@@ -143,7 +151,7 @@ def timm_features(source, levels: Optional[Sequence[int]], like_config: Optional
     """A timm ``features_only`` model of a :class:`distill.finetune.ModelSource`: the export's weights, or random
     init (call under a seeded RNG) with ``--like``'s model arguments when the architecture matches.
 
-    ``levels``: timm ``out_indices``; default all but the stride-2 stem level for CNNs (strides 4..32).
+    ``levels``: timm ``out_indices``; default all levels (:class:`TimmBackbone` drops a CNN's stride-2 one).
     """
     import timm
 
@@ -161,8 +169,4 @@ def timm_features(source, levels: Optional[Sequence[int]], like_config: Optional
     kwargs.update({k: v for k, v in model_args.items() if k not in ("num_classes", "global_pool")})
     if levels is not None:
         kwargs["out_indices"] = tuple(levels)
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    if levels is None and len(model.feature_info.reduction()) == 5 and model.feature_info.reduction()[0] == 2:
-        kwargs["out_indices"] = (1, 2, 3, 4)  # strides 4..32, as FPN segmentation heads take them
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    return model
+    return timm.create_model(name, pretrained=pretrained, **kwargs)

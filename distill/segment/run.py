@@ -65,9 +65,9 @@ def _build_model(cfg: SegmentConfig, like_config: Optional[dict], num_classes: i
         mean = list(cfg.mean or pcfg.get("mean") or (0.485, 0.456, 0.406))
         std = list(cfg.std or pcfg.get("std") or (0.229, 0.224, 0.225))
         mean, std = (mean * 3 if len(mean) == 1 else mean), (std * 3 if len(std) == 1 else std)
-        backbone = TimmBackbone(timm_features(source, cfg.levels, like_config), mean, std)
+        backbone = TimmBackbone(timm_features(source, cfg.levels, like_config), mean, std, drop_stem=cfg.levels is None)
         info = {"kind": source.kind, "name": source.name, "mean": mean, "std": std,
-                "label": default_label(source), "reductions": list(backbone.model.feature_info.reduction())}
+                "label": default_label(source), "reductions": backbone.reductions}
         freeze = cfg.freeze_backbone
     decoder = build_decoder(cfg.decoder, backbone.channels, num_classes, cfg.decoder_width)
     return SegModel(backbone, decoder, freeze_backbone=freeze), info
