@@ -80,7 +80,7 @@ def test_colour_mask_is_refused_and_grey_rgb_and_palette_masks_are_ids(tmp_path)
 
 def test_missing_split_folder_names_the_layout(tmp_path, shapes):
     with pytest.raises(DatasetNotFoundError,
-                       match=r"shapes/val' of split 'val' does not exist; layout 'camvid' expects ROOT/val/ \(images\)"):
+                       match=r"shapes/val' of split 'val' does not exist; layout 'camvid' expects ROOT/val/"):
         SegmentationFolder(shapes, "val", NUM_CLASSES, IGNORE)
 
 

@@ -219,14 +219,16 @@ def main(argv=None):
     if loader is not None:
         batches = (b for _ in iter(int, 1) for b in loader)  # endless; a resumed run reshuffles
     else:
-        batches = preloaded_batches(images, args.batch_size, args.seed, start_epoch=step * args.batch_size // len(images))
+        batches = preloaded_batches(images, args.batch_size, args.seed,
+                                    start_epoch=step * args.batch_size // len(images))
     with open(log_path, "a" if step else "w", newline="") as f:
         writer = csv.writer(f)
         if not step:
             writer.writerow(["step", "loss", "loss_ema", "lr", "seconds"])
         while step < last:
             images_b, _ = next(batches)
-            x0 = images_b if loader is None else to_teacher(to_unit(images_b), channels, args.resolution)  # (B, C, R, R)
+            # (B, C, R, R) in [-1, 1]
+            x0 = images_b if loader is None else to_teacher(to_unit(images_b), channels, args.resolution)
             if args.hflip:
                 flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
                 x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
