@@ -25,6 +25,9 @@ PY=${PY:-python3}
 if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
   echo "OUT=$OUT exists and is not empty; choose a new folder (nothing is overwritten)" >&2; exit 2
 fi
+# preflight: every module the chain imports, so a missing one fails here and not after minutes of training
+$PY -c "import yaml, PIL, numpy, matplotlib, tqdm, torch, timm, diffusers, accelerate, kornia, torchmetrics, safetensors" \
+  || { echo "missing Python packages (above); install them first (pip install -e . installs all)" >&2; exit 2; }
 mkdir -p "$OUT"
 GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
 if [ "${SMOKE:-0}" = 1 ]; then
