@@ -157,9 +157,12 @@ def plot_loss_curves(runs: Sequence, path: Path) -> Optional[Path]:
     return save_figure(fig, path)
 
 
-def plot_fraction(rows: list[dict], path: Path) -> Optional[Path]:
-    """Fine-tuning top-1 against label fraction (log x), mean with a min-max band over seeds, one line per model
-    (rows of ``distill.report.summarize_finetune``). Returns ``path``, or None without rows."""
+def plot_fraction(rows: list[dict], path: Path, metric: str = "last_top1",
+                  ylabel: str = "test top-1 (%), last step", xlabel: str = "label fraction (log scale)",
+                  title: str = "fine-tuning: mean and min-max over seeds") -> Optional[Path]:
+    """Fine-tuning ``metric`` (top-1, or mIoU for segmentation) against label fraction (log x), mean with a min-max
+    band over seeds, one line per model (rows of ``distill.report.summarize_finetune``, whose ``metric`` entries are
+    ``{'mean', 'min', 'max', 'n'}``). Returns ``path``, or None without rows."""
     if not rows:
         return None
     fig = new_figure(6.0, 4.2)
@@ -168,18 +171,18 @@ def plot_fraction(rows: list[dict], path: Path) -> Optional[Path]:
     for label in dict.fromkeys(r["label"] for r in rows):
         rs = sorted((r for r in rows if r["label"] == label), key=lambda r: r["fraction"])
         xs = [r["fraction"] for r in rs]
-        mean = [r["last_top1"]["mean"] for r in rs]
-        lo, hi = [r["last_top1"]["min"] for r in rs], [r["last_top1"]["max"] for r in rs]
+        mean = [r[metric]["mean"] for r in rs]
+        lo, hi = [r[metric]["min"] for r in rs], [r[metric]["max"] for r in rs]
         line, = ax.plot(xs, mean, marker="o", linestyle="--" if rs[0]["model_kind"] == "timm" else "-",
-                        label=f"{label} ({seeds_label(max(r['last_top1']['n'] for r in rs))})")
+                        label=f"{label} ({seeds_label(max(r[metric]['n'] for r in rs))})")
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.vlines(xs, lo, hi, color=line.get_color(), alpha=0.6)
     ax.set_xscale("log")
     ax.set_xticks(fractions, [pct(f) for f in fractions])
     ax.minorticks_off()
-    ax.set_xlabel("label fraction (log scale)")
-    ax.set_ylabel("test top-1 (%), last step")
-    ax.set_title("fine-tuning: mean and min-max over seeds")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
@@ -236,4 +239,41 @@ def plot_monitor(runs: Sequence, path: Path) -> Optional[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("training monitor: kNN top-1 of the student")
+    return save_figure(fig, path)
+
+
+def colorize(ids, palette: Sequence[Sequence[int]], ignore_index: int):
+    """Class ids ``[H, W]`` (tensor or array) -> RGB uint8 ``[H, W, 3]`` in ``palette`` (one colour per id);
+    ``ignore_index`` and ids without a colour are black."""
+    import numpy as np
+
+    ids = np.asarray(ids).astype(np.int64)
+    lut = np.zeros((max(int(ids.max(initial=0)), len(palette), ignore_index) + 1, 3), dtype=np.uint8)
+    lut[:len(palette)] = np.asarray(palette, dtype=np.uint8)
+    lut[ignore_index] = 0
+    return lut[ids]
+
+
+def segmentation_grid(images, masks, preds, palette: Sequence[Sequence[int]], ignore_index: int, path,
+                      title: str = "") -> Path:
+    """One row per image: the image, its ground truth and the prediction, in the dataset's palette.
+
+    ``images``: uint8 ``[N, 3, H, W]``; ``masks``, ``preds``: class ids ``[N, H, W]``. Writes ``path`` (PNG)."""
+    import numpy as np
+
+    n = len(images)
+    h, w = images.shape[-2:]
+    fig = new_figure(3 * 2.6 * w / max(h, w) + 0.4, n * 2.6 * h / max(h, w) + 0.6)
+    axes = fig.subplots(n, 3, squeeze=False)
+    for i in range(n):
+        panels = (np.asarray(images[i]).transpose(1, 2, 0), colorize(masks[i], palette, ignore_index),
+                  colorize(preds[i], palette, ignore_index))
+        for j, (ax, im, name) in enumerate(zip(axes[i], panels, ("image", "ground truth", "prediction"))):
+            ax.imshow(im, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(textwrap.fill(title, 90), fontsize=9)
     return save_figure(fig, path)

@@ -31,6 +31,7 @@ from .atomic import atomic_write_json, atomic_write_text, writing
 from .integrity import error_text, read_json
 from .teacher import feature_key
 from .plots import pct, plot_fraction, plot_loss_curves, plot_monitor, plot_probes
+from .segment.report import segmentation_section
 
 _logger = logging.getLogger(__name__)
 
@@ -167,7 +168,8 @@ def _finetune_result(path: Path) -> dict:
     r = read_json(path)
     if not isinstance(r, dict):
         raise ValueError("not a `distill finetune` result (a JSON object)")
-    for key in ("label", "fraction", "seed", "last_top1", "best_top1"):
+    keys = ("last_miou",) if r.get("task") == "segmentation" else ("last_top1", "best_top1")  # distill.segment
+    for key in ("label", "fraction", "seed") + keys:
         if key not in r:
             raise ValueError(f"has no {key!r}; is it a `distill finetune` result?")
     return r
@@ -364,6 +366,8 @@ def write_report(paths: Sequence[str], out: str, teacher_probe: Optional[str] = 
     if not runs and not results:
         raise ValueError(f"no readable runs in {list(paths)}: " + "; ".join(f"'{s['path']}': {s['reason']}"
                                                                           for s in skipped))
+    seg_results = [r for r in results if r.get("task") == "segmentation"]
+    results = [r for r in results if r.get("task") != "segmentation"]
     teacher_rows = load_teacher_probe(teacher_probe) if teacher_probe else []
     ft_rows = summarize_finetune(results)
     p_rows = probe_rows(runs, teacher_rows)
@@ -401,11 +405,13 @@ def write_report(paths: Sequence[str], out: str, teacher_probe: Optional[str] = 
             md += ["![accuracy vs label fraction](finetune_fraction.png)", ""]
         budgets = sorted({_budget(r) for r in results})
         md += [f"Budget: {'; '.join(budgets)}.", "", "### Runs", "", finetune_runs_table(results), ""]
+    seg_md, seg_plots, seg_rows = segmentation_section(seg_results, out_p) if seg_results else ([], {}, [])
+    md, plots = md + seg_md, {**plots, **seg_plots}
     if skipped:
         md += ["## Skipped (unreadable)", ""] + [f"- `{s['path']}`: {s['reason']}" for s in skipped] + [""]
     report_md = atomic_write_text(out_p / "report.md", "\n".join(md))
     summary = {"report": str(report_md), "plots": {k: str(v) if v else None for k, v in plots.items()},
-               "finetune": ft_rows, "probes": p_rows, "skipped": skipped,
+               "finetune": ft_rows, "segmentation": seg_rows, "probes": p_rows, "skipped": skipped,
                "distill_runs": [{"name": r.name, "path": str(r.path), "loss_terms": r.loss_terms,
                                  "final": {t: _last_finite(r.metrics[t]) for t in r.loss_terms},
                                  "probes": r.probes} for r in runs]}

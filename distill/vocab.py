@@ -54,6 +54,12 @@ SELECT_SCORE_ON = ("val", "test")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 #: The pip extra of distill that installs each tracker: ``pip install "distill[EXTRA]"``.
 TRACKER_EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+#: Downstream tasks of ``distill finetune --task``.
+TASKS = ("classification", "segmentation")
+#: Folder layouts of a segmentation set: ``S/`` + ``Sannot/`` (CamVid) or ``S/images/`` + ``S/masks/``.
+SEG_LAYOUTS = ("camvid", "images-masks")
+#: Segmentation heads: a light FPN decoder over the backbone's levels, or one 1x1 conv (the dense linear probe).
+SEG_DECODERS = ("fpn", "linear")
 
 
 def dataset_channels(dataset: str, image_channels: Optional[int] = None) -> int:

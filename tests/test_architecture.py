@@ -22,7 +22,7 @@ BLOCKS = {"distill.data", "distill.augment", "distill.teacher", "distill.student
           "distill.losses", "distill.policy", "distill.probe", "distill.plots", "distill.optim"}
 WIRING = {"distill.build", "distill.rundir", "distill.runlock", "distill.export"}
 PROCEDURES = {"distill.trainer", "distill.select", "distill.cache", "distill.evaluate", "distill.finetune",
-              "distill.pipeline", "distill.report"}
+              "distill.pipeline", "distill.report", "distill.segment"}
 FACES = {"distill.cli", "distill"}
 LAYERS = [FOUNDATION, BLOCKS, WIRING, PROCEDURES, FACES]
 # modules above ~400 lines, each because one on-disk format is written and read in one place

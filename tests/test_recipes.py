@@ -29,6 +29,13 @@ HUB_STANDINS = {
         embedding=torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(0))),
     # DiT-XL/2 at 256: 28 blocks, patch 2, 1000 classes + null, factor-8 VAE, transformer config named
     # Transformer2DModel as on the hub.
+    # Not a hub id: the CamVid teacher the recipe's comment trains with tools/train_teacher.py (its
+    # tools/unet_camvid_64.json block layout: 4 levels, attention in the third down / second up block).
+    "runs/camvid-teacher": dict(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=[8, 16, 16, 16],
+        down_block_types=["DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"], norm_num_groups=4,
+        attention_head_dim=8),
     "facebook/DiT-XL-2-256": lambda path: save_dit_pipeline(
         path, tiny_dit_config(num_layers=28, sample_size=32, num_classes=1000), tiny_vae_config(levels=4)),
 }

@@ -52,3 +52,26 @@ def test_stop_after_out_of_range_is_refused(tmp_path, capsys):
         _tool().parse_args(["--out", str(tmp_path / "t"), "--steps", "10", "--stop-after", "11"])
     err = capsys.readouterr().err
     assert "--stop-after" in err and "11" in err and "--steps=10" in err
+
+
+def test_resume_continues_the_schedule_and_the_loss_csv(rgb_folder, tiny_unet_json, tmp_path):
+    """Two roots pooled, preloaded; stopped at step 2 of 4 and resumed: 4 CSV rows, the lr of an uninterrupted run at
+    every step (optimizer and schedule restored from OUT.state/), and a loadable pipeline at step 4."""
+    common = ["--dataset", "image-folder", "--data-root", str(rgb_folder / "train"), str(rgb_folder / "test"),
+              "--unet-config", str(tiny_unet_json), "--batch-size", "4", "--steps", "4", "--warmup", "1",
+              "--lr", "1e-3", "--save-every", "2", "--preload", "--ema"]
+    _tool().main(common + ["--out", str(tmp_path / "straight")])
+    _tool().main(common + ["--out", str(tmp_path / "cut"), "--stop-after", "2"])
+    assert json.loads((tmp_path / "cut" / "training.json").read_text())["step"] == 2
+    _tool().main(common + ["--out", str(tmp_path / "cut"), "--resume"])
+    rows = {name: list(csv.DictReader(open(tmp_path / f"{name}.loss.csv"))) for name in ("straight", "cut")}
+    assert [r["step"] for r in rows["cut"]] == ["1", "2", "3", "4"]
+    assert [r["lr"] for r in rows["cut"]] == [r["lr"] for r in rows["straight"]]
+    assert [r["loss"] for r in rows["cut"][:2]] == [r["loss"] for r in rows["straight"][:2]]
+    info = json.loads((tmp_path / "cut" / "training.json").read_text())
+    assert info["step"] == 4 and info["images"] == 54 and not info["stopped_by_time_limit"]
+
+
+def test_resume_without_state_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="no training state"):
+        _tool().main(["--out", str(tmp_path / "none"), "--resume", "--steps", "2"])

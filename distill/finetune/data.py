@@ -95,11 +95,12 @@ class SeededAugment:
     def _get(self):
         return torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if self._cuda else None)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *x: torch.Tensor):
+        """``augment(*x)`` on this stream (one batch, or e.g. images and masks for a joint augmentation)."""
         with torch.random.fork_rng(devices=self._cuda):
             torch.set_rng_state(self._state[0])
             if self._cuda:
                 torch.cuda.set_rng_state(self._state[1], self.device)
-            out = self.augment(x)
+            out = self.augment(*x)
             self._state = self._get()
         return out

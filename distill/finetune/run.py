@@ -89,7 +89,8 @@ def result_problem(path: Path) -> Optional[str]:
         return error_text(e)
     if not isinstance(r, dict):
         return "not a JSON object"
-    missing = [k for k in ("label", "fraction", "seed", "last_top1") if k not in r]
+    score = "last_miou" if r.get("task") == "segmentation" else "last_top1"  # distill.segment writes last_miou
+    missing = [k for k in ("label", "fraction", "seed", score) if k not in r]
     return f"no {', '.join(missing)}" if missing else None
 
 

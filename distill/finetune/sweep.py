@@ -17,9 +17,10 @@ def run_dir_name(fraction: float, seed: int) -> str:
 
 def finetune_sweep(cfg: FinetuneConfig, output_dir: str, fractions: Sequence[float], seeds: Sequence[int],
                    overwrite: bool = False, skip_existing: bool = False, progress: bool = True,
-                   on_result: Optional[Callable[[dict], None]] = None) -> list[dict]:
+                   on_result: Optional[Callable[[dict], None]] = None, run: Callable = finetune) -> list[dict]:
     """One run per (fraction, seed) in ``output_dir/frac{F}-seed{S}/``; everything is checked before the first
-    run, so a bad fraction or an existing result fails at once instead of after hours."""
+    run, so a bad fraction or an existing result fails at once instead of after hours. ``run``: the function of one
+    run (:func:`distill.finetune.finetune`, or :func:`distill.segment.segment_finetune`)."""
     if not fractions or not seeds:
         raise ValueError("--fractions and --seeds need at least one value each.")
     runs = [(f, s) for f in fractions for s in seeds]
@@ -38,8 +39,7 @@ def finetune_sweep(cfg: FinetuneConfig, output_dir: str, fractions: Sequence[flo
         if skip_existing and not overwrite and (sub / RESULT_FILE).exists():
             r = json.loads((sub / RESULT_FILE).read_text())
         else:
-            r = finetune(dataclasses.replace(cfg, fraction=f, seed=s), str(sub), overwrite=overwrite,
-                         progress=progress)
+            r = run(dataclasses.replace(cfg, fraction=f, seed=s), str(sub), overwrite=overwrite, progress=progress)
         results.append(r)
         if on_result:
             on_result(r)

@@ -1,0 +1,55 @@
+"""``distill`` command line: train, run, export, extract, recipes, probe, select, report, finetune.
+
+One module per group of commands, each command's parser beside its thin handler (``train``: pretraining and what it
+needs and makes; ``evaluate``: probes, selection, reports; ``finetune``: classification and segmentation); heavy
+imports stay inside the handlers, so ``distill --help`` loads no torch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import EXIT_CODES, TrainingInterrupted
+from ..logs import setup_logging
+from ..version import __version__
+from .common import spread_set_options
+from .evaluate import add_probe_parser, add_report_parser, add_select_parser
+from .finetune import add_finetune_parser
+from .train import (add_export_parser, add_extract_parser, add_recipes_parser, add_run_parser,
+                    add_train_parser)
+
+__all__ = ["build_parser", "main", "spread_set_options"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distill", description="Distill diffusion-model features into timm students.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"distill {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (add_train_parser, add_run_parser, add_export_parser, add_probe_parser, add_select_parser,
+                add_extract_parser, add_finetune_parser, add_report_parser, add_recipes_parser):
+        add(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(spread_set_options(sys.argv[1:] if argv is None else list(argv)))
+    if getattr(args, "_output_dir_parser", None) is not None and args.output_dir is None:
+        args._output_dir_parser.error("the following arguments are required: -o/--output-dir")
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except TrainingInterrupted as e:
+        print(f"distill {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: abort at once, no traceback
+        print(f"distill {args.command}: interrupted; nothing more was written (checkpoints already on disk are "
+              f"kept).", file=sys.stderr)
+        return 130
+    except Exception as e:
+        for kinds, code in EXIT_CODES:
+            if isinstance(e, kinds):
+                print(f"distill {args.command}: error: {e}", file=sys.stderr)
+                return code
+        raise

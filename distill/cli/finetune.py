@@ -1,0 +1,141 @@
+"""``distill finetune``: classification (``--task classification``) and semantic segmentation
+(``--task segmentation``) fine-tuning of an export or of ``timm:NAME`` from scratch."""
+from __future__ import annotations
+
+import argparse
+
+from ..vocab import SEG_DECODERS, SEG_LAYOUTS, TASKS
+from .common import add_output_dir
+
+
+def add_finetune_parser(sub) -> None:
+    ft = sub.add_parser("finetune", help="fine-tune an exported student or timm:NAME (scratch) with a label "
+                                         "fraction; top-1/top-5 on the test split")
+    ft.add_argument("model", help="exported student directory (distill export) or timm:NAME for random init")
+    add_output_dir(ft, "run directory (result.json, train_log.csv); with --fractions/--seeds one "
+                        "frac{F}-seed{S}/ per run")
+    ft.add_argument("--dataset", default=None, help="fashion-mnist or image-folder (default: the export's dataset)")
+    ft.add_argument("--data-root", default=None)
+    ft.add_argument("--test-root", default=None, help="image-folder test split if not DATA_ROOT/test")
+    ft.add_argument("--fraction", type=float, default=1.0, help="share of training labels (stratified, seeded)")
+    ft.add_argument("--seed", type=int, default=0, help="subset, head init, data order and augmentation seed")
+    ft.add_argument("--fractions", type=float, nargs="+", default=None, metavar="F",
+                    help="sweep: one run per fraction (x --seeds)")
+    ft.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S", help="sweep: one run per seed")
+    ft.add_argument("--steps", type=int, default=500, help="optimizer steps, the same for every fraction")
+    ft.add_argument("--batch-size", type=int, default=64)
+    ft.add_argument("--optimizer", default="adamw", help="adamw, sgd or lamb (timm create_optimizer_v2)")
+    ft.add_argument("--lr", type=float, default=1e-3)
+    ft.add_argument("--weight-decay", type=float, default=0.05)
+    ft.add_argument("--momentum", type=float, default=0.9, help="sgd only")
+    ft.add_argument("--warmup-steps", type=int, default=50)
+    ft.add_argument("--layer-decay", type=float, default=None, metavar="D",
+                    help="layer-wise lr decay in (0, 1], e.g. 0.75: each layer below the head learns at D x the rate "
+                         "of the one above (timm create_optimizer_v2); default off")
+    ft.add_argument("--backbone-lr-mult", type=float, default=1.0, metavar="M",
+                    help="lr factor on the backbone (every parameter but the new head), e.g. 0.1; default 1")
+    ft.add_argument("--augment", default="crop-flip", help="none, flip or crop-flip (kornia)")
+    ft.add_argument("--label-smoothing", type=float, default=0.0)
+    ft.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm; 0: no clipping")
+    ft.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end); 0: end")
+    ft.add_argument("--eval-batch-size", type=int, default=256)
+    ft.add_argument("--log-every", type=int, default=10)
+    ft.add_argument("--like", default=None, metavar="EXPORTED_DIR",
+                    help="timm:NAME runs copy this export's input size, mean/std and model args")
+    ft.add_argument("--size", type=int, default=None, help="input size (default: the export's / --like's, else 64)")
+    ft.add_argument("--mean", type=float, nargs="+", default=None, help="default: the export's, else the data's")
+    ft.add_argument("--std", type=float, nargs="+", default=None)
+    ft.add_argument("--label", default=None, help="name in reports (default: '<arch> distilled' / '<arch> scratch')")
+    ft.add_argument("--mixed-precision", default="no", help="no, fp16 or bf16")
+    ft.add_argument("--num-workers", type=int, default=0)
+    ft.add_argument("--eval-train", action="store_true", help="also report accuracy on the labelled subset")
+    ft.add_argument("--save-model", action="store_true", help="write the fine-tuned model to OUT/model (timm format)")
+    ft.add_argument("--overwrite", action="store_true", help="replace an existing result.json")
+    ft.add_argument("--skip-existing", action="store_true", help="sweep: keep runs that already have a result")
+    ft.add_argument("--no-progress", action="store_true")
+    _add_segmentation_args(ft)
+    ft.set_defaults(func=cmd_finetune)
+
+
+def _add_segmentation_args(ft) -> None:
+    """``distill finetune --task segmentation`` options (docs/segmentation.md)."""
+    sg = ft.add_argument_group("segmentation (--task segmentation; defaults differ: --steps 300 --batch-size 16 "
+                               "--warmup-steps 30 --eval-every 0 --eval-batch-size 16)")
+    sg.add_argument("--task", choices=TASKS, default="classification")
+    sg.add_argument("--layout", choices=SEG_LAYOUTS, default="camvid",
+                    help="camvid: S/ + Sannot/; images-masks: S/images/ + S/masks/ (masks paired by file stem)")
+    sg.add_argument("--num-classes", type=int, default=11, help="class ids 0..N-1 in the masks (CamVid: 11)")
+    sg.add_argument("--ignore-index", type=int, default=11, help="id of unlabelled pixels (CamVid: 11)")
+    sg.add_argument("--class-names", default=None, metavar="FILE", help="one class name per line")
+    sg.add_argument("--eval-split", default="test", help="split evaluated at the end (test or val)")
+    sg.add_argument("--decoder", choices=SEG_DECODERS, default="fpn",
+                    help="fpn: light FPN decoder; linear: BN + one 1x1 conv (the dense linear probe)")
+    sg.add_argument("--decoder-width", type=int, default=128)
+    sg.add_argument("--freeze-backbone", action="store_true", help="train the decoder only (with --decoder linear: "
+                                                                   "the dense linear probe)")
+    sg.add_argument("--levels", type=int, nargs="+", default=None, help="timm out_indices (default: strides 4..32)")
+    sg.add_argument("--scale-min", type=float, default=0.25, help="crop-flip: smallest crop area share")
+    sg.add_argument("--blocks", nargs="+", default=None, help="teacher:NAME: the teacher blocks probed")
+    sg.add_argument("--timesteps", nargs="+", type=int, default=None, help="teacher:NAME: timesteps (default 11)")
+    sg.add_argument("--grid-images", type=int, default=4, help="test images drawn in predictions.png (0: none)")
+
+
+def cmd_finetune(args) -> int:
+    """Fine-tune an exported student or timm:NAME (random init) with a label fraction; one run or a sweep."""
+    if args.task == "segmentation":
+        return _segment(args)
+    from ..finetune import FinetuneConfig, finetune, finetune_sweep, result_line
+
+    cfg = FinetuneConfig(
+        model=args.model, dataset=args.dataset, data_root=args.data_root, test_root=args.test_root,
+        fraction=args.fraction, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+        warmup_steps=args.warmup_steps, layer_decay=args.layer_decay, backbone_lr_mult=args.backbone_lr_mult,
+        augment=args.augment, label_smoothing=args.label_smoothing,
+        grad_clip=args.grad_clip, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+        log_every=args.log_every, size=args.size, mean=args.mean, std=args.std, like=args.like, label=args.label,
+        mixed_precision=args.mixed_precision, num_workers=args.num_workers, eval_train=args.eval_train,
+        save_model=args.save_model)
+    progress = not args.no_progress
+    if args.fractions or args.seeds:
+        finetune_sweep(cfg, args.output_dir, args.fractions or [args.fraction], args.seeds or [args.seed],
+                       overwrite=args.overwrite, skip_existing=args.skip_existing, progress=progress,
+                       on_result=lambda r: print(result_line(r), flush=True))
+        print(f"results in {args.output_dir}/frac*-seed*/result.json; table and plots: "
+              f"distill report {args.output_dir} -o {args.output_dir}/report")
+    else:
+        print(result_line(finetune(cfg, args.output_dir, overwrite=args.overwrite, progress=progress)))
+    return 0
+
+
+def _segment(args) -> int:
+    """``distill finetune --task segmentation``: one run or a sweep; mIoU on the evaluation split."""
+    import dataclasses
+
+    from ..segment import SegmentConfig, segment_finetune, segment_sweep
+
+    seg_defaults = {"steps": 300, "batch_size": 16, "warmup_steps": 30, "eval_every": 0, "eval_batch_size": 16}
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(SegmentConfig)}}
+    parser = argparse.ArgumentParser()
+    add_finetune_parser(parser.add_subparsers())
+    parser_defaults = vars(parser.parse_args(["finetune", "MODEL", "-o", "OUT"]))
+    for k, v in seg_defaults.items():  # an option left at classification's default takes segmentation's
+        if given[k] == parser_defaults[k]:
+            given[k] = v
+    given.pop("dataset", None)
+    cfg = SegmentConfig(**given)
+
+    def line(r: dict) -> str:
+        return (f"{r['label']}: fraction {r['fraction']:g} ({r['train_images']} images), seed {r['seed']}, "
+                f"{r['steps']} steps: {r['eval_split']} mIoU {r['last_miou']:.2f}, pixel acc {r['last_pixel_acc']:.2f}"
+                f", {r['seconds']:.0f}s")
+
+    if args.fractions or args.seeds:
+        segment_sweep(cfg, args.output_dir, args.fractions or [args.fraction], args.seeds or [args.seed],
+                      overwrite=args.overwrite, skip_existing=args.skip_existing, progress=not args.no_progress,
+                      on_result=lambda r: print(line(r), flush=True))
+        print(f"results in {args.output_dir}/frac*-seed*/result.json; table and plots: "
+              f"distill report {args.output_dir} --out {args.output_dir}/report")
+    else:
+        print(line(segment_finetune(cfg, args.output_dir, overwrite=args.overwrite, progress=not args.no_progress)))
+    return 0

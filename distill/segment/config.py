@@ -1,0 +1,66 @@
+"""The settings of one segmentation run, :class:`SegmentConfig` (torch-free): the classification fine-tune's
+settings (:class:`distill.finetune.FinetuneConfig`) plus the segmentation ones."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from ..finetune.config import FinetuneConfig
+from ..vocab import SEG_DECODERS, SEG_LAYOUTS
+
+
+@dataclass
+class SegmentConfig(FinetuneConfig):
+    """One segmentation fine-tune (or dense linear probe with ``decoder='linear'`` and ``freeze_backbone``).
+
+    ``model``: an exported student, ``timm:NAME`` (random init) or ``teacher:NAME`` (a diffusion teacher's own
+    features, frozen: the dense probe of a teacher). ``augment``: ``crop-flip`` = random scale (area ``scale_min``
+    to 1) + crop back to the input size + flip, applied to image and mask alike; ``flip``; ``none``. ``size``:
+    resize every image (bilinear) and mask (nearest) to this height, keeping the aspect; default the data's own.
+    """
+
+    layout: str = "camvid"
+    num_classes: int = 11
+    ignore_index: int = 11
+    class_names: Optional[str] = None  # a file, one name per line
+    eval_split: str = "test"
+    decoder: str = "fpn"
+    decoder_width: int = 128
+    freeze_backbone: bool = False
+    levels: Optional[Sequence[int]] = None  # timm out_indices; default strides 4..32
+    scale_min: float = 0.25  # crop-flip: the smallest crop area (share of the image)
+    blocks: Optional[Sequence[str]] = None  # teacher:NAME only
+    timesteps: Optional[Sequence[int]] = None  # teacher:NAME only (default 11)
+    grid_images: int = 4  # test images in predictions.png; 0: none
+    steps: int = 300
+    batch_size: int = 16
+    warmup_steps: int = 30
+    eval_every: int = 0
+    eval_batch_size: int = 16
+
+    def validate(self) -> None:
+        """:meth:`FinetuneConfig.validate`, then the segmentation fields; raises ``ValueError`` naming the option."""
+        super().validate()
+        if self.data_root is None:
+            raise ValueError("--data-root is required for --task segmentation: a folder with train/ + trainannot/ "
+                             "(CamVid layout) or train/images/ + train/masks/ (--layout images-masks), and the same "
+                             "for the evaluation split.")
+        if self.layout not in SEG_LAYOUTS:
+            raise ValueError(f"--layout {self.layout!r} is not valid; valid: {', '.join(SEG_LAYOUTS)}.")
+        if self.decoder not in SEG_DECODERS:
+            raise ValueError(f"--decoder {self.decoder!r} is not valid; valid: {', '.join(SEG_DECODERS)}.")
+        for name, lo in (("num_classes", 2), ("decoder_width", 1), ("grid_images", 0), ("ignore_index", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {lo}; got {v!r}.")
+        if 0 <= self.ignore_index < self.num_classes:
+            raise ValueError(f"--ignore-index {self.ignore_index} is a class id (--num-classes {self.num_classes}); "
+                             f"give the id of unlabelled pixels, >= the number of classes (CamVid: 11, or 255).")
+        if not 0 < self.scale_min <= 1:
+            raise ValueError(f"--scale-min must be in (0, 1]; got {self.scale_min!r}.")
+        if (self.blocks or self.timesteps) and not self.model.startswith("teacher:"):
+            raise ValueError(f"--blocks/--timesteps choose a teacher's features; --model {self.model!r} is not "
+                             f"teacher:NAME.")
+        if self.model.startswith("teacher:") and not self.blocks:
+            raise ValueError("teacher:NAME needs --blocks (e.g. --blocks up_blocks.1 up_blocks.2); its features are "
+                             "probed frozen (use --decoder linear --freeze-backbone for the dense linear probe).")

@@ -1,0 +1,116 @@
+"""distill.segment.run and `distill finetune --task segmentation`: a model learns a synthetic shapes set well above
+chance in tens of steps; a distilled run and its scratch baseline see the same images, masks and augmentation at
+every step; the run's files; the output-directory safety; bad input exits 2 naming the file."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from distill.cli import main
+from distill.segment import SegmentConfig, segment_finetune
+
+from ._finetune import fake_export
+from ._segment import IGNORE, NUM_CLASSES, write_shapes
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return write_shapes(tmp_path_factory.mktemp("seg") / "shapes", {"train": 24, "test": 8}, image_ext=".jpg")
+
+
+def _cfg(model, root, **kw):
+    base = dict(model=model, data_root=str(root), num_classes=NUM_CLASSES, ignore_index=IGNORE, steps=40,
+                batch_size=8, lr=3e-3, warmup_steps=4, decoder_width=32, log_every=5, grid_images=2,
+                eval_batch_size=8)
+    base.update(kw)
+    return SegmentConfig(**base)
+
+
+def test_learns_synthetic_shapes_well_above_chance(shapes, tmp_path):
+    r = segment_finetune(_cfg("timm:resnet10t", shapes), str(tmp_path / "run"), progress=False)
+    # chance: every pixel background gives IoU ~0.8 for one class of three (mIoU ~27), pixel acc ~80
+    masks = np.concatenate([np.array(Image.open(p)).ravel() for p in sorted((shapes / "testannot").glob("*.png"))])
+    majority = 100 * (masks[masks != IGNORE] == 0).mean()
+    assert r["last_miou"] > 60, r["per_class_iou"]
+    assert r["last_pixel_acc"] > majority + 5
+    assert r["test_images"] == 8 and r["train_images"] == 24 and r["steps"] == 40 and r["task"] == "segmentation"
+    assert set(r["per_class_iou"]) == {"class0", "class1", "class2"}
+    rows = list(csv.DictReader(open(tmp_path / "run" / "train_log.csv")))
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    assert (tmp_path / "run" / "predictions.png").stat().st_size > 1000
+
+
+def test_distilled_and_scratch_see_the_same_batches(shapes, tmp_path):
+    export = fake_export(tmp_path / "student", arch="resnet10t")
+    seen = {}
+    for name, model, like in (("distilled", str(export), None), ("scratch", "timm:resnet10t", str(export))):
+        batches = []
+        segment_finetune(_cfg(model, shapes, like=like, steps=3, fraction=0.5, grid_images=0),
+                         str(tmp_path / name), progress=False,
+                         callback=lambda b: batches.append((b["inputs"].clone(), b["masks"].clone(), b["lr"])))
+        seen[name] = batches
+    for (xa, ma, la), (xb, mb, lb) in zip(seen["distilled"], seen["scratch"]):
+        assert torch.equal(xa, xb) and torch.equal(ma, mb) and la == lb
+    a = json.loads((tmp_path / "distilled" / "result.json").read_text())
+    b = json.loads((tmp_path / "scratch" / "result.json").read_text())
+    assert a["train_images"] == b["train_images"] == 12 and a["mean"] == b["mean"]
+    assert (a["model_kind"], b["model_kind"]) == ("exported", "timm")
+
+
+def test_save_model_and_overwrite_safety(shapes, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg("timm:resnet10t", shapes, steps=2, save_model=True, grid_images=0)
+    segment_finetune(cfg, str(out), progress=False)
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["segmentation"]["num_classes"] == NUM_CLASSES and "decoder.classifier.weight" in saved
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        segment_finetune(cfg, str(out), progress=False)
+    segment_finetune(cfg, str(out), overwrite=True, progress=False)
+    (out / "result.json").write_text('{"not": "ours"}')
+    with pytest.raises(FileExistsError, match="not a distill finetune result"):
+        segment_finetune(cfg, str(out), overwrite=True, progress=False)
+
+
+def test_cli_sweep_writes_one_run_per_fraction_and_seed(shapes, tmp_path, capsys):
+    rc = main(["finetune", "timm:resnet10t", "--task", "segmentation", "--data-root", str(shapes), "--num-classes",
+               "3", "--ignore-index", "3", "--fractions", "0.25", "1.0", "--seeds", "0", "--steps", "2",
+               "--batch-size", "4", "--grid-images", "0", "-o", str(tmp_path / "sweep"), "--no-progress"])
+    assert rc == 0
+    runs = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/result.json"))
+    assert runs == ["frac0.25-seed0", "frac1-seed0"]
+    r = json.loads((tmp_path / "sweep" / "frac0.25-seed0" / "result.json").read_text())
+    assert r["train_images"] == 6 and r["steps"] == 2 and r["warmup_steps"] == 2  # segmentation's default 30, capped
+    assert "test mIoU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("colour", "colour-coded RGB"), ("ids", "holds class ids [7]"), ("size", "is 10x8 px but its image"),
+    ("lonely", "has no mask"), ("ignore", "--ignore-index 1 is a class id")])
+def test_cli_bad_input_exits_2_naming_the_file(tmp_path, capsys, damage, expected):
+    root = write_shapes(tmp_path / "bad", {"train": 3, "test": 2})
+    mask = root / "trainannot" / "im001.png"
+    ignore = "3"
+    if damage == "colour":
+        Image.fromarray(np.dstack([np.full((32, 40), v, np.uint8) for v in (0, 1, 2)])).save(mask)
+    elif damage == "ids":
+        Image.fromarray(np.full((32, 40), 7, np.uint8)).save(mask)
+    elif damage == "size":
+        Image.fromarray(np.zeros((8, 10), np.uint8)).save(mask)
+    elif damage == "lonely":
+        mask.unlink()
+    else:
+        ignore = "1"
+    rc = main(["finetune", "timm:resnet10t", "--task", "segmentation", "--data-root", str(root), "--num-classes", "3",
+               "--ignore-index", ignore, "--steps", "1", "-o", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err
+    if damage != "ignore":
+        assert "im001" in err and "Fix" in err
+    assert not (tmp_path / "out").exists()
