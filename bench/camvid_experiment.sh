@@ -70,7 +70,7 @@ done
 stage distill $PY -m distill.cli train recipes/camvid-resnet18.yaml -o "$OUT/distill" --no-progress --set \
   "data_root=$OUT/frames" "teacher=$OUT/teacher" "steps=$D_STEPS" "batch_size=$D_BS" "num_workers=$D_WORKERS" \
   "mixed_precision='$MP'" "checkpoint_every=$D_STEPS" "log_every=$(( D_STEPS / 30 + 1 ))"
-stage export $PY -m distill.cli export "$OUT/distill" --out "$OUT/student"
+stage export $PY -m distill.cli export "$OUT/distill" -o "$OUT/student"
 # 5. segmentation: distilled vs scratch, 10% and 100% of the masks, seeds 0 and 1
 COMMON=(--task segmentation --data-root "$CAMVID" --fractions 0.1 1.0 --seeds 0 1 --steps "$SEG_STEPS"
         --batch-size "$SEG_BS" --lr 1e-3 --warmup-steps $(( SEG_STEPS / 10 )) --num-workers "$SEG_WORKERS"
@@ -80,7 +80,7 @@ stage seg_distilled $PY -m distill.cli finetune "$OUT/student" -o "$OUT/seg/dist
 stage seg_scratch $PY -m distill.cli finetune timm:resnet18 --like "$OUT/student" -o "$OUT/seg/scratch" \
   "${COMMON[@]}" $SIZE_ARG --label "ResNet-18 scratch"
 # 6. report
-stage report $PY -m distill.cli report "$OUT/seg" "$OUT/teacher_probe" "$OUT/distill" --out "$OUT/report" \
+stage report $PY -m distill.cli report "$OUT/seg" "$OUT/teacher_probe" "$OUT/distill" -o "$OUT/report" \
   --title "CamVid: distilled vs scratch"
 echo "total $(( $(date +%s) - T0 ))" >> "$OUT/wall_times.txt"
 $PY bench/camvid_summary.py "$OUT"

@@ -1,6 +1,6 @@
 """Teacher-feature cache: run the frozen teacher once, train many times from memory-mapped fp16 features.
 
-``distill extract RECIPE --out DIR`` (:func:`extract_features_cache`) writes, for every image of the recipe's
+``distill extract RECIPE -o DIR`` (:func:`extract_features_cache`) writes, for every image of the recipe's
 training split, the teacher's features at the recipe's blocks and timesteps for ``num_draws`` seeded noise draws.
 Images are not augmented: the features are those of the clean image converted as the trainer does
 (``to_teacher(to_unit(images))``), so a run reading the cache must use ``augment: none``.
@@ -54,7 +54,7 @@ FORMAT_VERSION = 2  # 2: per-shard sizes and hashes, every input file in the dat
 MANIFEST = "manifest.json"
 STORAGE_DTYPE = "float16"
 _FP16_MAX = 65504.0
-_REBUILD_HINT = ("Fix: rebuild it with `distill extract RECIPE --out {path} --overwrite` (with the run's --set "
+_REBUILD_HINT = ("Fix: rebuild it with `distill extract RECIPE -o {path} --overwrite` (with the run's --set "
                  "overrides), or point feature_cache at the cache made for this recipe.")
 
 
@@ -118,6 +118,7 @@ def expected_key(recipe, ds: Dataset, teacher: DiffusionTeacher, data_channels: 
         "format_version": FORMAT_VERSION,
         "dtype": STORAGE_DTYPE,
         "teacher": _jsonable(recipe.teacher),
+        "teacher_kwargs": _jsonable(recipe.teacher_kwargs),  # a python: factory's arguments (not all change weights)
         "teacher_sha256": teacher_sha256(teacher),
         "scheduler_sha256": scheduler_sha256(teacher.scheduler),
         "teacher_dtype": recipe.teacher_dtype,
@@ -262,16 +263,16 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
         raise ValueError(f"num_draws={num_draws} must be >= 1 (noise draws per image).")
     num_draws = int(num_draws)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"'{out}' is a file; give a directory for the cache (--out).")
+        raise FileExistsError(f"'{out}' is a file; give a directory for the cache (-o/--output-dir).")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"'{out}' already exists; pass --overwrite (overwrite=True) to replace it, or "
-                                  f"choose another --out.")
+                                  f"choose another -o/--output-dir.")
         if not is_feature_cache(out):
             raise FileExistsError(f"'{out}' exists and is not a feature cache made by distill extract (no distill "
                                   f"manifest.json, or it holds other files: "
                                   f"{', '.join(sorted(p.name for p in out.iterdir())[:8])}); refusing to replace it. "
-                                  f"Nothing was deleted. Choose another --out.")
+                                  f"Nothing was deleted. Choose another -o/--output-dir.")
     seed = recipe.seed if seed is None else int(seed)
     if timesteps is None:
         timesteps = recipe.timesteps
@@ -300,7 +301,7 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
     if nbytes > 0.98 * free:
         raise ValueError(f"the cache needs {nbytes / 2**30:.2f} GiB ({nbytes // max(N, 1)} bytes per image) but "
                          f"'{out.parent}' has {free / 2**30:.2f} GiB free; lower --draws, use --max-images, or "
-                         f"choose another --out.")
+                         f"choose another -o/--output-dir.")
     remove_stale_temps(out)
     # atomic: `out` is the old cache or the complete new one, never half of one (replacing a cache was allowed above)
     with atomic_dir(out, replace=True) as tmp:
@@ -381,7 +382,7 @@ class FeatureCache:
         hint = _REBUILD_HINT.format(path=p)
         if not p.is_dir():
             raise FileNotFoundError(f"feature cache '{p}' does not exist; create it with "
-                                    f"`distill extract RECIPE --out {p}`.")
+                                    f"`distill extract RECIPE -o {p}`.")
         mpath = p / MANIFEST
         if not mpath.is_file():
             raise IncompleteCacheError(f"'{p}' is not a complete feature cache: it has no {MANIFEST} (a half-written "

@@ -8,6 +8,7 @@ output directory alone.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import logging
@@ -189,7 +190,10 @@ class Recipe:
     knn_k: int = 20
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The recipe's keys -> values (lists and dicts copied); a teacher given as an object (an ``nn.Module``) is
+        the same object, not a deep copy of its weights."""
+        return {f.name: (v if f.name == "teacher" and not isinstance(v, (str, dict, list)) else copy.deepcopy(v))
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
 
 
 def recipe_fields() -> dict[str, Any]:
@@ -317,6 +321,8 @@ def make_recipe(values: dict, source: str = "recipe", warn: bool = True) -> Reci
     """
     fields_ = recipe_fields()
     values = dict(values)
+    if values.get("mixed_precision") is False:  # YAML 1.1 reads an unquoted `no` as false (Accelerate's "no")
+        values["mixed_precision"] = "no"
     for key, value in list(values.items()):
         if key not in fields_:
             close = difflib.get_close_matches(key, list(fields_), n=1)

@@ -7,7 +7,7 @@ naming the teacher, blocks and timesteps, and none of the provenance timm's defa
 carries (``origin_url``, ``paper_ids`` of supervised ImageNet weights: :data:`INHERITED_PROVENANCE`). Reload with
 ``timm.create_model('local-dir:OUT', pretrained=True, num_classes=K)``.
 
-An export deletes only what it can prove it wrote: an existing ``--out`` is replaced (``overwrite``) only when it is
+An export deletes only what it can prove it wrote: an existing ``-o/--output-dir`` is replaced (``overwrite``) only when it is
 an earlier export (:func:`export_problem`), and never when it is the run directory or holds it.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ def check_export_target(run_dir: str, out: str, overwrite: bool) -> None:
             names what is in it. Nothing is deleted.
     """
     run, target = Path(run_dir).resolve(), Path(out).resolve()
-    fix = f"Fix: choose another --out, e.g. {Path(run_dir) / 'student'}."
+    fix = f"Fix: choose another -o/--output-dir, e.g. {Path(run_dir) / 'student'}."
     if target == run or target in run.parents:
         where = "is the run directory" if target == run else f"holds the run directory '{run_dir}'"
         raise RunExistsError(f"export target '{out}' {where}; exporting there would replace the run (checkpoints, "
@@ -90,7 +90,7 @@ def check_export_target(run_dir: str, out: str, overwrite: bool) -> None:
     if not overwrite:
         what = _listing(target) if target.is_dir() else "a file"
         raise FileExistsError(f"export target '{out}' already exists ({what}); pass --overwrite to replace an "
-                              f"earlier export, or choose another --out.")
+                              f"earlier export, or choose another -o/--output-dir.")
     problem = export_problem(target)
     if problem:
         raise FileExistsError(f"--overwrite refused: export target '{out}' is not an export written by distill: "
@@ -314,7 +314,7 @@ def read_export(path: str, arg: str = "exported student") -> dict:
             damaged (the message names the file and says to export again).
     """
     p = Path(path)
-    fix = f"export it again: distill export RUN --out {p} --overwrite."
+    fix = f"export it again: distill export RUN -o {p} --overwrite."
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"{arg} '{p}' is not an exported student (no config.json); run `distill export` first.")
     cfg = read_json(p / "config.json", f"{arg} config", fix)
@@ -347,4 +347,4 @@ def load_exported(path: str, num_classes: int = 0):
         return timm.create_model(f"local-dir:{p}", pretrained=True, num_classes=num_classes)
     except (RuntimeError, ValueError, KeyError, OSError) as e:
         raise UnreadableFileError(f"cannot load exported student '{p}': {error_text(e, 300)}. Fix: export it again "
-                                  f"(distill export RUN --out {p} --overwrite).", p) from e
+                                  f"(distill export RUN -o {p} --overwrite).", p) from e

@@ -2,7 +2,7 @@
 
 Inputs are directories of ``distill train`` / ``distill run`` (``metrics.csv``, and ``results.json`` with probe
 rows) and of ``distill finetune`` (``result.json``); a directory holding such runs (a fine-tuning sweep) is searched.
-Outputs, in ``--out``:
+Outputs, in ``-o/--output-dir``:
 
 * ``report.md``: distillation runs (final loss terms, probes), probes of teacher / distilled / random init, and
   fine-tuning accuracy per (model, label fraction): mean and min-max over seeds, with the difference to scratch;

@@ -549,3 +549,12 @@ def test_data_choices_are_checked_at_load(key, value, valid):
     with pytest.raises(ValueError) as e:
         make_recipe({key: value})
     assert f"'{key}'" in str(e.value) and repr(value) in str(e.value) and valid in str(e.value)
+
+
+def test_mixed_precision_no_unquoted_in_yaml_means_no(tmp_path):
+    """YAML 1.1 reads `mixed_precision: no` as false; it means Accelerate's "no" (full precision)."""
+    path = tmp_path / "r.yaml"
+    path.write_text("mixed_precision: no\n")
+    assert load_recipe(path).mixed_precision == "no"
+    with pytest.raises(ValueError, match="mixed_precision"):
+        make_recipe({"mixed_precision": True})

@@ -2,6 +2,7 @@
 import errno
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -196,7 +197,9 @@ def test_save_model_refuses_a_model_folder_finetune_did_not_write(exported, rgb_
 def test_overwrite_replaces_its_own_result_and_model_and_keeps_a_foreign_model(exported, rgb_folder, tmp_path):
     out = tmp_path / "o"
     finetune(_cfg(exported, rgb_folder, steps=1, eval_every=0, save_model=True), out, progress=False)
-    first = (out / "model" / "model.safetensors").stat().st_ino
+    # a hard link keeps the first file's inode in use, so the file system cannot hand it to the replacement
+    os.link(out / "model" / "model.safetensors", tmp_path / "first.safetensors")
+    first = (tmp_path / "first.safetensors").stat().st_ino
     finetune(_cfg(exported, rgb_folder, steps=1, eval_every=0, save_model=True), out, overwrite=True, progress=False)
     assert (out / "model" / "model.safetensors").stat().st_ino != first  # its own model: replaced
     shutil.rmtree(out / "model")

@@ -350,3 +350,27 @@ def test_teacher_probe_from_a_recipe_file_uses_its_teacher_keys(unet_module, rgb
     (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(wrong))
     with pytest.raises(ValueError, match="do not fit the network built by the factory"):  # the recipe's keys apply
         probe_teacher(str(tmp_path / "wrong.yaml"), None, [11], epochs=1, progress=False)
+
+
+def test_cache_key_covers_the_factory_kwargs(unet_module, rgb_folder):
+    """A factory argument that changes no weight (here the declared image_size) still changes the network a user
+    asked for: the feature cache's key records teacher_kwargs, so a cache of the other arguments is refused."""
+    from distill.build import build_teacher, build_train_data
+    from distill.cache import expected_key
+
+    r1 = _recipe(rgb_folder)
+    r2 = _recipe(rgb_folder, teacher_kwargs={"base": 8, "image_size": 16})  # the same network, spelled out
+    ds, channels = build_train_data(r1)
+    teacher = build_teacher(r1, channels)
+    k1, k2 = expected_key(r1, ds, teacher, channels), expected_key(r2, ds, teacher, channels)
+    assert {k for k in k1 if k1[k] != k2[k]} == {"teacher_kwargs"}
+    assert k2["teacher_kwargs"] == {"base": 8, "image_size": 16}
+
+
+def test_recipe_to_dict_keeps_a_module_teacher_by_reference(unet_module, rgb_folder):
+    import my_unet
+
+    net = my_unet.make_unet()
+    d = _recipe(rgb_folder, teacher=net, teacher_kwargs={}).to_dict()
+    assert d["teacher"] is net  # not a deep copy of its weights
+    assert d["teacher_blocks"] == ["mid"]

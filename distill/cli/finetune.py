@@ -135,7 +135,7 @@ def _segment(args) -> int:
                       overwrite=args.overwrite, skip_existing=args.skip_existing, progress=not args.no_progress,
                       on_result=lambda r: print(line(r), flush=True))
         print(f"results in {args.output_dir}/frac*-seed*/result.json; table and plots: "
-              f"distill report {args.output_dir} --out {args.output_dir}/report")
+              f"distill report {args.output_dir} -o {args.output_dir}/report")
     else:
         print(line(segment_finetune(cfg, args.output_dir, overwrite=args.overwrite, progress=not args.no_progress)))
     return 0

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from ..data import dataset_mean_std
 from ..export import load_exported, read_export
+from ..student import student_model_kwargs
 from .config import FinetuneConfig
 
 
@@ -41,7 +42,7 @@ def read_export_config(path: Path, arg: str) -> dict:
         if (path / "student" / "config.json").is_file():
             hint = f" Did you mean '{path / 'student'}'?"
         elif (path / "config.yaml").is_file():
-            hint = f" It is a run directory: export it first with `distill export {path} --out {path / 'student'}`."
+            hint = f" It is a run directory: export it first with `distill export {path} -o {path / 'student'}`."
         raise FileNotFoundError(f"{arg} '{path}' is not an exported student (no config.json).{hint}")
     return read_export(str(path), arg)
 
@@ -90,8 +91,8 @@ def build_model(source: ModelSource, num_classes: int, size: int, like_config: O
         kwargs = {}
         if like_config and like_config.get("architecture") == source.name:
             kwargs = {k: v for k, v in like_config.get("model_args", {}).items() if k != "num_classes"}
-        elif source.name.startswith(("vit_", "deit_", "eva", "beit")):
-            kwargs = {"img_size": size, "dynamic_img_size": True}  # as distill.student.Student builds ViTs
+        else:  # as distill.student.Student builds it: img_size for a fixed-input family (Swin, MaxViT, ViT, ...)
+            kwargs = student_model_kwargs(source.name, size)
         return timm.create_model(source.name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
