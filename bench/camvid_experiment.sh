@@ -33,11 +33,19 @@ GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
 if [ "${SMOKE:-0}" = 1 ]; then
   : "${T_STEPS:=4}" "${T_BS:=4}" "${T_RES:=32}" "${P_STEPS:=3}" "${D_STEPS:=3}" "${D_BS:=4}" "${D_WORKERS:=0}"
   : "${SEG_STEPS:=3}" "${SEG_BS:=2}" "${SEG_SIZE:=48}" "${SEG_WORKERS:=0}" "${T_LIMIT:=600}"
+elif [ "${PROFILE:-}" = cpu ] || { [ -z "${PROFILE:-}" ] && [ "$GPU" = 0 ]; }; then
+  # a 2-core CPU in about 2.5 hours: a 4.4M-parameter teacher at 32 px (1.8 s a step of 32 here), the student at
+  # 64 px, segmentation at 120x90 (--size 90)
+  : "${T_STEPS:=2200}" "${T_BS:=32}" "${T_RES:=32}" "${T_CONFIG:=tools/unet_cifar10_small.json}" "${T_LIMIT:=3600}"
+  : "${P_STEPS:=150}" "${D_STEPS:=800}" "${D_BS:=32}" "${D_SIZE:=64}" "${D_WORKERS:=1}"
+  : "${SEG_STEPS:=300}" "${SEG_BS:=8}" "${SEG_SIZE:=90}" "${SEG_WORKERS:=1}"
 else
   : "${T_STEPS:=2500}" "${T_BS:=128}" "${T_RES:=64}" "${P_STEPS:=200}" "${D_STEPS:=1200}" "${D_BS:=64}" "${D_WORKERS:=8}"
   : "${SEG_STEPS:=400}" "${SEG_BS:=16}" "${SEG_SIZE:=}" "${SEG_WORKERS:=0}" "${T_LIMIT:=180}"
 fi
 MP=${MP:-$([ "$GPU" = 1 ] && echo bf16 || echo no)}
+T_CONFIG=${T_CONFIG:-tools/unet_camvid_64.json}
+D_SIZE_SET=${D_SIZE:+"student_size=$D_SIZE"}
 SIZE_ARG=${SEG_SIZE:+--size $SEG_SIZE}
 T0=$(date +%s)
 stage() {  # stage NAME CMD...: run, time, log
@@ -49,15 +57,21 @@ stage() {  # stage NAME CMD...: run, time, log
 }
 mkdir -p "$OUT/logs" "$OUT/frames"
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'threads', torch.get_num_threads())" | tee "$OUT/machine.txt"
-echo "budgets: P_TIMESTEPS=${P_TIMESTEPS:-50} T_LIMIT=$T_LIMIT T_STEPS=$T_STEPS T_BS=$T_BS T_RES=$T_RES P_STEPS=$P_STEPS D_STEPS=$D_STEPS D_BS=$D_BS SEG_STEPS=$SEG_STEPS SEG_BS=$SEG_BS SEG_SIZE=${SEG_SIZE:-native} MP=$MP" | tee -a "$OUT/machine.txt"
+echo "budgets: T_CONFIG=$T_CONFIG D_SIZE=${D_SIZE:-recipe} P_TIMESTEPS=${P_TIMESTEPS:-50} T_LIMIT=$T_LIMIT T_STEPS=$T_STEPS T_BS=$T_BS T_RES=$T_RES P_STEPS=$P_STEPS D_STEPS=$D_STEPS D_BS=$D_BS SEG_STEPS=$SEG_STEPS SEG_BS=$SEG_BS SEG_SIZE=${SEG_SIZE:-native} MP=$MP" | tee -a "$OUT/machine.txt"
 # the unlabelled frames the teacher and the distillation see: train + val images (links; masks never read)
 for s in train val; do for f in "$CAMVID/$s"/*; do ln -s "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$OUT/frames/${s}_$(basename "$f")"; done; done
 
-# 1. the teacher
+# 1. the teacher (TEACHER=DIR: one trained before with the command in DIR/training.json, linked and not retrained)
+if [ -n "${TEACHER:-}" ]; then
+  ln -s "$(cd "$TEACHER" && pwd)" "$OUT/teacher"
+  [ -f "$TEACHER.loss.csv" ] && cp "$TEACHER.loss.csv" "$OUT/teacher.loss.csv"
+  echo "teacher: $TEACHER (trained before; its command and time are in its training.json)" | tee -a "$OUT/machine.txt"
+else
 stage teacher $PY tools/train_teacher.py --dataset image-folder --data-root "$CAMVID/train" "$CAMVID/val" \
-  --resolution "$T_RES" --unet-config tools/unet_camvid_64.json --out "$OUT/teacher" --steps "$T_STEPS" \
+  --resolution "$T_RES" --unet-config "$T_CONFIG" --out "$OUT/teacher" --steps "$T_STEPS" \
   --batch-size "$T_BS" --lr 5e-4 --warmup $(( T_STEPS / 20 + 1 )) --ema --hflip --preload --save-dtype float16 \
   --mixed-precision "$MP" --save-every "$T_STEPS" --time-limit "$T_LIMIT"
+fi
 # 2. dense linear probe of the teacher's own features (frozen), two timesteps
 for t in ${P_TIMESTEPS:-50}; do
   stage "teacher_probe_t$t" $PY -m distill.cli finetune "teacher:$OUT/teacher" --task segmentation --decoder linear \
@@ -69,7 +83,7 @@ done
 # 3. distillation, 4. export
 stage distill $PY -m distill.cli train recipes/camvid-resnet18.yaml -o "$OUT/distill" --no-progress --set \
   "data_root=$OUT/frames" "teacher=$OUT/teacher" "steps=$D_STEPS" "batch_size=$D_BS" "num_workers=$D_WORKERS" \
-  "mixed_precision='$MP'" "checkpoint_every=$D_STEPS" "log_every=$(( D_STEPS / 30 + 1 ))"
+  "mixed_precision='$MP'" "checkpoint_every=$D_STEPS" "log_every=$(( D_STEPS / 30 + 1 ))" $D_SIZE_SET
 stage export $PY -m distill.cli export "$OUT/distill" -o "$OUT/student"
 # 5. segmentation: distilled vs scratch, 10% and 100% of the masks, seeds 0 and 1
 COMMON=(--task segmentation --data-root "$CAMVID" --fractions 0.1 1.0 --seeds 0 1 --steps "$SEG_STEPS"
@@ -87,7 +101,7 @@ $PY bench/camvid_summary.py "$OUT"
 # what this script wrote and the results do not need (OUT was empty when it started): SLIM=1 (default) removes the
 # teacher's resume state (~75 MB) and the distillation checkpoints (the export holds the student); SLIM=2 also the
 # student's weights (45 MB), to keep OUT under a transfer limit; SLIM=0 keeps everything. The teacher (12 MB) stays.
-if [ "${SLIM:-1}" -ge 1 ]; then rm -rf "$OUT/teacher.state" "$OUT/distill"/checkpoint-* "$OUT/frames"; fi
+if [ "${SLIM:-1}" -ge 1 ]; then rm -rf "$OUT/distill"/checkpoint-* "$OUT/frames"; [ -L "$OUT/teacher" ] || rm -rf "$OUT/teacher.state"; fi
 if [ "${SLIM:-1}" -ge 2 ]; then rm -f "$OUT/student/model.safetensors"; fi
 du -sh "$OUT"
 echo "=== all done in $(( $(date +%s) - T0 )) s; read $OUT/summary.md"

@@ -157,7 +157,7 @@ def test_mismatch_is_refused_naming_the_field(cache_dir, fmnist_dir, tiny_pipeli
         assert f"  {f}: cached " in msg, msg
     named = [line.split(":")[0].strip() for line in msg.splitlines() if ": cached " in line]
     assert sorted(named) == sorted(fields), msg  # and nothing else
-    assert "distill extract RECIPE --out" in msg and "--overwrite" in msg and "feature_cache" in msg
+    assert "distill extract RECIPE -o" in msg and "--overwrite" in msg and "feature_cache" in msg
     FeatureCache(cache_dir, expect=expect)  # the matching key is accepted
 
 

@@ -46,7 +46,7 @@ def test_probe_of_a_damaged_export_exits_2_naming_the_file(damaged_export, rgb_f
     assert _probe(damaged_export, rgb_folder) == 2
     err = capsys.readouterr().err
     assert err.startswith("distill probe: error: exported student") and text in err, err
-    assert f"distill export RUN --out {damaged_export} --overwrite" in err and "Traceback" not in err
+    assert f"distill export RUN -o {damaged_export} --overwrite" in err and "Traceback" not in err
     with pytest.raises(UnreadableFileError):
         probe_model(*resolve_probe_target(str(damaged_export)), dataset="image-folder", data_root=str(rgb_folder))
 
