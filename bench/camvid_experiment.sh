@@ -57,7 +57,7 @@ stage() {  # stage NAME CMD...: run, time, log
 }
 mkdir -p "$OUT/logs" "$OUT/frames"
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'threads', torch.get_num_threads())" | tee "$OUT/machine.txt"
-echo "budgets: T_CONFIG=$T_CONFIG D_SIZE=${D_SIZE:-recipe} P_TIMESTEPS=${P_TIMESTEPS:-50} T_LIMIT=$T_LIMIT T_STEPS=$T_STEPS T_BS=$T_BS T_RES=$T_RES P_STEPS=$P_STEPS D_STEPS=$D_STEPS D_BS=$D_BS SEG_STEPS=$SEG_STEPS SEG_BS=$SEG_BS SEG_SIZE=${SEG_SIZE:-native} MP=$MP" | tee -a "$OUT/machine.txt"
+echo "budgets: T_CONFIG=${TEACHER:+(not used: TEACHER=$TEACHER)}${TEACHER:-$T_CONFIG} D_SIZE=${D_SIZE:-recipe} P_TIMESTEPS=${P_TIMESTEPS:-50} T_LIMIT=$T_LIMIT T_STEPS=$T_STEPS T_BS=$T_BS T_RES=$T_RES P_STEPS=$P_STEPS D_STEPS=$D_STEPS D_BS=$D_BS SEG_STEPS=$SEG_STEPS SEG_BS=$SEG_BS SEG_SIZE=${SEG_SIZE:-native} MP=$MP" | tee -a "$OUT/machine.txt"
 # the unlabelled frames the teacher and the distillation see: train + val images (links; masks never read)
 for s in train val; do for f in "$CAMVID/$s"/*; do ln -s "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$OUT/frames/${s}_$(basename "$f")"; done; done
 
