@@ -21,7 +21,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import torch, torchvision, timm, diffusers, accelerate, kornia, torchmetrics, distill" 2>/dev/null; then
+if ! python -c "import torch, torchvision, timm, diffusers, accelerate, kornia, torchmetrics, datasets, huggingface_hub, distill" 2>/dev/null; then
   echo "== installing torch/torchvision pair and distill (about 2 minutes)"
   python -m pip install -q --upgrade pip
   python -m pip install -q -c tools/constraints.txt torch torchvision
