@@ -305,6 +305,11 @@ def check_resume(run_dir: Path, start: int, recipe: Recipe, resolved: Optional[d
             f"run must be the run its directory describes. Fix: resume with the run's own recipe (its config.yaml), "
             f"start a new --output-dir, or pass --allow-changes to continue with the new values (recorded in "
             f"config.yaml with step {start}).")
+    for k, a, b in changes:
+        if k == "steps":  # free, but the warmup + cosine schedule is stretched or squeezed from here on
+            _logger.warning("--resume: steps %s -> %s (the recipe given now); the learning-rate schedule follows the "
+                            "new length from step %d on. To continue the run as it was planned, pass --set steps=%s.",
+                            a, b, start, a)
     return [{"step": start, "key": k, "old": _plain(a), "new": _plain(b)} for k, a, b in changes]
 
 

@@ -63,6 +63,27 @@ def test_distilled_and_scratch_see_the_same_batches(shapes, tmp_path):
     assert (a["model_kind"], b["model_kind"]) == ("exported", "timm")
 
 
+def test_one_seed_gives_the_same_run_dropout_included(shapes, tmp_path):
+    """The decoder's dropout draws from the run's seed: the same command twice gives the same losses and weights,
+    and the caller's global RNG is left as it was."""
+    logs = []
+    for name in ("a", "b"):
+        torch.manual_seed(123)
+        segment_finetune(_cfg("timm:resnet10t", shapes, steps=3, grid_images=0, save_model=True),
+                         str(tmp_path / name), progress=False)
+        logs.append((tmp_path / name / "train_log.csv").read_text().splitlines())
+    strip = [[",".join(line.split(",")[:4]) for line in log] for log in logs]  # all but img/s
+    assert strip[0] == strip[1]
+    wa = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    segment_finetune(_cfg("timm:resnet10t", shapes, steps=1, grid_images=0), str(tmp_path / "c"), progress=False)
+    assert torch.equal(torch.rand(4), expected)  # the global RNG continues as if nothing had run
+
+
 def test_save_model_and_overwrite_safety(shapes, tmp_path):
     out = tmp_path / "run"
     cfg = _cfg("timm:resnet10t", shapes, steps=2, save_model=True, grid_images=0)
@@ -114,3 +135,18 @@ def test_cli_bad_input_exits_2_naming_the_file(tmp_path, capsys, damage, expecte
     if damage != "ignore":
         assert "im001" in err and "Fix" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_keeps_a_typed_value_equal_to_the_classification_default(shapes, tmp_path):
+    """--batch-size 64 / --warmup-steps 50 are classification's defaults; typed with --task segmentation they are
+    kept, not replaced by segmentation's (16 / 30); options segmentation does not use are refused (exit 2)."""
+    out = tmp_path / "seg"
+    assert main(["finetune", "timm:resnet10t", "--task", "segmentation", "--data-root", str(shapes), "--num-classes",
+                 str(NUM_CLASSES), "--ignore-index", str(IGNORE), "--steps", "1", "--batch-size", "64",
+                 "--warmup-steps", "50", "--grid-images", "0", "-o", str(out), "--no-progress"]) == 0
+    r = json.loads((out / "result.json").read_text())
+    assert (r["batch_size"], r["steps"]) == (64, 1)
+    for extra in (["--layer-decay", "0.5"], ["--backbone-lr-mult", "0.1"], ["--eval-train"]):
+        assert main(["finetune", "timm:resnet10t", "--task", "segmentation", "--data-root", str(shapes), *extra,
+                     "-o", str(tmp_path / "x"), "--no-progress"]) == 2
+        assert not (tmp_path / "x").exists()

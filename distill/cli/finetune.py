@@ -2,8 +2,6 @@
 (``--task segmentation``) fine-tuning of an export or of ``timm:NAME`` from scratch."""
 from __future__ import annotations
 
-import argparse
-
 from ..vocab import SEG_DECODERS, SEG_LAYOUTS, TASKS
 from .common import add_output_dir
 
@@ -22,13 +20,13 @@ def add_finetune_parser(sub) -> None:
     ft.add_argument("--fractions", type=float, nargs="+", default=None, metavar="F",
                     help="sweep: one run per fraction (x --seeds)")
     ft.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S", help="sweep: one run per seed")
-    ft.add_argument("--steps", type=int, default=500, help="optimizer steps, the same for every fraction")
-    ft.add_argument("--batch-size", type=int, default=64)
+    ft.add_argument("--steps", type=int, default=None, help="optimizer steps, the same for every fraction (default 500)")
+    ft.add_argument("--batch-size", type=int, default=None, help="default 64")
     ft.add_argument("--optimizer", default="adamw", help="adamw, sgd or lamb (timm create_optimizer_v2)")
     ft.add_argument("--lr", type=float, default=1e-3)
     ft.add_argument("--weight-decay", type=float, default=0.05)
     ft.add_argument("--momentum", type=float, default=0.9, help="sgd only")
-    ft.add_argument("--warmup-steps", type=int, default=50)
+    ft.add_argument("--warmup-steps", type=int, default=None, help="default 50")
     ft.add_argument("--layer-decay", type=float, default=None, metavar="D",
                     help="layer-wise lr decay in (0, 1], e.g. 0.75: each layer below the head learns at D x the rate "
                          "of the one above (timm create_optimizer_v2); default off")
@@ -37,8 +35,9 @@ def add_finetune_parser(sub) -> None:
     ft.add_argument("--augment", default="crop-flip", help="none, flip or crop-flip (kornia)")
     ft.add_argument("--label-smoothing", type=float, default=0.0)
     ft.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm; 0: no clipping")
-    ft.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end); 0: end")
-    ft.add_argument("--eval-batch-size", type=int, default=256)
+    ft.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (and at the end); 0: end "
+                                                                "(default 100)")
+    ft.add_argument("--eval-batch-size", type=int, default=None, help="default 256")
     ft.add_argument("--log-every", type=int, default=10)
     ft.add_argument("--like", default=None, metavar="EXPORTED_DIR",
                     help="timm:NAME runs copy this export's input size, mean/std and model args")
@@ -80,12 +79,24 @@ def _add_segmentation_args(ft) -> None:
     sg.add_argument("--grid-images", type=int, default=4, help="test images drawn in predictions.png (0: none)")
 
 
+#: Defaults of the options whose default depends on --task (argparse gives None, so a value typed is never replaced).
+CLASSIFICATION_DEFAULTS = {"steps": 500, "batch_size": 64, "warmup_steps": 50, "eval_every": 100, "eval_batch_size": 256}
+SEGMENTATION_DEFAULTS = {"steps": 300, "batch_size": 16, "warmup_steps": 30, "eval_every": 0, "eval_batch_size": 16}
+
+
+def _fill_defaults(args, defaults: dict) -> None:
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
 def cmd_finetune(args) -> int:
     """Fine-tune an exported student or timm:NAME (random init) with a label fraction; one run or a sweep."""
     if args.task == "segmentation":
         return _segment(args)
     from ..finetune import FinetuneConfig, finetune, finetune_sweep, result_line
 
+    _fill_defaults(args, CLASSIFICATION_DEFAULTS)
     cfg = FinetuneConfig(
         model=args.model, dataset=args.dataset, data_root=args.data_root, test_root=args.test_root,
         fraction=args.fraction, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
@@ -114,14 +125,15 @@ def _segment(args) -> int:
 
     from ..segment import SegmentConfig, segment_finetune, segment_sweep
 
-    seg_defaults = {"steps": 300, "batch_size": 16, "warmup_steps": 30, "eval_every": 0, "eval_batch_size": 16}
+    unused = [opt for opt, given in (("--layer-decay", args.layer_decay is not None),
+                                     ("--backbone-lr-mult", args.backbone_lr_mult != 1.0),
+                                     ("--eval-train", args.eval_train), ("--test-root", args.test_root is not None),
+                                     ("--dataset", args.dataset is not None)) if given]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: not used by --task segmentation (classification only); remove "
+                         f"{'it' if len(unused) == 1 else 'them'} (segmentation reads --data-root with --layout).")
+    _fill_defaults(args, SEGMENTATION_DEFAULTS)
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(SegmentConfig)}}
-    parser = argparse.ArgumentParser()
-    add_finetune_parser(parser.add_subparsers())
-    parser_defaults = vars(parser.parse_args(["finetune", "MODEL", "-o", "OUT"]))
-    for k, v in seg_defaults.items():  # an option left at classification's default takes segmentation's
-        if given[k] == parser_defaults[k]:
-            given[k] = v
     given.pop("dataset", None)
     cfg = SegmentConfig(**given)
 

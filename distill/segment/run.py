@@ -173,6 +173,11 @@ def segment_finetune(cfg: SegmentConfig, output_dir: str, overwrite: bool = Fals
     bar = tqdm(total=cfg.steps, desc=f"segment {label} f={cfg.fraction:g} s={cfg.seed}",
                disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
     model.train()
+    # dropout masks from the run's seed (and process), on a forked RNG: two runs with one --seed draw the same masks
+    # (a distilled run and its scratch baseline too), and the caller's RNG is left as it was
+    rng_scope = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    rng_scope.__enter__()
+    torch.manual_seed(cfg.seed * 1009 + rank + 1)
     t_train = time.time()
     log_loss, log_correct, log_n, log_steps, eval_loss, eval_steps = 0.0, 0.0, 0.0, 0, 0.0, 0
     last = None
@@ -217,6 +222,7 @@ def segment_finetune(cfg: SegmentConfig, output_dir: str, overwrite: bool = Fals
                 last = run_eval(step, eval_loss / max(eval_steps, 1))
                 eval_loss, eval_steps = 0.0, 0
     finally:
+        rng_scope.__exit__(None, None, None)
         bar.close()
         if log_f:
             log_f.close()
