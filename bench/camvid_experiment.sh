@@ -9,6 +9,8 @@
 #
 # Usage (repository root):  CAMVID=<dir with train/ trainannot/ val/ valannot/ test/ testannot/> OUT=<new dir> \
 #                           bash bench/camvid_experiment.sh
+#   PROFILE=cpu  budgets for a 2-core CPU (the default without a GPU; docs/segmentation.md's table)
+#   TEACHER=DIR  reuse a teacher trained before (tools/train_teacher.py output): step 1 is skipped
 #   SMOKE=1   toy scale (a few steps, small images), for a CPU: checks the whole chain in minutes; give it a few
 #             images per split: python bench/camvid_jpeg.py CAMVID /tmp/camvid-small --max-per-split 12
 #   PY=...    the Python (default: python3); MP=bf16|no (default: bf16 on a GPU, no on a CPU)
@@ -46,6 +48,7 @@ fi
 MP=${MP:-$([ "$GPU" = 1 ] && echo bf16 || echo no)}
 T_CONFIG=${T_CONFIG:-tools/unet_camvid_64.json}
 D_SIZE_SET=${D_SIZE:+"student_size=$D_SIZE"}
+if [ -n "${TEACHER:-}" ]; then T_DESC="(not used: TEACHER=$TEACHER)"; else T_DESC=$T_CONFIG; fi
 SIZE_ARG=${SEG_SIZE:+--size $SEG_SIZE}
 T0=$(date +%s)
 stage() {  # stage NAME CMD...: run, time, log
@@ -57,7 +60,7 @@ stage() {  # stage NAME CMD...: run, time, log
 }
 mkdir -p "$OUT/logs" "$OUT/frames"
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'threads', torch.get_num_threads())" | tee "$OUT/machine.txt"
-echo "budgets: T_CONFIG=${TEACHER:+(not used: TEACHER=$TEACHER)}${TEACHER:-$T_CONFIG} D_SIZE=${D_SIZE:-recipe} P_TIMESTEPS=${P_TIMESTEPS:-50} T_LIMIT=$T_LIMIT T_STEPS=$T_STEPS T_BS=$T_BS T_RES=$T_RES P_STEPS=$P_STEPS D_STEPS=$D_STEPS D_BS=$D_BS SEG_STEPS=$SEG_STEPS SEG_BS=$SEG_BS SEG_SIZE=${SEG_SIZE:-native} MP=$MP" | tee -a "$OUT/machine.txt"
+echo "budgets: T_CONFIG=$T_DESC D_SIZE=${D_SIZE:-recipe} P_TIMESTEPS=${P_TIMESTEPS:-50} T_LIMIT=$T_LIMIT T_STEPS=$T_STEPS T_BS=$T_BS T_RES=$T_RES P_STEPS=$P_STEPS D_STEPS=$D_STEPS D_BS=$D_BS SEG_STEPS=$SEG_STEPS SEG_BS=$SEG_BS SEG_SIZE=${SEG_SIZE:-native} MP=$MP" | tee -a "$OUT/machine.txt"
 # the unlabelled frames the teacher and the distillation see: train + val images (links; masks never read)
 for s in train val; do for f in "$CAMVID/$s"/*; do ln -s "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$OUT/frames/${s}_$(basename "$f")"; done; done
 
