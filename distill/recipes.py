@@ -18,8 +18,8 @@ from typing import Optional, Union
 import yaml
 
 from .config import RANGES, Recipe, _type_name, load_recipe as _load_recipe_file, recipe_fields
-from .vocab import (AT_MODES, AUGMENTS, DATASETS, MIXED_PRECISION, MULTI_TIMESTEP, ON_NONFINITE, OPTIMIZERS,
-                    POLICY_BASELINES, TEACHER_DTYPES, TIMESTEP_MODES, TRACKERS, VAE_DTYPES)
+from .vocab import (AT_MODES, AUGMENTS, DATA_HASH, DATASETS, IMAGE_RESIZE, MIXED_PRECISION, MULTI_TIMESTEP,
+                    ON_NONFINITE, OPTIMIZERS, POLICY_BASELINES, TEACHER_DTYPES, TIMESTEP_MODES, TRACKERS, VAE_DTYPES)
 
 #: The shipped recipes' directory (``distill/shipped_recipes``, a link to the repository's ``recipes/``).
 RECIPE_DIR = Path(__file__).resolve().parent / "shipped_recipes"
@@ -28,11 +28,12 @@ RECIPE_DIR = Path(__file__).resolve().parent / "shipped_recipes"
 CHOICES = {"dataset": DATASETS, "teacher_dtype": TEACHER_DTYPES, "vae_dtype": VAE_DTYPES,
            "multi_timestep": MULTI_TIMESTEP, "policy_baseline": POLICY_BASELINES, "at_mode": AT_MODES,
            "optimizer": OPTIMIZERS, "mixed_precision": MIXED_PRECISION, "on_nonfinite": ON_NONFINITE,
-           "augment": AUGMENTS, "log_with": TRACKERS}
+           "augment": AUGMENTS, "log_with": TRACKERS, "image_resize": IMAGE_RESIZE, "data_hash": DATA_HASH}
 
 #: One line for the fields of :class:`Recipe` that carry no comment in its source (or a better one than it).
 _HELP = {
-    "dataset": "labelled image source: Fashion-MNIST IDX files, or an image folder with one subfolder per class",
+    "dataset": "image source: Fashion-MNIST IDX files, an image folder (class subfolders optional), a CSV file "
+               "list, or a Hugging Face dataset (README: Data)",
     "log_with": "Accelerate experiment tracker besides metrics.csv and train.log (its pip extra must be installed)",
     "std": "student normalisation std in [0, 1] units; default: measured on the data",
     "teacher_blocks": "teacher blocks whose outputs are regressed, e.g. [mid_block, up_blocks.0]",
