@@ -114,10 +114,15 @@ def test_every_backbone_family_trains_two_steps(name, like, nhwc, pad):
 
 
 def test_a_fixed_size_family_is_built_at_the_run_size(tmp_path):
-    """timm:test_vit is built for 160 px; a run at --size 32 builds it at 32 (dynamic size) and trains."""
+    """timm:test_vit is built for 160 px; a run at --size 32 builds it at 32 px with a dynamic size (any multiple of
+    its patch), so the 32x40 images run padded to 32x48, and trains."""
     from distill.segment import SegmentConfig, segment_finetune
 
     from ._segment import IGNORE, NUM_CLASSES, write_shapes
+
+    bb = timm_backbone(parse_model_source("timm:test_vit"), None, None, MEAN, STD, img_size=32)
+    embed = bb.model.model.patch_embed
+    assert tuple(embed.img_size) == (32, 32) and embed.strict_img_size is False and bb.fixed_size is None
 
     root = write_shapes(tmp_path / "d", {"train": 2, "test": 1})
     cfg = SegmentConfig(model="timm:test_vit", data_root=str(root), num_classes=NUM_CLASSES, ignore_index=IGNORE,
