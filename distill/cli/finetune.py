@@ -73,8 +73,9 @@ def _add_segmentation_args(ft) -> None:
     sg.add_argument("--mask-threshold", type=int, default=None, metavar="T",
                     help="binary masks (8-bit grey or JPEG): grey value >= T is class 1, else 0 (e.g. 128)")
     sg.add_argument("--class-names", default=None, metavar="FILE", help="one class name per line")
-    sg.add_argument("--eval-split", default="test", help="split evaluated at the end (test or val; test falls back to "
-                                                           "val where there is no labelled test split)")
+    sg.add_argument("--eval-split", default="test",
+                    help="split evaluated at the end (test or val; test falls back to val where there is no "
+                         "labelled test split)")
     sg.add_argument("--decoder", choices=SEG_DECODERS, default="fpn",
                     help="fpn: light FPN decoder; linear: BN + one 1x1 conv (the dense linear probe)")
     sg.add_argument("--decoder-width", type=int, default=128)
