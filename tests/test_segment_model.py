@@ -130,3 +130,30 @@ def test_a_fixed_size_family_is_built_at_the_run_size(tmp_path):
                         eval_batch_size=2)
     r = segment_finetune(cfg, str(tmp_path / "run"), progress=False)
     assert r["input_size"] == [32, 40] and r["backbone"]["reductions"] == [4, 8, 16, 32] and r["test_images"] == 1
+
+
+@pytest.mark.parametrize("arch,model_args", [
+    ("swin_tiny_patch4_window7_224", {"img_size": 64, "embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1] * 4}),
+    ("vit_tiny_patch16_224", {"img_size": 64, "dynamic_img_size": True, "depth": 2})])
+def test_exported_swin_and_vit_students_segment_at_another_size(tmp_path, arch, model_args):
+    """An export of a fixed-size family (built at its student size, 64 px) loads every tensor into the segmentation
+    backbone and runs at another size (48x72); a 2-block ViT too (its last block, not timm's default last three)."""
+    import json
+
+    import timm
+
+    torch.manual_seed(0)
+    student = timm.create_model(arch, num_classes=0, **model_args)
+    timm.models.save_for_hf(student, str(tmp_path / "s"), model_config={"pretrained_cfg": {"tag": "distill-test"}},
+                            model_args=model_args, safe_serialization=True,
+                            data_config={"input_size": (3, 64, 64), "mean": MEAN, "std": STD, "crop_pct": 1.0,
+                                         "interpolation": "bilinear", "crop_mode": "center"})
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    cfg["distill"] = {"dataset": "image-folder", "data_channels": 3, "student_size": 64}
+    (tmp_path / "s" / "config.json").write_text(json.dumps(cfg))
+    bb = timm_backbone(parse_model_source(str(tmp_path / "s")), None, None, MEAN, STD, img_size=48)
+    saved = list(student.state_dict().values())
+    loaded = bb.model.state_dict()
+    assert all(any(v.shape == w.shape and torch.equal(v, w) for w in saved) for v in loaded.values())
+    out = SegModel(bb, build_decoder("fpn", bb.channels, 3, width=8))(torch.rand(1, 3, 48, 72))
+    assert out.shape == (1, 3, 48, 72) and bb.reductions == [4, 8, 16, 32]

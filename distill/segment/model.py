@@ -104,7 +104,7 @@ class TimmBackbone(nn.Module):
         chans = list(model.feature_info.channels())
         self.nhwc = str(getattr(model, "output_fmt", "NCHW")).upper().endswith("NHWC")
         self.pyramid = None
-        if len(red) > 1 and len(set(red)) == 1 and drop_stem:  # plain ViT: one stride; ViTDet's pyramid
+        if drop_stem and len(set(red)) == 1 and red[0] >= 8:  # plain ViT: one stride; ViTDet's pyramid
             self.keep = [len(red) - 1]
             self.pyramid = SimplePyramid(chans[-1])
             self.channels = self.pyramid.channels
@@ -217,6 +217,7 @@ def timm_features(source, levels: Optional[Sequence[int]], like_config: Optional
     import timm
 
     from ..export import read_export
+    from ..student import VIT_PREFIXES
 
     if source.kind == "exported":
         read_export(str(source.path), "--model")
@@ -230,6 +231,8 @@ def timm_features(source, levels: Optional[Sequence[int]], like_config: Optional
         kwargs.setdefault("dynamic_img_size", True)
     if levels is not None:
         kwargs["out_indices"] = tuple(levels)
+    elif arch.startswith(VIT_PREFIXES):
+        kwargs["out_indices"] = 1  # a plain ViT: its last block (forward_intermediates' last-n), for SimplePyramid
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
