@@ -65,7 +65,8 @@ class SegmentConfig(FinetuneConfig):
         if self.data_root is None:
             raise ValueError("--data-root is required for --task segmentation: a folder with train/ + trainannot/ "
                              "(CamVid layout) or train/images/ + train/masks/ (--layout images-masks), and the same "
-                             "for the evaluation split.")
+                             "for the evaluation split; or VOCdevkit, ADEChallengeData2016 or a Cityscapes folder as "
+                             "downloaded (--layout voc, ade20k, cityscapes).")
         if self.layout not in SEG_LAYOUTS:
             raise ValueError(f"--layout {self.layout!r} is not valid; valid: {', '.join(SEG_LAYOUTS)}.")
         if self.decoder not in SEG_DECODERS:
