@@ -56,8 +56,13 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")
 TRACKER_EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 #: Downstream tasks of ``distill finetune --task``.
 TASKS = ("classification", "segmentation")
-#: Folder layouts of a segmentation set: ``S/`` + ``Sannot/`` (CamVid) or ``S/images/`` + ``S/masks/``.
-SEG_LAYOUTS = ("camvid", "images-masks")
+#: Folder layouts of a segmentation set: ``S/`` + ``Sannot/`` (CamVid) or ``S/images/`` + ``S/masks/``, and three
+#: sets as downloaded (Pascal VOC 2012, ADE20K SceneParsing, Cityscapes; distill.data.seglayouts).
+SEG_LAYOUTS = ("camvid", "images-masks", "voc", "ade20k", "cityscapes")
+#: ``(num_classes, ignore_index)`` of each layout (None: given with --num-classes); distill.data.seglayouts holds the
+#: class names, palettes and id tables these count.
+SEG_LAYOUT_CLASSES = {"camvid": (11, 11), "images-masks": (None, 255), "voc": (21, 255), "ade20k": (150, 255),
+                      "cityscapes": (19, 255)}
 #: Segmentation heads: a light FPN decoder over the backbone's levels, or one 1x1 conv (the dense linear probe).
 SEG_DECODERS = ("fpn", "linear")
 

@@ -44,3 +44,41 @@ def write_shapes(root: Path, n: dict, layout: str = "camvid", seed: int = 0, ima
             Image.fromarray(img).save(di / f"im{i:03d}{image_ext}", **({"quality": 95} if image_ext == ".jpg" else {}))
             Image.fromarray(mask, mode="L").save(dm / f"im{i:03d}.png")
     return root
+
+
+def voc_palette_png(ids: np.ndarray, path: Path) -> None:
+    """Save class ids as a palette PNG (mode P) with VOC's colour map, as VOC's SegmentationClass/ holds them."""
+    from PIL import Image
+
+    from distill.data.seglayouts import voc_palette
+
+    im = Image.fromarray(ids.astype(np.uint8), mode="P")
+    im.putpalette([c for rgb in voc_palette(256) for c in rgb])
+    im.save(path)
+
+
+def write_voc(root: Path, sizes: dict, seed: int = 0) -> Path:
+    """A tiny ``VOCdevkit/VOC2012`` tree: ``sizes = {'train': [(h, w), ...], 'val': [...]}``; masks are palette PNGs
+    with ids 0..2 and a 255 border around each object. Returns the VOCdevkit folder."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    voc = root / "VOCdevkit" / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / d).mkdir(parents=True, exist_ok=True)
+    k = 0
+    for split, shapes in sizes.items():
+        ids = []
+        for h, w in shapes:
+            name = f"2007_{k:06d}"
+            k += 1
+            img, mask = shapes_pair(rng, h, w)
+            mask[mask == IGNORE] = 0
+            border = np.zeros_like(mask, bool)
+            border[1:] |= mask[1:] != mask[:-1]
+            mask[border] = 255
+            Image.fromarray(img).save(voc / "JPEGImages" / f"{name}.jpg", quality=95)
+            voc_palette_png(mask, voc / "SegmentationClass" / f"{name}.png")
+            ids.append(name)
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root / "VOCdevkit"

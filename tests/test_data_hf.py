@@ -55,6 +55,18 @@ def test_save_to_disk_dataset(saved):
     assert all(Path(f).suffix == ".arrow" for f in tr.input_files())
 
 
+def test_a_dataset_dict_without_test_or_validation_is_never_evaluated_on_train(tmp_path):
+    """Evaluation splits fall back test -> validation / val / valid, never to train (the training images)."""
+    paths, _ = _files(tmp_path, 3)
+    feats = datasets.Features({"img": datasets.Image(), "y": datasets.ClassLabel(names=["a", "b"])})
+    train = datasets.Dataset.from_dict({"img": paths, "y": [0, 1, 0]}, features=feats)
+    datasets.DatasetDict({"train": train, "extra": train}).save_to_disk(str(tmp_path / "dd"))
+    for split in ("test", "val"):
+        with pytest.raises(DatasetNotFoundError, match=rf"has the splits \['extra', 'train'\] but no '{split}'"):
+            build_dataset("hf", str(tmp_path / "dd"), split)
+    assert len(build_dataset("hf", str(tmp_path / "dd"), "train")) == 3
+
+
 def test_unlabelled_and_one_split(tmp_path):
     paths, arrays = _files(tmp_path, 3)
     ds = datasets.Dataset.from_dict({"image": paths}, features=datasets.Features({"image": datasets.Image()}))

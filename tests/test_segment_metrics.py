@@ -49,3 +49,17 @@ def test_ignored_pixels_count_nowhere_and_absent_classes_are_listed():
     r = metrics.compute()
     assert r["per_class_iou"][:2] == [100.0, 100.0] and r["pixel_acc"] == 100.0
     assert r["absent_classes"] == [2] and r["miou_present"] == 100.0 and r["miou"] == pytest.approx(200 / 3, abs=0.01)
+
+
+def test_a_class_only_in_the_prediction_counts_in_miou_present():
+    """Class 2 never appears in the ground truth but is predicted: its IoU is 0 and it is present, so miou_present
+    averages over three classes (a class left out because the truth lacks it would flatter the model)."""
+    target = torch.tensor([[[0, 0, 1, 1]]])
+    metrics = SegMetrics(4, 255)
+    metrics.update(torch.tensor([[[0, 2, 1, 1]]]), target)
+    r = metrics.compute()
+    iou0, iou1 = 100 * 1 / 2, 100.0
+    assert r["per_class_iou"] == pytest.approx([iou0, iou1, 0.0, 0.0], abs=0.01)
+    assert r["absent_classes"] == [3]
+    assert r["miou_present"] == pytest.approx((iou0 + iou1 + 0.0) / 3, abs=0.01)
+    assert r["miou"] == pytest.approx((iou0 + iou1) / 4, abs=0.01)

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from safetensors.torch import load_file
 
 from distill.cli import main
-from distill.segment import SegmentConfig, segment_finetune
+from distill.segment import SegmentConfig, evaluate_segmentation, segment_finetune
+from distill.segment.data import collate_pairs, seg_data
 
 from ._finetune import fake_export
 from ._segment import IGNORE, NUM_CLASSES, write_shapes
@@ -150,3 +152,67 @@ def test_cli_keeps_a_typed_value_equal_to_the_classification_default(shapes, tmp
         assert main(["finetune", "timm:resnet10t", "--task", "segmentation", "--data-root", str(shapes), *extra,
                      "-o", str(tmp_path / "x"), "--no-progress"]) == 2
         assert not (tmp_path / "x").exists()
+
+
+def test_mixed_sizes_train_and_every_test_pixel_is_scored_at_its_own_size(tmp_path):
+    """VOC as downloaded with portrait and landscape photos and one test image of another size: with --size the run
+    trains (crops / pads to one size), evaluates each image at its own resized size (every valid pixel counted once)
+    and keeps result.json and model/; the test split falls back to val and the result says so."""
+    from distill.data.masks import resize_mask
+    from distill.data.seglayouts import split_pairs
+
+    from ._segment import write_voc
+
+    devkit = write_voc(tmp_path, {"train": [(30, 40), (40, 30), (30, 40), (36, 36)],
+                                  "val": [(30, 40), (40, 30), (50, 20)]})
+    out = tmp_path / "run"
+    rc = main(["finetune", "timm:resnet10t", "--task", "segmentation", "--layout", "voc", "--data-root", str(devkit),
+               "--size", "24", "--steps", "2", "--batch-size", "2", "--eval-batch-size", "2", "--decoder-width", "8",
+               "--grid-images", "3", "--save-model", "-o", str(out), "--no-progress"])
+    assert rc == 0
+    r = json.loads((out / "result.json").read_text())
+    assert r["eval_split"] == "val" and r["test_images"] == 3 and r["num_classes"] == 21 and r["ignore_index"] == 255
+    assert r["input_size"] == [24, 32] and (out / "model" / "model.safetensors").is_file()
+    assert r["history"][-1]["step"] == 2 and len(r["per_class_iou"]) == 21
+    # the evaluation the run does, on a model that predicts class 0 everywhere: every valid pixel counted once
+    data = seg_data(str(devkit), "voc", 1.0, 0, None, None, size=24)
+    loader = DataLoader(data.test, batch_sampler=data.eval_batches(2), collate_fn=collate_pairs)
+    zero = torch.nn.Conv2d(3, 21, 1)
+    torch.nn.init.zeros_(zero.weight)
+    with torch.no_grad():
+        zero.bias.copy_(torch.arange(21, 0, -1).float())
+    m = evaluate_segmentation(zero, loader, 21, 255, 24)
+    expected, background = 0, 0
+    for _, mp in split_pairs(devkit, "val", "voc"):
+        mask = torch.from_numpy(np.array(Image.open(mp)))
+        h, w = mask.shape
+        small = resize_mask(mask, (24, max(1, round(w * 24 / h))))
+        expected += int((small != 255).sum())
+        background += int((small == 0).sum())
+    assert m["images"] == 3 and m["pixels"] == expected and m["pixel_acc"] == pytest.approx(100 * background / expected,
+                                                                                           abs=0.01)
+
+
+def test_binary_jpeg_masks_with_a_threshold(tmp_path, capsys):
+    """A figure/ground set whose masks are JPEGs: refused without --mask-threshold (naming the file and the fix),
+    trained with it (2 classes)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        (tmp_path / "fg" / split / "images").mkdir(parents=True)
+        (tmp_path / "fg" / split / "masks").mkdir(parents=True)
+        for i in range(3):
+            h, w = (30, 40) if i % 2 else (40, 30)
+            m = np.zeros((h, w), np.uint8)
+            m[h // 4:3 * h // 4, w // 4:3 * w // 4] = 255
+            img = np.clip(m[..., None] * 0.6 + rng.integers(0, 60, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(tmp_path / "fg" / split / "images" / f"horse{i:03d}.jpg")
+            Image.fromarray(m).save(tmp_path / "fg" / split / "masks" / f"horse{i:03d}.jpg", quality=80)
+    args = ["finetune", "timm:resnet10t", "--task", "segmentation", "--layout", "images-masks", "--data-root",
+            str(tmp_path / "fg"), "--size", "24", "--steps", "2", "--batch-size", "2", "--grid-images", "0",
+            "--no-progress"]
+    assert main(args + ["--num-classes", "2", "-o", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "horse000.jpg' is a JPEG mask" in err and "--mask-threshold 128" in err and not (tmp_path / "a").exists()
+    assert main(args + ["--mask-threshold", "128", "-o", str(tmp_path / "b")]) == 0
+    r = json.loads((tmp_path / "b" / "result.json").read_text())
+    assert r["num_classes"] == 2 and r["ignore_index"] == 255 and r["test_images"] == 3

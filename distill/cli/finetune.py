@@ -62,11 +62,20 @@ def _add_segmentation_args(ft) -> None:
                                "--warmup-steps 30 --eval-every 0 --eval-batch-size 16)")
     sg.add_argument("--task", choices=TASKS, default="classification")
     sg.add_argument("--layout", choices=SEG_LAYOUTS, default="camvid",
-                    help="camvid: S/ + Sannot/; images-masks: S/images/ + S/masks/ (masks paired by file stem)")
-    sg.add_argument("--num-classes", type=int, default=11, help="class ids 0..N-1 in the masks (CamVid: 11)")
-    sg.add_argument("--ignore-index", type=int, default=11, help="id of unlabelled pixels (CamVid: 11)")
+                    help="camvid: S/ + Sannot/; images-masks: S/images/ + S/masks/ (masks paired by file stem); voc "
+                         "(VOCdevkit), ade20k (ADEChallengeData2016), cityscapes (leftImg8bit/ + gtFine/) as "
+                         "downloaded")
+    sg.add_argument("--num-classes", type=int, default=None,
+                    help="class ids 0..N-1 in the masks (default: the layout's: camvid 11, voc 21, ade20k 150, "
+                         "cityscapes 19; 2 with --mask-threshold)")
+    sg.add_argument("--ignore-index", type=int, default=None, help="id of unlabelled pixels (default: camvid 11, "
+                                                                   "others 255)")
+    sg.add_argument("--mask-threshold", type=int, default=None, metavar="T",
+                    help="binary masks (8-bit grey or JPEG): grey value >= T is class 1, else 0 (e.g. 128)")
     sg.add_argument("--class-names", default=None, metavar="FILE", help="one class name per line")
-    sg.add_argument("--eval-split", default="test", help="split evaluated at the end (test or val)")
+    sg.add_argument("--eval-split", default="test",
+                    help="split evaluated at the end (test or val; test falls back to val where there is no "
+                         "labelled test split)")
     sg.add_argument("--decoder", choices=SEG_DECODERS, default="fpn",
                     help="fpn: light FPN decoder; linear: BN + one 1x1 conv (the dense linear probe)")
     sg.add_argument("--decoder-width", type=int, default=128)

@@ -9,6 +9,8 @@ the dataset has no labels); every image of a dataset has one size. Sources (:fun
 - one decoder for all of them, :func:`decode_image` (:mod:`.decode`: every PIL mode to 8 bits, decode-time resize);
 - batches and conversions (:mod:`.batch`), label subsets (:mod:`.subsets`), the input-file fingerprint of the
   feature-cache key (:mod:`.fingerprint`).
+- segmentation: image + mask pairs (:mod:`.segmentation`), mask files and the mask resampler (:mod:`.masks`), sets
+  as downloaded: CamVid, VOC, ADE20K, Cityscapes (:mod:`.seglayouts`); imported from there, not from this package.
 """
 from ..errors import DatasetNotFoundError
 from ..vocab import DATASETS

@@ -6,7 +6,24 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ..finetune.config import FinetuneConfig
-from ..vocab import SEG_DECODERS, SEG_LAYOUTS
+from ..vocab import SEG_DECODERS, SEG_LAYOUT_CLASSES, SEG_LAYOUTS
+
+
+def layout_classes(layout: str, num_classes: Optional[int], ignore_index: Optional[int],
+                   mask_threshold: Optional[int] = None) -> tuple[int, int]:
+    """``(num_classes, ignore_index)``: the given ones, else the layout's (:data:`distill.vocab.SEG_LAYOUT_CLASSES`);
+    binary masks (``mask_threshold``) have 2 classes.
+
+    Raises:
+        ValueError: ``images-masks`` without ``--num-classes`` or ``--mask-threshold``.
+    """
+    default_classes, default_ignore = SEG_LAYOUT_CLASSES[layout]
+    if num_classes is None:
+        num_classes = 2 if mask_threshold is not None else default_classes
+        if num_classes is None:
+            raise ValueError(f"--layout {layout} needs --num-classes N (class ids 0..N-1 in the masks), or "
+                             f"--mask-threshold T for binary masks (2 classes).")
+    return num_classes, default_ignore if ignore_index is None else ignore_index
 
 
 @dataclass
@@ -16,12 +33,16 @@ class SegmentConfig(FinetuneConfig):
     ``model``: an exported student, ``timm:NAME`` (random init) or ``teacher:NAME`` (a diffusion teacher's own
     features, frozen: the dense probe of a teacher). ``augment``: ``crop-flip`` = random scale (area ``scale_min``
     to 1) + crop back to the input size + flip, applied to image and mask alike; ``flip``; ``none``. ``size``:
-    resize every image (bilinear) and mask (nearest) to this height, keeping the aspect; default the data's own.
+    resize every image (bilinear) and mask (nearest-exact) to this height, keeping the aspect; default the data's own
+    (one size for all). ``num_classes`` / ``ignore_index`` None: the layout's (:data:`distill.vocab.SEG_LAYOUT_CLASSES`;
+    2 classes with ``mask_threshold``), filled in by :meth:`validate`. ``mask_threshold``: binary masks (8-bit grey or
+    JPEG), grey ``>= T`` is class 1.
     """
 
     layout: str = "camvid"
-    num_classes: int = 11
-    ignore_index: int = 11
+    num_classes: Optional[int] = None
+    ignore_index: Optional[int] = None
+    mask_threshold: Optional[int] = None
     class_names: Optional[str] = None  # a file, one name per line
     eval_split: str = "test"
     decoder: str = "fpn"
@@ -44,11 +65,17 @@ class SegmentConfig(FinetuneConfig):
         if self.data_root is None:
             raise ValueError("--data-root is required for --task segmentation: a folder with train/ + trainannot/ "
                              "(CamVid layout) or train/images/ + train/masks/ (--layout images-masks), and the same "
-                             "for the evaluation split.")
+                             "for the evaluation split; or VOCdevkit, ADEChallengeData2016 or a Cityscapes folder as "
+                             "downloaded (--layout voc, ade20k, cityscapes).")
         if self.layout not in SEG_LAYOUTS:
             raise ValueError(f"--layout {self.layout!r} is not valid; valid: {', '.join(SEG_LAYOUTS)}.")
         if self.decoder not in SEG_DECODERS:
             raise ValueError(f"--decoder {self.decoder!r} is not valid; valid: {', '.join(SEG_DECODERS)}.")
+        mt = self.mask_threshold
+        if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or not 1 <= mt <= 65535):
+            raise ValueError(f"--mask-threshold must be an integer grey value in 1..65535 (e.g. 128 for 8-bit masks: "
+                             f"value >= 128 is class 1); got {mt!r}.")
+        self.num_classes, self.ignore_index = layout_classes(self.layout, self.num_classes, self.ignore_index, mt)
         for name, lo in (("num_classes", 2), ("decoder_width", 1), ("grid_images", 0), ("ignore_index", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:

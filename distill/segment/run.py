@@ -30,25 +30,24 @@ from ..finetune.run import LOG_FILE, MODEL_DIR, MODEL_TAG, RESULT_FILE, check_ou
 from ..optim import build_optimizer, build_scheduler
 from ..plots import segmentation_grid
 from .config import SegmentConfig
-from .data import JointAugment, collate_pairs, seg_data
+from .data import JointAugment, collate_pairs, resize_image, resize_mask, seg_data
 from .metrics import SegMetrics
-from .model import SegModel, TeacherBackbone, TimmBackbone, build_decoder, timm_features
+from .model import SegModel, TeacherBackbone, build_decoder, timm_backbone
 
 GRID_FILE = "predictions.png"
 
 
 def resize_pair(images: torch.Tensor, masks: torch.Tensor, height: Optional[int]):
-    """Resize a batch to ``height`` px high, keeping the aspect: images bilinear (antialiased), masks nearest.
-    ``images [B, C, H, W]`` float, ``masks [B, H, W]`` int64; ``height=None`` returns them unchanged."""
+    """Resize a batch to ``height`` px high, keeping the aspect: images bilinear (antialiased), masks nearest-exact
+    (:mod:`distill.data.masks`). ``images [B, C, H, W]`` float, ``masks [B, H, W]`` int64; ``height=None`` returns
+    them unchanged."""
     if height is None or images.shape[-2] == height:
         return images, masks
     w = max(1, round(images.shape[-1] * height / images.shape[-2]))
-    images = F.interpolate(images, size=(height, w), mode="bilinear", align_corners=False, antialias=True)
-    masks = F.interpolate(masks[:, None].float(), size=(height, w), mode="nearest")[:, 0].long()
-    return images, masks
+    return resize_image(images, (height, w)), resize_mask(masks, (height, w))
 
 
-def _build_model(cfg: SegmentConfig, like_config: Optional[dict], num_classes: int):
+def _build_model(cfg: SegmentConfig, like_config: Optional[dict], num_classes: int, img_size: Optional[int] = None):
     """The SegModel and a description of its backbone (kind, name, mean/std)."""
     if cfg.model.startswith("teacher:"):
         from ..teacher import load_teacher
@@ -65,7 +64,7 @@ def _build_model(cfg: SegmentConfig, like_config: Optional[dict], num_classes: i
         mean = list(cfg.mean or pcfg.get("mean") or (0.485, 0.456, 0.406))
         std = list(cfg.std or pcfg.get("std") or (0.229, 0.224, 0.225))
         mean, std = (mean * 3 if len(mean) == 1 else mean), (std * 3 if len(std) == 1 else std)
-        backbone = TimmBackbone(timm_features(source, cfg.levels, like_config), mean, std, drop_stem=cfg.levels is None)
+        backbone = timm_backbone(source, cfg.levels, like_config, mean, std, img_size)
         info = {"kind": source.kind, "name": source.name, "mean": mean, "std": std,
                 "label": default_label(source), "reductions": backbone.reductions}
         freeze = cfg.freeze_backbone
@@ -118,7 +117,7 @@ def segment_finetune(cfg: SegmentConfig, output_dir: str, overwrite: bool = Fals
     out = Path(output_dir)
     check_output_dir(out, overwrite, cfg.save_model)
     data = seg_data(cfg.data_root, cfg.layout, cfg.fraction, cfg.seed, cfg.num_classes, cfg.ignore_index,
-                    cfg.eval_split, cfg.class_names)
+                    cfg.eval_split, cfg.class_names, cfg.size, cfg.mask_threshold)
     if accelerator is None:
         from accelerate.state import AcceleratorState
 
@@ -131,7 +130,7 @@ def segment_finetune(cfg: SegmentConfig, output_dir: str, overwrite: bool = Fals
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # backbone (scratch) and decoder init: the same decoder for both arms
-        model, info = _build_model(cfg, like_config, cfg.num_classes)
+        model, info = _build_model(cfg, like_config, cfg.num_classes, data.train_size[0])
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
@@ -141,9 +140,10 @@ def segment_finetune(cfg: SegmentConfig, output_dir: str, overwrite: bool = Fals
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes.")
     sampler = StepBatchSampler(len(data.train), cfg.batch_size, cfg.steps, cfg.seed, rank=rank, world=world)
-    train_loader = DataLoader(data.train, batch_sampler=sampler, collate_fn=collate_pairs, num_workers=cfg.num_workers)
-    test_loader = accelerator.prepare_data_loader(
-        DataLoader(data.test, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate_pairs,
+    train_loader = DataLoader(data.train, batch_sampler=sampler, collate_fn=data.collate_train,
+                              num_workers=cfg.num_workers)
+    test_loader = accelerator.prepare_data_loader(  # images of one size per batch, each at its own size
+        DataLoader(data.test, batch_sampler=data.eval_batches(cfg.eval_batch_size), collate_fn=collate_pairs,
                    num_workers=cfg.num_workers), device_placement=True)
     h0, w0 = data.train[0][0].shape[-2:]
     size = (h0, w0) if cfg.size is None else (cfg.size, max(1, round(w0 * cfg.size / h0)))
@@ -162,7 +162,7 @@ def segment_finetune(cfg: SegmentConfig, output_dir: str, overwrite: bool = Fals
         history.append({"step": step, "miou": r["miou"], "pixel_acc": r["pixel_acc"],
                         "train_loss": round(train_loss, 5), "seconds": round(time.time() - t_train, 1)})
         if progress and accelerator.is_main_process:
-            bar.write(f"step {step}: {cfg.eval_split} mIoU {r['miou']:.2f}  pixel acc {r['pixel_acc']:.2f}")
+            bar.write(f"step {step}: {data.eval_split} mIoU {r['miou']:.2f}  pixel acc {r['pixel_acc']:.2f}")
         return r
 
     with writing("the training log", out / LOG_FILE):
@@ -231,7 +231,7 @@ def segment_finetune(cfg: SegmentConfig, output_dir: str, overwrite: bool = Fals
     result = {
         "task": "segmentation", "label": label, "model": cfg.model, "model_kind": info["kind"],
         "architecture": info["name"], "like": cfg.like, "dataset": f"segmentation:{cfg.layout}",
-        "data_root": str(cfg.data_root), "eval_split": cfg.eval_split, "num_classes": cfg.num_classes,
+        "data_root": str(cfg.data_root), "eval_split": data.eval_split, "num_classes": cfg.num_classes,
         "ignore_index": cfg.ignore_index, "classes": list(data.classes),
         "fraction": float(cfg.fraction), "seed": cfg.seed, "steps": cfg.steps, "batch_size": cfg.batch_size,
         "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
@@ -268,12 +268,12 @@ def segment_finetune(cfg: SegmentConfig, output_dir: str, overwrite: bool = Fals
 @torch.no_grad()
 def _write_grid(model: nn.Module, data, cfg: SegmentConfig, path: Path, device) -> None:
     n = min(cfg.grid_images, len(data.test))
-    images, masks = collate_pairs([data.test[i] for i in range(n)])
+    images, masks = data.grid_pairs(n)
     x, y = resize_pair(to_unit(images.to(device)), masks.to(device), cfg.size)
     model.eval()
     pred = model(x).argmax(1)
     segmentation_grid((x * 255).round().byte().cpu(), y.cpu(), pred.cpu(), data.palette, cfg.ignore_index, path,
-                      title=f"{cfg.label or cfg.model}: {cfg.eval_split} images, ground truth, prediction")
+                      title=f"{cfg.label or cfg.model}: {data.eval_split} images, ground truth, prediction")
 
 
 def _save_model(model: nn.Module, path: Path, result: dict, palette) -> None:
