@@ -259,7 +259,7 @@ RESUME_FREE_KEYS = ("steps", "num_workers", "log_every", "checkpoint_every", "ke
 #: resolved values a resume must find unchanged (what the run measured or loaded at its start)
 RESUME_RESOLVED_KEYS = ("mean", "std", "data_channels", "teacher_sha256", "data_sha256", "teacher_features",
                         "sources", "regressor_targets", "target_groups", "timesteps_used", "teacher_source",
-                        "teacher_settings")
+                        "teacher_settings", "mixed_precision")
 
 
 def resume_changes(old: Recipe, old_resolved: dict, new: Recipe, new_resolved: Optional[dict] = None) -> list:

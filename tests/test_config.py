@@ -21,10 +21,10 @@ from distill.config import (
     Recipe,
     load_recipe,
     make_recipe,
-    parse_overrides,
     recipe_fields,
     save_recipe,
 )
+from distill.recipes import parse_overrides
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_FILES = sorted(RECIPES_DIR.glob("*.yaml"))

@@ -3,8 +3,7 @@ and the Markdown + PNG report."""
 from __future__ import annotations
 
 from ..atomic import atomic_write_json
-from ..config import parse_overrides
-from ..recipes import load_recipe
+from ..recipes import load_recipe, parse_overrides
 from ..vocab import AUGMENTS, SELECT_METHODS, SELECT_SCORE_ON
 from .common import add_output_dir, add_set
 

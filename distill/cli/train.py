@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..config import parse_overrides
-from ..recipes import load_recipe
+from ..recipes import load_recipe, parse_overrides
 from .common import RECIPE_HELP, add_output_dir, add_recipe_args, add_set, keys_epilog
 
 

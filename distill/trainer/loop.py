@@ -137,6 +137,7 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
         "student_features": [vars(f) | {"size": list(f.size)} for f in unwrapped.student.feature_info],
         "sources": unwrapped.regressor.sources,
         "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,  # the recipe's, else Accelerate's configuration
         "timesteps_used": {"policy": teacher.timesteps} if use_policy else teacher.timesteps,
         "selection": selection,
         "regressor_targets": [[c, list(size)] for c, size in layout.targets],
