@@ -539,3 +539,30 @@ def test_an_edited_teacher_source_is_refused_by_resume_and_by_the_cache(unet_mod
     with pytest.raises(ValueError, match=r"--resume .*teacher_source.*teacher_settings"):
         train(make_recipe({**recipe.to_dict(), "steps": 3}), str(tmp_path / "run"), resume=True, progress=False)
     assert (tmp_path / "run" / "config.yaml").read_text() == config and not (tmp_path / "run" / "checkpoint-3").exists()
+
+
+def test_reading_someone_elses_run_imports_no_teacher_code(unet_module, rgb_folder, tmp_path):
+    """`distill export`, `distill probe RUN` and `distill report` read a run whose config.yaml names a python:
+    teacher without importing it: a module that leaves a mark when imported leaves none (it is importable: the
+    commands run with its folder on PYTHONPATH)."""
+    import os
+    import subprocess
+
+    from distill.trainer import train
+
+    mark = tmp_path / "IMPORTED"
+    (unet_module.parent / "marked_unet.py").write_text(f"open({str(mark)!r}, 'a').write('imported\\n')\n" + UNET_SOURCE)
+    sys.modules.pop("marked_unet", None)
+    train(_recipe(rgb_folder, teacher="python:marked_unet:make_unet"), str(tmp_path / "run"), progress=False)
+    assert mark.read_text() == "imported\n"  # training does import it: the mark works
+    mark.unlink()
+    sys.modules.pop("marked_unet", None)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(unet_module.parent), *sys.path]), "OMP_NUM_THREADS": "1"}
+    for args in (["export", str(tmp_path / "run"), "-o", str(tmp_path / "export")],
+                 ["probe", str(tmp_path / "run"), "--epochs", "1", "--no-progress"],
+                 ["report", str(tmp_path / "run"), "-o", str(tmp_path / "report")]):
+        proc = subprocess.run([sys.executable, "-m", "distill.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, (args[0], proc.stderr[-2000:])
+        assert not mark.exists(), f"distill {args[0]} imported the run's teacher code"
+    assert (tmp_path / "export" / "model.safetensors").is_file() and (tmp_path / "report" / "report.md").is_file()
