@@ -156,8 +156,8 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def _as_declared(value: Any, tp: Any) -> Any:
-    """A ``--set`` value read as its key's type: a string ``float()`` reads (``inf``, ``nan``) for a float key
-    (YAML 1.1 reads them as strings), an integral float (``1e3``) for an int key; anything else as YAML gave it."""
+    """A ``--set`` value read as its key's type: a string ``float()`` reads (``inf``, ``nan``) or an int for a float
+    key (YAML 1.1 reads ``inf`` as a string), an integral float (``1e3``) for an int key; else as YAML gave it."""
     args = typing.get_args(tp) if typing.get_origin(tp) is Union else (tp,)
     if float in args and isinstance(value, str):
         try:
@@ -166,6 +166,8 @@ def _as_declared(value: Any, tp: Any) -> Any:
             return value
     if int in args and float not in args and isinstance(value, float) and value.is_integer():
         return int(value)
+    if float in args and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
     return value
 
 
