@@ -19,7 +19,8 @@ The cache is written in a temporary sibling directory and renamed into place, so
 previous cache, or complete.
 
 The manifest's ``key`` holds everything the features depend on: a sha256 of the teacher's weights (every tensor of
-its ``state_dict``, names in sorted order), of its noise schedule, the teacher source, blocks, timesteps, input size
+its ``state_dict``, names in sorted order), of a ``python:`` teacher's code, of the model's, the noise scheduler's
+and the VAE's settings (:func:`teacher_settings`), the teacher source, blocks, timesteps, input size
 and channels, dtype, the dataset (name, root, split, number of images and a sha256 fingerprint of its content and
 order: every input file's size and mtime, or its sha256 with ``data_hash: content``), the decode settings, the
 number of draws and the storage format. :class:`FeatureCache` compares it with what a training run
@@ -50,7 +51,7 @@ from .vocab import SHARD_VERIFY
 _logger = logging.getLogger(__name__)
 
 FORMAT = "distill-feature-cache"
-FORMAT_VERSION = 2  # 2: per-shard sizes and hashes, every input file in the data key
+FORMAT_VERSION = 3  # 2: per-shard sizes and hashes, every input file in the data key; 3: teacher_settings
 MANIFEST = "manifest.json"
 STORAGE_DTYPE = "float16"
 _FP16_MAX = 65504.0
@@ -88,15 +89,39 @@ def teacher_sha256(teacher: DiffusionTeacher) -> str:
     return h.hexdigest()
 
 
+def config_sha256(obj: Any) -> Optional[str]:
+    """sha256 of a diffusers object's class and ``config`` (every setting, keys sorted; not the bookkeeping keys
+    ``_name_or_path``, ``_diffusers_version``, ...), or None when it has no config."""
+    config = getattr(obj, "config", None)
+    if not isinstance(config, Mapping):
+        return None
+    settings = {k: v for k, v in config.items() if not str(k).startswith("_")}
+    text = type(obj).__name__ + json.dumps(settings, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def scheduler_sha256(scheduler: Any) -> str:
-    """sha256 of the noise schedule that ``add_noise`` uses (``alphas_cumprod``), else of the scheduler's config."""
-    h = hashlib.sha256()
+    """sha256 of the noise schedule that ``add_noise`` uses (``alphas_cumprod``) and of every setting of the
+    scheduler's config (class included)."""
+    h = hashlib.sha256(type(scheduler).__name__.encode())
     acp = getattr(scheduler, "alphas_cumprod", None)
     if isinstance(acp, torch.Tensor):
         _update_tensor(h, acp)
-    else:
-        h.update(json.dumps(dict(getattr(scheduler, "config", {})), sort_keys=True, default=str).encode())
+    h.update(str(config_sha256(scheduler)).encode())
     return h.hexdigest()
+
+
+def teacher_settings(teacher: DiffusionTeacher) -> dict:
+    """What shapes the teacher's features besides its weights (:func:`teacher_sha256`): the sha256 of a ``python:``
+    teacher's code (``source_info['code_sha256']``), of the model's and the noise scheduler's configs, and a latent
+    teacher's VAE dtype and config (``scaling_factor``, ``shift_factor``, ``latents_mean`` / ``latents_std``, ...);
+    None where the teacher has no such part. In the feature cache's key and the run's resume contract."""
+    vae = getattr(teacher, "vae", None)
+    return {"teacher_code_sha256": (getattr(teacher, "source_info", None) or {}).get("code_sha256"),
+            "model_config_sha256": config_sha256(teacher.model),
+            "scheduler_sha256": scheduler_sha256(teacher.scheduler),
+            "vae_dtype": str(teacher.vae_dtype).removeprefix("torch.") if vae is not None else None,
+            "vae_config_sha256": config_sha256(vae) if vae is not None else None}
 
 
 def _jsonable(v: Any) -> Any:
@@ -120,7 +145,7 @@ def expected_key(recipe, ds: Dataset, teacher: DiffusionTeacher, data_channels: 
         "teacher": _jsonable(recipe.teacher),
         "teacher_kwargs": _jsonable(recipe.teacher_kwargs),  # a python: factory's arguments (not all change weights)
         "teacher_sha256": teacher_sha256(teacher),
-        "scheduler_sha256": scheduler_sha256(teacher.scheduler),
+        **teacher_settings(teacher),  # code, model / scheduler / VAE settings
         "teacher_dtype": recipe.teacher_dtype,
         "blocks": list(teacher.blocks),
         "timesteps": [int(t) for t in teacher.timesteps],

@@ -167,7 +167,7 @@ class Recipe:
     momentum: float = 0.9  # sgd only
     warmup_steps: int = 50
     grad_clip: float = 1.0
-    mixed_precision: str = "no"
+    mixed_precision: Optional[str] = None  # null: Accelerate's configuration decides; no | fp16 | bf16 win over it
     on_nonfinite: str = "error"  # error: stop, keep the last good checkpoint | skip: drop the batch, count it
     augment: str = "crop-flip"
     # run
@@ -352,7 +352,8 @@ def make_recipe(values: dict, source: str = "recipe", warn: bool = True) -> Reci
     _check_choice("policy_baseline", r.policy_baseline, POLICY_BASELINES)
     _check_choice("optimizer", r.optimizer, OPTIMIZERS)
     _check_choice("augment", r.augment, AUGMENTS)
-    _check_choice("mixed_precision", r.mixed_precision, MIXED_PRECISION)
+    if r.mixed_precision is not None:  # null: Accelerate's own configuration (accelerate config, launch, env)
+        _check_choice("mixed_precision", r.mixed_precision, MIXED_PRECISION)
     _check_choice("at_mode", r.at_mode, AT_MODES)
     _check_choice("on_nonfinite", r.on_nonfinite, ON_NONFINITE)
     _check_choice("teacher_dtype", r.teacher_dtype, TEACHER_DTYPES)
@@ -385,21 +386,6 @@ def load_recipe(path: Union[str, Path], overrides: Optional[dict] = None) -> Rec
         raise ValueError(f"recipe '{path}' must be a YAML mapping of key: value, got {type(values).__name__}.")
     values.update(overrides or {})
     return make_recipe(values, source=f"recipe '{path}'")
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``['steps=10', 'timesteps=[5, 11]']`` -> ``{'steps': 10, 'timesteps': [5, 11]}`` (values parsed as YAML).
-
-    Raises:
-        ValueError: an item without ``=``, or a value that is not valid YAML (naming the item, line and column).
-    """
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r} is not of the form key=value (e.g. --set steps=100).")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml_load(v, source=f"--set {item!r} (value {v!r})")
-    return out
 
 
 def save_recipe(recipe: Recipe, path: Union[str, Path], extra: Optional[dict] = None) -> None:

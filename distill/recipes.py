@@ -1,4 +1,5 @@
-"""Shipped recipes by name, and the recipe key reference generated from :class:`distill.config.Recipe`.
+"""Shipped recipes by name, ``--set`` overrides (:func:`parse_overrides`), and the recipe key reference generated
+from :class:`distill.config.Recipe`.
 
 The recipes in the repository's ``recipes/`` ship inside the package as ``distill/shipped_recipes/`` (a symlink in
 the source tree, real files in a wheel), so ``distill train quickstart -o runs/q`` works from any install and
@@ -10,14 +11,17 @@ vocabularies of :mod:`distill.vocab`, and the comment beside each field (or :dat
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import re
+import typing
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import yaml
 
-from .config import RANGES, Recipe, _type_name, load_recipe as _load_recipe_file, recipe_fields
+from .config import (RANGES, Recipe, _type_name, load_recipe as _load_recipe_file, make_recipe, recipe_fields,
+                     yaml_load)
 from .vocab import (AT_MODES, AUGMENTS, DATA_HASH, DATASETS, IMAGE_RESIZE, MIXED_PRECISION, MULTI_TIMESTEP,
                     ON_NONFINITE, OPTIMIZERS, POLICY_BASELINES, TEACHER_DTYPES, TIMESTEP_MODES, TRACKERS, VAE_DTYPES)
 
@@ -56,7 +60,8 @@ _HELP = {
     "weight_decay": "decoupled weight decay (AdamW/LAMB) or L2 (SGD)",
     "warmup_steps": "linear warmup steps",
     "grad_clip": "maximum gradient norm (0: no clipping)",
-    "mixed_precision": "Accelerate mixed precision",
+    "mixed_precision": "Accelerate mixed precision; null: Accelerate's configuration decides (accelerate config, "
+                       "accelerate launch --mixed_precision, ACCELERATE_MIXED_PRECISION), recorded in config.yaml",
     "augment": "kornia augmentation, applied once so teacher and student see the same view",
     "seed": "seed of weights, data order, noise and augmentation",
     "num_workers": "DataLoader worker processes (0: load in the main process)",
@@ -116,6 +121,54 @@ def load_recipe(name_or_path: Union[str, Path], overrides: Optional[dict] = None
         ValueError: an invalid recipe or override (see :func:`distill.config.make_recipe`).
     """
     return _load_recipe_file(resolve_recipe(name_or_path), overrides)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``['steps=10', 'timesteps=[5, 11]']`` -> ``{'steps': 10, 'timesteps': [5, 11]}``: values parsed as YAML, then
+    as the key's declared type (a float key takes ``inf``, ``nan``, ``1e-3``; an int key an integral ``1e3``), each
+    checked on its own (key, type, choices, range) so that an error names the ``--set`` item, not the recipe file.
+
+    Raises:
+        ValueError: an item without ``=``, a key given twice, an unknown key (with the closest keys), a value that
+            is not valid YAML (naming the item, line and column) or not valid for its key.
+    """
+    out, given = {}, {}
+    fields_ = recipe_fields()
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r} is not of the form key=value (e.g. --set steps=100).")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        if k in given:
+            raise ValueError(f"--set {k} is given twice ({given[k]!r} and {item!r}); one would be dropped silently. "
+                             f"Fix: give {k} once.")
+        given[k] = item
+        if k not in fields_:
+            close = difflib.get_close_matches(k, list(fields_), n=3)
+            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"unknown key {k!r} in --set {item!r}.{hint} Valid keys: {', '.join(fields_)}.")
+        out[k] = _as_declared(yaml_load(v, source=f"--set {item!r} (value {v!r})"), fields_[k])
+        try:
+            make_recipe({k: out[k]}, source=f"--set {item!r}", warn=False)
+        except ValueError as e:
+            raise ValueError(str(e) if "--set" in str(e) else f"--set {item!r}: {e}") from None
+    return out
+
+
+def _as_declared(value: Any, tp: Any) -> Any:
+    """A ``--set`` value read as its key's type: a string ``float()`` reads (``inf``, ``nan``) or an int for a float
+    key (YAML 1.1 reads ``inf`` as a string), an integral float (``1e3``) for an int key; else as YAML gave it."""
+    args = typing.get_args(tp) if typing.get_origin(tp) is Union else (tp,)
+    if float in args and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if int in args and float not in args and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if float in args and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _source_comments() -> dict[str, str]:

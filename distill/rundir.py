@@ -258,7 +258,8 @@ RESUME_FREE_KEYS = ("steps", "num_workers", "log_every", "checkpoint_every", "ke
                     "probe_train_fraction", "probe_epochs", "knn_k", "channels_last", "compile")
 #: resolved values a resume must find unchanged (what the run measured or loaded at its start)
 RESUME_RESOLVED_KEYS = ("mean", "std", "data_channels", "teacher_sha256", "data_sha256", "teacher_features",
-                        "sources", "regressor_targets", "target_groups", "timesteps_used", "teacher_source")
+                        "sources", "regressor_targets", "target_groups", "timesteps_used", "teacher_source",
+                        "teacher_settings", "mixed_precision")
 
 
 def resume_changes(old: Recipe, old_resolved: dict, new: Recipe, new_resolved: Optional[dict] = None) -> list:

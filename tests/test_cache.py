@@ -446,3 +446,148 @@ def test_image_folder_key_covers_every_file_and_non_utf8_names(tmp_path, rgb_fol
     with pytest.raises(CacheMismatchError) as e:
         FeatureCache(tmp_path / "cache", expect=key())
     assert [line.split(":")[0].strip() for line in str(e.value).splitlines() if ": cached " in line] == ["data_sha256"]
+
+
+# ----------------------------------------------------------------------- every field of the key, one at a time
+NET_SOURCE = '''import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self, in_channels=3, width=4, image_size=16):
+        super().__init__()
+        self.in_channels, self.image_size = in_channels, image_size
+        self.conv = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.mid = nn.Conv2d(width, width, 3, stride=2, padding=1)
+
+    def forward(self, x, t):
+        return self.mid(self.conv(x))
+
+
+def make(**kw):
+    return Net(**kw)
+'''
+
+
+@pytest.fixture(scope="module")
+def key_env(tmp_path_factory, rgb_folder):
+    """A python: teacher file, a 3-channel DDPM pipeline and a DiT pipeline with a VAE (tiny), in a temp dir."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from ._tiny_latent import save_dit_pipeline, tiny_dit_config, tiny_vae_config
+    from .conftest import tiny_unet_config
+
+    root = tmp_path_factory.mktemp("key")
+    (root / "net.py").write_text(NET_SOURCE)
+    torch.manual_seed(0)
+    DDPMPipeline(unet=UNet2DModel(**tiny_unet_config(3)), scheduler=DDPMScheduler()).save_pretrained(root / "ddpm")
+    save_dit_pipeline(root / "dit", tiny_dit_config(sample_size=8), tiny_vae_config())
+    return root
+
+
+def _key(env, rgb_folder, fmnist_dir, *, n=12, start=0, split="train", draws=2, seed=0, **kw):
+    """The cache key of a run: a python: teacher (``env/net.py``) on 12 images of the RGB folder unless ``kw``
+    says otherwise; the teacher built after ``torch.manual_seed(seed)`` (its random init)."""
+    base = dict(dataset="image-folder", data_root=str(rgb_folder), teacher=f"python:{env / 'net.py'}:make",
+                teacher_blocks=["mid"], timesteps=[11], augment="none", mean=[0.5] * 3, std=[0.25] * 3)
+    if kw.get("dataset") == "fashion-mnist":
+        base.update(data_root=fmnist_dir)
+    recipe = make_recipe({**base, **kw})
+    ds, ch = build_train_data(recipe, split)
+    torch.manual_seed(seed)
+    teacher = build_teacher(recipe, ch)
+    return expected_key(recipe, Subset(ds, list(range(start, start + n))), teacher, ch, draws)
+
+
+def _edit_json(path, **values):
+    cfg = json.loads(path.read_text())
+    cfg.update(values)
+    path.write_text(json.dumps(cfg))
+
+
+def _copy(env, name, new):
+    shutil.rmtree(env / new, ignore_errors=True)
+    (shutil.copytree if (env / name).is_dir() else shutil.copy)(env / name, env / new)
+    return env / new
+
+
+def _case_code(env, k):  # the python: teacher's source edited, weights and everything else unchanged
+    net = _copy(env, "net.py", "net_code.py")
+    before = k(teacher=f"python:{net}:make")
+    net.write_text(NET_SOURCE.replace("return self.mid(self.conv(x))", "return 2 * self.mid(self.conv(x))"))
+    return before, k(teacher=f"python:{net}:make")
+
+
+def _case_model_config(env, k):  # a UNet setting that changes no tensor (GroupNorm eps)
+    d = _copy(env, "ddpm", "ddpm_cfg")
+    before = k(teacher=str(d), teacher_blocks=["mid_block"])
+    _edit_json(d / "unet" / "config.json", norm_eps=1e-3)
+    return before, k(teacher=str(d), teacher_blocks=["mid_block"])
+
+
+def _case_scheduler_file(env, k):  # the pipeline's scheduler_config.json edited
+    d = _copy(env, "ddpm", "ddpm_sched")
+    before = k(teacher=str(d), teacher_blocks=["mid_block"])
+    _edit_json(d / "scheduler" / "scheduler_config.json", beta_end=0.03)
+    return before, k(teacher=str(d), teacher_blocks=["mid_block"])
+
+
+def _case_vae_config(env, k):  # the VAE's scaling_factor (shapes every latent, changes no tensor)
+    d = _copy(env, "dit", "dit_vae")
+    before = k(teacher=str(d), teacher_blocks=["transformer_blocks.1"])
+    _edit_json(d / "vae" / "config.json", scaling_factor=0.5)
+    return before, k(teacher=str(d), teacher_blocks=["transformer_blocks.1"])
+
+
+#: field -> (base key, changed key) from a change of what that field records; constants of this version
+#: (format_version, dtype) are left out: they change only with the code, and format_version is checked first
+KEY_CASES = {
+    "teacher": lambda env, k: (k(), k(teacher=f"python:{_copy(env, 'net.py', 'net_copy.py')}:make")),
+    "teacher_kwargs": lambda env, k: (k(), k(teacher_kwargs={"width": 4})),  # the default, spelled out
+    "teacher_sha256": lambda env, k: (k(), k(seed=1)),
+    "teacher_code_sha256": _case_code,
+    "model_config_sha256": _case_model_config,
+    "scheduler_sha256": lambda env, k: (k(), k(teacher_scheduler={"beta_schedule": "linear", "beta_end": 0.03})),
+    "vae_dtype": lambda env, k: (k(teacher=str(env / "dit"), teacher_blocks=["transformer_blocks.1"]),
+                                 k(teacher=str(env / "dit"), teacher_blocks=["transformer_blocks.1"],
+                                   vae_dtype="bfloat16")),
+    "vae_config_sha256": _case_vae_config,
+    "teacher_dtype": lambda env, k: (k(), k(teacher_dtype="bfloat16")),
+    "blocks": lambda env, k: (k(), k(teacher_blocks=["conv"])),
+    "timesteps": lambda env, k: (k(), k(timesteps=[5])),
+    "sample_size": lambda env, k: (k(), k(teacher_resolution=32)),
+    "in_channels": lambda env, k: (k(image_channels=1), k(image_channels=1, teacher_kwargs={"in_channels": 1})),
+    "dataset": lambda env, k: (k(), k(dataset="fashion-mnist")),
+    "data_root": lambda env, k: (k(), k(data_root=str(env / "imgs-copy"))),  # a copy of the same images
+    "split": lambda env, k: (k(dataset="fashion-mnist"), k(dataset="fashion-mnist", split="test")),
+    "data_channels": lambda env, k: (k(), k(image_channels=1)),
+    "num_images": lambda env, k: (k(), k(n=11)),
+    "decode": lambda env, k: (k(), k(image_resize="squash")),
+    "data_hash": lambda env, k: (k(), k(data_hash="content")),
+    "data_sha256": lambda env, k: (k(), k(start=1)),
+    "num_draws": lambda env, k: (k(), k(draws=3)),
+}
+
+
+def test_the_key_cases_cover_every_field(key_env, rgb_folder, fmnist_dir):
+    """A field added to the key needs a case below (and a field dropped from it fails its case)."""
+    key = _key(key_env, rgb_folder, fmnist_dir)
+    assert set(KEY_CASES) == set(key) - {"format_version", "dtype"}
+
+
+@pytest.mark.parametrize("field", list(KEY_CASES))
+def test_changing_what_a_key_field_records_is_refused(field, key_env, rgb_folder, fmnist_dir, tmp_path):
+    """Each field of the cache key in turn: change what it records (the teacher's code, a scheduler or VAE
+    setting, the data, ...), keep the rest; a cache made before the change is refused, naming that field."""
+    from distill.cache import FORMAT, FORMAT_VERSION
+
+    if field == "data_root" and not (key_env / "imgs-copy").exists():
+        shutil.copytree(rgb_folder, key_env / "imgs-copy")
+    before, after = KEY_CASES[field](key_env, lambda **kw: _key(key_env, rgb_folder, fmnist_dir, **kw))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / MANIFEST).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                       "key": before, "files": {}, "shapes": {}, "feature_info": []}))
+    FeatureCache(tmp_path / "c", expect=before)  # the unchanged run is accepted
+    with pytest.raises(CacheMismatchError) as e:
+        FeatureCache(tmp_path / "c", expect=after)
+    named = [line.split(":")[0].strip() for line in str(e.value).splitlines() if ": cached " in line]
+    assert field in named, str(e.value)

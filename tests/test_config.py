@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -21,10 +22,10 @@ from distill.config import (
     Recipe,
     load_recipe,
     make_recipe,
-    parse_overrides,
     recipe_fields,
     save_recipe,
 )
+from distill.recipes import parse_overrides
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_FILES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -558,3 +559,58 @@ def test_mixed_precision_no_unquoted_in_yaml_means_no(tmp_path):
     assert load_recipe(path).mixed_precision == "no"
     with pytest.raises(ValueError, match="mixed_precision"):
         make_recipe({"mixed_precision": True})
+
+
+# --------------------------------------------------------------------------- --set: never dropped, named as --set
+
+def test_a_key_given_twice_in_set_is_refused():
+    """`--set steps=3 steps=2` kept the last silently."""
+    for items in (["steps=3", "steps=2"], ["steps=3", "lr=0.1", " steps = 2"]):
+        with pytest.raises(ValueError, match=r"--set steps is given twice \('steps=3' and '.*steps ?= ?2'\).*"
+                                             r"Fix: give steps once"):
+            parse_overrides(items)
+
+
+@pytest.mark.parametrize("item, key, value", [("lr=1e-3", "lr", 1e-3), ("lr=inf", "lr", math.inf),
+                                              ("weight_decay=-inf", "weight_decay", -math.inf),
+                                              ("select_max_memory_gb=1e1", "select_max_memory_gb", 10.0),
+                                              ("steps=1e3", "steps", 1000), ("lr=2", "lr", 2.0)])
+def test_set_values_are_read_as_the_keys_type(item, key, value):
+    """YAML 1.1 reads `inf` as a string: a float key takes it as a float (then refused by its range, naming --set)."""
+    if math.isinf(value):
+        with pytest.raises(ValueError, match=rf"^--set '{re.escape(item)}': {key} must be .* finite, got {value}"):
+            parse_overrides([item])
+        return
+    out = parse_overrides([item])
+    assert out == {key: value} and type(out[key]) is type(value)
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("stpes=3", r"^unknown key 'stpes' in --set 'stpes=3'\. Did you mean 'steps'"),
+    ("steps=ten", r"^--set 'steps=ten': key 'steps' must be int, got 'ten'"),
+    ("optimizer=adam2", r"^--set 'optimizer=adam2': .*'adam2'; valid: adamw, lamb, sgd"),
+    ("lr=0", r"^--set 'lr=0': lr must be > 0"),
+    ("timesteps=[]", r"^--set 'timesteps=\[\]': timesteps must be a non-empty list"),
+])
+def test_a_bad_set_value_is_blamed_on_set_not_on_the_recipe_file(tmp_path, item, expected):
+    path = write_yaml(tmp_path / "r.yaml", "steps: 20\n")
+    with pytest.raises(ValueError, match=expected) as e:
+        load_recipe(path, parse_overrides([item]))
+    assert str(path) not in str(e.value)
+
+
+def test_set_errors_through_the_cli_exit_2_naming_set(tmp_path, capsys):
+    path = write_yaml(tmp_path / "r.yaml", "steps: 20\n")
+    for args, expected in ((["--set", "steps=3", "steps=2"], "--set steps is given twice"),
+                           (["--set", "stpes=3"], "unknown key 'stpes' in --set"),
+                           (["--set", "lr=inf"], "--set 'lr=inf': lr must be > 0 and finite, got inf")):
+        assert main(["train", str(path), "-o", str(tmp_path / "run"), *args]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "in recipe" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_mixed_precision_is_unset_by_default():
+    """null: Accelerate's configuration decides (tests/test_trainer_multiprocess.py shows it reaching Accelerator)."""
+    assert make_recipe({}).mixed_precision is None
+    assert make_recipe({"mixed_precision": "bf16"}).mixed_precision == "bf16"

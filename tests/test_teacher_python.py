@@ -10,6 +10,7 @@ hashes with hashlib on the file.
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 import textwrap
 
@@ -160,7 +161,8 @@ def test_features_equal_the_network_run_by_hand(unet_module):
         for b in BLOCKS:
             torch.testing.assert_close(feats[f"{b}@t{t}"], got[b][2 * k:2 * k + 2], rtol=1e-4, atol=1e-5)
     assert teacher.source_info == {"kind": "python", "class": "my_unet.TinyUNet", "factory": "python:my_unet:make_unet",
-                                   "weights": None, "weights_sha256": None}
+                                   "weights": None, "weights_sha256": None, "code": str(unet_module.resolve()),
+                                   "code_sha256": hashlib.sha256(unet_module.read_bytes()).hexdigest()}
 
 
 def test_file_path_form(unet_module):
@@ -215,7 +217,7 @@ def test_factory_errors(unet_module):
     (unet_module.parent / "needs_missing.py").write_text("import no_such_dependency_xyz\n")
     with pytest.raises(ValueError, match=r"'needs_missing' imports 'no_such_dependency_xyz', which is not installed"):
         load_teacher("python:needs_missing:make", ["mid"], [11])
-    with pytest.raises(ValueError, match=r"has no attribute 'make_net'; its callables: .*make_unet"):
+    with pytest.raises(ValueError, match=r"has no attribute 'make_net'; its classes and functions: .*make_unet"):
         load_teacher("python:my_unet:make_net", ["mid"], [11])
     with pytest.raises(ValueError, match=r"returned a str, not an nn.Module"):
         load_teacher("python:my_unet:not_a_module", ["mid"], [11])
@@ -287,7 +289,8 @@ def test_recipe_teacher_trains_and_config_records_it(unet_module, rgb_folder, tm
     assert cfg["teacher"] == "python:my_unet:make_unet" and cfg["teacher_kwargs"] == {"base": 8}
     assert cfg["_resolved"]["teacher_source"] == {
         "kind": "python", "class": "my_unet.TinyUNet", "factory": "python:my_unet:make_unet", "weights": str(w),
-        "weights_sha256": hashlib.sha256(w.read_bytes()).hexdigest()}
+        "weights_sha256": hashlib.sha256(w.read_bytes()).hexdigest(), "code": str(unet_module.resolve()),
+        "code_sha256": hashlib.sha256(unet_module.read_bytes()).hexdigest()}
     # resume with other weights in the same file: refused, naming the changed hash
     _saved_weights(w, "module.", seed=2)
     with pytest.raises(ValueError, match=r"--resume .*teacher_sha256.*teacher_source"):
@@ -374,3 +377,192 @@ def test_recipe_to_dict_keeps_a_module_teacher_by_reference(unet_module, rgb_fol
     d = _recipe(rgb_folder, teacher=net, teacher_kwargs={}).to_dict()
     assert d["teacher"] is net  # not a deep copy of its weights
     assert d["teacher_blocks"] == ["mid"]
+
+
+# --------------------------------------------------------------------------------- a recipe is code: trust
+EVIL_SOURCE = textwrap.dedent('''
+    import os
+    import subprocess
+    from os import system
+    from subprocess import run
+
+    import torch.nn as nn
+    from torch.nn import Conv2d
+
+
+    class NotAModule:
+        def __init__(self, command="true"):
+            os.system(command)
+
+
+    def make(command="true"):
+        return nn.Conv2d(3, 3, 1)
+''')
+
+
+@pytest.mark.parametrize("factory", [
+    "python:os:system",  # a builtin of the standard library: refused before os is even named
+    "python:subprocess:run",  # a Python function, but the standard library
+    "python:shutil:rmtree",
+    "python:builtins:exec",
+    "python:evil:system",  # os.system re-exported by the user's module
+    "python:evil:run",  # subprocess.run imported into it
+    "python:evil:os.system",  # reached through an imported module
+    "python:evil:Conv2d",  # an nn.Module class, but torch's, imported
+    "python:evil:NotAModule",  # defined there, but not an nn.Module class: its constructor would run
+    "python:evil:subprocess.Popen",
+])
+def test_a_factory_not_defined_in_the_named_module_is_refused_before_it_is_called(factory, tmp_path, monkeypatch):
+    """G07: ``teacher: python:os:system`` ran a shell command before distill complained of the result. Only a
+    function or nn.Module class defined in the named module (or file) is called; the rest is refused first."""
+    (tmp_path / "evil.py").write_text(EVIL_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("evil", None)
+    mark = tmp_path / "MARK"
+    kwargs = {"command": f"touch {mark}"} if factory.endswith(("system", "NotAModule")) else \
+        {"args": ["touch", str(mark)]} if factory.endswith(("run", "Popen")) else \
+        {"path": str(tmp_path)} if factory.endswith("rmtree") else {}
+    if factory.endswith("exec"):
+        kwargs = {"source": f"open({str(mark)!r}, 'w')"}
+    with pytest.raises(ValueError, match=r"standard library|defined in|not a function or an nn.Module class") as e:
+        load_teacher(factory, ["weight"], [11], teacher_kwargs=kwargs)
+    assert not mark.exists() and (tmp_path / "evil.py").exists()
+    assert "python:" in str(e.value) and "Fix" in str(e.value)
+    # the file form is held to the same rule: names defined in that file only
+    if factory.startswith("python:evil:"):
+        with pytest.raises(ValueError, match=r"defined in|not a function or an nn.Module class"):
+            load_teacher(f"python:{tmp_path / 'evil.py'}:{factory.rsplit(':', 1)[1]}", ["weight"], [11],
+                         teacher_kwargs=kwargs)
+        assert not mark.exists()
+    sys.modules.pop("evil", None)
+
+
+def test_own_functions_classes_and_class_methods_are_accepted(unet_module):
+    (unet_module.parent / "own.py").write_text(textwrap.dedent('''
+        from my_unet import TinyUNet
+
+
+        class Net(TinyUNet):
+            @classmethod
+            def small(cls):
+                return cls(base=8)
+    '''))
+    sys.modules.pop("own", None)
+    for source in ("python:my_unet:TinyUNet", "python:own:Net", "python:own:Net.small"):
+        assert load_teacher(source, ["mid"], [11]).feature_info[0].num_chs == 16
+    with pytest.raises(ValueError, match=r"'TinyUNet' is defined in 'my_unet', not in 'own'.*Its classes and "
+                                         r"functions: Net\."):
+        load_teacher("python:own:TinyUNet", ["mid"], [11])
+    sys.modules.pop("own", None)
+
+
+def test_the_code_hash_covers_the_package(tmp_path, monkeypatch):
+    """A factory in ``pkg.nets`` that builds its network from ``pkg.layers``: an edit of either file changes
+    ``code_sha256`` (every .py file of the top-level package, hashed with its relative path)."""
+    from distill.teacher.python import code_record
+
+    pkg = tmp_path / "tpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "layers.py").write_text("import torch.nn as nn\nWIDTH = 4\n")
+    (pkg / "nets.py").write_text(textwrap.dedent('''
+        import torch.nn as nn
+        from .layers import WIDTH
+
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, WIDTH, 1)
+
+            def forward(self, x, t):
+                return self.conv(x)
+
+
+        def make():
+            return Net()
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def independent():  # hashlib over (relative path, sha256 of the bytes), sorted
+        h = hashlib.sha256()
+        for f in sorted(pkg.rglob("*.py")):
+            h.update(f.relative_to(pkg).as_posix().encode() + b"\0" + hashlib.sha256(f.read_bytes()).hexdigest().encode())
+        return h.hexdigest()
+
+    before = load_teacher("python:tpkg.nets:make", ["conv"], [11], in_channels=3, resolution=8).source_info
+    assert before["code_sha256"] == independent() and before["code"] == str(pkg.resolve())
+    (pkg / "layers.py").write_text("import torch.nn as nn\nWIDTH = 4  # edited\n")
+    after = code_record("python:tpkg.nets:make")
+    assert after["code_sha256"] == independent() != before["code_sha256"]
+    for name in ("tpkg", "tpkg.nets", "tpkg.layers"):
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("what", ["missing", "unexpected"])
+def test_partial_or_extra_weights_are_refused_naming_the_keys(unet_module, tmp_path, what):
+    """A weight file without one tensor would leave it at random init (``load_state_dict(strict=False)``); one with
+    a tensor the network lacks would drop it. Both are refused, naming the key, through load_teacher."""
+    from safetensors.torch import save_file
+
+    sd = _saved_weights(tmp_path / "full.safetensors")
+    name = "mid.conv2.weight"
+    if what == "missing":
+        sd = {k: v for k, v in sd.items() if k != name}
+    else:
+        sd = {**sd, "mid.extra.weight": torch.zeros(2)}
+        name = "mid.extra.weight"
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match=rf"1 {what} \(e\.g\. \['{re.escape(name)}'\]\)"):
+        load_teacher("python:my_unet:make_unet", ["mid"], [11], weights=str(tmp_path / "w.safetensors"))
+
+
+def test_an_edited_teacher_source_is_refused_by_resume_and_by_the_cache(unet_module, rgb_folder, tmp_path):
+    """The code is part of the teacher: editing the factory's file (weights unchanged; here a forward that scales
+    its output, which changes every feature but no tensor) changes the cache key and is refused by --resume."""
+    from distill.build import build_teacher, build_train_data
+    from distill.cache import expected_key
+    from distill.trainer import train
+
+    w = tmp_path / "w.safetensors"
+    _saved_weights(w)
+    recipe = _recipe(rgb_folder, teacher_weights=str(w))
+    train(recipe, str(tmp_path / "run"), progress=False)
+    ds, channels = build_train_data(recipe)
+    before = expected_key(recipe, ds, build_teacher(recipe, channels), channels)
+    unet_module.write_text(UNET_SOURCE.replace("return self.skip(x) + self.conv2(F.silu(self.norm2(h)))",
+                                               "return 2 * (self.skip(x) + self.conv2(F.silu(self.norm2(h))))"))
+    sys.modules.pop("my_unet", None)
+    after = expected_key(recipe, ds, build_teacher(recipe, channels), channels)
+    assert {k for k in before if before[k] != after[k]} == {"teacher_code_sha256"}
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"--resume .*teacher_source.*teacher_settings"):
+        train(make_recipe({**recipe.to_dict(), "steps": 3}), str(tmp_path / "run"), resume=True, progress=False)
+    assert (tmp_path / "run" / "config.yaml").read_text() == config and not (tmp_path / "run" / "checkpoint-3").exists()
+
+
+def test_reading_someone_elses_run_imports_no_teacher_code(unet_module, rgb_folder, tmp_path):
+    """`distill export`, `distill probe RUN` and `distill report` read a run whose config.yaml names a python:
+    teacher without importing it: a module that leaves a mark when imported leaves none (it is importable: the
+    commands run with its folder on PYTHONPATH)."""
+    import os
+    import subprocess
+
+    from distill.trainer import train
+
+    mark = tmp_path / "IMPORTED"
+    (unet_module.parent / "marked_unet.py").write_text(f"open({str(mark)!r}, 'a').write('imported\\n')\n" + UNET_SOURCE)
+    sys.modules.pop("marked_unet", None)
+    train(_recipe(rgb_folder, teacher="python:marked_unet:make_unet"), str(tmp_path / "run"), progress=False)
+    assert mark.read_text() == "imported\n"  # training does import it: the mark works
+    mark.unlink()
+    sys.modules.pop("marked_unet", None)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(unet_module.parent), *sys.path]), "OMP_NUM_THREADS": "1"}
+    for args in (["export", str(tmp_path / "run"), "-o", str(tmp_path / "export")],
+                 ["probe", str(tmp_path / "run"), "--epochs", "1", "--no-progress"],
+                 ["report", str(tmp_path / "run"), "-o", str(tmp_path / "report")]):
+        proc = subprocess.run([sys.executable, "-m", "distill.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, (args[0], proc.stderr[-2000:])
+        assert not mark.exists(), f"distill {args[0]} imported the run's teacher code"
+    assert (tmp_path / "export" / "model.safetensors").is_file() and (tmp_path / "report" / "report.md").is_file()

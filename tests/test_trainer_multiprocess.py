@@ -42,3 +42,87 @@ def test_two_processes_match_one(tmp_path, rgb_folder):
     print("step-1 loss: 2 processes", _first_loss(tmp_path / "mp"), "1 process", _first_loss(tmp_path / "sp"))
     # same images at step 1 and same initial weights; noise draws and BN batch statistics differ per process
     assert _first_loss(tmp_path / "mp") == pytest.approx(_first_loss(tmp_path / "sp"), rel=0.03)  # measured: 1.2045 vs 1.2155
+
+
+README_CPU_LAUNCH = "accelerate launch --multi_gpu --num_processes 2 -m distill.cli train"
+
+
+def test_the_readme_two_process_cpu_launch_starts_two_processes(tmp_path, rgb_folder):
+    """The README's CPU launch (`accelerate launch --cpu --num_processes 2` before, which Accelerate runs as ONE
+    process without MPI) really starts and joins two processes: config.yaml records num_processes: 2."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"`{README_CPU_LAUNCH}" in readme  # the command tested here is the one the README gives
+    recipe = dict(dataset="image-folder", data_root=str(rgb_folder), teacher=tiny_unet_config(3),
+                  teacher_blocks=["mid_block"], timesteps=[11], student="resnet18", student_size=32,
+                  regressor_width=16, steps=2, batch_size=4, log_every=1, checkpoint_every=2, warmup_steps=0,
+                  augment="none", mean=[0.5] * 3, std=[0.25] * 3)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    launch, rest = README_CPU_LAUNCH.split(" -m ")
+    cmd = [accelerate, *launch.split()[1:], "--main_process_port", "29533", "-m", *rest.split(),
+           str(tmp_path / "r.yaml"), "-o", str(tmp_path / "run"), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["_resolved"]
+    assert resolved["num_processes"] == 2 and resolved["mixed_precision"] == "no"
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, 1),
+    ({"WORLD_SIZE": "3"}, 3),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, 2),  # mpirun
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, "started one process"),  # --cpu, no MPI
+])
+def test_launched_processes_refuses_a_cpu_launch_that_started_one(monkeypatch, env, expected):
+    """`accelerate launch --cpu --num_processes 2` runs one process (Accelerate's simple launcher: several only
+    through MPI) and sets MASTER_ADDR for the MPI launch that did not happen: refused, not silently one process."""
+    from distill.trainer.accelerator import launched_processes
+
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "ACCELERATE_USE_CPU",
+                 "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    if isinstance(expected, int):
+        assert launched_processes() == expected
+    else:
+        with pytest.raises(ValueError, match=rf"{expected}.*Fix: accelerate launch --multi_gpu --num_processes N"):
+            launched_processes()
+
+
+@pytest.mark.parametrize("recipe_value, env_value, used", [(None, "bf16", "bf16"), (None, None, "no"),
+                                                          ("no", "bf16", "no"), ("fp16", None, "fp16")])
+def test_an_unset_mixed_precision_is_accelerates_and_a_set_one_wins(tmp_path, monkeypatch, recipe_value, env_value,
+                                                                    used):
+    """`accelerate launch --mixed_precision bf16` (ACCELERATE_MIXED_PRECISION) and `accelerate config` used to be
+    overridden by the recipe's default "no"; now an unset recipe value leaves it to Accelerate, a set one wins."""
+    from accelerate.state import AcceleratorState
+
+    from distill.trainer.accelerator import make_accelerator
+
+    if env_value is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env_value)
+    assert make_recipe({}).mixed_precision is None
+    try:
+        acc = make_accelerator(make_recipe({"mixed_precision": recipe_value}), tmp_path)
+        assert acc.mixed_precision == used
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def test_config_yaml_records_the_precision_accelerate_used(tmp_path, monkeypatch, rgb_folder):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    try:
+        train(make_recipe(dict(dataset="image-folder", data_root=str(rgb_folder), teacher=tiny_unet_config(3),
+                               teacher_blocks=["mid_block"], timesteps=[11], student="resnet18", student_size=32,
+                               regressor_width=16, steps=1, batch_size=4, warmup_steps=0, augment="none",
+                               mean=[0.5] * 3, std=[0.25] * 3)), str(tmp_path / "run"), progress=False)
+    finally:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert cfg["mixed_precision"] is None and cfg["_resolved"]["mixed_precision"] == "bf16"

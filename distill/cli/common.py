@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 import re
+import textwrap
 
 KEY_VALUE = re.compile(r"^[A-Za-z_]\w*=")
 RECIPE_HELP = "YAML recipe file, or the name of a shipped recipe (distill recipes lists them), e.g. quickstart"
+#: the trust model, in the --help of every command that takes a recipe (README: "A recipe with a python: teacher")
+RECIPE_TRUST = textwrap.fill(
+    "Trust: a recipe with a python: teacher (teacher: python:MODULE:FACTORY) runs that code, as a Hydra _target_ "
+    "does: importing the module runs its top-level code, then the factory, a function or nn.Module class defined "
+    "in that module or file, is called (os.system, builtins and imported names are refused). Use such a recipe only "
+    "if you would run its module yourself. Everything else (weights, feature caches, runs, checkpoints, exports, "
+    "YAML) runs no code.", 100)
 SET_HELP = ("override recipe keys, e.g. --set steps=100 lr=1e-3 (values are YAML; anywhere on the line; "
              "distill train --help lists every key)")
 

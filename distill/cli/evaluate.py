@@ -2,11 +2,12 @@
 and the Markdown + PNG report."""
 from __future__ import annotations
 
+import argparse
+
 from ..atomic import atomic_write_json
-from ..config import parse_overrides
-from ..recipes import load_recipe
+from ..recipes import load_recipe, parse_overrides
 from ..vocab import AUGMENTS, SELECT_METHODS, SELECT_SCORE_ON
-from .common import add_output_dir, add_set
+from .common import RECIPE_TRUST, add_output_dir, add_set
 
 
 def add_probe_parser(sub) -> None:
@@ -66,7 +67,8 @@ def _probe_teacher(source: str, args) -> int:
 
 def add_select_parser(sub) -> None:
     se = sub.add_parser("select", help="choose teacher block + timestep: grid probe (DDAE 3.2) and/or label-free "
-                                       "alignment/uniformity (DDAE 3.3); CSV, heatmap PNG, recipe-ready best_*.yaml")
+                                       "alignment/uniformity (DDAE 3.3); CSV, heatmap PNG, recipe-ready best_*.yaml",
+                        description=RECIPE_TRUST, formatter_class=argparse.RawDescriptionHelpFormatter)
     se.add_argument("--method", choices=SELECT_METHODS, default="both")
     se.add_argument("--recipe", default=None, help="take teacher, data, blocks and timestep_candidates from a recipe "
                                                    "(a file or a shipped recipe's name)")

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..config import parse_overrides
-from ..recipes import load_recipe
-from .common import RECIPE_HELP, add_output_dir, add_recipe_args, add_set, keys_epilog
+from ..recipes import load_recipe, parse_overrides
+from .common import RECIPE_HELP, RECIPE_TRUST, add_output_dir, add_recipe_args, add_set, keys_epilog
 
 
 def add_train_parser(sub) -> None:
-    t = sub.add_parser("train", help="pretrain a student on a recipe", epilog=keys_epilog(),
+    t = sub.add_parser("train", help="pretrain a student on a recipe", description=RECIPE_TRUST, epilog=keys_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_args(t)
     t.set_defaults(func=cmd_train)
@@ -29,7 +28,8 @@ def cmd_train(args) -> int:
 
 def add_run_parser(sub) -> None:
     r = sub.add_parser("run", help="train + export + probe against random-init and raw-pixel baselines",
-                       epilog=keys_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=RECIPE_TRUST, epilog=keys_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_args(r)
     r.set_defaults(func=cmd_run)
 
@@ -82,7 +82,8 @@ def cmd_export(args) -> int:
 
 
 def add_extract_parser(sub) -> None:
-    x = sub.add_parser("extract", help="cache the teacher's features of every training image (fp16, memory-mapped)")
+    x = sub.add_parser("extract", help="cache the teacher's features of every training image (fp16, memory-mapped)",
+                       description=RECIPE_TRUST, formatter_class=argparse.RawDescriptionHelpFormatter)
     x.add_argument("recipe", help=RECIPE_HELP)
     add_output_dir(x, "cache directory (written atomically; manifest.json + one .npy per teacher feature)")
     x.add_argument("--draws", type=int, default=2, help="noise draws per image (training picks one per step)")

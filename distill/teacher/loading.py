@@ -24,7 +24,7 @@ from .latent import DiTTeacher, LatentDiffusionTeacher, resolve_vae_dtype
 from .model_dir import check_config_types, from_local, local_json, scheduler_from_local
 from .prompt import empty_prompt_embedding, load_prompt_embedding
 from .hub import check_hub_reachable, is_hub_id
-from .python import build_python_model, is_python_source, load_weights, qualified_name
+from .python import build_python_model, code_record, is_python_source, load_weights, qualified_name
 from .schedule import build_noise_schedule
 
 _logger = logging.getLogger(__name__)
@@ -292,7 +292,8 @@ def load_teacher(
       ``img_resolution`` attributes.
 
     The returned teacher's ``source_info`` says what was built: ``{'kind', 'class', 'factory', 'weights',
-    'weights_sha256'}`` (what a run's ``config.yaml`` records for a Python or module teacher).
+    'weights_sha256'}``, and for a ``python:`` teacher ``'code'`` and ``'code_sha256'`` (its source:
+    :func:`distill.teacher.python.code_record`); what a run's ``config.yaml`` records and ``--resume`` compares.
 
     Args:
         torch_dtype: dtype of the UNet/DiT (``from_pretrained(torch_dtype=...)``).
@@ -347,7 +348,7 @@ def load_teacher(
             python = is_python_source(source)
             model = build_python_model(source, teacher_kwargs) if python else source
             source_info.update(kind="python" if python else "module", factory=source if python else None,
-                               **{"class": qualified_name(model)})
+                               **{"class": qualified_name(model)}, **(code_record(source) if python else {}))
             if weights:
                 source_info.update(weights=str(weights), weights_sha256=load_weights(model, weights, weights_prefix))
             if torch_dtype is not None:

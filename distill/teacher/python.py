@@ -10,6 +10,14 @@ the path of a ``.py`` file.
 
 Blocks are named by ``model.named_modules()`` and read with forward hooks, as for diffusers teachers. See
 ``docs/teachers.md`` for ADM and EDM.
+
+Trust: a recipe with a ``python:`` teacher runs that code, as a Hydra ``_target_`` does: importing the module runs
+its top-level code, then the factory is called. Only a class (an ``nn.Module`` subclass) or a function *defined in*
+the named module or file is accepted, checked before anything is called: ``python:os:system``, a builtin, a name
+the module imported from elsewhere (``from subprocess import run``) and any standard-library module are refused, so
+a recipe cannot reach a shell through a callable that happens to exist. The code is part of the teacher: its sha256
+(:func:`code_record`: the module file, or every ``.py`` file of its top-level package) is in the run's
+``config.yaml`` and the feature cache's key, so an edited teacher is never mistaken for the old one.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import importlib
 import importlib.util
 import inspect
 import pickle
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -52,7 +61,17 @@ def parse_python_source(source: str) -> tuple[str, str]:
     return module, factory
 
 
+def _is_stdlib(module: str) -> bool:
+    """Whether ``module`` (a dotted name) belongs to Python's standard library or its builtins."""
+    return module.split(".")[0] in sys.stdlib_module_names or module.split(".")[0] in sys.builtin_module_names
+
+
 def _import(module: str, source: str):
+    if not module.endswith(".py") and _is_stdlib(module):  # refused before the import: nothing of it runs
+        raise ValueError(f"teacher {source!r}: {module!r} is Python's standard library, not a teacher network's "
+                         f"code; a python: teacher names a class or function defined in your own module or .py file "
+                         f"(a recipe's python: teacher runs that code). Fix: teacher: python:my_models.unet:make_unet "
+                         f"or python:/path/to/unet.py:make_unet.")
     if module.endswith(".py"):
         path = Path(module).expanduser()
         if not path.is_file():
@@ -75,25 +94,70 @@ def _import(module: str, source: str):
                          f"the .py file: python:/path/to/{module.split('.')[-1]}.py:<factory>.") from None
 
 
+def _own_factories(mod) -> list[str]:
+    """The public classes and functions defined in ``mod`` itself (what a ``python:`` teacher may name)."""
+    return sorted(n for n, v in vars(mod).items() if not n.startswith("_") and (inspect.isclass(v) or
+                  inspect.isfunction(v)) and getattr(v, "__module__", None) == mod.__name__)
+
+
+def _is_factory(obj) -> bool:
+    """A Python function (or a method of a class: ``Class.from_config``) or an ``nn.Module`` subclass."""
+    if inspect.isclass(obj):
+        return issubclass(obj, nn.Module)
+    return inspect.isfunction(obj) or (inspect.ismethod(obj) and inspect.isfunction(obj.__func__))
+
+
 def import_factory(source: str) -> Callable[..., nn.Module]:
-    """The callable named by ``python:module:factory``.
+    """The factory named by ``python:module:factory``: a function or an ``nn.Module`` subclass defined in that
+    module or file (for ``Class.method``, the class is defined there), checked before anything is called. Importing
+    the module runs its top-level code (see the module docstring: a recipe's ``python:`` teacher is code).
 
     Raises:
-        ValueError / FileNotFoundError: the module cannot be imported or has no such attribute (the message lists
-            its public callables).
+        ValueError / FileNotFoundError: a standard-library module (refused before it is imported), a module that
+            cannot be imported, no such attribute, or a name that is not a class or function defined in the module
+            (``os.system``, a builtin, a name imported from elsewhere); the message lists the module's own classes
+            and functions.
     """
     module, factory = parse_python_source(source)
     obj = mod = _import(module, source)
-    for part in factory.split("."):
+    parts = factory.split(".")
+    for part in parts:
         if not hasattr(obj, part):
-            names = sorted(n for n, v in vars(mod).items() if callable(v) and not n.startswith("_"))
-            raise ValueError(f"teacher {source!r}: {module!r} has no attribute {factory!r}; its callables: "
-                             f"{', '.join(names) or 'none'}.")
+            raise ValueError(f"teacher {source!r}: {module!r} has no attribute {factory!r}; its classes and "
+                             f"functions: {', '.join(_own_factories(mod)) or 'none'}.")
         obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"teacher {source!r}: {factory!r} is a {type(obj).__name__}, not a callable returning an "
-                         f"nn.Module.")
+    first = getattr(mod, parts[0])
+    where = getattr(first, "__module__", None)
+    if not (inspect.isclass(first) or inspect.isfunction(first)) or where != mod.__name__ or not _is_factory(obj):
+        what = (f"defined in {where!r}, not in {module!r}" if where not in (None, mod.__name__) else
+                f"a {type(obj).__name__}, not a function or an nn.Module class")
+        raise ValueError(f"teacher {source!r}: {factory!r} is {what}; a python: teacher's factory must be a function "
+                         f"or an nn.Module class defined in the named module or file, so a recipe cannot call "
+                         f"whatever the module happens to import (a recipe's python: teacher runs code). Nothing was "
+                         f"called. Its classes and functions: {', '.join(_own_factories(mod)) or 'none'}. Fix: name "
+                         f"the module that defines the factory (python:package.module:factory).")
     return obj
+
+
+def code_record(source: str) -> dict:
+    """What code a ``python:`` teacher runs and its sha256: ``{'code': path, 'code_sha256': hex}``. For a ``.py``
+    file, that file; for a module, its file, or every ``.py`` file (sorted by path relative to the package, each
+    path and content hashed) of its top-level package when it is one, since a factory may use any module of its
+    package. Call after :func:`import_factory` (the module is then imported; it is not run again)."""
+    module, _ = parse_python_source(source)
+    if module.endswith(".py"):
+        path = Path(module).expanduser().resolve()
+        return {"code": str(path), "code_sha256": file_sha256(path)}
+    top = importlib.import_module(module.split(".")[0])
+    dirs = [Path(d) for d in getattr(top, "__path__", [])]
+    if not dirs:  # a single-file module
+        path = Path(top.__file__).resolve()
+        return {"code": str(path), "code_sha256": file_sha256(path)}
+    h = hashlib.sha256()
+    for d in dirs:
+        for f in sorted(d.rglob("*.py")):
+            h.update(f.relative_to(d).as_posix().encode() + b"\0" + file_sha256(f).encode())
+    return {"code": ", ".join(str(d.resolve()) for d in dirs), "code_sha256": h.hexdigest()}
 
 
 def build_python_model(source: str, kwargs: Optional[Mapping[str, Any]] = None) -> nn.Module:
@@ -109,8 +173,6 @@ def build_python_model(source: str, kwargs: Optional[Mapping[str, Any]] = None) 
     except TypeError as e:
         raise ValueError(f"teacher {source!r}: teacher_kwargs {kwargs} do not fit {factory.__name__}"
                          f"{inspect.signature(factory)} ({e}). Fix: set teacher_kwargs to its arguments.") from None
-    except ValueError:  # a builtin without a signature: let the call say
-        pass
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"teacher {source!r}: the factory returned a {type(model).__name__}, not an nn.Module; it "

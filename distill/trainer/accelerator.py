@@ -2,8 +2,11 @@
 each process's RNG seed."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 from ..config import Recipe
 from ..errors import MissingDependencyError
@@ -11,21 +14,53 @@ from ..vocab import TRACKER_EXTRAS, TRACKERS
 
 
 def make_accelerator(recipe: Recipe, run_dir: Path):
-    """An Accelerator for the recipe (precision, accumulation, tracker). AcceleratorState is a process-wide
-    singleton that refuses a second Accelerator with another precision (a notebook running two recipes), so it is
-    reset first; the process group (PartialState) is kept."""
+    """An Accelerator for the recipe (precision, accumulation, tracker). The recipe's ``mixed_precision`` is passed
+    only when set: null leaves it to Accelerate's configuration (``accelerate config``, ``accelerate launch
+    --mixed_precision``, ``ACCELERATE_MIXED_PRECISION``), the run records the one used. AcceleratorState is a
+    process-wide singleton that refuses a second Accelerator with another precision (a notebook running two
+    recipes), so it is reset first; the process group (PartialState) is kept."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
     check_tracker(recipe.log_with)
+    world = launched_processes()
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(
+    acc = Accelerator(
         mixed_precision=recipe.mixed_precision, gradient_accumulation_steps=recipe.grad_accum_steps,
         log_with=recipe.log_with, project_dir=str(run_dir),
+        # under torchrun / accelerate launch --multi_gpu on a machine without GPU, Accelerate joins the processes
+        # only when told to use the CPU (else each one trains alone: DistributedType.NO)
+        cpu=world > 1 and not torch.accelerator.is_available(),
         # ViT students leave their final norm unused in forward_intermediates
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if acc.num_processes != world:
+        raise ValueError(f"{world} processes were launched (WORLD_SIZE={world}) but Accelerate joined "
+                         f"{acc.num_processes} ({acc.distributed_type}); each would train alone in the same run "
+                         f"directory. Fix: launch with accelerate launch --multi_gpu --num_processes {world} -m "
+                         f"distill.cli train ... (CPU or GPU), or one process.")
+    return acc
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (``WORLD_SIZE`` of torchrun / ``accelerate launch``, MPI's sizes).
+
+    Raises:
+        ValueError: ``accelerate launch --cpu --num_processes N`` (N > 1) without MPI: Accelerate's ``--cpu`` launcher
+            starts one process (it sets ``MASTER_ADDR`` for an MPI launch that did not happen), so the N processes
+            asked for would silently be one.
+    """
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and os.environ.get("MASTER_ADDR"):
+        raise ValueError("accelerate launch --cpu --num_processes N started one process: Accelerate's --cpu "
+                         "launcher runs several processes only through MPI (--mpirun_hostfile), so the others would "
+                         "silently not exist. Fix: accelerate launch --multi_gpu --num_processes N -m distill.cli "
+                         "train ... (on a machine without GPU the processes train on the CPU, joined with gloo), "
+                         "or --num_processes 1.")
+    return 1
 
 
 def check_tracker(name: Optional[str]) -> None:

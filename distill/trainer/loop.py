@@ -23,7 +23,7 @@ from ..config import Recipe
 from ..data import IndexedDataset
 from ..errors import NonFiniteLossError, TrainingInterrupted
 from ..policy import entropy_weight
-from ..cache import data_fingerprint, teacher_sha256
+from ..cache import data_fingerprint, teacher_settings, teacher_sha256
 from ..rundir import (MONITOR, CsvLog, check_resume, checkpoint_step, latest_checkpoint, newest_loadable_checkpoint,
                       prepare_run_dir, record_changes, write_config, write_summary)
 from ..runlock import RunLock
@@ -137,6 +137,7 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
         "student_features": [vars(f) | {"size": list(f.size)} for f in unwrapped.student.feature_info],
         "sources": unwrapped.regressor.sources,
         "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,  # the recipe's, else Accelerate's configuration
         "timesteps_used": {"policy": teacher.timesteps} if use_policy else teacher.timesteps,
         "selection": selection,
         "regressor_targets": [[c, list(size)] for c, size in layout.targets],
@@ -144,6 +145,7 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
         "feature_cache": {"path": str(cache.path), "key": cache.key} if cache is not None else None,
         "teacher_sha256": teacher_sha256(teacher), "data_sha256": data_fingerprint(ds),
         "teacher_source": teacher.source_info,  # class, factory, weights sha256 of a python: or module teacher
+        "teacher_settings": teacher_settings(teacher),  # code, model / scheduler / VAE settings (as the cache key)
     }
     entropy_steps = recipe.policy_entropy_steps if recipe.policy_entropy_steps is not None else recipe.steps // 2
     return Session(recipe, run_dir, accelerator, model, optimizer, scheduler, source, build_loss(recipe),
