@@ -45,8 +45,9 @@ def class_index(found: Iterable[str], classes: Optional[Sequence[str]], where: s
     if extra:
         raise ValueError(
             f"{where} holds class(es) {_names(extra)} that the training split lacks (its classes: {_names(classes)}); "
-            f"a probe cannot score images of a class it was never fit on. Fix: add those classes to the training "
-            f"split, or remove them from {where} (or rename them to the training split's names).")
+            f"a probe or classifier fit on the training split cannot score images of a class it never saw. Fix: add "
+            f"those classes to the training split, or remove them from {where} (or rename them to the training "
+            f"split's names).")
     missing = [n for n in classes if n not in set(found)]
     if missing:
         _logger.warning("%s has no images of class(es) %s of the training split; they are not scored (accuracy is "
