@@ -26,18 +26,20 @@ from .vocab import dataset_channels
 
 
 # ----------------------------------------------------------------------------------------------- data
-def build_train_data(recipe: Recipe, split: str = "train") -> tuple[Dataset, int]:
+def build_train_data(recipe: Recipe, split: str = "train", classes=None) -> tuple[Dataset, int]:
     """The recipe's dataset split and its number of channels (1 for Fashion-MNIST, else ``image_channels`` or 3).
 
     File datasets decode every image at ``image_size`` (``image_resize``; null: the first image's size) and skip
-    images with a side below ``min_image_side`` with a warning naming the file.
+    images with a side below ``min_image_side`` with a warning naming the file. ``classes``: the training split's
+    class names, for another split: its labels are paired with them by name (see :func:`distill.data.build_dataset`).
 
     Raises:
-        ValueError / DatasetNotFoundError: an unknown dataset or missing files (the message names the fix).
+        ValueError / DatasetNotFoundError: an unknown dataset or missing files (the message names the fix); with
+            ``classes``, a class the training split lacks.
     """
     channels = dataset_channels(recipe.dataset, recipe.image_channels)
     ds = build_dataset(recipe.dataset, recipe.data_root, split, channels=channels, size=recipe.image_size,
-                       resize=recipe.image_resize, min_side=recipe.min_image_side)
+                       resize=recipe.image_resize, min_side=recipe.min_image_side, classes=classes)
     return ds, channels
 
 

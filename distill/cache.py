@@ -44,6 +44,7 @@ from .atomic import atomic_dir, atomic_write_json, remove_stale_temps
 from .build import build_teacher, build_train_data, loader_workers
 from .data import base_dataset, collate, data_fingerprint, to_teacher, to_unit
 from .errors import CacheMismatchError, IncompleteCacheError
+from .logs import progress as progress_bar
 from .teacher import DiffusionTeacher, TeacherFeatureInfo
 from .version import __version__
 from .vocab import SHARD_VERIFY
@@ -280,7 +281,6 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
         ``{'path', 'num_images', 'num_draws', 'keys', 'bytes', 'bytes_per_image', 'seconds'}``.
     """
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     t0 = time.time()
     out = Path(out_dir).expanduser()
@@ -337,7 +337,7 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
                             collate_fn=collate)
         gen = torch.Generator().manual_seed(seed)
         start = 0
-        for images, _ in tqdm(loader, desc="extract", disable=not progress, dynamic_ncols=True):
+        for images, _ in progress_bar(loader, "extract", enabled=progress, unit="batch"):
             x = to_teacher(to_unit(images.to(device)), teacher.in_channels, teacher.sample_size)
             feats = extract_batch(teacher, x, num_draws, gen)
             B = images.shape[0]

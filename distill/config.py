@@ -186,6 +186,7 @@ class Recipe:
     ema_decay: float = 0.9998  # per optimizer update
     # probe (distill run / distill probe)
     probe_train_fraction: float = 1.0  # stratified fraction of the train split used to fit probes
+    probe_test_fraction: float = 1.0  # seeded stratified fraction of the test split the probes are scored on
     probe_epochs: int = 30
     knn_k: int = 20
 
@@ -238,6 +239,7 @@ RANGES: dict[str, Range] = {
     "monitor_every": Range(lo=0, fix="Fix: 0 (off) or a number of steps, e.g. 100."),
     "monitor_images": Range(lo=2, fix="Fix: e.g. 1000 (train images for the kNN bank, and as many test images)."),
     "probe_train_fraction": Range(lo=0, hi=1, lo_open=True, fix="Fix: e.g. 0.1 for 10%, 1.0 for all."),
+    "probe_test_fraction": Range(lo=0, hi=1, lo_open=True, fix="Fix: e.g. 0.2 for a quick look, 1.0 for all."),
     **dict.fromkeys(("student_size", "regressor_width", "select_images", "select_val_images", "select_epochs",
                      "select_label_free_images", "steps", "batch_size", "grad_accum_steps", "log_every",
                      "checkpoint_every", "keep_checkpoints", "probe_epochs", "knn_k", "min_image_side"), Range(lo=1)),

@@ -225,10 +225,15 @@ def model_card(cfg: dict, probe_rows: Optional[list] = None, monitor: Optional[d
              "Fine-tune it as any timm model (`num_classes=K` adds a new head), e.g. timm's `train.py --model "
              "hf-hub:USER/REPO --pretrained`.", "", "## Evaluation", ""]
     if probe_rows:
+        rows = [r for r in probe_rows if isinstance(r, dict)]
         lines += ["Frozen features, measured by `distill run` / `distill probe` on the dataset's test split:", "",
-                  "| model | linear probe top-1 | kNN top-1 | probe train / test images |", "|---|---|---|---|"]
+                  "| model | linear probe top-1 | kNN top-1 | probe train / test images | weights |",
+                  "|---|---|---|---|---|"]
         lines += [f"| {r.get('name')} | {r.get('linear_top1')} | {r.get('knn_top1')} (k={r.get('k')}) | "
-                  f"{r.get('num_train')} / {r.get('num_test')} |" for r in probe_rows if isinstance(r, dict)]
+                  f"{r.get('num_train')} / {r.get('num_test')} | {r.get('weights', '?')} |" for r in rows]
+        tested = list(dict.fromkeys(str(r["test"]) for r in rows if r.get("test")))
+        if tested:
+            lines += ["", "; ".join(tested) + "."]
     elif monitor:
         lines += [f"Only the training monitor: kNN top-1 {monitor.get('knn_top1')}% (k={monitor.get('k')}) at step "
                   f"{monitor.get('step')}, on {monitor.get('train_images')} train / {monitor.get('test_images')} test "

@@ -33,6 +33,9 @@ def run_recipe(recipe: Recipe, run_dir: str, resume: bool = False, overwrite: bo
                allow_changes: bool = False) -> dict:
     """Train ``recipe`` in ``run_dir``, export the student to ``run_dir/student``, probe it and the baselines.
 
+    The export and its probe row hold the EMA of the student's weights when the recipe keeps one (``ema: true``),
+    else the live weights; every row says which (``weights``: ``ema``, ``live``, ``random init``, ``none``). The
+    probes are scored on a seeded stratified ``probe_test_fraction`` of the test split, stated in the table.
     Writes ``results.json`` (rows, train summary, timings, machine) and ``results.md`` (the table) in ``run_dir``.
     Probe features are extracted and probes trained on Accelerate's device (:func:`distill.probe.eval_device`), named
     in every row and in ``machine``.
@@ -45,16 +48,16 @@ def run_recipe(recipe: Recipe, run_dir: str, resume: bool = False, overwrite: bo
     summary = train(recipe, str(run), resume=resume, overwrite=overwrite, progress=progress,
                     allow_changes=allow_changes)
     t_train = time.time() - t0
-    out = export_student(str(run), str(run / "student"), overwrite=True)
+    out = export_student(str(run), str(run / "student"), overwrite=True, ema=recipe.ema)  # the EMA when kept
     _, resolved = read_config(run)
     data = probe_data(recipe.dataset, recipe.data_root, resolved["data_channels"], recipe.probe_train_fraction,
-                      recipe.seed)
+                      recipe.seed, recipe.probe_test_fraction)
     device = eval_device()  # Accelerate's: features and probes on the GPU when there is one
     kw = dict(epochs=recipe.probe_epochs, k=recipe.knn_k, seed=recipe.seed, progress=progress, device=device)
     rows = [probe_exported(str(out), data, name=f"{recipe.student} distilled", **kw),
             probe_random_init(recipe.student, recipe.student_size, resolved["mean"], resolved["std"], data,
                               model_kwargs=recipe.student_kwargs, name=f"{recipe.student} random init", **kw),
-            probe_fn(pixels_fn, data, name="raw pixels", **kw)]
+            probe_fn(pixels_fn, data, name="raw pixels", weights="none", **kw)]
     total = time.time() - t0
     table, machine = format_table(rows), machine_line(device)
     save_results(rows, run / "results.json",

@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Accuracy
-from tqdm.auto import tqdm
+
+from .logs import progress as progress_bar
 
 
 def eval_device(device: Optional[str | torch.device] = None) -> torch.device:
@@ -56,14 +57,14 @@ def extract_features(
         loader: yields ``(images, labels)``; kept in loader order.
         device: where ``fn`` runs.
         desc: progress-bar label.
-        progress: show a tqdm bar.
+        progress: show progress (:func:`distill.logs.progress`: a bar on a terminal, plain lines in a log).
 
     Returns:
         ``(features, labels)``: float32 ``[N, D]`` and int64 ``[N]``, both on CPU.
     """
     feats, labels = [], []
     with torch.inference_mode():
-        for images, y in tqdm(loader, desc=desc, disable=not progress):
+        for images, y in progress_bar(loader, desc, enabled=progress, unit="batch"):
             f = fn(images.to(device, non_blocking=True))
             y = torch.as_tensor(y)
             if f.ndim != 2 or f.shape[0] != y.shape[0]:
@@ -146,7 +147,7 @@ def multi_linear_probe(
         epochs, batch_size, lr, weight_decay: Adam with a per-step cosine schedule to 0.
         seed: shuffling and init seed.
         device: where the heads train.
-        progress: tqdm bar over epochs.
+        progress: progress over epochs (:func:`distill.logs.progress`).
         return_logits: also return each key's test logits ``[M, C]`` (``'test_logits'``), e.g. for soft voting.
 
     Returns:
@@ -170,7 +171,7 @@ def multi_linear_probe(
     steps_per_epoch = math.ceil(n / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
     gen = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(epochs), desc="linear probe", disable=not progress):
+    for _ in progress_bar(range(epochs), "linear probe", enabled=progress, unit="epoch"):
         for h in heads.values():
             h.train()
         perm = torch.randperm(n, generator=gen)
@@ -257,6 +258,7 @@ def knn_probe(
     num_classes: Optional[int] = None,
     chunk: int = 1024,
     device: Optional[str | torch.device] = None,
+    progress: bool = False,
 ) -> dict:
     """Weighted cosine kNN probe (solo-learn ``WeightedKNNClassifier`` / InstDisc convention).
 
@@ -272,6 +274,7 @@ def knn_probe(
         num_classes: defaults to the largest label + 1.
         chunk: test rows per similarity matrix.
         device: where the similarities are computed (default: where ``train_x`` is); results come back on the CPU.
+        progress: progress over the test chunks (:func:`distill.logs.progress`).
 
     Returns:
         ``{'top1', 'top5', 'k'}``, accuracies in percent.
@@ -286,7 +289,7 @@ def knn_probe(
     bank = F.normalize(train_x.float().to(device or train_x.device), dim=1)  # [N, D]
     bank_y = train_y.long().to(bank.device)
     scores = []
-    for i in range(0, test_x.shape[0], chunk):
+    for i in progress_bar(range(0, test_x.shape[0], chunk), "kNN probe", enabled=progress, unit="chunk"):
         q = F.normalize(test_x[i:i + chunk].float().to(bank.device), dim=1)  # [b, D]
         sim, idx = (q @ bank.T).topk(k, dim=1)  # [b, k]
         votes = torch.zeros(q.shape[0], num_classes, device=bank.device)

@@ -255,7 +255,8 @@ def read_config(run_dir: Path) -> tuple[Recipe, dict]:
 #: recipe keys a resume may change without ``allow_changes``: they do not change what is trained (``steps`` may
 #: only grow past the resumed checkpoint)
 RESUME_FREE_KEYS = ("steps", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "log_with",
-                    "probe_train_fraction", "probe_epochs", "knn_k", "channels_last", "compile")
+                    "probe_train_fraction", "probe_epochs", "knn_k", "channels_last", "compile",
+                    "probe_test_fraction")
 #: resolved values a resume must find unchanged (what the run measured or loaded at its start)
 RESUME_RESOLVED_KEYS = ("mean", "std", "data_channels", "teacher_sha256", "data_sha256", "teacher_features",
                         "sources", "regressor_targets", "target_groups", "timesteps_used", "teacher_source",

@@ -382,6 +382,7 @@ OUT_OF_RANGE = {
     "monitor_every": [(-1, "must be >= 0")],
     "monitor_images": [(1, "must be >= 2")],
     "probe_train_fraction": [(0, "must be in (0, 1]"), (1.5, "must be in (0, 1]")],
+    "probe_test_fraction": [(0, "must be in (0, 1]"), (1.5, "must be in (0, 1]")],
     **{k: [(0, "must be >= 1")] for k in ("student_size", "regressor_width", "select_images", "select_val_images",
                                          "select_epochs", "select_label_free_images", "steps", "batch_size",
                                          "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints",

@@ -1,6 +1,8 @@
 """distill.evaluate and `distill probe` on damaged inputs: a truncated or unreadable export names its file (exit 2,
 no traceback from safetensors or timm), a run whose newest checkpoint is damaged is probed from the newest one that
-loads (with a warning), and results that cannot be written are a WriteError (exit 2)."""
+loads (with a warning), and results that cannot be written are a WriteError (exit 2). Test labels are paired with the
+training split's classes by name (a class missing from test/ is named, never a silent 0%), a --test-fraction subset
+is seeded, stratified and stated, and progress in a redirected log is a few plain lines."""
 import json
 import os
 import shutil
@@ -12,6 +14,7 @@ from distill.errors import UnreadableFileError
 from distill.evaluate import probe_model, resolve_probe_target
 
 from ._finetune import exported  # noqa: F401 (the fixture: a fake `distill export` directory)
+from .test_data_classes import image_folder
 
 
 def _probe(target, rgb_folder, *extra):
@@ -128,3 +131,70 @@ def test_run_pipeline_machine_line_names_the_device_used(monkeypatch):
     assert pl.machine_line("cpu").endswith("device cpu")
     monkeypatch.setattr(pl, "eval_device", lambda device=None: torch.device("cpu") if device is None else device)
     assert pl.machine_line().endswith("device cpu")
+
+
+# ------------------------------------------------------------------ classes paired by name; a test subset
+def _pixels_and_random_init(root, tmp_path, *extra):
+    """``distill probe timm:resnet18 --pixels`` on the image folder ``root``: (exit code, rows or None)."""
+    out = tmp_path / "rows.json"
+    code = main(["probe", "timm:resnet18", "--dataset", "image-folder", "--data-root", str(root), "--size", "16",
+                 "--pixels", "--epochs", "30", "--k", "3", "--no-progress", "--json", str(out), *extra])
+    return code, (json.loads(out.read_text()) if out.is_file() else None)
+
+
+def test_probe_pairs_classes_by_name_when_the_test_split_lacks_one(tmp_path, caplog):
+    from distill.evaluate import pixels_fn, probe_data, probe_fn
+
+    # cat, dog, ship: red, green, blue images; test/ has no cat, so by position dog would be scored as cat (0%)
+    image_folder(tmp_path / "d", {"train": {"cat": 6, "dog": 6, "ship": 6}, "test": {"dog": 4, "ship": 4}})
+    with caplog.at_level("WARNING", logger="distill.data"):
+        data = probe_data("image-folder", str(tmp_path / "d"), 3)
+    row = probe_fn(pixels_fn, data, epochs=30, k=3, progress=False, weights="none")
+    assert row["knn_top1"] == 100.0 and row["linear_top1"] > 50.0  # was 0.0: labels paired by position
+    assert "has no images of class(es) 'cat'" in caplog.text and "not scored" in caplog.text
+
+
+def test_probe_of_a_test_class_the_training_split_lacks_exits_2_naming_it(tmp_path, capsys):
+    image_folder(tmp_path / "d", {"train": {"cat": 3, "dog": 3}, "test": {"cat": 2, "horse": 2}})
+    code, rows = _pixels_and_random_init(tmp_path / "d", tmp_path)
+    err = capsys.readouterr().err
+    assert code == 2 and rows is None
+    assert "'horse'" in err and "the training split lacks" in err and "Fix:" in err and "Traceback" not in err
+
+
+def test_test_fraction_is_a_seeded_stratified_subset_stated_in_the_table(tmp_path, capsys):
+    import torch
+
+    from distill.data import dataset_labels
+    from distill.evaluate import probe_data
+
+    image_folder(tmp_path / "d", {"train": {"cat": 4, "dog": 4, "ship": 4}, "test": {"cat": 10, "dog": 6, "ship": 4}})
+    root = str(tmp_path / "d")
+    a, b, c = (probe_data("image-folder", root, 3, test_fraction=0.5, seed=s) for s in (0, 0, 1))
+    assert torch.bincount(dataset_labels(a.test)).tolist() == [5, 3, 2]  # half of every class
+    assert a.test.indices == b.test.indices and a.test.indices != c.test.indices  # seeded
+    assert (len(a.test), a.test_total) == (10, 20)
+    code, rows = _pixels_and_random_init(tmp_path / "d", tmp_path, "--test-fraction", "0.5")
+    out = capsys.readouterr().out
+    assert code == 0 and [(r["num_test"], r["num_test_total"], r["test_fraction"]) for r in rows] == [(10, 20, 0.5)] * 2
+    assert "tested on 10 of 20 test images (test fraction 0.5, seed 0)" in out
+    assert main(["probe", "timm:resnet18", "--data-root", root, "--dataset", "image-folder", "--test-fraction", "0"]) == 2
+    assert "--test-fraction / probe_test_fraction" in capsys.readouterr().err
+
+
+def test_probe_progress_in_a_redirected_log_is_a_few_plain_lines(tmp_path):
+    import subprocess
+    import sys
+
+    image_folder(tmp_path / "d", {"train": {"cat": 6, "dog": 6}, "test": {"cat": 3, "dog": 3}})
+    log = tmp_path / "probe.log"
+    with open(log, "w") as f:  # stderr is a file, not a terminal
+        subprocess.run([sys.executable, "-m", "distill.cli", "probe", "timm:resnet18", "--dataset", "image-folder",
+                        "--data-root", str(tmp_path / "d"), "--size", "16", "--pixels", "--epochs", "30", "--k", "3"],
+                       stderr=f, stdout=subprocess.DEVNULL, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = log.read_text()
+    assert "\r" not in text and "\x1b" not in text  # no bar frames
+    lines = text.splitlines()
+    for what in ("train features: done", "test features: done", "linear probe: done 30/30 epoch", "kNN probe: done"):
+        assert sum(what in line for line in lines) == 2, (what, text)  # once per probed model
+    assert len(lines) <= 10, text

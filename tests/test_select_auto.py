@@ -118,3 +118,25 @@ def test_auto_selection_runs_on_the_device_chosen_and_records_it(tmp_path, fmnis
     res = auto.auto_select_timestep(recipe, ds, channels, tmp_path / "sel", progress=False)
     assert chosen == [None] and res["device"] == "cpu"
     assert json.loads((tmp_path / "sel" / "selection.json").read_text())["device"] == "cpu"
+
+
+def test_grid_scored_on_the_test_split_pairs_its_labels_by_name(tmp_path, monkeypatch):
+    """--score-on test with a test split lacking a class: the grid is scored on test labels numbered as in train/."""
+    import distill.select.auto as auto
+    from distill.data import dataset_labels
+
+    from .conftest import rgb_recipe
+    from .test_data_classes import image_folder
+
+    class Seen(Exception):
+        pass
+
+    def spy(teacher, data, **kw):  # stands in for the grid: what it would be scored on
+        raise Seen(dataset_labels(data.test).tolist())
+
+    image_folder(tmp_path / "d", {"train": {"cat": 4, "dog": 4, "ship": 4}, "test": {"dog": 2, "ship": 2}})
+    monkeypatch.setattr(auto, "grid_probe", spy)
+    with pytest.raises(Seen) as e:
+        auto.run_selection(tmp_path / "sel", recipe=rgb_recipe(tmp_path / "d", timestep_candidates=[1, 11]),
+                           method="grid", score_on="test", images=6, val_images=3, progress=False)
+    assert e.value.args[0] == [1, 1, 2, 2]  # dog and ship, not shifted onto cat and dog

@@ -83,3 +83,40 @@ def test_export_ema_of_a_run_without_ema_exits_2(trained_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no ema.safetensors" in err and "trained without an EMA" in err and "ema=true" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_ema_steps_once_per_optimizer_update_under_gradient_accumulation(rgb_folder, tmp_path, monkeypatch):
+    """grad_accum_steps 2, 4 micro-batches: 2 optimizer updates, so 2 EMA steps; the EMA after each equals
+    d * ema + (1 - d) * live computed here from the initial weights and each checkpoint's live weights (an EMA
+    stepped per micro-batch would decay twice per update)."""
+    from distill.trainer.ema import StudentEma
+
+    init, calls = {}, []
+    real_init, real_update = StudentEma.__init__, StudentEma.update
+
+    def spy_init(self, model, decay):
+        init.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        real_init(self, model, decay)
+
+    def spy_update(self, model):
+        calls.append(1)
+        real_update(self, model)
+
+    monkeypatch.setattr(StudentEma, "__init__", spy_init)
+    monkeypatch.setattr(StudentEma, "update", spy_update)
+    run = tmp_path / "run"
+    r = rgb_recipe(rgb_folder, steps=2, grad_accum_steps=2, batch_size=3, checkpoint_every=1, keep_checkpoints=5,
+                   ema=True, ema_decay=DECAY, warmup_steps=0, lr=1e-2)
+    train(r, str(run), progress=False)
+    assert len(calls) == 2  # once per update, not once per micro-batch (4)
+    ema = {k: v.float() for k, v in init.items()}
+    for step in (1, 2):
+        live, saved = _live(run, step), _ema(run, step)
+        for k in saved:
+            if saved[k].is_floating_point():
+                ema[k] = DECAY * ema[k] + (1 - DECAY) * live[k].float()
+                torch.testing.assert_close(saved[k], ema[k], rtol=1e-5, atol=1e-6, msg=f"step {step} {k}")
+            else:  # num_batches_tracked: copied
+                assert torch.equal(saved[k], live[k])
+    moved = [k for k in saved if saved[k].is_floating_point() and not torch.allclose(saved[k], live[k])]
+    assert len(moved) > len(saved) // 2

@@ -103,3 +103,18 @@ def test_monitor_without_a_test_split_is_refused_naming_the_key(rgb_folder, tmp_
 def test_bad_monitor_keys_are_refused(rgb_folder, key, value, text):
     with pytest.raises(ValueError, match=text):
         rgb_recipe(rgb_folder, **{key: value})
+
+
+def test_monitor_pairs_test_labels_with_the_training_classes_by_name(tmp_path):
+    from distill.trainer.monitor import Monitor
+
+    from .test_data_classes import image_folder
+
+    image_folder(tmp_path / "d", {"train": {"cat": 3, "dog": 3, "ship": 3}, "test": {"dog": 2, "ship": 2}})
+    m = Monitor(rgb_recipe(tmp_path / "d", monitor_every=2, monitor_images=100), [0.5] * 3, [0.25] * 3, "cpu")
+    assert m.train[1].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert m.test[1].tolist() == [1, 1, 2, 2]  # dog and ship as in train/, not shifted onto cat and dog
+    image_folder(tmp_path / "e", {"train": {"cat": 3, "dog": 3}, "test": {"cat": 2, "horse": 2}})
+    with pytest.raises(ValueError, match="monitor_every: 2 needs.*'horse'.*training split lacks.*monitor_every: 0"):
+        Monitor(rgb_recipe(tmp_path / "e", monitor_every=2, monitor_images=100, batch_size=2), [0.5] * 3, [0.25] * 3,
+                "cpu")

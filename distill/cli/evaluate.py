@@ -18,6 +18,9 @@ def add_probe_parser(sub) -> None:
     pr.add_argument("--train-fraction", type=float, default=1.0,
                     help="stratified share of the train split the probes are fit on (the recipe key "
                          "probe_train_fraction); default 1.0: all of it")
+    pr.add_argument("--test-fraction", type=float, default=1.0,
+                    help="seeded stratified share of the test split the probes are scored on, for a quick look (the "
+                         "recipe key probe_test_fraction; stated under the table); default 1.0: all of it")
     pr.add_argument("--epochs", type=int, default=30)
     pr.add_argument("--k", type=int, default=20)
     pr.add_argument("--size", type=int, default=64, help="input size for timm:NAME")
@@ -43,7 +46,7 @@ def cmd_probe(args) -> int:
     if kind == "teacher":
         return _probe_teacher(target, args)
     rows = probe_model(kind, target, args.dataset, args.data_root, args.size, args.train_fraction, args.pixels,
-                       args.seed, epochs=args.epochs, k=args.k, progress=not args.no_progress)
+                       args.seed, args.test_fraction, epochs=args.epochs, k=args.k, progress=not args.no_progress)
     print(format_table(rows))
     if args.json:
         atomic_write_json(args.json, rows)
@@ -57,7 +60,8 @@ def _probe_teacher(source: str, args) -> int:
     from ..select import format_teacher_probe, probe_teacher
 
     res = probe_teacher(source, args.blocks, args.timesteps, dataset=args.dataset, data_root=args.data_root,
-                        train_fraction=args.train_fraction, epochs=args.epochs, seed=args.seed,
+                        train_fraction=args.train_fraction, test_fraction=args.test_fraction, epochs=args.epochs,
+                        seed=args.seed,
                         ensemble=args.ensemble, progress=not args.no_progress)
     print(format_teacher_probe(res))
     if args.json:

@@ -31,6 +31,9 @@ def add_run_parser(sub) -> None:
                        description=RECIPE_TRUST, epilog=keys_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_args(r)
+    r.add_argument("--test-fraction", type=float, default=None, metavar="F",
+                   help="score the probes on a seeded stratified share F of the test split, for a quick look (the "
+                        "same as --set probe_test_fraction=F); stated under the table")
     r.set_defaults(func=cmd_run)
 
 
@@ -38,13 +41,15 @@ def cmd_run(args) -> int:
     """Pretrain, export, then probe the distilled student next to random init and raw pixels."""
     from ..pipeline import run_recipe
 
-    recipe = load_recipe(args.recipe, parse_overrides(args.set))
+    overrides = list(args.set or []) + ([] if args.test_fraction is None else
+                                        [f"probe_test_fraction={args.test_fraction!r}"])
+    recipe = load_recipe(args.recipe, parse_overrides(overrides))
     res = run_recipe(recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite,
                      allow_changes=args.allow_changes,
-                     progress=not args.no_progress, recipe_name=str(args.recipe), overrides=args.set)
+                     progress=not args.no_progress, recipe_name=str(args.recipe), overrides=overrides)
     rows = res["rows"]
     print(f"\n{res['table']}\n\nprobe: train on {rows[0]['num_train']} {recipe.dataset} train images "
-          f"(fraction {recipe.probe_train_fraction}), test on {rows[0]['num_test']}; distillation {recipe.steps} steps "
+          f"(fraction {recipe.probe_train_fraction}), {rows[0]['test']}; distillation {recipe.steps} steps "
           f"in {res['train_seconds']:.0f}s; total {res['total_seconds']:.0f}s on {res['machine']}")
     return 0
 

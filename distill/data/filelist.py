@@ -11,11 +11,13 @@ import csv
 import logging
 import os
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
 from ..errors import DatasetNotFoundError
 from ..vocab import SPLITS
+from .classes import class_index
 from .images import DecodedImages
 
 _logger = logging.getLogger(__name__)
@@ -39,12 +41,16 @@ def split_csv(root: str, split: str) -> str:
                                f"'{r / (split + '.csv')}', or point data_root at the CSV itself.")
 
 
-def read_file_list(path: str) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
-    """``([(absolute path, label)], classes)`` of a CSV file list (see the module doc).
+def read_file_list(path: str, classes: Optional[Sequence[str]] = None) -> tuple[list[tuple[str, int]],
+                                                                              tuple[str, ...]]:
+    """``([(absolute path, label)], classes)`` of a CSV file list (see the module doc). ``classes``: the training
+    split's class names; named labels are then numbered by their position in it
+    (:func:`~distill.data.classes.class_index`), not by this CSV's own sorted names.
 
     Raises:
         ValueError: a row with more than two fields, an empty path, or integer and named labels mixed (names the
-            CSV and the line).
+            CSV and the line); with ``classes``, a label name it lacks, or integer labels where the training split
+            names its classes.
         DatasetNotFoundError: the CSV lists no image.
     """
     base = os.path.dirname(os.path.abspath(path))
@@ -67,8 +73,14 @@ def read_file_list(path: str) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
     if any(numeric) and not all(numeric):
         bad = next(n for (_, lb, n) in rows if lb != "" and not lb.lstrip("-").isdigit())
         raise ValueError(f"file list '{path}' mixes integer and named labels (line {bad}). Fix: use one kind.")
-    classes: tuple[str, ...] = () if all(numeric) else tuple(sorted(set(raw)))
-    index = {c: k for k, c in enumerate(classes)}
+    if all(numeric):
+        if classes and raw:
+            raise ValueError(f"file list '{path}' has integer labels but the training split names its classes "
+                             f"({', '.join(map(repr, list(classes)[:6]))}...); labels cannot be paired by name. Fix: "
+                             f"use the class names in both CSVs, or integers in both.")
+        index, classes = {}, ()
+    else:
+        index, classes = class_index(raw, classes, f"file list '{path}'")
     files = []
     for p, lb, _ in rows:
         label = -1 if lb == "" else (int(lb) if not classes else index[lb])
@@ -82,12 +94,13 @@ class FileList(DecodedImages):
     Args:
         path: the CSV.
         channels, size, resize, min_side, on_error: see :class:`~distill.data.images.DecodedImages`.
+        classes: the training split's class names (see :func:`read_file_list`).
     """
 
     def __init__(self, path: str, channels: int = 3, on_error: str = "skip", size=None, resize: str = "center-crop",
-                 min_side: int = 1):
+                 min_side: int = 1, classes: Optional[Sequence[str]] = None):
         self.csv = str(Path(path).expanduser())
-        self.files, self.classes = read_file_list(self.csv)
+        self.files, self.classes = read_file_list(self.csv, classes)
         self.labels = torch.tensor([label for _, label in self.files], dtype=torch.int64)
         self.root = Path(self.csv)  # the split's own source: train.csv and test.csv beside it are different roots
         self._setup(channels, size, resize, min_side, on_error)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from ..errors import DatasetNotFoundError
 from ..vocab import SPLITS
+from .classes import class_index
 from .images import DecodedImages
 
 _logger = logging.getLogger(__name__)
@@ -40,13 +41,19 @@ def _scan(folder: str) -> tuple[list[str], list[str], int]:
     return sorted(files), sorted(dirs), odd
 
 
-def list_images(root: str, labelled: bool = True) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
+def list_images(root: str, labelled: bool = True, classes: Optional[Sequence[str]] = None
+                ) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
     """Every image under ``root`` and its label: ``([(path, label)], classes)``.
 
     ``labelled`` and ``root`` has subfolders: a class is every folder below ``root`` that holds images directly
     (named by its path relative to ``root``, ``'animals/cat'``) or is empty (keeps its label, with a warning);
-    classes sorted by name. Images directly in ``root`` beside class folders are left out (with a warning).
+    classes sorted by name, or, when ``classes`` (the training split's list) is given, labelled by their position in
+    it (:func:`~distill.data.classes.class_index`: a class missing here is named in a warning, one missing there is
+    an error). Images directly in ``root`` beside class folders are left out (with a warning).
     Otherwise (flat folder, or ``labelled=False``): every image under ``root``, recursively, with label ``-1``.
+
+    Raises:
+        ValueError: ``classes`` is given and ``root`` holds a class folder with images that it lacks.
     """
     files: list[tuple[str, int]] = []
     top_files, top_dirs, _ = _scan(root)
@@ -77,11 +84,16 @@ def list_images(root: str, labelled: bool = True) -> tuple[list[tuple[str, int]]
     if top_files:
         _logger.warning("%d image(s) directly in '%s' beside class folders are left out (e.g. '%s'); move them into "
                         "a class folder", len(top_files), root, top_files[0])
-    classes = tuple(sorted(per_class))
-    for label, name in enumerate(classes):
-        if not per_class[name]:
-            _logger.warning("class folder '%s' holds no images; it keeps label %d", os.path.join(root, name), label)
-        files += [(p, label) for p in per_class[name]]
+    if classes:
+        index, classes = class_index([c for c, fs in per_class.items() if fs], classes, f"'{root}'")
+    else:
+        index, classes = class_index(per_class, None, f"'{root}'")
+        for name, label in index.items():
+            if not per_class[name]:
+                _logger.warning("class folder '%s' holds no images; it keeps label %d", os.path.join(root, name),
+                                label)
+    for name in sorted(index, key=index.get):
+        files += [(p, index[name]) for p in per_class[name]]
     return files, classes
 
 
@@ -112,16 +124,19 @@ class ImageFolder(DecodedImages):
         root: the folder (one split; see :func:`split_folder` for a folder of splits).
         channels, size, resize, min_side, on_error: see :class:`~distill.data.images.DecodedImages`.
         labelled: False reads class folders as unlabelled images (label -1), e.g. for distillation only.
+        classes: the training split's class list: labels are positions in it, by name (see :func:`list_images`);
+            default: this folder's own classes, sorted.
 
     Attributes:
         files: ``[(path, label)]`` in dataset order. classes: class names (``()`` when unlabelled).
 
     Raises:
         DatasetNotFoundError: no folder, or no image in it.
+        ValueError: ``classes`` is given and the folder holds a class it lacks.
     """
 
     def __init__(self, root: str, channels: int = 3, on_error: str = "skip", size=None, resize: str = "center-crop",
-                 min_side: int = 1, labelled: bool = True):
+                 min_side: int = 1, labelled: bool = True, classes: Optional[Sequence[str]] = None):
         root_p = Path(root).expanduser()
         if not root_p.is_dir():
             raise DatasetNotFoundError(
@@ -131,7 +146,7 @@ class ImageFolder(DecodedImages):
             )
         if channels not in (1, 3):
             raise ValueError(f"channels={channels!r} is not valid; use 1 (grayscale) or 3 (RGB).")
-        self.files, self.classes = list_images(str(root_p), labelled)
+        self.files, self.classes = list_images(str(root_p), labelled, classes)
         if not self.files:
             raise DatasetNotFoundError(f"no images with extensions {IMAGE_EXTENSIONS} found under '{root}'.")
         self.labels = torch.tensor([label for _, label in self.files], dtype=torch.int64)

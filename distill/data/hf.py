@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from ..errors import DatasetNotFoundError, MissingDependencyError
+from .classes import class_index
 from .images import DecodedImages
 
 _logger = logging.getLogger(__name__)
@@ -74,14 +75,17 @@ class HFImages(DecodedImages):
         label_column: default: the first ``ClassLabel`` column, else an integer column named ``label``, ``labels``
             or ``cls`` (webdataset's ``.cls`` files); none: unlabelled (``-1``).
         channels, size, resize, min_side, on_error: see :class:`~distill.data.images.DecodedImages`.
+        classes: the training split's class names: when this split's ``ClassLabel`` names differ, its labels are
+            renumbered by name (:func:`~distill.data.classes.class_index`).
 
     Raises:
-        DatasetNotFoundError: see :func:`load_hf_split`. ValueError: no image column, or a named column is absent.
+        DatasetNotFoundError: see :func:`load_hf_split`. ValueError: no image column, a named column is absent, or
+            (with ``classes``) this split holds a class the training split lacks.
     """
 
     def __init__(self, root: str, split: str = "train", channels: int = 3, on_error: str = "skip", size=None,
                  resize: str = "center-crop", min_side: int = 1, image_column: Optional[str] = None,
-                 label_column: Optional[str] = None):
+                 label_column: Optional[str] = None, classes: Optional[Sequence[str]] = None):
         datasets = _import_datasets()
         data, used = load_hf_split(root, split)
         feats = data.features
@@ -111,6 +115,11 @@ class HFImages(DecodedImages):
             self.labels = torch.as_tensor(data[label_column], dtype=torch.int64)
             names = getattr(feats[label_column], "names", None)
             self.classes = tuple(names) if names else ()
+            if classes and self.classes:  # renumbered by the training split's names (a ClassLabel may differ)
+                present = [self.classes[i] for i in self.labels.unique().tolist() if 0 <= i < len(self.classes)]
+                index, self.classes = class_index(present, classes, f"Hugging Face dataset '{root}' ({split})")
+                lut = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64)
+                self.labels = torch.where(self.labels >= 0, lut[self.labels.clamp(min=0)], self.labels)
         if len(data) == 0:
             raise DatasetNotFoundError(f"Hugging Face dataset '{root}' ({split}) has no rows.")
         self._setup(channels, size, resize, min_side, on_error)

@@ -1,7 +1,7 @@
 """Datasets by name: the one dispatch from a source name (:data:`distill.vocab.DATASETS`) to a dataset object."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch.utils.data import Dataset
 
@@ -14,7 +14,7 @@ from .hf import HFImages
 
 def build_dataset(name: str, root: Optional[str] = None, split: str = "train", channels: int = 3, size=None,
                   resize: str = "center-crop", min_side: int = 1, on_error: str = "skip",
-                  labelled: bool = True) -> Dataset:
+                  labelled: bool = True, classes: Optional[Sequence[str]] = None) -> Dataset:
     """Build a dataset by name.
 
     - ``'fashion-mnist'``: ``root`` = the IDX directory (28 px, in memory; ``size``/``resize`` do not apply).
@@ -26,10 +26,14 @@ def build_dataset(name: str, root: Optional[str] = None, split: str = "train", c
 
     ``size`` (int or ``(H, W)``), ``resize``, ``min_side``, ``on_error``: decoding, see
     :class:`~distill.data.images.DecodedImages`. ``labelled=False``: class folders read as unlabelled images.
+    ``classes``: the training split's class names (its dataset's ``classes``), when building another split of the
+    same data: that split's labels are paired with them by name (:func:`~distill.data.classes.class_index`), so a
+    class missing from one split does not shift the others' labels; ignored by Fashion-MNIST (fixed classes).
 
     Raises:
         ValueError: unknown name (lists the valid ones), or no ``root`` where one is needed.
         DatasetNotFoundError: missing files or split (names the fix).
+        ValueError (with ``classes``): this split holds a class the training split lacks (names it and the fix).
     """
     if name == "fashion-mnist":
         return FashionMNIST(root, split)
@@ -39,7 +43,8 @@ def build_dataset(name: str, root: Optional[str] = None, split: str = "train", c
         raise ValueError(f"dataset {name!r} needs a data root (a folder of images or of class folders, a CSV file "
                          f"list, or a Hugging Face dataset): set `data_root` in the recipe, or pass --data-root on "
                          f"the command line.")
-    kw = dict(channels=channels, size=size, resize=resize, min_side=min_side, on_error=on_error)
+    kw = dict(channels=channels, size=size, resize=resize, min_side=min_side, on_error=on_error,
+              classes=tuple(classes) if classes else None)
     if name == "image-folder":
         return ImageFolder(split_folder(root, split), labelled=labelled, **kw)
     if name == "file-list":

@@ -151,7 +151,7 @@ def run_selection(out_dir, *, recipe: Optional[Recipe] = None, teacher=None, blo
         augment: grid: one of :data:`distill.vocab.AUGMENTS`, on train images.
         max_memory_gb: grid: refuse to start above this estimated step memory (default: the free memory).
         compare: label-free only: a ``grid.csv`` to rank against.
-        progress: tqdm bars.
+        progress: progress bars (:func:`distill.logs.progress`: plain lines when stderr is a file).
         timesteps_name: how errors name the candidate list (the CLI passes ``'--timesteps'``).
         device: where the teacher and the probes run (default :func:`distill.probe.eval_device`: Accelerate's, a GPU
             when there is one); recorded in ``report['device']``.

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from ..augment import build_augment
 from ..data import collate, dataset_labels, to_teacher, to_unit
 from ..evaluate import ProbeData
+from ..logs import progress as progress_bar
 from ..probe import _accuracy, _probe_head, multi_linear_probe
 from ..teacher import DiffusionTeacher
 
@@ -38,13 +39,11 @@ def pooled_teacher_features(teacher: DiffusionTeacher, dataset, batch_size: int 
     One noise draw per image (seeded); used to score the grid's probes, by the offline teacher probe and by
     :func:`distill.select.probe_teacher` (``distill probe teacher:NAME``, ensembles included).
     """
-    from tqdm.auto import tqdm
-
     g = torch.Generator(device=teacher.device).manual_seed(seed)
     feats: dict[str, list] = {}
     labels = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    for images, y in tqdm(loader, desc=desc, disable=not progress):
+    for images, y in progress_bar(loader, desc, enabled=progress, unit="batch"):
         x = to_teacher(to_unit(images.to(teacher.device)), teacher.in_channels, teacher.sample_size)
         for key, f in teacher(x, timesteps=timesteps, generator=g).items():
             feats.setdefault(key, []).append(f.float().mean((2, 3)).cpu())  # (B, C)
@@ -143,8 +142,6 @@ def grid_probe(teacher: DiffusionTeacher, data: ProbeData, epochs: int = 2, batc
         ``{'rows': [...best first...], 'best': row, 'teacher_forwards', 'image_forwards', 'seconds', ...}``;
         each row has ``block, timestep, channels, linear_top1, linear_top5``.
     """
-    from tqdm.auto import tqdm
-
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}.")
     labels = dataset_labels(data.train)
@@ -169,7 +166,7 @@ def grid_probe(teacher: DiffusionTeacher, data: ProbeData, epochs: int = 2, batc
     aug = build_augment(augment, data.train[0][0].shape[-1]).to(device)
     forwards = image_forwards = 0
     K = len(teacher.timesteps)
-    bar = tqdm(total=total, desc="grid probe", disable=not progress)
+    bar = progress_bar(desc="grid probe", total=total, enabled=progress, unit="step")
     heads.train()
     for _ in range(epochs):
         for images, y in loader:

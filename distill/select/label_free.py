@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from ..data import collate, to_teacher, to_unit
+from ..logs import progress as progress_bar
 from ..teacher import DiffusionTeacher
 
 
@@ -40,8 +41,6 @@ def label_free_scores(teacher: DiffusionTeacher, dataset, num_images: int = 1000
     Uses ``num_images`` images (a seeded random subset, labels ignored) and two teacher passes over them, each pass
     batching every timestep into one forward: ``2 * ceil(num_images / batch_size)`` forwards in all.
     """
-    from tqdm.auto import tqdm
-
     t0 = time.time()
     n = min(num_images, len(dataset))
     if n < 2:
@@ -51,7 +50,7 @@ def label_free_scores(teacher: DiffusionTeacher, dataset, num_images: int = 1000
     g = torch.Generator(device=teacher.device).manual_seed(seed)
     views: list[dict[str, list[Tensor]]] = [{}, {}]
     forwards = 0
-    for images, _ in tqdm(loader, desc="label-free", disable=not progress):
+    for images, _ in progress_bar(loader, "label-free", enabled=progress, unit="batch"):
         x = to_teacher(to_unit(images.to(teacher.device)), teacher.in_channels, teacher.sample_size)
         for v in views:  # two independent noisings of the same images: a positive pair
             for key, f in teacher(x, generator=g).items():

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from ..build import build_teacher
 from ..config import load_recipe
-from ..evaluate import probe_data
+from ..evaluate import probe_data, tested_on
 from ..probe import ensemble_probe, eval_device
 from ..teacher import feature_key, load_teacher
 from ..vocab import dataset_channels
@@ -22,8 +22,8 @@ from .grid import pooled_teacher_features
 
 def probe_teacher(source, blocks: Sequence[str], timesteps: Optional[Sequence[int]] = None, *,
                   dataset: Optional[str] = None, data_root: Optional[str] = None, train_fraction: float = 1.0,
-                  epochs: int = 30, seed: int = 0, ensemble: bool = False, progress: bool = True,
-                  device=None, **teacher_options) -> dict:
+                  test_fraction: float = 1.0, epochs: int = 30, seed: int = 0, ensemble: bool = False,
+                  progress: bool = True, device=None, **teacher_options) -> dict:
     """Probe ``source``'s pooled features at every (block, timestep); with ``ensemble`` also each block's soft vote.
 
     Args:
@@ -33,17 +33,18 @@ def probe_teacher(source, blocks: Sequence[str], timesteps: Optional[Sequence[in
         blocks: the teacher blocks to probe.
         timesteps: the timesteps (default ``[11]``); ``ensemble`` needs two or more.
         dataset, data_root: a labelled dataset (default Fashion-MNIST); train split (a seeded stratified
-            ``train_fraction`` of it) to fit, test split to score.
+            ``train_fraction`` of it) to fit, test split (a seeded stratified ``test_fraction`` of it) to score.
         epochs, seed: of the probes (and the noise: train features draw with ``seed``, test with ``seed + 1``).
         ensemble: add one row per block that soft-votes its timesteps.
-        progress: tqdm bars.
+        progress: progress bars (:func:`distill.logs.progress`: plain lines when stderr is a file).
         device: where the teacher and the probes run (default :func:`distill.probe.eval_device`: Accelerate's, a
             GPU when there is one); returned as ``'device'``.
         teacher_options: more :func:`distill.teacher.load_teacher` arguments (``teacher_kwargs``, ``weights``,
             ``noise_schedule``, ``resolution``, ``in_channels`` ... of a ``python:module:factory`` teacher).
 
     Returns:
-        ``{'rows', 'dataset', 'train_images', 'test_images', 'device'}``; each row is ``{'block', 'timestep',
+        ``{'rows', 'dataset', 'train_images', 'test_images', 'tested', 'device'}`` (``tested``: the line of
+        :func:`distill.evaluate.tested_on`); each row is ``{'block', 'timestep',
         'linear_top1', 'linear_top5'}`` (per block: its timesteps in order, then with ``ensemble`` a row whose ``timestep`` is
         ``'ensemble'`` with ``members`` and ``best_member``).
 
@@ -68,7 +69,7 @@ def probe_teacher(source, blocks: Sequence[str], timesteps: Optional[Sequence[in
     else:
         teacher = load_teacher(source, list(blocks), timesteps, **teacher_options)
     teacher = teacher.to(eval_device(device))
-    data = probe_data(dataset, data_root, channels, train_fraction, seed)
+    data = probe_data(dataset, data_root, channels, train_fraction, seed, test_fraction)
     tr, tr_y = pooled_teacher_features(teacher, data.train, seed=seed, progress=progress,
                                        desc="teacher: train features")
     te, te_y = pooled_teacher_features(teacher, data.test, seed=seed + 1, progress=progress,
@@ -88,7 +89,7 @@ def probe_teacher(source, blocks: Sequence[str], timesteps: Optional[Sequence[in
                          "linear_top1": round(e["top1"], 2), "linear_top5": round(e["top5"], 2),
                          "best_member": res["best_member"]})
     return {"rows": rows, "dataset": dataset, "train_images": len(tr_y), "test_images": len(te_y),
-            "device": str(teacher.device)}
+            "tested": tested_on(data), "device": str(teacher.device)}
 
 
 def format_teacher_probe(result: dict) -> str:
@@ -102,4 +103,6 @@ def format_teacher_probe(result: dict) -> str:
             lines.append(f"| {r['block']} | {r['timestep']} | {r['linear_top1']:.2f} | {r['linear_top5']:.2f} |")
     lines.append(f"\nprobe: {result['train_images']} train / {result['test_images']} test {result['dataset']} "
                  f"images, one noise draw per image; teacher and probes on {result.get('device', 'cpu')}")
+    if result.get("tested"):
+        lines.append(result["tested"])
     return "\n".join(lines)

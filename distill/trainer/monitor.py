@@ -38,19 +38,22 @@ class Monitor:
     """kNN top-1 of a student backbone on the recipe's fixed monitor subset (see the module docstring).
 
     Raises (at construction):
-        ValueError: the training images are unlabelled, or the dataset has no test split (the message names
-            ``monitor_every`` and the fix).
+        ValueError: the training images are unlabelled, the dataset has no test split, or its test split holds a
+            class the training split lacks (the message names ``monitor_every`` and the fix). Test labels are
+            paired with the training split's classes by name.
     """
 
     def __init__(self, recipe: Recipe, mean, std, device, batch_size: int = 256):
         train_ds, _ = build_train_data(recipe, "train")
         check_labelled(train_ds, "monitor_every", "a kNN probe scores the student on labelled images",
                        "set monitor_every: 0, or give a labelled image folder (one subfolder per class)")
-        try:
-            test_ds, _ = build_train_data(recipe, "test")
+        try:  # test labels paired with the training split's classes by name
+            test_ds, _ = build_train_data(recipe, "test", classes=getattr(train_ds, "classes", None))
         except (FileNotFoundError, ValueError) as e:
+            fix = ("or give test/ only classes of train/" if not isinstance(e, FileNotFoundError) else
+                   "or add a test/ split")
             raise ValueError(f"monitor_every: {recipe.monitor_every} needs the dataset's test split, which cannot be "
-                             f"read ({str(e)[:300]}). Fix: set monitor_every: 0, or add a test/ split.") from e
+                             f"read ({str(e)[:600]}). Fix: set monitor_every: 0, {fix}.") from e
         self.train = fixed_subset(train_ds, recipe.monitor_images)
         self.test = fixed_subset(test_ds, recipe.monitor_images)
         self.size, self.mean, self.std, self.device = recipe.student_size, mean, std, device
