@@ -359,6 +359,11 @@ def make_recipe(values: dict, source: str = "recipe", warn: bool = True) -> Reci
     for key, choices in (("dataset", DATASETS), ("image_resize", IMAGE_RESIZE), ("data_hash", DATA_HASH)):
         _check_choice(key, getattr(r, key), choices)
     check_ranges(r, source)
+    if r.image_size is not None and r.image_size < r.min_image_side:  # every image would be degenerate
+        raise ValueError(f"{source}: image_size {r.image_size} is below min_image_side {r.min_image_side}: every image "
+                         f"would be decoded at {r.image_size}x{r.image_size} px, under the side below which the run "
+                         f"calls an image degenerate. Fix: image_size >= {r.min_image_side} (e.g. 32; null keeps the "
+                         f"first image's size), or lower min_image_side.")
     if warn:
         _warn_schedule(r, source)
     return r

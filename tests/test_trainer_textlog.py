@@ -73,3 +73,21 @@ def test_unknown_or_missing_tracker_is_an_error(monkeypatch):
     monkeypatch.setattr("accelerate.utils.is_wandb_available", lambda: False)
     with pytest.raises(MissingDependencyError, match=r'pip install "distill\[wandb\]"'):
         check_tracker("wandb")
+
+
+def test_a_run_that_reads_fewer_images_than_listed_says_so_in_train_log(rgb_folder, tmp_path, caplog):
+    """A symlink loop in the image folder: skipped with a warning (it crashed `distill train` before), and train.log
+    says how many images were read and what was left out, naming the file."""
+    import os
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(rgb_folder / "train", data / "train")
+    os.symlink("loop", data / "train" / "cat" / "loop")
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        train(rgb_recipe(data, steps=1), str(run), progress=False)
+    lines = (run / TRAIN_LOG).read_text().splitlines()
+    assert lines[1] == (f"data: 36 images read; 1 file(s) left out: '{data / 'train' / 'cat' / 'loop'}' skipped: it "
+                        f"cannot be followed (Too many levels of symbolic links; a symlink loop?)")
+    assert "data: 36 images read" in caplog.text

@@ -74,6 +74,7 @@ class Session:
     text_log: Optional[TrainLog] = None  # RUN/train.log (and stdout without a progress bar)
     data_wait: float = 0.0  # seconds spent waiting for batches since t0
     mark: tuple = (0.0, 0.0)  # (time, data_wait) at the previous log line
+    data_note: str = ""  # what the data source lists but the dataset cannot read (DecodedImages.left_out)
 
     @property
     def optimizers(self) -> list:
@@ -148,7 +149,7 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
     entropy_steps = recipe.policy_entropy_steps if recipe.policy_entropy_steps is not None else recipe.steps // 2
     return Session(recipe, run_dir, accelerator, model, optimizer, scheduler, source, build_loss(recipe),
                    IndexedDataset(ds) if cache is not None else ds, resolved, policy, policy_opt, entropy_steps,
-                   ema=ema, monitor=monitor)
+                   ema=ema, monitor=monitor, data_note=ds.left_out() if hasattr(ds, "left_out") else "")
 
 
 def compile_backend(value) -> str:
@@ -296,6 +297,9 @@ def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, pr
     show_bar = show_progress_bar(progress, acc.is_main_process)
     s.bar = tqdm(total=recipe.steps, initial=start, desc="distill", disable=not show_bar, dynamic_ncols=True)
     s.text_log = TrainLog(run_dir, start, acc.is_main_process, echo=not show_bar)
+    if s.data_note:  # a run that reads fewer images than its source lists says so in its log
+        _logger.warning("%s", s.data_note)
+        s.text_log.write(s.data_note)
     if s.monitor is not None:
         s.monitor_log = CsvLog(run_dir / MONITOR, start, acc.is_main_process)
         if start == 0:
