@@ -374,14 +374,19 @@ def load_recipe(path: Union[str, Path], overrides: Optional[dict] = None) -> Rec
 
     Raises:
         FileNotFoundError: no such file (the message lists the bundled recipes).
-        ValueError: the file is empty, not a mapping, not valid YAML, gives a key twice, or a value is invalid
-            (see :func:`make_recipe`).
+        ValueError: the file is not UTF-8, empty, not a mapping, not valid YAML, gives a key twice, or a value is
+            invalid (see :func:`make_recipe`).
     """
     path = Path(path)
     if not path.is_file():
         bundled = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
         raise FileNotFoundError(f"recipe '{path}' not found. Recipes in the repository's recipes/: {', '.join(bundled)}.")
-    values = yaml_load(path.read_text(), source=f"recipe '{path}'")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"recipe '{path}' is not UTF-8 text ({e.reason} at byte offset {e.start}). Fix: save it as "
+                         f"UTF-8 (YAML files are UTF-8).") from None
+    values = yaml_load(text, source=f"recipe '{path}'")
     if values is None:
         raise ValueError(f"recipe '{path}' is empty (or only comments); an empty recipe would silently train "
                          f"with every default. Fix: start from recipes/quickstart.yaml (in the repository) and keep "

@@ -94,11 +94,17 @@ def resolve_recipe(name_or_path: Union[str, Path]) -> Path:
     (``quickstart`` or ``quickstart.yaml``).
 
     Raises:
+        ValueError: ``name_or_path`` is a folder (names the YAML files in it).
         FileNotFoundError: neither; the message lists the shipped names and how to list them.
     """
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.yaml"))[:5]
+        raise ValueError(f"recipe '{path}' is a folder, not a recipe file. Fix: give a YAML file"
+                         f"{' in it (' + ', '.join(inside) + ')' if inside else ''}, or a shipped recipe's name "
+                         f"(distill recipes lists them).")
     shipped = shipped_recipes()
     name = path.name[:-5] if path.name.endswith(".yaml") else path.name
     if str(path.parent) in (".", "recipes") and name in shipped:

@@ -91,3 +91,24 @@ def test_a_run_that_reads_fewer_images_than_listed_says_so_in_train_log(rgb_fold
     assert lines[1] == (f"data: 36 images read; 1 file(s) left out: '{data / 'train' / 'cat' / 'loop'}' skipped: it "
                         f"cannot be followed (Too many levels of symbolic links; a symlink loop?)")
     assert "data: 36 images read" in caplog.text
+
+
+@pytest.mark.parametrize("log", ["metrics.csv", "policy.csv", "train.log"])
+def test_a_full_disk_under_a_run_log_is_a_write_error_naming_the_file(tmp_path, log):
+    """Appends to metrics.csv / policy.csv / train.log go through distill.atomic.writing: a full disk (/dev/full
+    returns ENOSPC on every write) is a WriteError naming the file and the cause (exit 2), not a raw OSError."""
+    import errno
+    import os
+
+    from distill.cli import main  # noqa: F401 - the CLI maps WriteError to exit 2
+    from distill.errors import EXIT_CODES, WriteError
+    from distill.trainer.textlog import CsvLog, TrainLog
+
+    os.symlink("/dev/full", tmp_path / log)
+    with pytest.raises(WriteError) as e:
+        if log == "train.log":
+            TrainLog(tmp_path, 0)
+        else:
+            CsvLog(tmp_path / log, 0, header=["step", "loss"] if log == "policy.csv" else None).write({"step": 1})
+    assert e.value.errno == errno.ENOSPC and f"could not write {log} to '{tmp_path / log}': the disk is full" in str(e.value)
+    assert next(code for kinds, code in EXIT_CODES if isinstance(e.value, kinds)) == 2
