@@ -36,6 +36,8 @@ _HELP = {
                "list, or a Hugging Face dataset (README: Data)",
     "log_with": "Accelerate experiment tracker besides metrics.csv and train.log (its pip extra must be installed)",
     "std": "student normalisation std in [0, 1] units; default: measured on the data",
+    "teacher": "packaged name, local dir, hub id, a UNet2DModel config dict, or python:package.module:factory / "
+               "python:/path/file.py:factory (imports and runs that code: such a recipe is code, trust it as such)",
     "teacher_blocks": "teacher blocks whose outputs are regressed, e.g. [mid_block, up_blocks.0]",
     "student": "timm model name of the student (built with num_classes=0)",
     "student_indices": "student feature levels fed to the regressor (forward_intermediates indices); default: all",

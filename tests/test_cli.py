@@ -194,3 +194,20 @@ def test_tracker_that_fails_at_start_up_exits_2_naming_the_extra_or_setting(tiny
     if isinstance(failure, RuntimeError):
         assert "MLFLOW_TRACKING_URI" in err and "Could not find experiment" in err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_help_texts_tell_the_truth():
+    """export --help names the pinned huggingface_hub's login (`hf auth login`; `huggingface-cli` is gone), probe /
+    finetune / select --dataset list all four sources, and the key reference describes the python: teacher."""
+    from distill.cli import build_parser
+    from distill.recipes import recipe_keys
+    from distill.vocab import DATASETS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    export = " ".join(sub["export"].format_help().split())
+    assert "hf auth login" in export and "huggingface-cli" not in export and "--make-private" in export
+    for name in ("probe", "finetune", "select"):
+        text = " ".join(sub[name].format_help().split())
+        assert " | ".join(DATASETS) in text, name
+    teacher = next(k for k in recipe_keys() if k["name"] == "teacher")["help"]
+    assert "python:package.module:factory" in teacher and "python:/path/file.py:factory" in teacher
