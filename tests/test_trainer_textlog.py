@@ -13,8 +13,20 @@ from .conftest import rgb_recipe
 
 
 def test_format_line_holds_every_field():
-    line = format_line(10, 400, {"mse": 0.001732, "total": 0.8937, "at": 0.08937}, 6.6667e-4, 57.14, 0.034)
-    assert line == "step 10/400 | total 0.8937 at 0.08937 mse 0.001732 | lr 0.000667 | 57.1 img/s | data 3%"
+    line = format_line(10, 400, {"mse": 0.001732, "total": 0.8954, "at": 0.08937}, 6.6667e-4, 57.14, 0.034)
+    assert line == "step 10/400 | total 0.8954 at 0.08937 mse 0.001732 | lr 0.000667 | 57.1 img/s | data 3%"
+
+
+def test_the_readme_example_line_adds_up():
+    """The README's train.log example is a line of the format whose total is mse + 10 x at (the quickstart's
+    weights), to the 4 significant digits printed (it showed a total 0.0017 off its terms)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = re.search(r"```\n(step \d+/\d+ \| total .*)\n```", readme).group(1)
+    terms = dict(zip(line.split(" | ")[1].split()[::2], map(float, line.split(" | ")[1].split()[1::2])))
+    assert terms["total"] == pytest.approx(terms["mse"] + 10 * terms["at"], abs=1e-4), line
 
 
 def test_bar_only_on_a_terminal_or_in_jupyter(monkeypatch):

@@ -32,7 +32,8 @@ def show_progress_bar(progress: bool, is_main_process: bool = True) -> bool:
 
 
 def format_line(step: int, steps: int, terms: dict, lr: float, img_per_s: float, data_share: float) -> str:
-    """``step 10/400 | total 0.8937 mse 0.001732 at 0.08937 | lr 6.67e-04 | 57.1 img/s | data 3%``.
+    """``step 10/10 | total 0.6952 at 0.001607 mse 0.6791 | lr 0.002 | 1.7 img/s | data 0%`` (total = mse + 10 x at
+    with the quickstart's loss weights).
 
     Args:
         terms: loss terms averaged over the step (``total`` first when present), printed with 4 significant digits.
