@@ -295,7 +295,8 @@ class _FakeHub:
         def repo_info(api, repo_id, repo_type=None, **kw):
             hub.calls.append(("repo_info", repo_id, repo_type))
             if repo_id not in hub.public and not (hub.root / repo_id).is_dir():
-                raise RepositoryNotFoundError(f"404 {repo_id}", response=None)
+                response = types.SimpleNamespace(headers={}, request=None, status_code=404)
+                raise RepositoryNotFoundError(f"404 {repo_id}", response=response)
             return types.SimpleNamespace(id=repo_id, private=repo_id not in hub.public)
 
         def update_repo_settings(api, repo_id, private=None, repo_type=None, **kw):
