@@ -362,6 +362,11 @@ def make_recipe(values: dict, source: str = "recipe", warn: bool = True) -> Reci
     for key, choices in (("dataset", DATASETS), ("image_resize", IMAGE_RESIZE), ("data_hash", DATA_HASH)):
         _check_choice(key, getattr(r, key), choices)
     check_ranges(r, source)
+    if r.image_size is not None and r.image_size < r.min_image_side:  # every image would be degenerate
+        raise ValueError(f"{source}: image_size {r.image_size} is below min_image_side {r.min_image_side}: every image "
+                         f"would be decoded at {r.image_size}x{r.image_size} px, under the side below which the run "
+                         f"calls an image degenerate. Fix: image_size >= {r.min_image_side} (e.g. 32; null keeps the "
+                         f"first image's size), or lower min_image_side.")
     if warn:
         _warn_schedule(r, source)
     return r
@@ -372,14 +377,19 @@ def load_recipe(path: Union[str, Path], overrides: Optional[dict] = None) -> Rec
 
     Raises:
         FileNotFoundError: no such file (the message lists the bundled recipes).
-        ValueError: the file is empty, not a mapping, not valid YAML, gives a key twice, or a value is invalid
-            (see :func:`make_recipe`).
+        ValueError: the file is not UTF-8, empty, not a mapping, not valid YAML, gives a key twice, or a value is
+            invalid (see :func:`make_recipe`).
     """
     path = Path(path)
     if not path.is_file():
         bundled = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
         raise FileNotFoundError(f"recipe '{path}' not found. Recipes in the repository's recipes/: {', '.join(bundled)}.")
-    values = yaml_load(path.read_text(), source=f"recipe '{path}'")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"recipe '{path}' is not UTF-8 text ({e.reason} at byte offset {e.start}). Fix: save it as "
+                         f"UTF-8 (YAML files are UTF-8).") from None
+    values = yaml_load(text, source=f"recipe '{path}'")
     if values is None:
         raise ValueError(f"recipe '{path}' is empty (or only comments); an empty recipe would silently train "
                          f"with every default. Fix: start from recipes/quickstart.yaml (in the repository) and keep "

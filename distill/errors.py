@@ -24,6 +24,16 @@ class TrainingInterrupted(Exception):
         self.signum, self.exit_code = signum, 128 + signum
 
 
+class SignalStop(KeyboardInterrupt):
+    """A SIGTERM / SIGINT that ends a command at once (outside the training loop's step, which first finishes the
+    step and checkpoints: :class:`TrainingInterrupted`). A ``KeyboardInterrupt``, so ``except Exception`` blocks do
+    not swallow it and atomic writes remove their temporaries; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.exit_code = signum, 128 + signum
+
+
 class NonFiniteLossError(RuntimeError):
     """A loss term or the gradient norm became NaN or Inf; no update was applied."""
 

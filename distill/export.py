@@ -18,7 +18,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from .atomic import atomic_dir, atomic_write_json, atomic_write_text
+from .atomic import atomic_dir, atomic_write_json
+from .card import METHOD_PAPER, model_card, write_model_card  # noqa: F401 - the card's names, importable from here
 from .errors import HubUploadError, RunExistsError, UnreadableFileError
 from .integrity import error_text, read_json, safetensors_problem
 from .rundir import EMA_FILE, SUMMARY, is_run, load_trained
@@ -32,8 +33,6 @@ EXPORT_FILES = ("config.json", "model.safetensors", "README.md")
 #: ImageNet training), not these weights: removed from an export and replaced by distill's own
 INHERITED_PROVENANCE = ("origin_url", "paper_ids", "paper_name", "license", "notes", "description", "tag",
                         "hf_hub_id", "hf_hub_filename", "url", "file", "source", "state_dict")
-#: the method the student was trained with (pretrained_cfg ``paper_ids`` / ``paper_name`` of an export)
-METHOD_PAPER = ("arXiv:2307.07487", "DreamTeacher: Pretraining Image Backbones with Deep Generative Models")
 
 
 def _listing(path: Path) -> str:
@@ -121,7 +120,7 @@ def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, ove
     weights = "EMA of the student's weights" if ema else "student weights"
     _logger.info("exporting the %s of %s", weights, resolved["checkpoint"])
     S = recipe.student_size
-    teacher = recipe.teacher if isinstance(recipe.teacher, str) else "UNet2DModel(config dict)"
+    teacher = public_name(recipe.teacher) if isinstance(recipe.teacher, str) else "UNet2DModel(config dict)"
     step = Path(resolved["checkpoint"]).name.split("-")[-1]
     timesteps = resolved.get("timesteps_used", recipe.timesteps)  # what the run used (auto modes resolved)
     description = (f"{recipe.student} distilled with distill {__version__} from teacher {teacher} (blocks "
@@ -146,15 +145,32 @@ def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, ove
         cfg["distill"] = {  # extra top-level key: timm ignores it, people and tools can read it
             "version": __version__, "teacher": teacher, "teacher_sha256": resolved.get("teacher_sha256"),
             "teacher_blocks": recipe.teacher_blocks, "timesteps": timesteps,
-            "dataset": recipe.dataset, "data_root": recipe.data_root, "data_sha256": resolved.get("data_sha256"),
+            "dataset": recipe.dataset, "data_root": published_root(recipe.data_root),
+            "data_sha256": resolved.get("data_sha256"),
             "steps": int(step), "batch_size": recipe.batch_size, "num_processes": resolved.get("num_processes", 1),
             "student_size": S, "data_channels": resolved["data_channels"],
             "weights": "ema" if ema else "live", "ema_decay": recipe.ema_decay if ema else None,
-            "run_dir": str(Path(run_dir).resolve()), "checkpoint": resolved["checkpoint"],
+            # names, not local paths: config.json is published with --push-to-hub
+            "run": Path(run_dir).resolve().name, "checkpoint": Path(resolved["checkpoint"]).name,
         }
         atomic_write_json(cfg_path, cfg)
-        write_model_card(tmp, _run_probe_rows(Path(run_dir)))
+        write_model_card(tmp, _run_probe_rows(Path(run_dir)), _run_monitor(Path(run_dir)))
     return out_p
+
+
+def public_name(teacher: str) -> str:
+    """A teacher as an export records it: an absolute local path shortened to its last component
+    (``/home/me/unet`` -> ``unet``, ``python:/home/me/t.py:make`` -> ``python:t.py:make``); hub ids, packaged
+    names and relative paths as given (``teacher_sha256`` identifies the weights)."""
+    m = re.fullmatch(r"(python:)?(/[^:]*)(:.*)?", teacher)
+    return f"{m.group(1) or ''}{Path(m.group(2)).name}{m.group(3) or ''}" if m else teacher
+
+
+def published_root(data_root: Optional[str]) -> Optional[str]:
+    """``data_root`` as an export records it: as the recipe gave it when relative (``data/x``, ``~/data/x``), None
+    when absolute (a local path is not published; ``distill probe`` / ``finetune`` of the export then ask for
+    ``--data-root``)."""
+    return data_root if data_root and not Path(data_root).is_absolute() else None
 
 
 def _load_ema(backbone, ckpt: Path, trained_with_ema: bool) -> None:
@@ -182,6 +198,14 @@ def _load_ema(backbone, ckpt: Path, trained_with_ema: bool) -> None:
         raise UnreadableFileError(f"--ema: '{path}' does not fit the student: {error_text(e, 300)}", path) from e
 
 
+def _run_monitor(run_dir: Path) -> Optional[dict]:
+    """The run's last kNN monitor row (its ``summary.json``), else None."""
+    try:
+        return read_json(run_dir / SUMMARY).get("monitor")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _run_probe_rows(run_dir: Path) -> list:
     """Probe rows the run directory already holds (``results.json`` of ``distill run``), else []."""
     try:
@@ -191,90 +215,25 @@ def _run_probe_rows(run_dir: Path) -> list:
         return []
 
 
-def model_card(cfg: dict, probe_rows: Optional[list] = None, monitor: Optional[dict] = None) -> str:
-    """The ``README.md`` of an export (Hugging Face model card: YAML front matter + Markdown) from its
-    ``config.json`` ``cfg``: what it is, how it was made, how to load it in timm, and the probe numbers when known
-    (``probe_rows`` as ``distill probe`` / ``distill run`` give them; ``monitor``: the last kNN monitor row)."""
-    d, p = cfg.get("distill", {}), cfg.get("pretrained_cfg", {})
-    arch = cfg.get("architecture", "?")
-    size = p.get("input_size", [3, d.get("student_size", "?"), d.get("student_size", "?")])
-    lines = ["---", "library_name: timm", "license: other", "tags:", "- image-feature-extraction", "- timm",
-             "- distill", "- knowledge-distillation", "---", "",
-             f"# {arch} distilled from a diffusion model", "",
-             f"A [timm](https://github.com/huggingface/pytorch-image-models) `{arch}` backbone whose weights were "
-             f"trained by distill {d.get('version', '?')} to regress the features of the "
-             f"diffusion model `{d.get('teacher')}` (DreamTeacher-style feature distillation, "
-             f"{METHOD_PAPER[0]}). It is a feature extractor (`num_classes=0`): no classifier was trained. It is "
-             f"not timm's supervised `{arch}`; none of those weights were used.", "",
-             "## How it was made", "",
-             "| | |", "|---|---|",
-             f"| teacher | `{d.get('teacher')}` (sha256 of its weights `{str(d.get('teacher_sha256'))[:16]}...`) |",
-             f"| teacher blocks, timesteps | {d.get('teacher_blocks')}, {d.get('timesteps')} |",
-             f"| data | `{d.get('dataset')}` (images only, labels unused; sha256 `{str(d.get('data_sha256'))[:16]}...`) |",
-             f"| steps x batch x processes | {d.get('steps')} x {d.get('batch_size')} x {d.get('num_processes')} |",
-             f"| weights | {'EMA (decay ' + str(d.get('ema_decay')) + ')' if d.get('weights') == 'ema' else 'live (not EMA)'} "
-             f"of checkpoint `{Path(str(d.get('checkpoint'))).name}` |",
-             f"| input | {size[-1]} px RGB, mean {list(p.get('mean', []))}, std {list(p.get('std', []))} "
-             f"{'(grayscale images replicated to 3 channels) ' if d.get('data_channels') == 1 else ''}|",
-             f"| license | {p.get('license')}: check the teacher's and the dataset's terms |", "",
-             "## Load it in timm", "", "```python", "import timm", "",
-             "model = timm.create_model('hf-hub:USER/REPO', pretrained=True, num_classes=0)  # or 'local-dir:PATH'",
-             "cfg = timm.data.resolve_model_data_config(model)   # input size and mean/std used in training",
-             "transform = timm.data.create_transform(**cfg)", "features = model(transform(image).unsqueeze(0))  # [1, "
-             f"{cfg.get('num_features', 'D')}]", "```", "",
-             "Fine-tune it as any timm model (`num_classes=K` adds a new head), e.g. timm's `train.py --model "
-             "hf-hub:USER/REPO --pretrained`.", "", "## Evaluation", ""]
-    if probe_rows:
-        rows = [r for r in probe_rows if isinstance(r, dict)]
-        lines += ["Frozen features, measured by `distill run` / `distill probe` on the dataset's test split:", "",
-                  "| model | linear probe top-1 | kNN top-1 | probe train / test images | weights |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r.get('name')} | {r.get('linear_top1')} | {r.get('knn_top1')} (k={r.get('k')}) | "
-                  f"{r.get('num_train')} / {r.get('num_test')} | {r.get('weights', '?')} |" for r in rows]
-        tested = list(dict.fromkeys(str(r["test"]) for r in rows if r.get("test")))
-        if tested:
-            lines += ["", "; ".join(tested) + "."]
-    elif monitor:
-        lines += [f"Only the training monitor: kNN top-1 {monitor.get('knn_top1')}% (k={monitor.get('k')}) at step "
-                  f"{monitor.get('step')}, on {monitor.get('train_images')} train / {monitor.get('test_images')} test "
-                  f"images. Probe it with `distill probe PATH`."]
-    else:
-        lines += ["Not measured at export. Probe it with `distill probe PATH` (linear + kNN on frozen features)."]
-    return "\n".join(lines) + "\n"
-
-
-def write_model_card(export_dir, probe_rows: Optional[list] = None) -> Path:
-    """Write ``export_dir/README.md`` (:func:`model_card`) from its ``config.json``, the probe rows given, and the
-    training run's last monitor row (its ``summary.json``) when there are no probe rows; atomically. Its sha256 is
-    recorded in ``config.json`` (``distill.card_sha256``), so an overwrite can tell an edited card from its own."""
-    export_dir = Path(export_dir)
-    cfg = read_json(export_dir / "config.json")
-    cfg.setdefault("distill", {})
-    monitor = None
-    if not probe_rows:
-        try:
-            monitor = read_json(Path(cfg["distill"]["run_dir"]) / SUMMARY).get("monitor")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            monitor = None
-    text = model_card(cfg, probe_rows, monitor)
-    cfg["distill"]["card_sha256"] = _sha256(text.encode("utf-8"))
-    atomic_write_json(export_dir / "config.json", cfg)
-    return atomic_write_text(export_dir / "README.md", text)
-
-
 #: a Hub repository id: ``name`` or ``namespace/name`` (letters, digits, ``-``, ``_``, ``.``; at most 96 each)
 REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
 def push_to_hub(export_dir: str, repo_id: str, private: bool = False, token: Optional[str] = None,
-                commit_message: Optional[str] = None) -> str:
+                commit_message: Optional[str] = None, make_private: bool = False) -> str:
     """Upload an export (its ``config.json``, ``model.safetensors`` and ``README.md``, as written) to the Hugging
     Face Hub model repository ``repo_id`` (created if missing) with ``huggingface_hub.HfApi``; returns the repo URL.
     Loading it back: ``timm.create_model('hf-hub:REPO_ID', pretrained=True)``. The token is ``token``, else the
-    one ``huggingface-cli login`` / ``HF_TOKEN`` gives.
+    one ``hf auth login`` / ``HF_TOKEN`` gives.
+
+    ``private``: a new repository is created private; an existing one must already be private (the Hub ignores
+    ``create_repo(private=True)`` for an existing repository, so a public one would publish the weights): it is
+    refused before anything is uploaded, or with ``make_private`` made private first
+    (``HfApi.update_repo_settings(private=True)``).
 
     Raises:
-        ValueError: ``repo_id`` is not ``namespace/name``.
+        ValueError: ``repo_id`` is not ``namespace/name``; or ``private`` and the repository exists and is public
+            (without ``make_private``); nothing was uploaded.
         FileNotFoundError, UnreadableFileError: ``export_dir`` is not a whole export (:func:`read_export`).
         HubUploadError: the Hub refused or could not be reached (the message names the repo, the cause and the
             fix).
@@ -288,16 +247,41 @@ def push_to_hub(export_dir: str, repo_id: str, private: bool = False, token: Opt
     if not (Path(export_dir) / "README.md").is_file():  # an export of an older distill: give it its card
         write_model_card(export_dir)
     api = HfApi(token=token)
+    fix = (f"Fix: log in (`hf auth login` or HF_TOKEN) with write access to that namespace, and check the network; "
+           f"the export in '{export_dir}' is unchanged.")
     try:
-        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        public = (private or make_private) and _is_public(api, repo_id)
+    except Exception as e:  # noqa: BLE001 - huggingface_hub's HTTP and connection errors, named here
+        raise HubUploadError(f"--push-to-hub {repo_id}: cannot read the repository's visibility "
+                             f"({error_text(e, 300)}); nothing was uploaded. {fix}") from e
+    if public and not make_private:
+        raise ValueError(f"--push-to-hub {repo_id} --private: the repository already exists and is public, and the "
+                         f"Hub keeps an existing repository's visibility, so the upload would publish the model. "
+                         f"Nothing was uploaded. Fix: add --make-private to make it private first, push to a new "
+                         f"repository, or drop --private to publish it.")
+    try:
+        if public:
+            api.update_repo_settings(repo_id, private=True, repo_type="model")
+            _logger.warning("--make-private: repository %s was public; it is private now", repo_id)
+        url = api.create_repo(repo_id, repo_type="model", private=private or make_private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(export_dir),
                           allow_patterns=list(EXPORT_FILES),
                           commit_message=commit_message or f"distill {__version__} export")
     except Exception as e:  # noqa: BLE001 - huggingface_hub's HTTP and connection errors, named here
-        raise HubUploadError(f"--push-to-hub {repo_id}: the upload failed ({error_text(e, 300)}). Fix: log in "
-                              f"(`huggingface-cli login` or HF_TOKEN) with write access to that namespace, and check "
-                              f"the network; the export in '{export_dir}' is unchanged.") from e
+        raise HubUploadError(f"--push-to-hub {repo_id}: the upload failed ({error_text(e, 300)}). {fix}") from e
     return str(url)
+
+
+def _is_public(api, repo_id: str) -> bool:
+    """Whether the model repository ``repo_id`` exists and is public (``HfApi.repo_info(...).private``); False
+    when it does not exist (``create_repo`` then makes it as asked)."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        info = api.repo_info(repo_id, repo_type="model")
+    except RepositoryNotFoundError:
+        return False
+    return not info.private
 
 
 def export_data_root(distill_meta: dict, dataset: str) -> Optional[str]:

@@ -40,6 +40,8 @@ _HELP = {
                "list, or a Hugging Face dataset (README: Data)",
     "log_with": "Accelerate experiment tracker besides metrics.csv and train.log (its pip extra must be installed)",
     "std": "student normalisation std in [0, 1] units; default: measured on the data",
+    "teacher": "packaged name, local dir, hub id, a UNet2DModel config dict, or python:package.module:factory / "
+               "python:/path/file.py:factory (imports and runs that code: such a recipe is code, trust it as such)",
     "teacher_blocks": "teacher blocks whose outputs are regressed, e.g. [mid_block, up_blocks.0]",
     "student": "timm model name of the student (built with num_classes=0)",
     "student_indices": "student feature levels fed to the regressor (forward_intermediates indices); default: all",
@@ -99,11 +101,17 @@ def resolve_recipe(name_or_path: Union[str, Path]) -> Path:
     (``quickstart`` or ``quickstart.yaml``).
 
     Raises:
+        ValueError: ``name_or_path`` is a folder (names the YAML files in it).
         FileNotFoundError: neither; the message lists the shipped names and how to list them.
     """
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.yaml"))[:5]
+        raise ValueError(f"recipe '{path}' is a folder, not a recipe file. Fix: give a YAML file"
+                         f"{' in it (' + ', '.join(inside) + ')' if inside else ''}, or a shipped recipe's name "
+                         f"(distill recipes lists them).")
     shipped = shipped_recipes()
     name = path.name[:-5] if path.name.endswith(".yaml") else path.name
     if str(path.parent) in (".", "recipes") and name in shipped:

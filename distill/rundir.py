@@ -10,12 +10,12 @@ Layout of ``RUN`` (``distill train -o RUN``)::
     RUN/monitor.csv          kNN top-1 of the student every ``monitor_every`` steps (and step 0)
     RUN/policy.csv, RUN/policy_histogram.png, RUN/selection/   for ``timesteps: policy`` / ``auto-*``
 
-This module lists and chooses checkpoints, prepares or refuses a directory, writes the metrics log and the
-summary, and reloads a trained run (:func:`load_trained`) for export and probes.
+This module lists and chooses checkpoints, prepares or refuses a directory, writes the config and the summary, and
+reloads a trained run (:func:`load_trained`) for export and probes; the logs a run appends to as it trains
+(``metrics.csv``, ``policy.csv``, ``monitor.csv``, ``train.log``) are written by :mod:`distill.trainer.textlog`.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import re
@@ -27,7 +27,7 @@ import yaml
 
 from .atomic import atomic_write_json, atomic_write_text
 from .build import build_student
-from .config import Recipe, make_recipe, save_recipe
+from .config import Recipe, make_recipe, save_recipe, yaml_load
 from .errors import RunExistsError, UnreadableFileError
 from .integrity import error_text, safetensors_problem, torch_file_problem
 from .regressor import FeatureRegressor
@@ -243,13 +243,23 @@ def read_config(run_dir: Path) -> tuple[Recipe, dict]:
 
     Raises:
         FileNotFoundError: ``run_dir`` has no ``config.yaml``.
+        UnreadableFileError: ``config.yaml`` is not UTF-8, not YAML (naming the file, line and column) or no mapping.
     """
-    run = Path(run_dir)
-    if not (run / CONFIG).is_file():
+    run, path = Path(run_dir), Path(run_dir) / CONFIG
+    if not path.is_file():
         raise FileNotFoundError(f"'{run}' is not a run directory (no config.yaml); give the --output-dir of `distill train`.")
-    data = yaml.safe_load((run / CONFIG).read_text())
+    try:
+        data = yaml_load(path.read_text(encoding="utf-8"), source=f"run config '{path}'")
+        problem = None if isinstance(data, dict) else f"run config '{path}' is not a mapping of recipe keys"
+    except UnicodeDecodeError as e:
+        problem = f"run config '{path}' is not UTF-8 text ({e.reason} at byte offset {e.start})"
+    except ValueError as e:  # YAML: the message names the line and the column
+        problem = str(e).split(" Fix: ")[0].removesuffix(".")
+    if problem:
+        raise UnreadableFileError(f"{problem}. Fix: restore it (distill train writes it; it is not edited by hand), "
+                                  f"or train into a new --output-dir.", path)
     resolved = data.pop("_resolved", {})
-    return make_recipe(data, source=f"'{run / CONFIG}'", warn=False), resolved
+    return make_recipe(data, source=f"'{path}'", warn=False), resolved
 
 
 #: recipe keys a resume may change without ``allow_changes``: they do not change what is trained (``steps`` may
@@ -330,51 +340,6 @@ def _short(v) -> str:
 def write_summary(run_dir: Path, summary: dict) -> None:
     """``RUN/summary.json`` (atomically)."""
     atomic_write_json(Path(run_dir) / SUMMARY, summary)
-
-
-def truncate_log(path: Path, last_step: int) -> None:
-    """Keep the header and the rows of a per-step CSV log up to ``last_step`` (rows logged after the resumed
-    checkpoint were lost with the killed run)."""
-    lines = path.read_text().splitlines(keepends=True)
-    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= last_step]
-    atomic_write_text(path, "".join(keep))
-
-
-class CsvLog:
-    """A per-step CSV log of the run directory (``metrics.csv``, ``policy.csv``), appended row by row.
-
-    A fresh run (``start == 0``) starts a new file; a resumed one drops the rows after ``start`` and appends. The
-    header is written with the first row (its columns are that row's keys) unless ``header`` is given. Only the
-    main process writes (``enabled``).
-    """
-
-    def __init__(self, path: Path, start: int, enabled: bool = True, header: Optional[list] = None):
-        self.path, self.f, self.w = Path(path), None, None
-        if not enabled:
-            return
-        if start and self.path.exists():
-            truncate_log(self.path, start)
-        self.need_header = start == 0 or not self.path.exists()
-        self.f = open(self.path, "w" if start == 0 else "a", newline="")
-        self.w = csv.writer(self.f)
-        if header is not None and self.need_header:
-            self.w.writerow(header)
-            self.need_header = False
-
-    def write(self, row: dict | list) -> None:
-        """Append one row (a dict's keys form the header of a new file)."""
-        if self.w is None:
-            return
-        if self.need_header and isinstance(row, dict):
-            self.w.writerow(list(row))
-            self.need_header = False
-        self.w.writerow(list(row.values()) if isinstance(row, dict) else list(row))
-        self.f.flush()
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-            self.f = None
 
 
 def load_trained(run_dir: str, checkpoint: Optional[str] = None, map_location="cpu") -> tuple[DistillModel, Recipe, dict]:

@@ -7,6 +7,7 @@ import socket
 import time
 from pathlib import Path
 
+from .atomic import writing
 from .errors import RunLockedError
 from .rundir import CONFIG, LOCK
 
@@ -15,7 +16,8 @@ class RunLock:
     """``RUN/.lock``, held (``fcntl.flock``) by the one process training in a run directory.
 
     The kernel releases the lock when its process dies, so a stale lock of a killed run is recognised without
-    guessing; the file holds the holder's pid, host and start time for the message a second process gets.
+    guessing; the file holds the holder's pid, host and start time for the message a second process gets. A lock
+    file that cannot be created or written (read-only or full directory) is a :class:`~distill.errors.WriteError`.
     """
 
     def __init__(self, run_dir: Path):
@@ -24,8 +26,9 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         self.created = not self.path.parent.exists()
         self.lock_existed = self.path.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        with writing(f"the run lock {LOCK}", self.path):  # a read-only or full run directory: WriteError, exit 2
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -34,9 +37,15 @@ class RunLock:
             raise RunLockedError(
                 f"run directory '{self.path.parent}' is in use by {holder}; a second process would mix its metrics, "
                 f"config and checkpoints. Fix: wait for that run to end (or stop it), or choose another --output-dir.")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
         self.fd = fd
+        try:
+            with writing(f"the run lock {LOCK}", self.path):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                             f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

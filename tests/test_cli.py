@@ -171,3 +171,43 @@ def test_tracker_that_cannot_start_exits_2(tiny_recipe, tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert "log_with: tensorboard" in err and 'distill[tensorboard]' in err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("failure", [ImportError("cannot import name 'X' from 'mlflow.tracking'"),
+                                     RuntimeError("MlflowException: Could not find experiment with ID 0\n" * 20)])
+def test_tracker_that_fails_at_start_up_exits_2_naming_the_extra_or_setting(tiny_recipe, tmp_path, capsys,
+                                                                           monkeypatch, failure):
+    """A tracker whose package is installed but fails in Accelerate's init_trackers (MLflow 3 ended in a 40-line
+    traceback and exit 1): one line, exit 2, naming the tracker, the cause, the pip extra or the setting; nothing
+    written to the run directory."""
+    import accelerate
+
+    def fail(self, *a, **k):
+        raise failure
+
+    monkeypatch.setattr("accelerate.utils.is_mlflow_available", lambda: True)
+    monkeypatch.setattr(accelerate.Accelerator, "init_trackers", fail)
+    assert main(["train", str(tiny_recipe), "-o", str(tmp_path / "run"), "--set", "log_with=mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert "distill train: error: log_with: mlflow could not start" in err and "Traceback" not in err
+    assert 'pip install "distill[mlflow]"' in err
+    if isinstance(failure, RuntimeError):
+        assert "MLFLOW_TRACKING_URI" in err and "Could not find experiment" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_help_texts_tell_the_truth():
+    """export --help names the pinned huggingface_hub's login (`hf auth login`; `huggingface-cli` is gone), probe /
+    finetune / select --dataset list all four sources, and the key reference describes the python: teacher."""
+    from distill.cli import build_parser
+    from distill.recipes import recipe_keys
+    from distill.vocab import DATASETS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    export = " ".join(sub["export"].format_help().split())
+    assert "hf auth login" in export and "huggingface-cli" not in export and "--make-private" in export
+    for name in ("probe", "finetune", "select"):
+        text = " ".join(sub[name].format_help().split())
+        assert " | ".join(DATASETS) in text, name
+    teacher = next(k for k in recipe_keys() if k["name"] == "teacher")["help"]
+    assert "python:package.module:factory" in teacher and "python:/path/file.py:factory" in teacher

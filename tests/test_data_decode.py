@@ -176,3 +176,24 @@ def test_bytes_source_and_non_utf8_name(tmp_path):
     with open(name, "wb") as f:
         f.write((tmp_path / "a.png").read_bytes())
     np.testing.assert_array_equal(decode_image(os.fsdecode(name), 3), rgb)
+
+
+def test_min_side_counts_the_file_not_the_jpeg_draft(tmp_path):
+    """A 32 px JPEG decoded at size 4: PIL's draft decodes it at 1/8 scale (4x4) and a check after the draft blamed
+    the file ("4x4 px, degenerate, remove it"); the file is 32 px, so it is read."""
+    Image.fromarray(_u8((32, 32, 3))).save(tmp_path / "a.jpg", quality=90)
+    assert decode_image(str(tmp_path / "a.jpg"), size=4, min_side=8).shape == (4, 4, 3)
+    Image.fromarray(_u8((4, 32, 3))).save(tmp_path / "thin.jpg", quality=90)
+    with pytest.raises(UnreadableFileError, match="it is 32x4 px, below min_image_side=8"):
+        decode_image(str(tmp_path / "thin.jpg"), size=64, min_side=8)
+
+
+@pytest.mark.parametrize("size", [1, 7])
+def test_image_size_below_min_image_side_blames_the_keys(size):
+    """image_size below min_image_side would make every image 'degenerate': the recipe is refused naming both keys,
+    not the files."""
+    from distill.config import make_recipe
+
+    with pytest.raises(ValueError, match=f"r.yaml: image_size {size} is below min_image_side 8: every image"):
+        make_recipe({"dataset": "image-folder", "image_size": size}, source="r.yaml")
+    assert make_recipe({"dataset": "image-folder", "image_size": size, "min_image_side": size}).image_size == size

@@ -114,3 +114,26 @@ def test_non_utf8_file_name(tmp_path):
     ds = ImageFolder(str(tmp_path))
     assert len(ds) == 1 and os.fsencode(ds.files[0][0]) == raw
     np.testing.assert_array_equal(ds[0][0].permute(1, 2, 0).numpy(), a)
+
+
+def test_symlink_loops_are_skipped_with_a_warning_and_counted(tmp_path, caplog):
+    """A symlink loop (a link to itself; a folder link back up the tree) is skipped with a warning naming it, in
+    labelled and unlabelled listings; the dataset's left_out() says how many images were read and what was left out
+    (regression: scandir's is_dir() raised ELOOP out of the listing and `distill train` crashed)."""
+    for k in range(3):
+        _png(tmp_path / "data" / "a" / f"{k}.png")
+    os.symlink("self", tmp_path / "data" / "self")  # ELOOP on stat
+    os.symlink("..", tmp_path / "data" / "a" / "up")  # a cycle: followed once
+    with caplog.at_level("WARNING"):
+        labelled = ImageFolder(str(tmp_path / "data"))
+        flat = ImageFolder(str(tmp_path / "data"), labelled=False)
+    assert [Path(p).name for p, _ in labelled.files] == ["0.png", "1.png", "2.png"] and labelled.classes == ("a",)
+    assert len(flat) == 3
+    assert f"'{tmp_path / 'data' / 'self'}' skipped: it cannot be followed" in caplog.text
+    assert "symlink loop" in caplog.text
+    assert flat.left_out().startswith("data: 3 images read; 1 file(s) left out: ")
+
+
+def test_everything_is_read_leaves_nothing_out(tmp_path):
+    _png(tmp_path / "c" / "0.png")
+    assert ImageFolder(str(tmp_path)).left_out() == ""

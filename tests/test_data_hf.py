@@ -122,3 +122,53 @@ def test_webdataset_tar_shards(tmp_path):
     assert len(ds) == 4 and ds.labels.tolist() == [0, 1, 0, 1] and ds.label_column == "cls"
     for k in range(4):
         np.testing.assert_array_equal(ds[k][0].permute(1, 2, 0).numpy(), want[k])
+
+
+def _shard(path: Path, n: int) -> None:
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as t:
+        for k in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+            for name, data in ((f"{k:04d}.png", buf.getvalue()), (f"{k:04d}.cls", str(k % 3).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("cut", ["half", "inside a member"])
+def test_truncated_webdataset_shard_is_named_and_the_shortfall_counted(tmp_path, caplog, cut):
+    """datasets' webdataset reader stops silently where a shard is cut: 24 images written, 13 read with no word.
+    The shard is named with the cause, the count read is said, and on_error='raise' refuses it."""
+    import os
+
+    shard = tmp_path / "wds" / "data-000.tar"
+    _shard(shard, 24)
+    size = os.path.getsize(shard)
+    os.truncate(shard, size // 2 + (0 if cut == "half" else 700))
+    if cut == "inside a member":  # datasets fails on it: the error names the shard, not only datasets' words
+        with pytest.raises(ValueError, match=r"data-000.tar' is not a readable tar archive \(unexpected end"):
+            build_dataset("hf", str(tmp_path / "wds"), "train")
+        return
+    with caplog.at_level("WARNING"):
+        ds = build_dataset("hf", str(tmp_path / "wds"), "train")
+    assert 0 < len(ds) < 24  # what datasets itself reads
+    assert f"'{shard}' is cut short" in caplog.text and "copy or download that shard again" in caplog.text
+    note = ds.left_out()
+    assert note.startswith(f"data: {len(ds)} images read; 1 file(s) left out: webdataset shard '{shard}'"), note
+    with pytest.raises(ValueError, match="data-000.tar' is cut short"):
+        build_dataset("hf", str(tmp_path / "wds"), "train", on_error="raise")
+
+
+def test_whole_shards_leave_nothing_out(tmp_path):
+    from distill.data.hf import tar_problem
+
+    _shard(tmp_path / "wds" / "data-000.tar", 5)
+    _shard(tmp_path / "wds" / "data-001.tar", 3)
+    ds = build_dataset("hf", str(tmp_path / "wds"), "train")
+    assert len(ds) == 8 and ds.left_out() == ""
+    (tmp_path / "junk.tar").write_bytes(b"not a tar" * 100)
+    assert tar_problem(str(tmp_path / "junk.tar")).startswith("not a readable tar archive")

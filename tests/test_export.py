@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def test_export_roundtrip_gives_same_features(trained_run, tmp_path):
     assert cfg["tag"].startswith("distill-")
     assert "up_blocks.0" in cfg["description"] and "[11]" in cfg["description"]
     meta = json.loads((out / "config.json").read_text())["distill"]
-    assert meta["timesteps"] == [11] and meta["steps"] == 40 and meta["data_root"] == recipe.data_root
+    assert meta["timesteps"] == [11] and meta["steps"] == 40 and meta["data_root"] is None  # absolute: not kept
     # a head for fine-tuning, with the distilled backbone underneath
     head = load_exported(str(out), num_classes=7)
     assert head(x).shape == (2, 7)
@@ -153,7 +154,7 @@ def test_export_falls_back_past_a_damaged_newest_checkpoint_and_says_so(run_copy
         out = export_student(str(run_copy), str(tmp_path / "student"))
     assert bad in caplog.text and file in caplog.text and f"using {used}" in caplog.text
     meta = json.loads((out / "config.json").read_text())["distill"]
-    assert meta["checkpoint"] == str(run_copy / used) and meta["steps"] == int(used.split("-")[1])
+    assert meta["checkpoint"] == used and meta["steps"] == int(used.split("-")[1])
 
 
 def test_cli_export_says_which_checkpoint_it_used(run_copy, tmp_path, capsys):
@@ -282,13 +283,26 @@ def test_every_export_has_a_model_card(an_export):
 class _FakeHub:
     """A local stand-in for the Hub: HfApi.create_repo / upload_folder copy what would be uploaded to ROOT/REPO."""
 
-    def __init__(self, root):
-        self.root, self.calls = root, []
+    def __init__(self, root, public=()):
+        self.root, self.calls, self.public = root, [], set(public)  # public: repos that exist and are public
 
     def install(self, monkeypatch, fail=None):
         import huggingface_hub
+        from huggingface_hub.errors import RepositoryNotFoundError
 
         hub = self
+
+        def repo_info(api, repo_id, repo_type=None, **kw):
+            hub.calls.append(("repo_info", repo_id, repo_type))
+            if repo_id not in hub.public and not (hub.root / repo_id).is_dir():
+                response = types.SimpleNamespace(headers={}, request=None, status_code=404)
+                raise RepositoryNotFoundError(f"404 {repo_id}", response=response)
+            return types.SimpleNamespace(id=repo_id, private=repo_id not in hub.public)
+
+        def update_repo_settings(api, repo_id, private=None, repo_type=None, **kw):
+            hub.calls.append(("update_repo_settings", repo_id, repo_type, private))
+            if private:
+                hub.public.discard(repo_id)
 
         def create_repo(api, repo_id, repo_type=None, private=False, exist_ok=False, **kw):
             hub.calls.append(("create_repo", repo_id, repo_type, private, exist_ok))
@@ -306,6 +320,8 @@ class _FakeHub:
 
         monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
         monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+        monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info)
+        monkeypatch.setattr(huggingface_hub.HfApi, "update_repo_settings", update_repo_settings)
 
 
 def test_push_to_hub_uploads_the_export_as_written(trained_run, tmp_path, monkeypatch, capsys):
@@ -315,8 +331,9 @@ def test_push_to_hub_uploads_the_export_as_written(trained_run, tmp_path, monkey
     out = tmp_path / "student"
     assert main(["export", str(run), "--out", str(out), "--push-to-hub", "me/resnet18-fmnist", "--private"]) == 0
     assert "pushed to https://huggingface.co/me/resnet18-fmnist" in capsys.readouterr().out
-    assert hub.calls[0] == ("create_repo", "me/resnet18-fmnist", "model", True, True)
-    assert hub.calls[1][:3] == ("upload_folder", "me/resnet18-fmnist", "model")
+    assert hub.calls[0] == ("repo_info", "me/resnet18-fmnist", "model")  # --private: is it an existing public one?
+    assert hub.calls[1] == ("create_repo", "me/resnet18-fmnist", "model", True, True)
+    assert hub.calls[2][:3] == ("upload_folder", "me/resnet18-fmnist", "model")
     pushed = tmp_path / "hub" / "me" / "resnet18-fmnist"
     assert sorted(p.name for p in pushed.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     for name in ("README.md", "config.json", "model.safetensors"):
@@ -342,5 +359,100 @@ def test_a_failed_upload_exits_1_naming_the_repo_and_keeps_the_export(trained_ru
     out = tmp_path / "s"
     assert main(["export", str(run), "--out", str(out), "--push-to-hub", "me/repo"]) == 1
     err = capsys.readouterr().err
-    assert "--push-to-hub me/repo: the upload failed (401 Unauthorized)" in err and "huggingface-cli login" in err
+    assert "--push-to-hub me/repo: the upload failed (401 Unauthorized)" in err and "hf auth login" in err
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+# ----------------------------------------------------------------------------------------------- safe to publish
+def test_private_push_to_an_existing_public_repo_is_refused_before_uploading(trained_run, tmp_path, monkeypatch,
+                                                                             capsys):
+    """The Hub ignores create_repo(private=True) for an existing repo: --private to a public one uploaded the model
+    publicly without a word. Now it is refused (exit 2, the fix named, nothing uploaded, the export kept); with
+    --make-private the repo is made private first, then uploaded."""
+    run, _ = trained_run
+    hub = _FakeHub(tmp_path / "hub", public={"me/open"})
+    hub.install(monkeypatch)
+    out = tmp_path / "s"
+    assert main(["export", str(run), "-o", str(out), "--push-to-hub", "me/open", "--private"]) == 2
+    err = capsys.readouterr().err
+    assert "--push-to-hub me/open --private: the repository already exists and is public" in err
+    assert "Nothing was uploaded. Fix: add --make-private" in err
+    assert [c[0] for c in hub.calls] == ["repo_info"] and not (tmp_path / "hub").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    hub.calls.clear()
+    assert main(["export", str(run), "-o", str(tmp_path / "s2"), "--push-to-hub", "me/open", "--make-private"]) == 0
+    assert [c[0] for c in hub.calls] == ["repo_info", "update_repo_settings", "create_repo", "upload_folder"]
+    assert hub.calls[1] == ("update_repo_settings", "me/open", "model", True) and "me/open" not in hub.public
+    assert main(["export", str(run), "-o", str(tmp_path / "s3"), "--private"]) == 2  # no upload to apply it to
+    assert "--private applies to an upload" in capsys.readouterr().err
+
+
+def test_an_existing_private_repo_and_a_new_repo_are_pushed_without_a_settings_change(an_export, tmp_path,
+                                                                                      monkeypatch):
+    from distill.export import push_to_hub
+
+    hub = _FakeHub(tmp_path / "hub")
+    hub.install(monkeypatch)
+    push_to_hub(str(an_export), "me/new", private=True)  # created private
+    push_to_hub(str(an_export), "me/new", private=True)  # exists, private
+    assert [c[0] for c in hub.calls] == ["repo_info", "create_repo", "upload_folder"] * 2
+
+
+HOSTILE = "evil`` x|y <script>alert(1)</script> <img src=x onerror=alert(1)> [click](http://e.vil) *b* \n# Owned $x$"
+
+
+def _render(markdown_text: str) -> str:
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": True}).enable("table").enable("strikethrough").render(markdown_text)
+
+
+def test_model_card_values_render_inert(an_export):
+    """Every value the card prints is escaped: a hostile teacher path, dataset, block names and probe row name
+    (backticks, |, HTML, a link, a heading, math) render as their own text, with no element of their own and the
+    tables keeping their columns (rendered with markdown-it, CommonMark + GFM tables; HTML allowed, as on the Hub)."""
+    pytest.importorskip("markdown_it")
+    from distill.card import md_code, md_text, model_card
+
+    cfg = json.loads((an_export / "config.json").read_text())
+    cfg["architecture"] = "resnet18<b>bold</b>"
+    cfg["distill"].update(teacher=HOSTILE, dataset=HOSTILE, teacher_blocks=[HOSTILE], checkpoint=HOSTILE)
+    cfg["pretrained_cfg"]["license"] = HOSTILE
+    rows = [{"name": HOSTILE, "linear_top1": "<i>1</i>", "knn_top1": "[a](b)", "k": 20, "num_train": 1,
+             "num_test": 2}]
+    for card in (model_card(cfg), model_card(cfg, rows), model_card(cfg, monitor={"knn_top1": HOSTILE})):
+        html = _render(card)
+        for live in ("<script", "<img", "<b>", "<i>", 'href="http://e.vil"', 'href="b"', "<em>b</em>"):
+            assert live not in html, (live, html)
+        assert html.count("<h1>") == 1 and "<h1>resnet18&lt;b&gt;bold&lt;/b&gt; distilled" in html
+        assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 3  # shown as text, in place
+        for row in re.findall(r"<tr>(.*?)</tr>", html, re.S):  # no cell split by a value's |
+            assert row.count("<td>") in (0, 2, 4), row
+    assert _render(md_text("see https://e.vil or www.e.vil")).strip() == "<p>see https://e.vil or www.e.vil</p>"
+    assert md_text("a|b") == "a\\|b" and md_code("x`y") == "``x`y``" and md_code("`") == "`` ` ``"
+
+
+def test_config_json_and_card_carry_no_absolute_local_path(trained_run, tmp_path):
+    """config.json carried the absolute run_dir (pushed to the Hub as is) beside a cwd-relative checkpoint: now the
+    run's and the checkpoint's names only; an absolute data_root and teacher path are not recorded either."""
+    from distill.export import public_name
+
+    run, _ = trained_run
+    out = export_student(str(run), str(tmp_path / "s"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["distill"]["run"] == run.name and cfg["distill"]["checkpoint"] == "checkpoint-40"
+    assert "run_dir" not in cfg["distill"]
+
+    def strings(v):
+        if isinstance(v, dict):
+            return [s for x in v.values() for s in strings(x)]
+        if isinstance(v, (list, tuple)):
+            return [s for x in v for s in strings(x)]
+        return [v] if isinstance(v, str) else []
+
+    card = (out / "README.md").read_text()
+    for text in strings(cfg) + [card]:
+        assert str(run.parent) not in text and "/usr/share" not in text, text
+    assert public_name("python:/home/me/teachers/t.py:make") == "python:t.py:make"
+    assert public_name("/home/me/unet") == "unet" and public_name("google/ddpm-cifar10-32") == "google/ddpm-cifar10-32"
+    assert public_name("python:pkg.mod:make") == "python:pkg.mod:make"

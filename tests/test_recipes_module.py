@@ -72,3 +72,27 @@ def test_docs_page_is_up_to_date():
     page = REPO / "docs" / "recipe-keys.md"
     assert page.read_text() == key_reference_markdown(), \
         "docs/recipe-keys.md is stale; regenerate it: python -m distill.recipes > docs/recipe-keys.md"
+
+
+def test_a_folder_given_as_the_recipe_says_so(tmp_path, capsys):
+    """A folder is 'a folder, not a recipe file' (it said 'not found'), naming the YAML files in it; exit 2."""
+    from distill.cli import main
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "mine.yaml").write_text("steps: 3\n")
+    with pytest.raises(ValueError, match=r"'.*recipes' is a folder, not a recipe file. Fix: give a YAML file in it "
+                                         r"\(mine.yaml\)"):
+        resolve_recipe(tmp_path / "recipes")
+    assert main(["train", str(tmp_path / "recipes"), "-o", str(tmp_path / "run")]) == 2
+    assert "is a folder, not a recipe file" in capsys.readouterr().err
+
+
+def test_a_non_utf8_recipe_names_the_file(tmp_path, capsys):
+    from distill.cli import main
+
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("steps: 3\nteacher: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"recipe '{path}' is not UTF-8 text \\(invalid continuation byte at byte offset 21\\)"):
+        load_recipe(path)
+    assert main(["train", str(path), "-o", str(tmp_path / "run")]) == 2
+    assert f"recipe '{path}' is not UTF-8" in capsys.readouterr().err

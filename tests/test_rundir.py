@@ -171,3 +171,43 @@ def test_resume_may_extend_steps_and_changes_are_recorded(four_steps, tmp_path, 
     assert cfg["lr"] == 5e-4 and cfg["_resolved"]["changes"] == changes + [
         {"step": 6, "key": "steps", "old": 6, "new": 8}, {"step": 6, "key": "lr", "old": 0.001, "new": 0.0005}]
     assert [s for s, _ in list_checkpoints(run)][-1] == 8
+
+
+def test_a_run_lock_that_cannot_be_created_is_a_write_error(tmp_path, capsys):
+    """RUN/.lock under a path that is a file (as a read-only or full directory would): WriteError naming .lock and
+    the cause, and `distill train` exits 2 with one line (it was a raw OSError)."""
+    from distill.cli import main
+    from distill.errors import WriteError
+    from distill.runlock import RunLock
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WriteError, match=r"could not write the run lock \.lock to '.*file/run/\.lock': '.*file' is a "
+                                         r"file, not a directory"):
+        with RunLock(tmp_path / "file" / "run"):
+            pass
+    assert main(["train", "quickstart", "-o", str(tmp_path / "file" / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "could not write the run lock .lock" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("text, where", [("steps: 40\nlr: [0.1\n", "line 3, column 1"),
+                                          ("- a list\n", "is not a mapping of recipe keys"),
+                                          (b"steps: 4\xff\n", "is not UTF-8 text (invalid start byte at byte offset 8)")])
+def test_a_broken_config_yaml_is_named_by_export_and_resume(trained_run, fmnist_dir, tmp_path, capsys, text, where):
+    """A run's config.yaml edited into invalid YAML (or not UTF-8, or not a mapping): `export` and `train --resume`
+    exit 2 naming the file and the line and column (they crashed with a yaml traceback)."""
+    from distill.errors import UnreadableFileError
+    from distill.rundir import read_config
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    (run / "config.yaml").write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(UnreadableFileError, match=f"run config '{run / 'config.yaml'}'"):
+        read_config(run)
+    assert main(["export", str(run), "-o", str(tmp_path / "student")]) == 2
+    err = capsys.readouterr().err
+    assert f"run config '{run / 'config.yaml'}'" in err and where in err and "Traceback" not in err
+    assert main(["train", _yaml(tmp_path, fmnist_recipe(fmnist_dir)), "-o", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"run config '{run / 'config.yaml'}'" in err and where in err
+    assert not (tmp_path / "student").exists()

@@ -195,3 +195,33 @@ def test_an_unknown_compile_backend_is_refused_before_training(rgb_folder, tmp_p
     with pytest.raises(ValueError, match="compile 'inductr' is not a torch.compile backend; valid: true"):
         train(rgb_recipe(rgb_folder, compile="inductr"), str(tmp_path / "run"), progress=False)
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("when", ["start-up", "after the loop"])
+def test_sigterm_outside_the_loop_ends_with_a_line_saying_what_was_kept(rgb_folder, tmp_path, monkeypatch, capsys,
+                                                                      when):
+    """SIGTERM during start-up (before the loop) killed the process without a word (the default handler); after the
+    loop likewise. Now: exit 143, one line naming the signal and what was kept, no traceback; the handler the CLI
+    installed is removed again."""
+    from distill.cli import main
+    from distill.trainer import loop
+
+    def sigterm(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(loop, "setup" if when == "start-up" else "finish", sigterm)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(rgb_recipe(rgb_folder, steps=2, checkpoint_every=2).to_dict()))
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["train", str(path), "-o", str(tmp_path / "run"), "--no-progress"]) == 143
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "SIGTERM did not stop" not in err
+    if when == "start-up":
+        assert f"distill train: stopped by SIGTERM; nothing was written to '{tmp_path / 'run'}'." in err
+        assert not (tmp_path / "run").exists()
+    else:
+        assert (f"distill train: stopped by SIGTERM; what is complete in '{tmp_path / 'run'}' is kept, unfinished "
+                f"files were removed; its newest checkpoint is checkpoint-2") in err
+    assert signal.getsignal(signal.SIGTERM) == before

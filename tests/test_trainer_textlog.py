@@ -13,8 +13,20 @@ from .conftest import rgb_recipe
 
 
 def test_format_line_holds_every_field():
-    line = format_line(10, 400, {"mse": 0.001732, "total": 0.8937, "at": 0.08937}, 6.6667e-4, 57.14, 0.034)
-    assert line == "step 10/400 | total 0.8937 at 0.08937 mse 0.001732 | lr 0.000667 | 57.1 img/s | data 3%"
+    line = format_line(10, 400, {"mse": 0.001732, "total": 0.8954, "at": 0.08937}, 6.6667e-4, 57.14, 0.034)
+    assert line == "step 10/400 | total 0.8954 at 0.08937 mse 0.001732 | lr 0.000667 | 57.1 img/s | data 3%"
+
+
+def test_the_readme_example_line_adds_up():
+    """The README's train.log example is a line of the format whose total is mse + 10 x at (the quickstart's
+    weights), to the 4 significant digits printed (it showed a total 0.0017 off its terms)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = re.search(r"```\n(step \d+/\d+ \| total .*)\n```", readme).group(1)
+    terms = dict(zip(line.split(" | ")[1].split()[::2], map(float, line.split(" | ")[1].split()[1::2])))
+    assert terms["total"] == pytest.approx(terms["mse"] + 10 * terms["at"], abs=1e-4), line
 
 
 def test_bar_only_on_a_terminal_or_in_jupyter(monkeypatch):
@@ -73,3 +85,42 @@ def test_unknown_or_missing_tracker_is_an_error(monkeypatch):
     monkeypatch.setattr("accelerate.utils.is_wandb_available", lambda: False)
     with pytest.raises(MissingDependencyError, match=r'pip install "distill\[wandb\]"'):
         check_tracker("wandb")
+
+
+def test_a_run_that_reads_fewer_images_than_listed_says_so_in_train_log(rgb_folder, tmp_path, caplog):
+    """A symlink loop in the image folder: skipped with a warning (it crashed `distill train` before), and train.log
+    says how many images were read and what was left out, naming the file."""
+    import os
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(rgb_folder / "train", data / "train")
+    os.symlink("loop", data / "train" / "cat" / "loop")
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        train(rgb_recipe(data, steps=1), str(run), progress=False)
+    lines = (run / TRAIN_LOG).read_text().splitlines()
+    assert lines[1] == (f"data: 36 images read; 1 file(s) left out: '{data / 'train' / 'cat' / 'loop'}' skipped: it "
+                        f"cannot be followed (Too many levels of symbolic links; a symlink loop?)")
+    assert "data: 36 images read" in caplog.text
+
+
+@pytest.mark.parametrize("log", ["metrics.csv", "policy.csv", "train.log"])
+def test_a_full_disk_under_a_run_log_is_a_write_error_naming_the_file(tmp_path, log):
+    """Appends to metrics.csv / policy.csv / train.log go through distill.atomic.writing: a full disk (/dev/full
+    returns ENOSPC on every write) is a WriteError naming the file and the cause (exit 2), not a raw OSError."""
+    import errno
+    import os
+
+    from distill.cli import main  # noqa: F401 - the CLI maps WriteError to exit 2
+    from distill.errors import EXIT_CODES, WriteError
+    from distill.trainer.textlog import CsvLog, TrainLog
+
+    os.symlink("/dev/full", tmp_path / log)
+    with pytest.raises(WriteError) as e:
+        if log == "train.log":
+            TrainLog(tmp_path, 0)
+        else:
+            CsvLog(tmp_path / log, 0, header=["step", "loss"] if log == "policy.csv" else None).write({"step": 1})
+    assert e.value.errno == errno.ENOSPC and f"could not write {log} to '{tmp_path / log}': the disk is full" in str(e.value)
+    assert next(code for kinds, code in EXIT_CODES if isinstance(e.value, kinds)) == 2

@@ -7,9 +7,12 @@ imports stay inside the handlers, so ``distill --help`` loads no torch.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from pathlib import Path
 
-from ..errors import EXIT_CODES, TrainingInterrupted
+from ..errors import EXIT_CODES, SignalStop, TrainingInterrupted
 from ..logs import setup_logging
 from ..version import __version__
 from .common import spread_set_options
@@ -32,24 +35,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stop_at_once(signum, frame) -> None:
+    """SIGTERM outside the training loop (start-up, export, probe, ...): end at once, as Ctrl-C does, instead of the
+    default's silent kill; atomic writes remove their temporaries on the way out."""
+    raise SignalStop(signum)
+
+
+def kept(output_dir) -> str:
+    """What a command stopped at once leaves behind, in words (its ``-o/--output-dir`` when it has one)."""
+    if output_dir is None:
+        return "nothing more was written; files already complete on disk are kept, unfinished ones were removed."
+    out = Path(output_dir)
+    if not out.exists():
+        return f"nothing was written to '{out}'."
+    steps = sorted(int(c.name.split("-")[1]) for c in out.glob("checkpoint-*") if c.name.split("-")[1].isdigit())
+    newest = (f"; its newest checkpoint is checkpoint-{steps[-1]} (continue with the same command plus --resume)"
+              if steps else "")
+    return f"what is complete in '{out}' is kept, unfinished files were removed{newest}."
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(spread_set_options(sys.argv[1:] if argv is None else list(argv)))
     if getattr(args, "_output_dir_parser", None) is not None and args.output_dir is None:
         args._output_dir_parser.error("the following arguments are required: -o/--output-dir")
     setup_logging(args.verbose)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _stop_at_once) if main_thread else None
     try:
         return args.func(args)
     except TrainingInterrupted as e:
         print(f"distill {args.command}: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: abort at once, no traceback
-        print(f"distill {args.command}: interrupted; nothing more was written (checkpoints already on disk are "
-              f"kept).", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # a signal before training started, after it, or a second one: no traceback
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"distill {args.command}: stopped by {signal.Signals(signum).name}; "
+              f"{kept(getattr(args, 'output_dir', None))}", file=sys.stderr)
+        return 128 + signum
     except Exception as e:
         for kinds, code in EXIT_CODES:
             if isinstance(e, kinds):
                 print(f"distill {args.command}: error: {e}", file=sys.stderr)
                 return code
         raise
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)

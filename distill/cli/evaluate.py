@@ -6,14 +6,14 @@ import argparse
 
 from ..atomic import atomic_write_json
 from ..recipes import load_recipe, parse_overrides
-from ..vocab import AUGMENTS, SELECT_METHODS, SELECT_SCORE_ON
+from ..vocab import AUGMENTS, DATASETS, SELECT_METHODS, SELECT_SCORE_ON
 from .common import RECIPE_TRUST, add_output_dir, add_set
 
 
 def add_probe_parser(sub) -> None:
     pr = sub.add_parser("probe", help="linear + kNN probe of an exported student, a run, or timm:NAME (random init)")
     pr.add_argument("model")
-    pr.add_argument("--dataset", default=None, help="fashion-mnist or image-folder (default: the run's)")
+    pr.add_argument("--dataset", default=None, help=f"{' | '.join(DATASETS)} (default: the run's or export's)")
     pr.add_argument("--data-root", default=None)
     pr.add_argument("--train-fraction", type=float, default=1.0,
                     help="stratified share of the train split the probes are fit on (the recipe key "
@@ -80,7 +80,7 @@ def add_select_parser(sub) -> None:
     se.add_argument("--teacher", default=None, help="packaged name, directory or hub id (default: the recipe's)")
     se.add_argument("--blocks", nargs="+", default=None, help="candidate blocks, e.g. mid_block up_blocks.0")
     se.add_argument("--timesteps", nargs="*", type=int, default=None, help="candidate timesteps, e.g. 1 11 50 100")
-    se.add_argument("--dataset", default=None)
+    se.add_argument("--dataset", default=None, help=f"{' | '.join(DATASETS)} (default: the recipe's, else fashion-mnist)")
     se.add_argument("--data-root", default=None)
     se.add_argument("--images", type=int, default=None, help="grid: train images the probes fit on (default 3000)")
     se.add_argument("--val-images", type=int, default=None, help="grid: held-out train images scored (default 2000)")

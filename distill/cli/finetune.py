@@ -2,7 +2,7 @@
 (``--task segmentation``) fine-tuning of an export or of ``timm:NAME`` from scratch."""
 from __future__ import annotations
 
-from ..vocab import SEG_DECODERS, SEG_LAYOUTS, TASKS
+from ..vocab import DATASETS, SEG_DECODERS, SEG_LAYOUTS, TASKS
 from .common import add_output_dir
 
 
@@ -12,7 +12,7 @@ def add_finetune_parser(sub) -> None:
     ft.add_argument("model", help="exported student directory (distill export) or timm:NAME for random init")
     add_output_dir(ft, "run directory (result.json, train_log.csv); with --fractions/--seeds one "
                         "frac{F}-seed{S}/ per run")
-    ft.add_argument("--dataset", default=None, help="fashion-mnist or image-folder (default: the export's dataset)")
+    ft.add_argument("--dataset", default=None, help=f"{' | '.join(DATASETS)} (default: the export's dataset)")
     ft.add_argument("--data-root", default=None)
     ft.add_argument("--test-root", default=None, help="image-folder test split if not DATA_ROOT/test")
     ft.add_argument("--fraction", type=float, default=1.0, help="share of training labels (stratified, seeded)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ..recipes import load_recipe, parse_overrides
 from .common import RECIPE_HELP, RECIPE_TRUST, add_output_dir, add_recipe_args, add_set, keys_epilog
@@ -63,25 +64,32 @@ def add_export_parser(sub) -> None:
     e.add_argument("--ema", action="store_true", help="export the EMA of the student's weights (recipe ema: true)")
     e.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                    help="then upload the export (config.json, model.safetensors, README.md) to this Hugging Face Hub "
-                        "model repo (huggingface-cli login or HF_TOKEN)")
-    e.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+                        "model repo (log in with `hf auth login`, or set HF_TOKEN)")
+    e.add_argument("--private", action="store_true",
+                   help="with --push-to-hub: create the repo private; an existing public repo is refused before "
+                        "anything is uploaded (the Hub keeps an existing repo's visibility)")
+    e.add_argument("--make-private", action="store_true",
+                   help="with --push-to-hub: make an existing public repo private before uploading (implies --private)")
     e.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
     from ..export import REPO_ID_RE, export_student
 
+    if (args.private or args.make_private) and args.push_to_hub is None:
+        raise ValueError(f"{'--make-private' if args.make_private else '--private'} applies to an upload; add "
+                         f"--push-to-hub NAMESPACE/NAME, or drop it.")
     if args.push_to_hub is not None and not REPO_ID_RE.match(args.push_to_hub):  # before the export is written
         raise ValueError(f"--push-to-hub {args.push_to_hub!r} is not a Hub repository id; valid: NAMESPACE/NAME "
                          f"(letters, digits, '-', '_', '.'), e.g. your-user/resnet18-distill-fmnist.")
     out = export_student(args.run_dir, args.output_dir, checkpoint=args.checkpoint, overwrite=args.overwrite, ema=args.ema)
-    ckpt = json.loads((out / "config.json").read_text())["distill"]["checkpoint"]
+    ckpt = Path(args.run_dir) / json.loads((out / "config.json").read_text())["distill"]["checkpoint"]
     print(f"exported the {'EMA ' if args.ema else ''}student of {ckpt} to {out}\nload it with: "
           f"timm.create_model('local-dir:{out}', pretrained=True, num_classes=K)")
     if args.push_to_hub:
         from ..export import push_to_hub
 
-        url = push_to_hub(str(out), args.push_to_hub, private=args.private)
+        url = push_to_hub(str(out), args.push_to_hub, private=args.private, make_private=args.make_private)
         print(f"pushed to {url}\nload it with: timm.create_model('hf-hub:{args.push_to_hub}', pretrained=True)")
     return 0
 

@@ -147,7 +147,8 @@ def decode_image(source: Source, channels: int = 3, size=None, resize: str = "ce
         size: None (native size), an int (square) or ``(H, W)``: the image is brought to this size at decode
             time (``resize``: ``'center-crop'`` or ``'squash'``, see :func:`fit`). JPEGs are decoded at a reduced
             scale first when that is still at least ``size`` (PIL ``draft``), so an 8000 px scan costs little.
-        min_side: an image whose shorter side is below this many pixels is refused (degenerate: a 1x1 thumbnail).
+        min_side: an image whose file is below this many pixels on its shorter side is refused (degenerate: a 1x1
+            thumbnail); the file's stored size counts, not ``size`` or a JPEG draft.
         name: how errors name the image (default: the path).
 
     Returns:
@@ -180,14 +181,14 @@ def decode_image(source: Source, channels: int = 3, size=None, resize: str = "ce
         source = io.BytesIO(source)
     try:
         with Image.open(source) as im:
+            if min(im.size) < min_side:  # the file's own size: a JPEG draft below is smaller by design
+                raise UnreadableFileError(
+                    f"cannot read image '{name}': it is {im.width}x{im.height} px, below min_image_side={min_side} "
+                    f"(a degenerate image). Fix: remove it, or lower min_image_side", name)
             want = target_size(size, im.height, im.width)
             if want is not None and im.format == "JPEG":
                 im.draft("RGB" if channels == 3 else "L", (want[1], want[0]))
             im.load()
-            if min(im.size) < min_side:
-                raise UnreadableFileError(
-                    f"cannot read image '{name}': it is {im.width}x{im.height} px, below min_image_side={min_side} "
-                    f"(a degenerate image). Fix: remove it, or lower min_image_side", name)
             im = ImageOps.exif_transpose(im)
             a = to_8bit(im, name)
     except UnreadableFileError:

@@ -23,26 +23,40 @@ _logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-def _scan(folder: str) -> tuple[list[str], list[str], int]:
-    """``(image files, subfolders, skipped non-regular entries)`` of one folder, names sorted (hidden ones left out)."""
+def _scan(folder: str, left_out: Optional[list] = None) -> tuple[list[str], list[str], int]:
+    """``(image files, subfolders, skipped entries)`` of one folder, names sorted (hidden ones left out).
+
+    Skipped, each with a warning and a line appended to ``left_out``: an image name that is not a regular file (a
+    pipe, socket or device), and an entry whose symlinks cannot be followed (a symlink loop, ``ELOOP``), which
+    ``os.scandir`` reports by raising from ``is_dir()``.
+    """
     files, dirs, odd = [], [], 0
     with os.scandir(folder) as it:
         for e in it:
             if e.name.startswith("."):
                 continue
-            if e.is_dir():
-                dirs.append(e.name)
-            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
-                if e.is_file():  # follows symlinks; False for a FIFO, socket or device
+            image = os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+            try:
+                is_dir, is_file = e.is_dir(), e.is_file()  # both follow symlinks
+            except OSError as err:  # ELOOP: a symlink loop; EACCES on a network mount
+                line = f"'{e.path}' skipped: it cannot be followed ({err.strerror or err}; a symlink loop?)"
+            else:
+                if is_dir:
+                    dirs.append(e.name)
+                elif image and is_file:
                     files.append(e.name)
-                else:
-                    odd += 1
-                    _logger.warning("skipping '%s': not a regular file (a pipe, socket or device)", e.path)
+                if is_dir or is_file or not image:
+                    continue
+                line = f"'{e.path}' skipped: not a regular file (a pipe, socket or device)"
+            odd += 1
+            _logger.warning("%s", line)
+            if left_out is not None:
+                left_out.append(line)
     return sorted(files), sorted(dirs), odd
 
 
-def list_images(root: str, labelled: bool = True, classes: Optional[Sequence[str]] = None
-                ) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
+def list_images(root: str, labelled: bool = True, classes: Optional[Sequence[str]] = None,
+                left_out: Optional[list] = None) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
     """Every image under ``root`` and its label: ``([(path, label)], classes)``.
 
     ``labelled`` and ``root`` has subfolders: a class is every folder below ``root`` that holds images directly
@@ -51,12 +65,13 @@ def list_images(root: str, labelled: bool = True, classes: Optional[Sequence[str
     it (:func:`~distill.data.classes.class_index`: a class missing here is named in a warning, one missing there is
     an error). Images directly in ``root`` beside class folders are left out (with a warning).
     Otherwise (flat folder, or ``labelled=False``): every image under ``root``, recursively, with label ``-1``.
+    Entries that are skipped (see :func:`_scan`) are appended to ``left_out``, one line each.
 
     Raises:
         ValueError: ``classes`` is given and ``root`` holds a class folder with images that it lacks.
     """
     files: list[tuple[str, int]] = []
-    top_files, top_dirs, _ = _scan(root)
+    top_files, top_dirs, _ = _scan(root, left_out)
     if not labelled or not top_dirs:
         stack, seen = [root], set()
         while stack:
@@ -65,7 +80,7 @@ def list_images(root: str, labelled: bool = True, classes: Optional[Sequence[str
             if real in seen:
                 continue
             seen.add(real)
-            fs, ds, _ = _scan(d) if d != root else (top_files, top_dirs, 0)
+            fs, ds, _ = _scan(d, left_out) if d != root else (top_files, top_dirs, 0)
             files += [(os.path.join(d, f), -1) for f in fs]
             stack += [os.path.join(d, s) for s in reversed(ds)]
         return sorted(files, key=lambda t: t[0]), ()
@@ -77,7 +92,7 @@ def list_images(root: str, labelled: bool = True, classes: Optional[Sequence[str
         if real in seen:
             continue
         seen.add(real)
-        fs, ds, _ = _scan(d)
+        fs, ds, _ = _scan(d, left_out)
         if fs or not ds:
             per_class[rel] = [os.path.join(d, f) for f in fs]
         stack += [(os.path.join(d, s), f"{rel}/{s}") for s in ds]
@@ -146,9 +161,12 @@ class ImageFolder(DecodedImages):
             )
         if channels not in (1, 3):
             raise ValueError(f"channels={channels!r} is not valid; use 1 (grayscale) or 3 (RGB).")
-        self.files, self.classes = list_images(str(root_p), labelled, classes)
+        left_out: list[str] = []
+        self.files, self.classes = list_images(str(root_p), labelled, classes, left_out)
         if not self.files:
-            raise DatasetNotFoundError(f"no images with extensions {IMAGE_EXTENSIONS} found under '{root}'.")
+            raise DatasetNotFoundError(f"no images with extensions {IMAGE_EXTENSIONS} found under '{root}'"
+                                       f"{' (skipped: ' + '; '.join(left_out[:3]) + ')' if left_out else ''}.")
+        self.left_out_lines = tuple(left_out)  # each already logged by the listing
         self.labels = torch.tensor([label for _, label in self.files], dtype=torch.int64)
         self.root = root_p
         self._setup(channels, size, resize, min_side, on_error)

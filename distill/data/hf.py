@@ -10,13 +10,16 @@ and decoded by :func:`~distill.data.decode.decode_image`, so every PIL mode and 
 from __future__ import annotations
 
 import logging
+import os
+import tarfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from ..errors import DatasetNotFoundError, MissingDependencyError
+from ..errors import DatasetNotFoundError, MissingDependencyError, UnreadableFileError
 from .classes import class_index
+from .folder import IMAGE_EXTENSIONS
 from .images import DecodedImages
 
 _logger = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ def load_hf_split(root: str, split: str):
 
     Raises:
         DatasetNotFoundError: nothing loadable at ``root``, or no such split (names the splits there).
+        UnreadableFileError: ``datasets`` failed on a webdataset shard that is cut short (names the shard).
     """
     datasets = _import_datasets()
     r = Path(root).expanduser()
@@ -48,7 +52,10 @@ def load_hf_split(root: str, split: str):
             obj = datasets.load_from_disk(str(r))
         else:
             obj = datasets.load_dataset(str(r) if r.exists() else root)
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+    except (FileNotFoundError, ValueError, ConnectionError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+        shards = shard_problems(root)  # a shard cut inside a member fails the whole build
+        if shards:
+            raise UnreadableFileError(f"cannot load Hugging Face dataset '{root}': {shards[0]}.", root) from None
         raise DatasetNotFoundError(f"cannot load Hugging Face dataset '{root}': {' '.join(str(e).split())[:300]}. "
                                    f"Fix: give a folder written by Dataset.save_to_disk, a folder of data files, or "
                                    f"a hub id in the local cache.") from None
@@ -66,6 +73,48 @@ def load_hf_split(root: str, split: str):
                                f"add it, or use a dataset that has one.")
 
 
+def tar_problem(path: str) -> Optional[str]:
+    """Why the tar shard ``path`` is not whole, or None when it is: not a tar archive, a member whose data runs past
+    the end of the file, or no end-of-archive marker (two zero blocks, POSIX) after the last member (the file was cut
+    between two members). ``datasets``' webdataset reader stops silently at such a cut, so a shard cut in half gives
+    half its rows without a word.
+    """
+    size = os.path.getsize(path)
+    try:
+        with tarfile.open(path, "r:") as t:
+            members = t.getmembers()
+            end = t.offset  # where the next header (the end-of-archive marker in a whole file) starts
+    except (tarfile.TarError, OSError) as e:
+        return f"not a readable tar archive ({' '.join(str(e).split())[:120]})"
+    images = sum(os.path.splitext(m.name)[1].lower() in IMAGE_EXTENSIONS for m in members)
+    cut = next((m for m in members if m.offset_data + m.size > size), None)
+    if cut is not None:
+        return (f"cut short: member '{cut.name}' needs bytes up to {cut.offset_data + cut.size} but the file ends at "
+                f"{size}; {images} image(s) before the cut are read, the rest is lost")
+    with open(path, "rb") as f:
+        f.seek(end)
+        marker = f.read(512)
+    if len(marker) < 512 or marker.count(0) != 512:
+        last = members[-1].name if members else "(none)"
+        return (f"cut short: it ends at byte {size}, after member '{last}', without the end-of-archive marker; "
+                f"{images} image(s) before the cut are read, the rest is lost")
+    return None
+
+
+def shard_problems(root: str) -> list[str]:
+    """One line per webdataset ``.tar`` shard under the folder ``root`` that is not whole (:func:`tar_problem`),
+    naming the shard, the cause and the fix; ``[]`` for other sources."""
+    r = Path(root).expanduser()
+    if not r.is_dir():
+        return []
+    out = []
+    for shard in sorted(r.rglob("*.tar")):
+        problem = tar_problem(str(shard))
+        if problem:
+            out.append(f"webdataset shard '{shard}' is {problem}. Fix: copy or download that shard again")
+    return out
+
+
 class HFImages(DecodedImages):
     """Images (and labels, when there is a label column) of one split of a Hugging Face dataset.
 
@@ -81,6 +130,8 @@ class HFImages(DecodedImages):
     Raises:
         DatasetNotFoundError: see :func:`load_hf_split`. ValueError: no image column, a named column is absent, or
             (with ``classes``) this split holds a class the training split lacks.
+        UnreadableFileError: with ``on_error='raise'``, a webdataset shard that is cut short (:func:`shard_problems`;
+            with ``'skip'`` a warning names it and :meth:`left_out` says how many images were read).
     """
 
     def __init__(self, root: str, split: str = "train", channels: int = 3, on_error: str = "skip", size=None,
@@ -122,6 +173,7 @@ class HFImages(DecodedImages):
                 self.labels = torch.where(self.labels >= 0, lut[self.labels.clamp(min=0)], self.labels)
         if len(data) == 0:
             raise DatasetNotFoundError(f"Hugging Face dataset '{root}' ({split}) has no rows.")
+        self.leave_out(shard_problems(root), on_error)
         self._setup(channels, size, resize, min_side, on_error)
 
     def source(self, i: int):

@@ -35,6 +35,9 @@ class DecodedImages(Dataset):
 
     labels: torch.Tensor
     classes: tuple = ()
+    #: what the source lists but the dataset cannot read, found when it is listed (a truncated shard, a symlink
+    #: loop): one line each, naming the file and the cause (:meth:`left_out`)
+    left_out_lines: tuple = ()
 
     def _setup(self, channels: int, size, resize: str, min_side: int, on_error: str) -> None:
         if channels not in (1, 3):
@@ -52,6 +55,27 @@ class DecodedImages(Dataset):
         self.size = size
         if size is None and len(self) > 0:
             self.size = self._reference_size()
+
+    def leave_out(self, lines: list, on_error: str) -> None:
+        """Record what the source lists but cannot be read (``lines``: one per file, naming it and the cause),
+        found when listing: each logged as a warning (``on_error='skip'``), or the first raised (``'raise'``).
+
+        Raises:
+            UnreadableFileError: ``on_error='raise'`` and ``lines`` is not empty.
+        """
+        if lines and on_error == "raise":
+            raise UnreadableFileError(f"{lines[0]} (on_error='raise')", None)
+        for line in lines:
+            _logger.warning("%s", line)
+        self.left_out_lines = tuple(self.left_out_lines) + tuple(lines)
+
+    def left_out(self) -> str:
+        """``''`` when the dataset reads everything its source lists, else one line saying how many items were
+        left out and why (for the run's log): ``'data: 13 images read; left out: shard ... is cut short ...'``."""
+        if not self.left_out_lines:
+            return ""
+        return (f"data: {len(self)} images read; {len(self.left_out_lines)} file(s) left out: "
+                f"{'; '.join(self.left_out_lines)}")
 
     def source(self, i: int):
         """``(source, name)``: a path or bytes :func:`decode_image` reads, and how messages name it."""

@@ -24,18 +24,18 @@ from ..data import IndexedDataset
 from ..errors import NonFiniteLossError, TrainingInterrupted
 from ..policy import entropy_weight
 from ..cache import data_fingerprint, teacher_settings, teacher_sha256
-from ..rundir import (MONITOR, CsvLog, check_resume, checkpoint_step, latest_checkpoint, newest_loadable_checkpoint,
+from ..rundir import (MONITOR, check_resume, checkpoint_step, latest_checkpoint, newest_loadable_checkpoint,
                       prepare_run_dir, record_changes, write_config, write_summary)
 from ..runlock import RunLock
 from ..select import check_candidates
-from .accelerator import exact_accumulation, make_accelerator, process_seed
+from .accelerator import exact_accumulation, make_accelerator, process_seed, start_trackers
 from .batches import epoch_batches
 from .checkpoint import load_checkpoint, save_checkpoint
 from .ema import StudentEma
 from .monitor import MONITOR_COLUMN, Monitor
 from .policy_log import PolicyLog
 from .stop import StopOnSignal
-from .textlog import TrainLog, format_line, show_progress_bar
+from .textlog import CsvLog, TrainLog, format_line, show_progress_bar
 from .step import apply_update, clip_gradients, nonfinite_terms, train_step
 from .targets import CacheTargets, LiveTeacherTargets, PolicyTargets
 from .timesteps import resolve_timesteps
@@ -63,17 +63,18 @@ class Session:
     seen: int = 0
     skipped: int = 0
     last: dict = field(default_factory=dict)
-    metrics: Any = None  # RUN/metrics.csv (rundir.CsvLog)
+    metrics: Any = None  # RUN/metrics.csv (textlog.CsvLog)
     policy_log: Optional[PolicyLog] = None
     bar: Any = None  # tqdm
     t0: float = 0.0
     ema: Optional[StudentEma] = None  # recipe ema: the student's weight average
     monitor: Optional[Monitor] = None  # recipe monitor_every (main process only)
-    monitor_log: Any = None  # RUN/monitor.csv (rundir.CsvLog)
+    monitor_log: Any = None  # RUN/monitor.csv (textlog.CsvLog)
     monitor_last: Optional[dict] = None
     text_log: Optional[TrainLog] = None  # RUN/train.log (and stdout without a progress bar)
     data_wait: float = 0.0  # seconds spent waiting for batches since t0
     mark: tuple = (0.0, 0.0)  # (time, data_wait) at the previous log line
+    data_note: str = ""  # what the data source lists but the dataset cannot read (DecodedImages.left_out)
 
     @property
     def optimizers(self) -> list:
@@ -150,7 +151,7 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
     entropy_steps = recipe.policy_entropy_steps if recipe.policy_entropy_steps is not None else recipe.steps // 2
     return Session(recipe, run_dir, accelerator, model, optimizer, scheduler, source, build_loss(recipe),
                    IndexedDataset(ds) if cache is not None else ds, resolved, policy, policy_opt, entropy_steps,
-                   ema=ema, monitor=monitor)
+                   ema=ema, monitor=monitor, data_note=ds.left_out() if hasattr(ds, "left_out") else "")
 
 
 def compile_backend(value) -> str:
@@ -286,11 +287,10 @@ def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, pr
         set_seed(process_seed(recipe.seed, acc.process_index))
     changes = check_resume(run_dir, checkpoint_step(ckpt), recipe, s.resolved, allow_changes) if ckpt else []
     start = resume_from(s, ckpt)  # nothing in the run directory is written before the checkpoint has loaded
+    start_trackers(acc, recipe.log_with, {k: v for k, v in recipe.to_dict().items()  # before config.yaml: a
+                                          if isinstance(v, (int, float, str, bool))})  # failed start writes nothing
     if acc.is_main_process:
         write_config(run_dir, recipe, record_changes(run_dir, s.resolved, changes))
-    if recipe.log_with:
-        acc.init_trackers("distill", config={k: v for k, v in recipe.to_dict().items()
-                                             if isinstance(v, (int, float, str, bool))})
     batches = epoch_batches(s.ds, recipe, acc, start)
     s.metrics = CsvLog(run_dir / "metrics.csv", start, acc.is_main_process)
     if s.policy is not None:
@@ -298,6 +298,9 @@ def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, pr
     show_bar = show_progress_bar(progress, acc.is_main_process)
     s.bar = tqdm(total=recipe.steps, initial=start, desc="distill", disable=not show_bar, dynamic_ncols=True)
     s.text_log = TrainLog(run_dir, start, acc.is_main_process, echo=not show_bar)
+    if s.data_note:  # a run that reads fewer images than its source lists says so in its log
+        _logger.warning("%s", s.data_note)
+        s.text_log.write(s.data_note)
     if s.monitor is not None:
         s.monitor_log = CsvLog(run_dir / MONITOR, start, acc.is_main_process)
         if start == 0:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..policy import TimestepPolicy, per_sample_grad_variance
-from ..rundir import CsvLog
+from .textlog import CsvLog
 
 _logger = logging.getLogger(__name__)
 

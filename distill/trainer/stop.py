@@ -2,8 +2,10 @@
 
 The first signal is remembered; the loop finishes the current step, writes a checkpoint and raises
 :class:`~distill.errors.TrainingInterrupted` (the CLI exits 143 / 130 and prints how to continue). A second
-signal aborts at once (``KeyboardInterrupt``), keeping the checkpoints already on disk. With several processes,
-a stop seen by any process stops all of them after the same step.
+signal aborts at once (:class:`~distill.errors.SignalStop`, a ``KeyboardInterrupt``), keeping the checkpoints already
+on disk. With several processes, a stop seen by any process stops all of them after the same step. Outside the loop
+(start-up, the summary) the command line's own SIGTERM handler ends the command at once with
+:class:`~distill.errors.SignalStop`, as SIGINT does, and the CLI says what was kept.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import sys
 import threading
 
 import torch
+
+from ..errors import SignalStop
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -37,7 +41,7 @@ class StopOnSignal:
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
             self.__exit__()
-            raise KeyboardInterrupt
+            raise SignalStop(signum)
         self.signum = signum
         print(f"\n{signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
               f"(send it again to abort at once).", file=sys.stderr, flush=True)
