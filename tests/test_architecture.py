@@ -22,7 +22,7 @@ BLOCKS = {"distill.data", "distill.augment", "distill.teacher", "distill.student
           "distill.losses", "distill.policy", "distill.probe", "distill.plots", "distill.optim"}
 WIRING = {"distill.build", "distill.rundir", "distill.runlock", "distill.export"}
 PROCEDURES = {"distill.trainer", "distill.select", "distill.cache", "distill.evaluate", "distill.finetune",
-              "distill.pipeline", "distill.report", "distill.segment"}
+              "distill.pipeline", "distill.report", "distill.segment", "distill.tune"}
 FACES = {"distill.cli", "distill"}
 LAYERS = [FOUNDATION, BLOCKS, WIRING, PROCEDURES, FACES]
 # modules above ~400 lines, each because one on-disk format is written and read in one place
@@ -242,7 +242,7 @@ def test_one_optimizer_and_schedule_builder():
         where = _calls(name)
         assert where and all(w.startswith("distill/optim.py:") for w in where), f"{name} called at {where}"
     assert _calls("build_optimizer") and _calls("build_scheduler")
-    for module in ("distill/build.py", "distill/finetune/run.py"):
+    for module in ("distill/build.py", "distill/tune/loop.py"):
         src = (PKG.parent / module).read_text()
         assert "build_optimizer(" in src and "build_scheduler(" in src, module
 

@@ -17,10 +17,11 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopOnSignal:
-    """Context manager installing the handlers (main thread only; elsewhere it does nothing)."""
+    """Context manager installing the handlers (main thread only; elsewhere it does nothing). ``after``: what the
+    run does after the step, said when the first signal arrives."""
 
-    def __init__(self):
-        self.signum = None
+    def __init__(self, after: str = "writing a checkpoint"):
+        self.signum, self.after = None, after
         self._old: dict = {}
 
     def __enter__(self) -> "StopOnSignal":
@@ -39,7 +40,7 @@ class StopOnSignal:
             self.__exit__()
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
+        print(f"\n{signal.Signals(signum).name} received: finishing this step and {self.after} "
               f"(send it again to abort at once).", file=sys.stderr, flush=True)
 
     def requested(self, accelerator) -> bool:

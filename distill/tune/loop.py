@@ -1,0 +1,253 @@
+"""The one supervised fine-tuning loop, :func:`fit`: a :class:`~distill.tune.task.Task` on top supplies the data,
+model, inputs, loss, evaluation and result keys.
+
+A fixed number of optimizer steps from an endless seeded shuffle (:class:`StepBatchSampler`: 1% and 100% of the
+labels get the same budget, and a distilled run and its scratch baseline seeded alike see the same images in the
+same order with the same augmentation draws), the shared optimizer and warmup + cosine schedule
+(:mod:`distill.optim`), evaluation every ``eval_every`` steps and at the end, ``train_log.csv``, an Accelerate
+tracker (``log_with``), and ``result.json`` written by the main process only (:mod:`.outdir`).
+
+Several processes (``accelerate launch``) are data-parallel: each takes its share ``batch[rank::world]`` of every
+global batch, the logged loss is the mean over all counted targets of all processes, and each evaluation image is
+counted once. SIGTERM / Ctrl-C finish the step, write ``result.json`` with what was evaluated (marked ``stopped``)
+and raise :class:`~distill.errors.TrainingInterrupted`.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import platform
+import signal
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..atomic import writing
+from ..errors import NonFiniteLossError, TrainingInterrupted, WriteError
+from ..optim import build_optimizer, build_scheduler
+from ..trainer.accelerator import check_tracker
+from ..trainer.stop import StopOnSignal
+from .outdir import LOG_FILE, MODEL_DIR, RESULT_FILE, check_output_dir, lock_output_dir, prepare_output_dir, \
+    write_result
+from .progress import Progress
+from .sampler import StepBatchSampler
+from .task import Task
+
+
+def machine_description() -> str:
+    """Architecture, CPU threads, torch and timm versions and device, for a result's ``machine`` field."""
+    import timm
+
+    dev = "cpu"
+    if torch.cuda.is_available():
+        dev = f"cuda ({torch.cuda.get_device_name(0)})"
+    return (f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}, timm {timm.__version__}, device {dev}").replace("  ", " ")
+
+
+def make_accelerator(cfg, out: Path):
+    """An Accelerator for a fine-tune (precision, tracker). AcceleratorState is reset first (as
+    :func:`distill.trainer.accelerator.make_accelerator`), keeping the process group.
+
+    Raises:
+        ValueError / MissingDependencyError: ``cfg.log_with`` is unknown or its package is not installed.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    check_tracker(cfg.log_with)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.log_with, project_dir=str(out))
+
+
+def fit(task: Task, output_dir, overwrite: bool = False, accelerator=None, progress: bool = True,
+        callback: Optional[Callable[[dict], None]] = None) -> dict:
+    """Fine-tune ``task``'s model on its data for ``task.cfg.steps`` optimizer steps; writes ``result.json`` and
+    ``train_log.csv`` (and ``model/`` with ``save_model``) to ``output_dir``. Returns the result dict.
+
+    ``callback`` is called before every update with ``{'step', 'inputs', task.target, 'lr'}`` (``inputs``: the
+    augmented batch the model sees).
+
+    Raises:
+        FileExistsError: ``output_dir`` holds a result and ``overwrite`` is False, or files distill did not write
+            (:func:`.outdir.check_output_dir`). RunLockedError: another fine-tune runs in ``output_dir``.
+        ValueError: bad data (the task's checks) or a batch size not divisible by the processes.
+        WriteError: an output could not be written; a failed model write keeps ``result.json``.
+        NonFiniteLossError: the loss became NaN or Inf. TrainingInterrupted: SIGTERM / SIGINT (after the result).
+    """
+    cfg, out, t_start = task.cfg, Path(output_dir), time.time()
+    check_tracker(cfg.log_with)
+    check_output_dir(out, overwrite, cfg.save_model)  # fail before the data is read
+    task.load_data()
+    if accelerator is None:
+        accelerator = make_accelerator(cfg, out)
+    if cfg.batch_size % accelerator.num_processes:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {accelerator.num_processes} "
+                         f"processes.")
+    lock = lock_output_dir(out) if accelerator.is_main_process else contextlib.nullcontext()
+    with lock:  # one fine-tune per output directory
+        if accelerator.is_main_process:
+            prepare_output_dir(out, overwrite, cfg.save_model)
+        accelerator.wait_for_everyone()
+        return _fit(task, out, accelerator, Progress(progress, accelerator.is_main_process), callback, t_start)
+
+
+def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: float) -> dict:
+    """:func:`fit` in its locked, prepared output directory."""
+    from tqdm.auto import tqdm
+
+    cfg, device = task.cfg, accelerator.device
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    model = task.build_model()
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
+                                **task.optimizer_options())
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sampler = StepBatchSampler(len(task.train), cfg.batch_size, cfg.steps, cfg.seed, rank=rank, world=world)
+    train_loader = DataLoader(task.train, batch_sampler=sampler, collate_fn=task.collate, num_workers=cfg.num_workers)
+    test_loader = accelerator.prepare_data_loader(
+        DataLoader(task.test, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=task.collate,
+                   num_workers=cfg.num_workers), device_placement=True)
+    task.make_augment(device)
+    if cfg.log_with:
+        accelerator.init_trackers("distill-finetune", config={k: v for k, v in vars(cfg).items()
+                                                              if isinstance(v, (int, float, str, bool))})
+    history: list[dict] = []
+    log_f = None
+    if main:
+        with writing("the training log", out / LOG_FILE):
+            log_f = open(out / LOG_FILE, "w", newline="")
+    writer = csv.writer(log_f) if log_f else None
+    if writer:
+        writer.writerow(["step", "loss", task.train_metric, "lr", "img_per_s"])
+    bar = tqdm(total=cfg.steps, desc=f"{task.name} {task.label} f={cfg.fraction:g} s={cfg.seed}",
+               disable=not show.bar, dynamic_ncols=True)
+
+    def run_eval(step: int, train_loss: float) -> dict:
+        r = task.evaluate(model, show.batches(test_loader, f"step {step}: evaluating"), accelerator)
+        row = task.history_row(r)
+        history.append({"step": step, **row, "train_loss": round(train_loss, 5),
+                        "seconds": round(time.time() - t_train, 1)})
+        show.write(task.eval_line(step, r), bar)
+        if cfg.log_with:
+            accelerator.log({f"eval/{k}": v for k, v in row.items()}, step=step)
+        return r
+
+    model.train()
+    # dropout masks from the run's seed (and process), on a forked RNG: two runs with one --seed draw the same masks
+    # (a distilled run and its scratch baseline too), and the caller's RNG is left as it was
+    rng_scope = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    rng_scope.__enter__()
+    torch.manual_seed(cfg.seed * 1009 + rank + 1)
+    t_train = time.time()
+    log_loss, log_correct, log_n, log_steps, eval_loss, eval_steps = 0.0, 0.0, 0.0, 0, 0.0, 0
+    last, step, stopped = None, 0, None
+    try:
+        with StopOnSignal(after="writing the result") as stop:
+            for step, batch in enumerate(train_loader, start=1):
+                x, y = task.inputs(batch, device)
+                lr = scheduler.get_last_lr()[0]  # the rate this update uses
+                if callback is not None:
+                    callback({"step": step, "inputs": x, task.target: y, "lr": lr})
+                logits = model(x).float()
+                loss = task.loss(logits, y)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"non-finite {task.name} loss at step {step} ({loss.item()}); "
+                                             f"lower --lr.")
+                accelerator.backward(loss)
+                if cfg.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                correct, counted = task.batch_stats(logits.detach(), y)
+                stats = torch.stack([loss.detach() * counted, correct, counted])
+                if world > 1:
+                    stats = accelerator.reduce(stats, "sum")
+                stats = stats.tolist()
+                step_loss = stats[0] / max(stats[2], 1.0)  # the mean over every counted target of every process
+                log_loss, log_correct, log_n, log_steps = log_loss + step_loss, log_correct + stats[1], \
+                    log_n + stats[2], log_steps + 1
+                eval_loss, eval_steps = eval_loss + step_loss, eval_steps + 1
+                if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
+                    row = {"loss": log_loss / log_steps, task.train_metric: 100.0 * log_correct / max(log_n, 1)}
+                    img_s = step * cfg.batch_size / (time.time() - t_train)
+                    if writer:
+                        with writing("the training log", out / LOG_FILE):
+                            writer.writerow([step, round(row["loss"], 6), round(row[task.train_metric], 2), lr,
+                                             round(img_s, 1)])
+                            log_f.flush()
+                    if cfg.log_with:
+                        accelerator.log({f"train/{k}": v for k, v in row.items()} | {"lr": lr}, step=step)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    if show.lines:
+                        show.write(f"step {step}/{cfg.steps} | loss {row['loss']:.4g} | {task.train_metric} "
+                                   f"{row[task.train_metric]:.2f} | lr {lr:.3g} | {img_s:.1f} img/s")
+                    log_loss, log_correct, log_n, log_steps = 0.0, 0.0, 0.0, 0
+                bar.update(1)
+                if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                    last = run_eval(step, eval_loss / max(eval_steps, 1))
+                    eval_loss, eval_steps = 0.0, 0
+                if stop.requested(accelerator):
+                    stopped = stop.signum
+                    break
+    finally:
+        rng_scope.__exit__(None, None, None)
+        bar.close()
+        if log_f:
+            log_f.close()
+    train_seconds = time.time() - t_train
+    best = max(history, key=lambda r: (r[task.score], -r["step"])) if history else None
+    result = {"task": task.name, "label": task.label, "model": cfg.model, "like": cfg.like,
+              "fraction": float(cfg.fraction), "seed": cfg.seed, "steps": cfg.steps, "batch_size": cfg.batch_size,
+              "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+              "momentum": cfg.momentum if cfg.optimizer == "sgd" else None,
+              "warmup_steps": min(cfg.warmup_steps, cfg.steps),
+              "schedule": "linear warmup + cosine to 0 (diffusers get_cosine_schedule_with_warmup)",
+              "augment": cfg.augment, "label_smoothing": cfg.label_smoothing, "grad_clip": cfg.grad_clip,
+              "train_images": len(task.train), "train_images_seen": cfg.steps * cfg.batch_size,
+              "epochs": round(cfg.steps * cfg.batch_size / len(task.train), 2),
+              **task.result(last, best),
+              "final_train_loss": history[-1]["train_loss"] if history else None,
+              "history": history, "params": n_params, "trainable_params": n_trainable,
+              "eval_every": cfg.eval_every, "mixed_precision": cfg.mixed_precision, "num_processes": world,
+              "log_with": cfg.log_with, "train_seconds": round(train_seconds, 1), "seconds": None,
+              "machine": machine_description()}
+    if stopped is not None:
+        result.update(stopped=signal.Signals(stopped).name, steps_done=step)
+    else:
+        task.after_training(model, result, accelerator)
+    if cfg.log_with:
+        accelerator.end_training()
+    unwrapped = accelerator.unwrap_model(model)
+    result["seconds"] = round(time.time() - t_start, 1)
+    if main:
+        task.write_extras(unwrapped, out, device)
+        write_result(out, result)  # first: a failed model write must not lose the result
+        if cfg.save_model:
+            _save_model(task, unwrapped, out, result)
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    if stopped is not None:
+        raise TrainingInterrupted(
+            f"stopped by {result['stopped']} after step {step} of {cfg.steps}; '{out / RESULT_FILE}' holds the "
+            f"{len(history)} evaluation(s) done so far, marked 'stopped' (distill report leaves it out). A "
+            f"fine-tune does not resume: to train the whole budget, run the same command again with --overwrite.",
+            stopped)
+    return result
+
+
+def _save_model(task: Task, model, out: Path, result: dict) -> None:
+    """``--save-model`` after ``result.json``; a failed write says that the result was kept."""
+    try:
+        task.save_model(model, out / MODEL_DIR, result)
+    except WriteError as e:
+        raise WriteError(f"{e} The result was written before the model and is kept: '{out / RESULT_FILE}'.",
+                         e.errno, e.filename) from e
+    result["saved_model"] = MODEL_DIR
+    write_result(out, result)
