@@ -26,7 +26,9 @@ PROCEDURES = {"distill.trainer", "distill.select", "distill.cache", "distill.eva
 FACES = {"distill.cli", "distill"}
 LAYERS = [FOUNDATION, BLOCKS, WIRING, PROCEDURES, FACES]
 # modules above ~400 lines, each because one on-disk format is written and read in one place
-LARGE_OK = {"distill.cache": "the feature-cache format (manifest + memory-mapped .npy), written and read"}
+LARGE_OK = {"distill.cache": "the feature-cache format (manifest + memory-mapped .npy), written and read",
+            "distill.rundir": "the run-directory format (config.yaml, metrics.csv, summary.json, checkpoints), "
+                              "written and read"}
 
 
 def module_name(path: Path) -> str:

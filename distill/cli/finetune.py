@@ -2,7 +2,7 @@
 (``--task segmentation``) fine-tuning of an export or of ``timm:NAME`` from scratch."""
 from __future__ import annotations
 
-from ..vocab import SEG_DECODERS, SEG_LAYOUTS, TASKS
+from ..vocab import SEG_DECODERS, SEG_LAYOUTS, TASKS, TRACKERS
 from .common import add_output_dir
 
 
@@ -47,6 +47,8 @@ def add_finetune_parser(sub) -> None:
     ft.add_argument("--label", default=None, help="name in reports (default: '<arch> distilled' / '<arch> scratch')")
     ft.add_argument("--mixed-precision", default="no", help="no, fp16 or bf16")
     ft.add_argument("--num-workers", type=int, default=0)
+    ft.add_argument("--log-with", default=None, choices=TRACKERS,
+                    help="also report to this Accelerate tracker (as distill train's log_with), in OUT")
     ft.add_argument("--eval-train", action="store_true", help="also report accuracy on the labelled subset")
     ft.add_argument("--save-model", action="store_true", help="write the fine-tuned model to OUT/model (timm format)")
     ft.add_argument("--overwrite", action="store_true", help="replace an existing result.json")
@@ -106,7 +108,7 @@ def cmd_finetune(args) -> int:
         grad_clip=args.grad_clip, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
         log_every=args.log_every, size=args.size, mean=args.mean, std=args.std, like=args.like, label=args.label,
         mixed_precision=args.mixed_precision, num_workers=args.num_workers, eval_train=args.eval_train,
-        save_model=args.save_model)
+        save_model=args.save_model, log_with=args.log_with)
     progress = not args.no_progress
     if args.fractions or args.seeds:
         finetune_sweep(cfg, args.output_dir, args.fractions or [args.fraction], args.seeds or [args.seed],
@@ -134,7 +136,6 @@ def _segment(args) -> int:
                          f"{'it' if len(unused) == 1 else 'them'} (segmentation reads --data-root with --layout).")
     _fill_defaults(args, SEGMENTATION_DEFAULTS)
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(SegmentConfig)}}
-    given.pop("dataset", None)
     cfg = SegmentConfig(**given)
 
     def line(r: dict) -> str:

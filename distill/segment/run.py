@@ -17,7 +17,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from ..atomic import atomic_dir, atomic_write_json
 from ..augment import SeededAugment, build_joint_augment

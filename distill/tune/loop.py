@@ -114,7 +114,8 @@ def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: 
         DataLoader(task.test, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=task.collate,
                    num_workers=cfg.num_workers), device_placement=True)
     task.make_augment(device)
-    if cfg.log_with:
+    tracking = bool(getattr(accelerator, "log_with", None))  # --log-with, or trackers of a caller's Accelerator
+    if tracking:
         accelerator.init_trackers("distill-finetune", config={k: v for k, v in vars(cfg).items()
                                                               if isinstance(v, (int, float, str, bool))})
     history: list[dict] = []
@@ -134,7 +135,7 @@ def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: 
         history.append({"step": step, **row, "train_loss": round(train_loss, 5),
                         "seconds": round(time.time() - t_train, 1)})
         show.write(task.eval_line(step, r), bar)
-        if cfg.log_with:
+        if tracking:
             accelerator.log({f"eval/{k}": v for k, v in row.items()}, step=step)
         return r
 
@@ -182,7 +183,7 @@ def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: 
                             writer.writerow([step, round(row["loss"], 6), round(row[task.train_metric], 2), lr,
                                              round(img_s, 1)])
                             log_f.flush()
-                    if cfg.log_with:
+                    if tracking:
                         accelerator.log({f"train/{k}": v for k, v in row.items()} | {"lr": lr}, step=step)
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
                     if show.lines:
@@ -222,7 +223,7 @@ def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: 
         result.update(stopped=signal.Signals(stopped).name, steps_done=step)
     else:
         task.after_training(model, result, accelerator)
-    if cfg.log_with:
+    if tracking:
         accelerator.end_training()
     unwrapped = accelerator.unwrap_model(model)
     result["seconds"] = round(time.time() - t_start, 1)

@@ -3,7 +3,7 @@ train`` does, :func:`distill.trainer.textlog.show_progress_bar`), nothing with p
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 from ..trainer.textlog import show_progress_bar
 
@@ -14,10 +14,10 @@ LINE_EVERY_S = 30.0
 class Progress:
     """Where a run's progress goes: ``bar`` (tqdm draws on a terminal) or ``lines`` (stdout, one line at a time)."""
 
-    def __init__(self, progress: bool, is_main_process: bool, line_every_s: float = LINE_EVERY_S):
+    def __init__(self, progress: bool, is_main_process: bool, line_every_s: Optional[float] = None):
         self.bar = show_progress_bar(progress, is_main_process)
         self.lines = progress and is_main_process and not self.bar
-        self.line_every_s = line_every_s
+        self.line_every_s = LINE_EVERY_S if line_every_s is None else line_every_s
 
     def write(self, line: str, bar=None) -> None:
         """A line under the bar (``bar.write``) or on stdout; nothing when progress is off."""
