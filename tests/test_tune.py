@@ -143,9 +143,9 @@ def test_sigterm_finishes_the_step_and_keeps_what_was_evaluated(shapes, rgb_fold
     r = read_result(seg)
     assert (r["stopped"], r["steps_done"], r["history"]) == ("SIGINT", 1, []) and "last_miou" not in r
     # ... and distill report leaves stopped runs out of its tables, saying why
-    report = write_report([str(out), str(seg)], str(tmp_path / "report"))
-    assert {s["reason"].split(" (")[0] for s in report["skipped"]} == {"stopped by SIGTERM after step 3 of 6",
-                                                                       "stopped by SIGINT after step 1 of 4"}
+    with pytest.raises(ValueError, match=r"no readable runs .*cls/result.json': stopped by SIGTERM after step 3 of 6 "
+                                         r"\(not finished\); .*seg/result.json': stopped by SIGINT after step 1 of 4"):
+        write_report([str(out), str(seg)], str(tmp_path / "report"))
 
 
 def test_cli_exits_143_on_sigterm_and_says_how_to_continue(rgb_folder, tmp_path, monkeypatch, capsys):
@@ -292,6 +292,7 @@ def test_two_processes_give_one_result_with_the_metrics_of_one(task, shapes, rgb
     first = [float(ln.split(",")[1]) for ln in ((tmp_path / d / "train_log.csv").read_text().splitlines()[1:2]
                                                   for d in ("mp", "sp")) for ln in ln]
     print(task, "step-1 loss 2 processes / 1 process", first, score, mp[score], sp[score])
-    # the same images and weights at step 1; only batch-norm statistics are per process
-    assert first[0] == pytest.approx(first[1], rel=0.05)
-    assert mp[score] == pytest.approx(sp[score], abs=15)
+    # the same images and weights at step 1; only batch-norm statistics are per process (measured on the 2-core CPU:
+    # step-1 loss 1.3467 vs 1.3541 and top-1 100 vs 100; segmentation 1.0326 vs 1.0367 and mIoU 29.74 vs 31.94)
+    assert first[0] == pytest.approx(first[1], rel=0.03)
+    assert mp[score] == pytest.approx(sp[score], abs=12 if task == "classification" else 6)  # 2 of 18 images

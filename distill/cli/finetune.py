@@ -109,15 +109,26 @@ def cmd_finetune(args) -> int:
         log_every=args.log_every, size=args.size, mean=args.mean, std=args.std, like=args.like, label=args.label,
         mixed_precision=args.mixed_precision, num_workers=args.num_workers, eval_train=args.eval_train,
         save_model=args.save_model, log_with=args.log_with)
+    return _run(args, cfg, finetune, finetune_sweep, result_line)
+
+
+def _run(args, cfg, one, sweep, line) -> int:
+    """One run (``one``) or a sweep (``sweep``) of ``cfg``; the main process prints ``line(result)`` per run."""
+    from ..tune import is_main_process
+
+    def say(text: str) -> None:
+        if is_main_process():  # several processes (accelerate launch): one line, not one per process
+            print(text, flush=True)
+
     progress = not args.no_progress
     if args.fractions or args.seeds:
-        finetune_sweep(cfg, args.output_dir, args.fractions or [args.fraction], args.seeds or [args.seed],
-                       overwrite=args.overwrite, skip_existing=args.skip_existing, progress=progress,
-                       on_result=lambda r: print(result_line(r), flush=True))
-        print(f"results in {args.output_dir}/frac*-seed*/result.json; table and plots: "
-              f"distill report {args.output_dir} -o {args.output_dir}/report")
+        sweep(cfg, args.output_dir, args.fractions or [args.fraction], args.seeds or [args.seed],
+              overwrite=args.overwrite, skip_existing=args.skip_existing, progress=progress,
+              on_result=lambda r: say(line(r)))
+        say(f"results in {args.output_dir}/frac*-seed*/result.json; table and plots: "
+            f"distill report {args.output_dir} -o {args.output_dir}/report")
     else:
-        print(result_line(finetune(cfg, args.output_dir, overwrite=args.overwrite, progress=progress)))
+        say(line(one(cfg, args.output_dir, overwrite=args.overwrite, progress=progress)))
     return 0
 
 
@@ -143,12 +154,4 @@ def _segment(args) -> int:
                 f"{r['steps']} steps: {r['eval_split']} mIoU {r['last_miou']:.2f}, pixel acc {r['last_pixel_acc']:.2f}"
                 f", {r['seconds']:.0f}s")
 
-    if args.fractions or args.seeds:
-        segment_sweep(cfg, args.output_dir, args.fractions or [args.fraction], args.seeds or [args.seed],
-                      overwrite=args.overwrite, skip_existing=args.skip_existing, progress=not args.no_progress,
-                      on_result=lambda r: print(line(r), flush=True))
-        print(f"results in {args.output_dir}/frac*-seed*/result.json; table and plots: "
-              f"distill report {args.output_dir} -o {args.output_dir}/report")
-    else:
-        print(line(segment_finetune(cfg, args.output_dir, overwrite=args.overwrite, progress=not args.no_progress)))
-    return 0
+    return _run(args, cfg, segment_finetune, segment_sweep, line)

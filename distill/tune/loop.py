@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 import platform
 import signal
 import time
@@ -48,6 +49,13 @@ def machine_description() -> str:
             f"torch {torch.__version__}, timm {timm.__version__}, device {dev}").replace("  ", " ")
 
 
+def is_main_process() -> bool:
+    """Whether this is the main process of the launch (one process: True); for what only one process prints."""
+    from accelerate.state import PartialState
+
+    return PartialState().is_main_process
+
+
 def make_accelerator(cfg, out: Path):
     """An Accelerator for a fine-tune (precision, tracker). AcceleratorState is reset first (as
     :func:`distill.trainer.accelerator.make_accelerator`), keeping the process group.
@@ -60,7 +68,11 @@ def make_accelerator(cfg, out: Path):
 
     check_tracker(cfg.log_with)
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.log_with, project_dir=str(out))
+    # launched on several processes (torchrun, accelerate launch) without CUDA: Accelerate forms the CPU process group
+    # (gloo) only with cpu=True and otherwise runs every process as its own one-process job into one directory
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.log_with, project_dir=str(out),
+                       cpu=launched and not torch.cuda.is_available())
 
 
 def fit(task: Task, output_dir, overwrite: bool = False, accelerator=None, progress: bool = True,
