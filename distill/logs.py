@@ -1,4 +1,6 @@
-"""Console logging of the command line: one ``distill`` logger, and the hub libraries' own loggers set once.
+"""Console logging of the command line: one ``distill`` logger, and the hub libraries' own loggers set once; where
+progress goes (:func:`show_progress_bar`) and which experiment tracker may be used (:func:`check_tracker`), for
+``distill train`` and fine-tuning alike.
 
 Every module logs through ``logging.getLogger(__name__)``, i.e. a child of the ``distill`` logger. The command line
 gives that logger one stderr handler and leaves the root logger without one: configuring the root logger (as
@@ -14,6 +16,10 @@ import importlib
 import logging
 import os
 import sys
+from typing import Optional
+
+from .errors import MissingDependencyError
+from .vocab import TRACKER_EXTRAS, TRACKERS
 
 #: The hub libraries whose loggers are set: ``{module: (verbosity environment variable, logging module)}``.
 _HUB_LOGGERS = {
@@ -65,3 +71,31 @@ def set_hub_verbosity(level: int) -> None:
             hub_logging.disable_propagation()
         else:
             os.environ.setdefault(env, name)
+
+
+def show_progress_bar(progress: bool, is_main_process: bool = True) -> bool:
+    """Whether to draw tqdm: asked for, on the main process, and stderr (where tqdm draws) is a terminal or a
+    Jupyter kernel's (``tqdm.auto`` draws a widget there)."""
+    return progress and is_main_process and (sys.stderr.isatty() or "ipykernel" in sys.modules)
+
+
+def check_tracker(name: Optional[str]) -> None:
+    """A recipe's ``log_with`` must name a tracker of :data:`TRACKERS` whose package is installed (Accelerate
+    itself only warns and trains without it).
+
+    Raises:
+        ValueError: an unknown tracker name (the valid ones listed).
+        MissingDependencyError: its package is not installed (the message names the pip extra).
+    """
+    if name is None:
+        return
+    if name not in TRACKERS:
+        raise ValueError(f"recipe key 'log_with' has value {name!r}; valid: {', '.join(TRACKERS)} (or null for "
+                         f"metrics.csv and train.log only).")
+    import accelerate.utils as au
+
+    if not getattr(au, f"is_{name}_available")():
+        extra = TRACKER_EXTRAS[name]
+        raise MissingDependencyError(
+            f"log_with: {name} needs the {name} package, which is not installed, so no tracker could start. Fix: "
+            f"pip install \"distill[{extra}]\" (or pip install -e \".[{extra}]\" in a checkout), or remove log_with.")

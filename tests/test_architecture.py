@@ -17,7 +17,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "distill"
 
 FOUNDATION = {"distill.vocab", "distill.errors", "distill.atomic", "distill.integrity", "distill.version",
-              "distill.ranges", "distill.recipes", "distill.logs", "distill.config"}
+              "distill.ranges", "distill.recipes", "distill.logs", "distill.config", "distill.signals"}
 BLOCKS = {"distill.data", "distill.augment", "distill.teacher", "distill.student", "distill.regressor",
           "distill.losses", "distill.policy", "distill.probe", "distill.plots", "distill.optim"}
 WIRING = {"distill.build", "distill.rundir", "distill.runlock", "distill.export"}
@@ -130,7 +130,8 @@ def test_nothing_imports_the_cli_or_the_package_face(graph):
 
 def test_procedures_do_not_import_the_trainer(graph):
     for name, deps in graph.items():
-        if name.split(".")[1:2] and name.split(".")[1] in ("cache", "select", "export", "evaluate", "finetune"):
+        if name.split(".")[1:2] and name.split(".")[1] in ("cache", "select", "export", "evaluate", "finetune",
+                                                           "segment", "tune"):
             assert not any(d == "distill.trainer" or d.startswith("distill.trainer.") for d in deps), name
 
 

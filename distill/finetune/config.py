@@ -1,4 +1,4 @@
-"""The settings of one classification fine-tune, :class:`FinetuneConfig` (torch-free): the shared settings of
+"""The settings of one classification fine-tune, :class:`FinetuneConfig`: the shared settings of
 :class:`distill.tune.TuneConfig` plus what classification alone reads."""
 from __future__ import annotations
 

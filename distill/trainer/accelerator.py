@@ -3,11 +3,9 @@ each process's RNG seed."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from ..config import Recipe
-from ..errors import MissingDependencyError
-from ..vocab import TRACKER_EXTRAS, TRACKERS
+from ..logs import check_tracker  # noqa: F401 (shared with fine-tuning; imported from here before)
 
 
 def make_accelerator(recipe: Recipe, run_dir: Path):
@@ -26,28 +24,6 @@ def make_accelerator(recipe: Recipe, run_dir: Path):
         # ViT students leave their final norm unused in forward_intermediates
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-
-
-def check_tracker(name: Optional[str]) -> None:
-    """A recipe's ``log_with`` must name a tracker of :data:`TRACKERS` whose package is installed (Accelerate
-    itself only warns and trains without it).
-
-    Raises:
-        ValueError: an unknown tracker name (the valid ones listed).
-        MissingDependencyError: its package is not installed (the message names the pip extra).
-    """
-    if name is None:
-        return
-    if name not in TRACKERS:
-        raise ValueError(f"recipe key 'log_with' has value {name!r}; valid: {', '.join(TRACKERS)} (or null for "
-                         f"metrics.csv and train.log only).")
-    import accelerate.utils as au
-
-    if not getattr(au, f"is_{name}_available")():
-        extra = TRACKER_EXTRAS[name]
-        raise MissingDependencyError(
-            f"log_with: {name} needs the {name} package, which is not installed, so no tracker could start. Fix: "
-            f"pip install \"distill[{extra}]\" (or pip install -e \".[{extra}]\" in a checkout), or remove log_with.")
 
 
 def exact_accumulation(accelerator, grad_accum_steps: int) -> None:

@@ -6,18 +6,13 @@ writes these lines to ``train.log`` in the run directory always, and to stdout t
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
+from ..logs import show_progress_bar  # noqa: F401 (shared with fine-tuning; imported from here before)
+
 #: The name of the log file in a run directory.
 TRAIN_LOG = "train.log"
-
-
-def show_progress_bar(progress: bool, is_main_process: bool = True) -> bool:
-    """Whether to draw tqdm: asked for, on the main process, and stderr (where tqdm draws) is a terminal or a
-    Jupyter kernel's (``tqdm.auto`` draws a widget there)."""
-    return progress and is_main_process and (sys.stderr.isatty() or "ipykernel" in sys.modules)
 
 
 def format_line(step: int, steps: int, terms: dict, lr: float, img_per_s: float, data_share: float) -> str:

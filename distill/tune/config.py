@@ -1,4 +1,4 @@
-"""The settings every supervised fine-tune reads, :class:`TuneConfig` (torch-free); each task's config
+"""The settings every supervised fine-tune reads, :class:`TuneConfig`; each task's config
 (:class:`distill.finetune.FinetuneConfig`, :class:`distill.segment.SegmentConfig`) adds only what that task reads."""
 from __future__ import annotations
 

@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader
 from ..atomic import writing
 from ..errors import NonFiniteLossError, TrainingInterrupted, WriteError
 from ..optim import build_optimizer, build_scheduler
-from ..trainer.accelerator import check_tracker
-from ..trainer.stop import StopOnSignal
+from ..logs import check_tracker
+from ..signals import StopOnSignal
 from .outdir import LOG_FILE, MODEL_DIR, RESULT_FILE, check_output_dir, lock_output_dir, prepare_output_dir, \
     write_result
 from .progress import Progress
@@ -58,7 +58,7 @@ def is_main_process() -> bool:
 
 def make_accelerator(cfg, out: Path):
     """An Accelerator for a fine-tune (precision, tracker). AcceleratorState is reset first (as
-    :func:`distill.trainer.accelerator.make_accelerator`), keeping the process group.
+    :func:`distill.trainer.accelerator.make_accelerator` does), keeping the process group.
 
     Raises:
         ValueError / MissingDependencyError: ``cfg.log_with`` is unknown or its package is not installed.
@@ -240,8 +240,8 @@ def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: 
     unwrapped = accelerator.unwrap_model(model)
     result["seconds"] = round(time.time() - t_start, 1)
     if main:
+        write_result(out, result)  # first: a failed write of a figure or the model must not lose the result
         task.write_extras(unwrapped, out, device)
-        write_result(out, result)  # first: a failed model write must not lose the result
         if cfg.save_model:
             _save_model(task, unwrapped, out, result)
     accelerator.wait_for_everyone()

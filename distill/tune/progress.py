@@ -1,11 +1,11 @@
 """Progress of a fine-tune: a tqdm bar on a terminal, plain occasional lines in a redirected log (as ``distill
-train`` does, :func:`distill.trainer.textlog.show_progress_bar`), nothing with progress off or on other processes."""
+train`` does, :func:`distill.logs.show_progress_bar`), nothing with progress off or on other processes."""
 from __future__ import annotations
 
 import time
 from typing import Iterable, Iterator, Optional
 
-from ..trainer.textlog import show_progress_bar
+from ..logs import show_progress_bar
 
 #: seconds between two plain progress lines of one evaluation
 LINE_EVERY_S = 30.0
