@@ -130,13 +130,14 @@ class ClassificationTask(Task):
                      best_top5=best["top5"], best_step=best["step"], last_top1=last["top1"], last_top5=last["top5"])
         return r
 
-    def after_training(self, model, result: dict, accelerator) -> None:
+    def after_training(self, model, result: dict, accelerator, batches) -> None:
         if not self.cfg.eval_train:
             return
         loader = accelerator.prepare_data_loader(
             DataLoader(self.train, batch_size=self.cfg.eval_batch_size, shuffle=False, collate_fn=collate,
                        num_workers=self.cfg.num_workers), device_placement=True)
-        r = evaluate(model, loader, self.size, self.mean, self.std, self.data.num_classes, accelerator)
+        r = evaluate(model, batches(loader, "evaluating the training subset"), self.size, self.mean, self.std,
+                     self.data.num_classes, accelerator)
         result["train_top1"], result["train_top5"] = r["top1"], r["top5"]
 
     def save_model(self, model, path: Path, result: dict) -> None:

@@ -3,8 +3,8 @@
 
 Modules: :mod:`.config` (:class:`TuneConfig`, the settings every task reads), :mod:`.task` (the contract),
 :mod:`.loop` (:func:`fit`), :mod:`.sampler` (:class:`StepBatchSampler`), :mod:`.outdir` (the output directory:
-file names, checks, overwrite rules, run lock, reading ``result.json``), :mod:`.progress` (bars and plain lines),
-:mod:`.sweep` (one run per fraction and seed).
+file names, checks, overwrite rules, run lock, reading ``result.json``), :mod:`.trainlog` (``train_log.csv`` and the
+tracker), :mod:`.progress` (bars and plain lines), :mod:`.sweep` (one run per fraction and seed).
 """
 from .config import TuneConfig
 from .loop import fit, is_main_process, machine_description, make_accelerator

@@ -15,7 +15,6 @@ and raise :class:`~distill.errors.TrainingInterrupted`.
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import platform
 import signal
@@ -26,16 +25,15 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from ..atomic import writing
 from ..errors import NonFiniteLossError, TrainingInterrupted, WriteError
-from ..optim import build_optimizer, build_scheduler
 from ..logs import check_tracker
+from ..optim import build_optimizer, build_scheduler
 from ..signals import StopOnSignal
-from .outdir import LOG_FILE, MODEL_DIR, RESULT_FILE, check_output_dir, lock_output_dir, prepare_output_dir, \
-    write_result
+from .outdir import MODEL_DIR, RESULT_FILE, check_output_dir, lock_output_dir, prepare_output_dir, write_result
 from .progress import Progress
 from .sampler import StepBatchSampler
 from .task import Task
+from .trainlog import TrainLog
 
 
 def machine_description() -> str:
@@ -114,8 +112,6 @@ def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: 
     cfg, device = task.cfg, accelerator.device
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     model = task.build_model()
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
                                 **task.optimizer_options())
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps)
@@ -130,22 +126,17 @@ def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: 
     if tracking:
         accelerator.init_trackers("distill-finetune", config={k: v for k, v in vars(cfg).items()
                                                               if isinstance(v, (int, float, str, bool))})
-    history: list[dict] = []
-    log_f = None
-    if main:
-        with writing("the training log", out / LOG_FILE):
-            log_f = open(out / LOG_FILE, "w", newline="")
-    writer = csv.writer(log_f) if log_f else None
-    if writer:
-        writer.writerow(["step", "loss", task.train_metric, "lr", "img_per_s"])
     bar = tqdm(total=cfg.steps, desc=f"{task.name} {task.label} f={cfg.fraction:g} s={cfg.seed}",
                disable=not show.bar, dynamic_ncols=True)
+    log = TrainLog(out, task.train_metric, cfg.steps, cfg.log_every, cfg.batch_size, main, show, bar,
+                   accelerator if tracking else None)
+    history: list[dict] = []
 
     def run_eval(step: int, train_loss: float) -> dict:
         r = task.evaluate(model, show.batches(test_loader, f"step {step}: evaluating"), accelerator)
         row = task.history_row(r)
         history.append({"step": step, **row, "train_loss": round(train_loss, 5),
-                        "seconds": round(time.time() - t_train, 1)})
+                        "seconds": round(time.time() - log.t0, 1)})
         show.write(task.eval_line(step, r), bar)
         if tracking:
             accelerator.log({f"eval/{k}": v for k, v in row.items()}, step=step)
@@ -157,52 +148,16 @@ def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: 
     rng_scope = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     rng_scope.__enter__()
     torch.manual_seed(cfg.seed * 1009 + rank + 1)
-    t_train = time.time()
-    log_loss, log_correct, log_n, log_steps, eval_loss, eval_steps = 0.0, 0.0, 0.0, 0, 0.0, 0
-    last, step, stopped = None, 0, None
+    eval_loss, eval_steps, last, step, stopped = 0.0, 0, None, 0, None
     try:
         with StopOnSignal(after="writing the result") as stop:
             for step, batch in enumerate(train_loader, start=1):
-                x, y = task.inputs(batch, device)
                 lr = scheduler.get_last_lr()[0]  # the rate this update uses
-                if callback is not None:
-                    callback({"step": step, "inputs": x, task.target: y, "lr": lr})
-                logits = model(x).float()
-                loss = task.loss(logits, y)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"non-finite {task.name} loss at step {step} ({loss.item()}); "
-                                             f"lower --lr.")
-                accelerator.backward(loss)
-                if cfg.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                loss, correct, counted = _update(task, batch, model, optimizer, accelerator, step, lr, callback)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                correct, counted = task.batch_stats(logits.detach(), y)
-                stats = torch.stack([loss.detach() * counted, correct, counted])
-                if world > 1:
-                    stats = accelerator.reduce(stats, "sum")
-                stats = stats.tolist()
-                step_loss = stats[0] / max(stats[2], 1.0)  # the mean over every counted target of every process
-                log_loss, log_correct, log_n, log_steps = log_loss + step_loss, log_correct + stats[1], \
-                    log_n + stats[2], log_steps + 1
-                eval_loss, eval_steps = eval_loss + step_loss, eval_steps + 1
-                if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
-                    row = {"loss": log_loss / log_steps, task.train_metric: 100.0 * log_correct / max(log_n, 1)}
-                    img_s = step * cfg.batch_size / (time.time() - t_train)
-                    if writer:
-                        with writing("the training log", out / LOG_FILE):
-                            writer.writerow([step, round(row["loss"], 6), round(row[task.train_metric], 2), lr,
-                                             round(img_s, 1)])
-                            log_f.flush()
-                    if tracking:
-                        accelerator.log({f"train/{k}": v for k, v in row.items()} | {"lr": lr}, step=step)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}")
-                    if show.lines:
-                        show.write(f"step {step}/{cfg.steps} | loss {row['loss']:.4g} | {task.train_metric} "
-                                   f"{row[task.train_metric]:.2f} | lr {lr:.3g} | {img_s:.1f} img/s")
-                    log_loss, log_correct, log_n, log_steps = 0.0, 0.0, 0.0, 0
+                log.add(step, loss, correct, counted, lr)
                 bar.update(1)
+                eval_loss, eval_steps = eval_loss + loss, eval_steps + 1
                 if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
                     last = run_eval(step, eval_loss / max(eval_steps, 1))
                     eval_loss, eval_steps = 0.0, 0
@@ -212,29 +167,14 @@ def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: 
     finally:
         rng_scope.__exit__(None, None, None)
         bar.close()
-        if log_f:
-            log_f.close()
-    train_seconds = time.time() - t_train
-    best = max(history, key=lambda r: (r[task.score], -r["step"])) if history else None
-    result = {"task": task.name, "label": task.label, "model": cfg.model, "like": cfg.like,
-              "fraction": float(cfg.fraction), "seed": cfg.seed, "steps": cfg.steps, "batch_size": cfg.batch_size,
-              "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-              "momentum": cfg.momentum if cfg.optimizer == "sgd" else None,
-              "warmup_steps": min(cfg.warmup_steps, cfg.steps),
-              "schedule": "linear warmup + cosine to 0 (diffusers get_cosine_schedule_with_warmup)",
-              "augment": cfg.augment, "label_smoothing": cfg.label_smoothing, "grad_clip": cfg.grad_clip,
-              "train_images": len(task.train), "train_images_seen": cfg.steps * cfg.batch_size,
-              "epochs": round(cfg.steps * cfg.batch_size / len(task.train), 2),
-              **task.result(last, best),
-              "final_train_loss": history[-1]["train_loss"] if history else None,
-              "history": history, "params": n_params, "trainable_params": n_trainable,
-              "eval_every": cfg.eval_every, "mixed_precision": cfg.mixed_precision, "num_processes": world,
-              "log_with": cfg.log_with, "train_seconds": round(train_seconds, 1), "seconds": None,
-              "machine": machine_description()}
+        log.close()
+    result = _result(task, history, last, time.time() - log.t0, world,
+                     sum(p.numel() for p in model.parameters()),
+                     sum(p.numel() for p in model.parameters() if p.requires_grad))
     if stopped is not None:
         result.update(stopped=signal.Signals(stopped).name, steps_done=step)
     else:
-        task.after_training(model, result, accelerator)
+        task.after_training(model, result, accelerator, show.batches)
     if tracking:
         accelerator.end_training()
     unwrapped = accelerator.unwrap_model(model)
@@ -253,6 +193,54 @@ def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: 
             f"fine-tune does not resume: to train the whole budget, run the same command again with --overwrite.",
             stopped)
     return result
+
+
+def _update(task: Task, batch, model, optimizer, accelerator, step: int, lr: float, callback) -> tuple:
+    """One optimizer update on ``batch``; returns ``(loss, correct, counted)`` over all processes, the loss as the
+    mean over every counted target (each process's mean weighted by its count).
+
+    Raises:
+        NonFiniteLossError: the loss is NaN or Inf (no update was applied).
+    """
+    x, y = task.inputs(batch, accelerator.device)
+    if callback is not None:
+        callback({"step": step, "inputs": x, task.target: y, "lr": lr})
+    logits = model(x).float()
+    loss = task.loss(logits, y)
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"non-finite {task.name} loss at step {step} ({loss.item()}); lower --lr.")
+    accelerator.backward(loss)
+    if task.cfg.grad_clip > 0:
+        accelerator.clip_grad_norm_(model.parameters(), task.cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    correct, counted = task.batch_stats(logits.detach(), y)
+    stats = torch.stack([loss.detach() * counted, correct, counted])
+    if accelerator.num_processes > 1:
+        stats = accelerator.reduce(stats, "sum")
+    total, correct, counted = stats.tolist()
+    return total / max(counted, 1.0), correct, counted
+
+
+def _result(task: Task, history: list, last, train_seconds: float, world: int, params: int, trainable: int) -> dict:
+    """The ``result.json`` dict: the loop's keys, the task's (:meth:`Task.result`) and every evaluation."""
+    cfg = task.cfg
+    best = max(history, key=lambda r: (r[task.score], -r["step"])) if history else None
+    return {"task": task.name, "label": task.label, "model": cfg.model, "like": cfg.like,
+            "fraction": float(cfg.fraction), "seed": cfg.seed, "steps": cfg.steps, "batch_size": cfg.batch_size,
+            "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+            "momentum": cfg.momentum if cfg.optimizer == "sgd" else None,
+            "warmup_steps": min(cfg.warmup_steps, cfg.steps),
+            "schedule": "linear warmup + cosine to 0 (diffusers get_cosine_schedule_with_warmup)",
+            "augment": cfg.augment, "label_smoothing": cfg.label_smoothing, "grad_clip": cfg.grad_clip,
+            "train_images": len(task.train), "train_images_seen": cfg.steps * cfg.batch_size,
+            "epochs": round(cfg.steps * cfg.batch_size / len(task.train), 2),
+            **task.result(last, best),
+            "final_train_loss": history[-1]["train_loss"] if history else None,
+            "history": history, "params": params, "trainable_params": trainable,
+            "eval_every": cfg.eval_every, "mixed_precision": cfg.mixed_precision, "num_processes": world,
+            "log_with": cfg.log_with, "train_seconds": round(train_seconds, 1), "seconds": None,
+            "machine": machine_description()}
 
 
 def _save_model(task: Task, model, out: Path, result: dict) -> None:

@@ -99,9 +99,9 @@ class Task:
         row; both None when a stopped run evaluated nothing."""
         raise NotImplementedError
 
-    def after_training(self, model: nn.Module, result: dict, accelerator) -> None:
+    def after_training(self, model: nn.Module, result: dict, accelerator, batches) -> None:
         """Work every process takes part in after the last step (e.g. accuracy on the training subset); adds keys
-        to ``result``."""
+        to ``result``. ``batches(loader, desc)`` iterates a loader showing progress, as the loop's evaluations do."""
 
     def write_extras(self, model: nn.Module, out: Path, device: torch.device) -> None:
         """Files beside the result (main process only), e.g. a grid of predictions."""
