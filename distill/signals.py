@@ -12,8 +12,6 @@ import signal
 import sys
 import threading
 
-import torch
-
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -48,6 +46,8 @@ class StopOnSignal:
         """Whether any process got a signal (one all-reduce per call with several processes)."""
         if accelerator.num_processes == 1:
             return self.signum is not None
+        import torch  # only with several processes: this module stays torch-free to import
+
         flag = torch.tensor([-1 if self.signum is None else self.signum], device=accelerator.device)
         flag = accelerator.reduce(flag, "max")
         if self.signum is None and int(flag.item()) > 0:
