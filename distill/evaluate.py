@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from .atomic import atomic_write_json
 from .data import build_dataset, collate, dataset_mean_std, label_subset, to_student, to_unit
 from .export import export_data_root, load_exported, read_export
+from .integrity import read_json
 from .probe import eval_device, extract_features, knn_probe, linear_probe
 from .rundir import load_trained
 from .student import Student
@@ -210,6 +211,25 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: the probe rows of a ``distill run`` directory (:func:`save_results`, :func:`read_results`)
+RESULTS_FILE = "results.json"
+
+
 def save_results(rows: list[dict], path: Path, extra: Optional[dict] = None) -> None:
     """``{"results": rows, **extra}`` as JSON (atomically)."""
     atomic_write_json(path, {"results": rows, **(extra or {})})
+
+
+def read_results(path: Path) -> dict:
+    """A ``results.json`` written by :func:`save_results` (a bare list of rows, as ``distill probe --json``
+    writes, is read as ``{"results": rows}``).
+
+    Raises:
+        UnreadableFileError / OSError: missing, empty or not JSON (named). ValueError: no ``results`` list.
+    """
+    data = read_json(path)
+    if isinstance(data, list):
+        data = {"results": data}
+    if not isinstance(data, dict) or not isinstance(data.get("results", []), list):
+        raise ValueError("not a `distill run` results.json ({'results': [...]})")
+    return data

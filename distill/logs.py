@@ -1,4 +1,6 @@
-"""Console logging of the command line: one ``distill`` logger, and the hub libraries' own loggers set once.
+"""Console logging of the command line: one ``distill`` logger, and the hub libraries' own loggers set once; where
+progress goes (:func:`show_progress_bar`) and which experiment tracker may be used (:func:`check_tracker`), for
+``distill train`` and fine-tuning alike.
 
 Every module logs through ``logging.getLogger(__name__)``, i.e. a child of the ``distill`` logger. The command line
 gives that logger one stderr handler and leaves the root logger without one: configuring the root logger (as
@@ -19,6 +21,10 @@ import os
 import sys
 import time
 from typing import Optional
+
+from .errors import MissingDependencyError
+from .integrity import error_text
+from .vocab import TRACKER_EXTRAS, TRACKERS
 
 #: The hub libraries whose loggers are set: ``{module: (verbosity environment variable, logging module)}``.
 _HUB_LOGGERS = {
@@ -157,3 +163,67 @@ def progress(iterable=None, desc: str = "", total: Optional[int] = None, enabled
     if interactive_stderr():
         return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True)
     return PlainProgress(iterable, desc, total, unit, every)
+
+
+def show_progress_bar(progress: bool, is_main_process: bool = True) -> bool:
+    """Whether to draw tqdm: asked for, on the main process, and stderr (where tqdm draws) is a terminal or a
+    Jupyter kernel's (``tqdm.auto`` draws a widget there)."""
+    return progress and is_main_process and interactive_stderr()
+
+
+def check_tracker(name: Optional[str]) -> None:
+    """A recipe's ``log_with`` must name a tracker of :data:`TRACKERS` whose package is installed (Accelerate
+    itself only warns and trains without it).
+
+    Raises:
+        ValueError: an unknown tracker name (the valid ones listed).
+        MissingDependencyError: its package is not installed (the message names the pip extra).
+    """
+    if name is None:
+        return
+    if name not in TRACKERS:
+        raise ValueError(f"recipe key 'log_with' has value {name!r}; valid: {', '.join(TRACKERS)} (or null for "
+                         f"metrics.csv and train.log only).")
+    import accelerate.utils as au
+
+    if not getattr(au, f"is_{name}_available")():
+        extra = TRACKER_EXTRAS[name]
+        raise MissingDependencyError(
+            f"log_with: {name} needs the {name} package, which is not installed, so no tracker could start. Fix: "
+            f"pip install \"distill[{extra}]\" (or pip install -e \".[{extra}]\" in a checkout), or remove log_with.")
+
+
+#: per tracker: the settings that most often stop it from starting (said in the error)
+TRACKER_SETTINGS = {
+    "tensorboard": "the run directory must be writable (event files go to RUN/distill/)",
+    "wandb": "log in first (wandb login, or WANDB_API_KEY), or set WANDB_MODE=offline",
+    "mlflow": "MLFLOW_TRACKING_URI must name a store this machine can reach and write (unset: MLflow's default "
+              "local store in the working directory)",
+}
+
+
+def start_trackers(accelerator, name: Optional[str], config: dict, project: str = "distill") -> None:
+    """``accelerator.init_trackers(project, config)`` for the recipe's ``log_with`` tracker ``name`` (nothing when
+    None). A tracker that fails to start (an import error inside its package, a store it cannot reach or write, a
+    login it lacks, a version Accelerate does not support) raises one error naming the tracker, the cause and the fix
+    instead of the tracker's traceback.
+
+    Raises:
+        MissingDependencyError: its package (or one it needs) cannot be imported (names the pip extra).
+        ValueError: it failed to start for another reason (names the setting to check, or removing ``log_with``).
+    """
+    if name is None:
+        return
+    try:
+        accelerator.init_trackers(project, config=config)
+    except Exception as e:  # noqa: BLE001 - every tracker package raises its own kinds; one message for all
+        extra = TRACKER_EXTRAS.get(name, name)
+        install = f"pip install \"distill[{extra}]\" (or pip install -e \".[{extra}]\" in a checkout)"
+        if isinstance(e, ImportError):
+            raise MissingDependencyError(
+                f"log_with: {name} could not start: a package it needs cannot be imported ({error_text(e, 200)}). "
+                f"Fix: {install}, or remove log_with (metrics.csv and train.log record the run anyway).") from e
+        raise ValueError(
+            f"log_with: {name} could not start: {type(e).__name__}: {error_text(e, 300)}. Fix: check its settings "
+            f"({TRACKER_SETTINGS.get(name, 'see its documentation')}); reinstall the tested versions with {install}; "
+            f"or remove log_with (metrics.csv and train.log record the run anyway).") from e

@@ -28,10 +28,13 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .atomic import atomic_write_json, atomic_write_text, writing
+from .evaluate import RESULTS_FILE, read_results
 from .integrity import error_text, read_json
+from .rundir import METRICS, MONITOR, SUMMARY, read_metrics, read_summary
 from .teacher import feature_key
 from .plots import pct, plot_fraction, plot_loss_curves, plot_monitor, plot_probes
 from .segment.report import segmentation_section
+from .tune import RESULT_FILE, read_result
 
 _logger = logging.getLogger(__name__)
 
@@ -54,31 +57,12 @@ class DistillRun:
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def _float(v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def read_metrics(path: Path) -> dict[str, list[float]]:
-    """``metrics.csv`` -> ``{column: [values]}``; empty cells are NaN."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        raise ValueError(f"'{path}' is empty; a `distill train` metrics.csv starts with a header row.")
-    header, body = rows[0], [r for r in rows[1:] if r]
-    if "step" not in header:
-        raise ValueError(f"'{path}' has no 'step' column (header: {header}); is it a `distill train` metrics.csv?")
-    return {c: [_float(r[i]) if i < len(r) else math.nan for r in body] for i, c in enumerate(header)}
-
-
 def _is_finetune(d: Path) -> bool:
-    return (d / "result.json").is_file()
+    return (d / RESULT_FILE).is_file()
 
 
 def _is_distill(d: Path) -> bool:
-    return (d / "metrics.csv").is_file() or (d / "results.json").is_file()
+    return (d / METRICS).is_file() or (d / RESULTS_FILE).is_file()
 
 
 def discover(paths: Sequence[str]) -> tuple[list[Path], list[Path]]:
@@ -93,7 +77,7 @@ def discover(paths: Sequence[str]) -> tuple[list[Path], list[Path]]:
         if _is_finetune(p) or _is_distill(p):
             found = [p]
         else:
-            found = sorted({f.parent for pat in ("result.json", "metrics.csv", "results.json") for f in p.rglob(pat)
+            found = sorted({f.parent for pat in (RESULT_FILE, METRICS, RESULTS_FILE) for f in p.rglob(pat)
                             if not any(part.startswith(("checkpoint-", ".tmp")) for part in f.relative_to(p).parts)})
         for d in found:
             (finetune_runs if _is_finetune(d) else distill_runs).append(d)
@@ -125,22 +109,6 @@ def _read_or_skip(path: Path, read: Callable, skipped: list):
         return None
 
 
-def _results_json(path: Path) -> dict:
-    data = read_json(path)
-    if isinstance(data, list):
-        data = {"results": data}
-    if not isinstance(data, dict) or not isinstance(data.get("results", []), list):
-        raise ValueError("not a `distill run` results.json ({'results': [...]})")
-    return data
-
-
-def _summary_json(path: Path) -> dict:
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise ValueError("not a `distill train` summary.json (a JSON object)")
-    return data
-
-
 def load_distill_runs(dirs: list[Path], skipped: Optional[list] = None) -> list[DistillRun]:
     """The distillation runs of ``dirs``; an unreadable ``metrics.csv``/``results.json``/``summary.json`` is
     skipped with a warning (added to ``skipped``), and a run with nothing readable is left out."""
@@ -148,31 +116,20 @@ def load_distill_runs(dirs: list[Path], skipped: Optional[list] = None) -> list[
     runs = []
     for d, name in zip(dirs, _short_names(dirs)):
         run = DistillRun(d, name)
-        if (d / "metrics.csv").is_file():
-            run.metrics = _read_or_skip(d / "metrics.csv", read_metrics, skipped) or {}
-        if (d / "monitor.csv").is_file():  # same CSV layout (a step column)
-            run.monitor = _read_or_skip(d / "monitor.csv", read_metrics, skipped) or {}
-        data = _read_or_skip(d / "results.json", _results_json, skipped) if (d / "results.json").is_file() else None
+        if (d / METRICS).is_file():
+            run.metrics = _read_or_skip(d / METRICS, read_metrics, skipped) or {}
+        if (d / MONITOR).is_file():  # same CSV layout (a step column)
+            run.monitor = _read_or_skip(d / MONITOR, read_metrics, skipped) or {}
+        data = _read_or_skip(d / RESULTS_FILE, read_results, skipped) if (d / RESULTS_FILE).is_file() else None
         if data is not None:
             run.probes = list(data.get("results", []))
             run.info = {k: v for k, v in data.items() if k != "results"}
-        elif (d / "summary.json").is_file():
-            summary = _read_or_skip(d / "summary.json", _summary_json, skipped)
+        elif (d / SUMMARY).is_file():
+            summary = _read_or_skip(d / SUMMARY, read_summary, skipped)
             run.info = {"train_summary": summary} if summary is not None else {}
         if run.metrics or run.probes or run.info:
             runs.append(run)
     return runs
-
-
-def _finetune_result(path: Path) -> dict:
-    r = read_json(path)
-    if not isinstance(r, dict):
-        raise ValueError("not a `distill finetune` result (a JSON object)")
-    keys = ("last_miou",) if r.get("task") == "segmentation" else ("last_top1", "best_top1")  # distill.segment
-    for key in ("label", "fraction", "seed") + keys:
-        if key not in r:
-            raise ValueError(f"has no {key!r}; is it a `distill finetune` result?")
-    return r
 
 
 def load_finetune_results(dirs: list[Path], skipped: Optional[list] = None) -> list[dict]:
@@ -181,8 +138,12 @@ def load_finetune_results(dirs: list[Path], skipped: Optional[list] = None) -> l
     skipped = [] if skipped is None else skipped
     out = []
     for d in dirs:
-        r = _read_or_skip(d / "result.json", _finetune_result, skipped)
-        if r is not None:
+        r = _read_or_skip(d / RESULT_FILE, lambda p: read_result(p.parent), skipped)
+        if r is not None and r.get("stopped"):  # a partial run would pass for a finished one in the tables
+            reason = f"stopped by {r['stopped']} after step {r.get('steps_done')} of {r.get('steps')} (not finished)"
+            skipped.append({"path": str(d / RESULT_FILE), "reason": reason})
+            _logger.warning("report: skipping '%s': %s", d / RESULT_FILE, reason)
+        elif r is not None:
             out.append({**r, "_dir": str(d)})
     return out
 

@@ -16,8 +16,10 @@ reloads a trained run (:func:`load_trained`) for export and probes; the logs a r
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import logging
+import math
 import re
 import shutil
 from pathlib import Path
@@ -25,11 +27,11 @@ from typing import Optional
 
 import yaml
 
-from .atomic import atomic_write_json, atomic_write_text
+from .atomic import atomic_write_json
 from .build import build_student
 from .config import Recipe, make_recipe, save_recipe, yaml_load
 from .errors import RunExistsError, UnreadableFileError
-from .integrity import error_text, safetensors_problem, torch_file_problem
+from .integrity import error_text, read_json, safetensors_problem, torch_file_problem
 from .regressor import FeatureRegressor
 from .student import DistillModel
 from .teacher.loading import MODULE_PREFIX
@@ -340,6 +342,40 @@ def _short(v) -> str:
 def write_summary(run_dir: Path, summary: dict) -> None:
     """``RUN/summary.json`` (atomically)."""
     atomic_write_json(Path(run_dir) / SUMMARY, summary)
+
+
+def read_summary(path: Path) -> dict:
+    """A ``summary.json`` written by :func:`write_summary`.
+
+    Raises:
+        UnreadableFileError / OSError: missing, empty or not JSON (named). ValueError: not a JSON object.
+    """
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError("not a `distill train` summary.json (a JSON object)")
+    return data
+
+
+def read_metrics(path: Path) -> dict[str, list[float]]:
+    """A per-step CSV log (``metrics.csv``, ``monitor.csv``) -> ``{column: [values]}``; empty cells are NaN.
+
+    Raises:
+        ValueError: the file is empty or has no ``step`` column. OSError: it cannot be read.
+    """
+    def number(v) -> float:
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return math.nan
+
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise ValueError(f"'{path}' is empty; a `distill train` metrics.csv starts with a header row.")
+    header, body = rows[0], [r for r in rows[1:] if r]
+    if "step" not in header:
+        raise ValueError(f"'{path}' has no 'step' column (header: {header}); is it a `distill train` metrics.csv?")
+    return {c: [number(r[i]) if i < len(r) else math.nan for r in body] for i, c in enumerate(header)}
 
 
 def load_trained(run_dir: str, checkpoint: Optional[str] = None, map_location="cpu") -> tuple[DistillModel, Recipe, dict]:

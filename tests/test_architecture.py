@@ -17,16 +17,18 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "distill"
 
 FOUNDATION = {"distill.vocab", "distill.errors", "distill.atomic", "distill.integrity", "distill.version",
-              "distill.ranges", "distill.recipes", "distill.logs", "distill.config"}
+              "distill.ranges", "distill.recipes", "distill.logs", "distill.config", "distill.signals"}
 BLOCKS = {"distill.data", "distill.augment", "distill.teacher", "distill.student", "distill.regressor",
           "distill.losses", "distill.policy", "distill.probe", "distill.plots", "distill.optim"}
 WIRING = {"distill.build", "distill.rundir", "distill.runlock", "distill.export", "distill.card"}
 PROCEDURES = {"distill.trainer", "distill.select", "distill.cache", "distill.evaluate", "distill.finetune",
-              "distill.pipeline", "distill.report", "distill.segment"}
+              "distill.pipeline", "distill.report", "distill.segment", "distill.tune"}
 FACES = {"distill.cli", "distill"}
 LAYERS = [FOUNDATION, BLOCKS, WIRING, PROCEDURES, FACES]
 # modules above ~400 lines, each because one on-disk format is written and read in one place
-LARGE_OK = {"distill.cache": "the feature-cache format (manifest + memory-mapped .npy), written and read"}
+LARGE_OK = {"distill.cache": "the feature-cache format (manifest + memory-mapped .npy), written and read",
+            "distill.rundir": "the run-directory format (config.yaml, metrics.csv, summary.json, checkpoints), "
+                              "written and read"}
 
 
 def module_name(path: Path) -> str:
@@ -128,7 +130,8 @@ def test_nothing_imports_the_cli_or_the_package_face(graph):
 
 def test_procedures_do_not_import_the_trainer(graph):
     for name, deps in graph.items():
-        if name.split(".")[1:2] and name.split(".")[1] in ("cache", "select", "export", "evaluate", "finetune"):
+        if name.split(".")[1:2] and name.split(".")[1] in ("cache", "select", "export", "evaluate", "finetune",
+                                                           "segment", "tune"):
             assert not any(d == "distill.trainer" or d.startswith("distill.trainer.") for d in deps), name
 
 
@@ -242,7 +245,7 @@ def test_one_optimizer_and_schedule_builder():
         where = _calls(name)
         assert where and all(w.startswith("distill/optim.py:") for w in where), f"{name} called at {where}"
     assert _calls("build_optimizer") and _calls("build_scheduler")
-    for module in ("distill/build.py", "distill/finetune/run.py"):
+    for module in ("distill/build.py", "distill/tune/loop.py"):
         src = (PKG.parent / module).read_text()
         assert "build_optimizer(" in src and "build_scheduler(" in src, module
 

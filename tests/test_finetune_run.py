@@ -235,7 +235,7 @@ def test_an_output_dir_under_a_file_exits_2_naming_the_file(exported, rgb_folder
     assert f"'{tmp_path / 'notes.txt'}' is a file, not a directory" in err and "Traceback" not in err
 
 
-def test_disk_full_while_saving_the_model_exits_2_and_keeps_no_temporary(exported, rgb_folder, tmp_path,
+def test_disk_full_while_saving_the_model_exits_2_keeps_the_result_and_no_temporary(exported, rgb_folder, tmp_path,
                                                                          monkeypatch, capsys):
     def full(model, path, **kw):
         (Path(path) / "model.safetensors").write_bytes(b"partial")
@@ -247,4 +247,8 @@ def test_disk_full_while_saving_the_model_exits_2_and_keeps_no_temporary(exporte
                  "--eval-every", "0", "--save-model", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "could not write the fine-tuned model (about " in err and "the disk is full" in err
-    assert not (out / "model").exists() and not list(out.glob(".tmp-*")) and not (out / "result.json").exists()
+    assert not (out / "model").exists() and not list(out.glob(".tmp-*"))
+    # the result was written before the model and is kept; it does not claim a saved model
+    assert f"The result was written before the model and is kept: '{out / 'result.json'}'" in err
+    r = json.loads((out / "result.json").read_text())
+    assert r["last_top1"] >= 0 and "saved_model" not in r

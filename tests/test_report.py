@@ -150,7 +150,7 @@ def test_report_of_real_finetune_runs(rgb_folder, tmp_path):
     ('{"label": "resnet18 scratch", "fraction": 0.01, "se', "is not valid JSON"),  # cut short
     ("", "is empty"),
     ("[1, 2]", "a JSON object"),
-    ('{"label": "x"}', "has no 'fraction'"),
+    ('{"label": "x"}', "no fraction, seed"),
     (b"\xff\xfe\x00garbage", "is not valid JSON"),
 ])
 def test_an_unreadable_result_json_is_skipped_with_a_warning_naming_it(runs, caplog, content, reason):

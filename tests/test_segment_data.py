@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.segment.data import JointAugment, SegmentationFolder, image_subset, read_class_names, read_mask, seg_data
+from distill.augment import JointAugment
+from distill.segment.data import SegmentationFolder, image_subset, read_class_names, read_mask, seg_data
 
 from ._segment import IGNORE, NUM_CLASSES, write_shapes
 

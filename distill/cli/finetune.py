@@ -2,7 +2,7 @@
 (``--task segmentation``) fine-tuning of an export or of ``timm:NAME`` from scratch."""
 from __future__ import annotations
 
-from ..vocab import DATASETS, SEG_DECODERS, SEG_LAYOUTS, TASKS
+from ..vocab import DATASETS, SEG_DECODERS, SEG_LAYOUTS, TASKS, TRACKERS
 from .common import add_output_dir
 
 
@@ -45,8 +45,12 @@ def add_finetune_parser(sub) -> None:
     ft.add_argument("--mean", type=float, nargs="+", default=None, help="default: the export's, else the data's")
     ft.add_argument("--std", type=float, nargs="+", default=None)
     ft.add_argument("--label", default=None, help="name in reports (default: '<arch> distilled' / '<arch> scratch')")
-    ft.add_argument("--mixed-precision", default="no", help="no, fp16 or bf16")
+    ft.add_argument("--mixed-precision", default=None,
+                    help="no, fp16 or bf16 (default: Accelerate's configuration: accelerate launch --mixed_precision, "
+                         "accelerate config; 'no' without one)")
     ft.add_argument("--num-workers", type=int, default=0)
+    ft.add_argument("--log-with", default=None, choices=TRACKERS,
+                    help="also report to this Accelerate tracker (as distill train's log_with), in OUT")
     ft.add_argument("--eval-train", action="store_true", help="also report accuracy on the labelled subset")
     ft.add_argument("--save-model", action="store_true", help="write the fine-tuned model to OUT/model (timm format)")
     ft.add_argument("--overwrite", action="store_true", help="replace an existing result.json")
@@ -115,16 +119,27 @@ def cmd_finetune(args) -> int:
         grad_clip=args.grad_clip, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
         log_every=args.log_every, size=args.size, mean=args.mean, std=args.std, like=args.like, label=args.label,
         mixed_precision=args.mixed_precision, num_workers=args.num_workers, eval_train=args.eval_train,
-        save_model=args.save_model)
+        save_model=args.save_model, log_with=args.log_with)
+    return _run(args, cfg, finetune, finetune_sweep, result_line)
+
+
+def _run(args, cfg, one, sweep, line) -> int:
+    """One run (``one``) or a sweep (``sweep``) of ``cfg``; the main process prints ``line(result)`` per run."""
+    from ..tune import is_main_process
+
+    def say(text: str) -> None:
+        if is_main_process():  # several processes (accelerate launch): one line, not one per process
+            print(text, flush=True)
+
     progress = not args.no_progress
     if args.fractions or args.seeds:
-        finetune_sweep(cfg, args.output_dir, args.fractions or [args.fraction], args.seeds or [args.seed],
-                       overwrite=args.overwrite, skip_existing=args.skip_existing, progress=progress,
-                       on_result=lambda r: print(result_line(r), flush=True))
-        print(f"results in {args.output_dir}/frac*-seed*/result.json; table and plots: "
-              f"distill report {args.output_dir} -o {args.output_dir}/report")
+        sweep(cfg, args.output_dir, args.fractions or [args.fraction], args.seeds or [args.seed],
+              overwrite=args.overwrite, skip_existing=args.skip_existing, progress=progress,
+              on_result=lambda r: say(line(r)))
+        say(f"results in {args.output_dir}/frac*-seed*/result.json; table and plots: "
+            f"distill report {args.output_dir} -o {args.output_dir}/report")
     else:
-        print(result_line(finetune(cfg, args.output_dir, overwrite=args.overwrite, progress=progress)))
+        say(line(one(cfg, args.output_dir, overwrite=args.overwrite, progress=progress)))
     return 0
 
 
@@ -143,7 +158,6 @@ def _segment(args) -> int:
                          f"{'it' if len(unused) == 1 else 'them'} (segmentation reads --data-root with --layout).")
     _fill_defaults(args, SEGMENTATION_DEFAULTS)
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(SegmentConfig)}}
-    given.pop("dataset", None)
     cfg = SegmentConfig(**given)
 
     def line(r: dict) -> str:
@@ -151,12 +165,4 @@ def _segment(args) -> int:
                 f"{r['steps']} steps: {r['eval_split']} mIoU {r['last_miou']:.2f}, pixel acc {r['last_pixel_acc']:.2f}"
                 f", {r['seconds']:.0f}s")
 
-    if args.fractions or args.seeds:
-        segment_sweep(cfg, args.output_dir, args.fractions or [args.fraction], args.seeds or [args.seed],
-                      overwrite=args.overwrite, skip_existing=args.skip_existing, progress=not args.no_progress,
-                      on_result=lambda r: print(line(r), flush=True))
-        print(f"results in {args.output_dir}/frac*-seed*/result.json; table and plots: "
-              f"distill report {args.output_dir} -o {args.output_dir}/report")
-    else:
-        print(line(segment_finetune(cfg, args.output_dir, overwrite=args.overwrite, progress=not args.no_progress)))
-    return 0
+    return _run(args, cfg, segment_finetune, segment_sweep, line)

@@ -11,18 +11,21 @@ table), ``train_log.csv`` (training loss) and, with ``save_model``, the fine-tun
 A distilled student and its scratch baseline seeded alike see the same images in the same order with the same
 augmentation draws and the same learning rate at every step; only the initial weights differ.
 
-Modules: :mod:`.config` (:class:`FinetuneConfig`), :mod:`.model` (what is fine-tuned and its preprocessing),
-:mod:`.data` (label subset, step sampler, seeded augmentation), :mod:`.run` (one run, evaluation, the files it
-writes), :mod:`.sweep` (one run per fraction and seed).
+The loop, the output directory and the sweep are shared with segmentation (:mod:`distill.tune`); this package holds
+what classification adds. Modules: :mod:`.config` (:class:`FinetuneConfig`), :mod:`.model` (what is fine-tuned and
+its preprocessing), :mod:`.data` (label subset), :mod:`.run` (:class:`ClassificationTask`, one run, evaluation),
+:mod:`.sweep` (one run per fraction and seed).
 """
 from .config import FinetuneConfig
 from ..export import export_data_root
-from .data import FinetuneData, SeededAugment, StepBatchSampler, finetune_data
+from ..augment import SeededAugment
+from ..tune import LOG_FILE, RESULT_FILE, StepBatchSampler, machine_description, prepare_output_dir, run_dir_name
+from .data import FinetuneData, finetune_data
 from .model import ModelSource, build_model, check_timm_name, parse_model_source, resolve_preprocessing
-from .run import LOG_FILE, RESULT_FILE, evaluate, finetune, machine_description, prepare_output_dir, result_line
-from .sweep import finetune_sweep, run_dir_name
+from .run import ClassificationTask, evaluate, finetune, result_line
+from .sweep import finetune_sweep
 
-__all__ = ["FinetuneConfig", "finetune", "finetune_sweep", "finetune_data", "build_model", "parse_model_source",
+__all__ = ["FinetuneConfig", "ClassificationTask", "finetune", "finetune_sweep", "finetune_data", "build_model", "parse_model_source",
            "evaluate", "StepBatchSampler", "SeededAugment", "run_dir_name",
            "FinetuneData", "export_data_root", "ModelSource", "check_timm_name", "resolve_preprocessing",
            "LOG_FILE", "RESULT_FILE", "machine_description", "prepare_output_dir", "result_line"]

@@ -1,46 +1,17 @@
-"""Many fine-tuning runs: one per (fraction, seed), each in ``OUT/frac{F}-seed{S}/``, all checked before the first."""
+"""Many classification fine-tunes: one per (fraction, seed), each in ``OUT/frac{F}-seed{S}/``, all checked before the
+first (:func:`distill.tune.sweep`)."""
 from __future__ import annotations
 
-import dataclasses
-import json
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ..tune.sweep import run_dir_name, sweep  # noqa: F401 (run_dir_name: imported from here before)
 from .config import FinetuneConfig
-from .run import RESULT_FILE, finetune
-
-
-def run_dir_name(fraction: float, seed: int) -> str:
-    """The sub-directory of one sweep run: ``frac{fraction:g}-seed{seed}`` (``frac0.1-seed0``, ``frac1-seed2``)."""
-    return f"frac{float(fraction):g}-seed{seed}"
+from .run import finetune
 
 
 def finetune_sweep(cfg: FinetuneConfig, output_dir: str, fractions: Sequence[float], seeds: Sequence[int],
                    overwrite: bool = False, skip_existing: bool = False, progress: bool = True,
-                   on_result: Optional[Callable[[dict], None]] = None, run: Callable = finetune) -> list[dict]:
-    """One run per (fraction, seed) in ``output_dir/frac{F}-seed{S}/``; everything is checked before the first
-    run, so a bad fraction or an existing result fails at once instead of after hours. ``run``: the function of one
-    run (:func:`distill.finetune.finetune`, or :func:`distill.segment.segment_finetune`)."""
-    if not fractions or not seeds:
-        raise ValueError("--fractions and --seeds need at least one value each.")
-    runs = [(f, s) for f in fractions for s in seeds]
-    for f, s in runs:
-        dataclasses.replace(cfg, fraction=f, seed=s).validate()
-    if len(set(map(lambda r: run_dir_name(*r), runs))) != len(runs):
-        raise ValueError(f"--fractions {list(fractions)} / --seeds {list(seeds)} contain duplicates.")
-    out = Path(output_dir)
-    existing = [run_dir_name(f, s) for f, s in runs if (out / run_dir_name(f, s) / RESULT_FILE).exists()]
-    if existing and not (overwrite or skip_existing):
-        raise FileExistsError(f"'{out}' already holds results for {', '.join(existing)}; pass --overwrite to replace "
-                              f"them, --skip-existing to run only the missing ones, or choose another --output-dir.")
-    results = []
-    for f, s in runs:
-        sub = out / run_dir_name(f, s)
-        if skip_existing and not overwrite and (sub / RESULT_FILE).exists():
-            r = json.loads((sub / RESULT_FILE).read_text())
-        else:
-            r = run(dataclasses.replace(cfg, fraction=f, seed=s), str(sub), overwrite=overwrite, progress=progress)
-        results.append(r)
-        if on_result:
-            on_result(r)
-    return results
+                   on_result: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """:func:`distill.finetune.finetune` per (fraction, seed); see :func:`distill.tune.sweep`."""
+    return sweep(cfg, output_dir, fractions, seeds, finetune, overwrite=overwrite, skip_existing=skip_existing,
+                 progress=progress, on_result=on_result)

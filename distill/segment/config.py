@@ -1,11 +1,11 @@
-"""The settings of one segmentation run, :class:`SegmentConfig` (torch-free): the classification fine-tune's
-settings (:class:`distill.finetune.FinetuneConfig`) plus the segmentation ones."""
+"""The settings of one segmentation run, :class:`SegmentConfig` (torch-free): the shared fine-tuning settings
+(:class:`distill.tune.TuneConfig`) plus the segmentation ones."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ..finetune.config import FinetuneConfig
+from ..tune.config import TuneConfig
 from ..vocab import SEG_DECODERS, SEG_LAYOUT_CLASSES, SEG_LAYOUTS
 
 
@@ -27,7 +27,7 @@ def layout_classes(layout: str, num_classes: Optional[int], ignore_index: Option
 
 
 @dataclass
-class SegmentConfig(FinetuneConfig):
+class SegmentConfig(TuneConfig):
     """One segmentation fine-tune (or dense linear probe with ``decoder='linear'`` and ``freeze_backbone``).
 
     ``model``: an exported student, ``timm:NAME`` (random init) or ``teacher:NAME`` (a diffusion teacher's own
@@ -60,7 +60,7 @@ class SegmentConfig(FinetuneConfig):
     eval_batch_size: int = 16
 
     def validate(self) -> None:
-        """:meth:`FinetuneConfig.validate`, then the segmentation fields; raises ``ValueError`` naming the option."""
+        """:meth:`TuneConfig.validate`, then the segmentation fields; raises ``ValueError`` naming the option."""
         super().validate()
         if self.data_root is None:
             raise ValueError("--data-root is required for --task segmentation: a folder with train/ + trainannot/ "

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
-import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
+from ..augment import JointAugment  # noqa: F401 (its home is distill.augment; imported from here before)
 from ..data.masks import read_mask, resize_image, resize_mask  # noqa: F401  (re-exported)
 from ..data.segmentation import (CropPadCollate, SegmentationFolder, check_one_size, collate_pairs,  # noqa: F401
                                  pad_pairs, size_batches)
@@ -59,29 +59,6 @@ def read_class_names(path: Optional[str], num_classes: int) -> tuple[str, ...]:
 def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
     """A fixed, seeded colour per class id (``num_classes`` colours, then black for the ignore index)."""
     return list(seeded_palette(num_classes))
-
-
-class JointAugment(nn.Module):
-    """Random scale + crop (``RandomResizedCrop`` back to the input size, area ``scale``) and horizontal flip, applied
-    to image and mask with the same parameters (kornia ``AugmentationSequential`` with ``data_keys=['input',
-    'mask']``: bilinear for the image, nearest for the mask, so ids stay ids).
-
-    ``forward(images [B, C, H, W] float, masks [B, H, W] int64) -> (images, masks)`` of the same shapes.
-    """
-
-    def __init__(self, size: Sequence[int], scale: tuple[float, float] = (0.25, 1.0), flip: bool = True):
-        super().__init__()
-        import kornia.augmentation as K
-
-        h, w = int(size[0]), int(size[1])
-        ops = [K.RandomResizedCrop((h, w), scale=scale, ratio=(0.75 * w / h, 1.333 * w / h))]
-        if flip:
-            ops.append(K.RandomHorizontalFlip())
-        self.aug = K.AugmentationSequential(*ops, data_keys=["input", "mask"])
-
-    def forward(self, images: torch.Tensor, masks: torch.Tensor):
-        x, m = self.aug(images, masks[:, None].float())
-        return x, m[:, 0].round().long()
 
 
 @dataclass

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from ..config import Recipe
-from ..errors import MissingDependencyError
-from ..integrity import error_text
-from ..vocab import TRACKER_EXTRAS, TRACKERS
+from ..logs import check_tracker, start_trackers  # noqa: F401 (shared with fine-tuning; imported from here before)
 
 
 def make_accelerator(recipe: Recipe, run_dir: Path):
@@ -62,64 +59,6 @@ def launched_processes() -> int:
                          "train ... (on a machine without GPU the processes train on the CPU, joined with gloo), "
                          "or --num_processes 1.")
     return 1
-
-
-def check_tracker(name: Optional[str]) -> None:
-    """A recipe's ``log_with`` must name a tracker of :data:`TRACKERS` whose package is installed (Accelerate
-    itself only warns and trains without it).
-
-    Raises:
-        ValueError: an unknown tracker name (the valid ones listed).
-        MissingDependencyError: its package is not installed (the message names the pip extra).
-    """
-    if name is None:
-        return
-    if name not in TRACKERS:
-        raise ValueError(f"recipe key 'log_with' has value {name!r}; valid: {', '.join(TRACKERS)} (or null for "
-                         f"metrics.csv and train.log only).")
-    import accelerate.utils as au
-
-    if not getattr(au, f"is_{name}_available")():
-        extra = TRACKER_EXTRAS[name]
-        raise MissingDependencyError(
-            f"log_with: {name} needs the {name} package, which is not installed, so no tracker could start. Fix: "
-            f"pip install \"distill[{extra}]\" (or pip install -e \".[{extra}]\" in a checkout), or remove log_with.")
-
-
-#: per tracker: the settings that most often stop it from starting (said in the error)
-TRACKER_SETTINGS = {
-    "tensorboard": "the run directory must be writable (event files go to RUN/distill/)",
-    "wandb": "log in first (wandb login, or WANDB_API_KEY), or set WANDB_MODE=offline",
-    "mlflow": "MLFLOW_TRACKING_URI must name a store this machine can reach and write (unset: MLflow's default "
-              "local store in the working directory)",
-}
-
-
-def start_trackers(accelerator, name: Optional[str], config: dict) -> None:
-    """``accelerator.init_trackers('distill', config)`` for the recipe's ``log_with`` tracker ``name`` (nothing when
-    None). A tracker that fails to start (an import error inside its package, a store it cannot reach or write, a
-    login it lacks, a version Accelerate does not support) raises one error naming the tracker, the cause and the fix
-    instead of the tracker's traceback.
-
-    Raises:
-        MissingDependencyError: its package (or one it needs) cannot be imported (names the pip extra).
-        ValueError: it failed to start for another reason (names the setting to check, or removing ``log_with``).
-    """
-    if name is None:
-        return
-    try:
-        accelerator.init_trackers("distill", config=config)
-    except Exception as e:  # noqa: BLE001 - every tracker package raises its own kinds; one message for all
-        extra = TRACKER_EXTRAS.get(name, name)
-        install = f"pip install \"distill[{extra}]\" (or pip install -e \".[{extra}]\" in a checkout)"
-        if isinstance(e, ImportError):
-            raise MissingDependencyError(
-                f"log_with: {name} could not start: a package it needs cannot be imported ({error_text(e, 200)}). "
-                f"Fix: {install}, or remove log_with (metrics.csv and train.log record the run anyway).") from e
-        raise ValueError(
-            f"log_with: {name} could not start: {type(e).__name__}: {error_text(e, 300)}. Fix: check its settings "
-            f"({TRACKER_SETTINGS.get(name, 'see its documentation')}); reinstall the tested versions with {install}; "
-            f"or remove log_with (metrics.csv and train.log record the run anyway).") from e
 
 
 def exact_accumulation(accelerator, grad_accum_steps: int) -> None:

@@ -19,16 +19,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..atomic import atomic_write_text, writing
-from ..logs import interactive_stderr
+from ..logs import show_progress_bar  # noqa: F401 (shared with fine-tuning; imported from here before)
 
 #: The name of the log file in a run directory.
 TRAIN_LOG = "train.log"
-
-
-def show_progress_bar(progress: bool, is_main_process: bool = True) -> bool:
-    """Whether to draw tqdm: asked for, on the main process, and stderr (where tqdm draws) is a terminal or a
-    Jupyter kernel's (``tqdm.auto`` draws a widget there)."""
-    return progress and is_main_process and interactive_stderr()
 
 
 def format_line(step: int, steps: int, terms: dict, lr: float, img_per_s: float, data_share: float) -> str:

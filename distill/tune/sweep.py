@@ -1,0 +1,51 @@
+"""Many fine-tuning runs of one task: one per (fraction, seed), each in ``OUT/frac{F}-seed{S}/``, all checked before
+the first."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .config import TuneConfig
+from .outdir import RESULT_FILE, read_result
+
+
+def run_dir_name(fraction: float, seed: int) -> str:
+    """The sub-directory of one sweep run: ``frac{fraction:g}-seed{seed}`` (``frac0.1-seed0``, ``frac1-seed2``)."""
+    return f"frac{float(fraction):g}-seed{seed}"
+
+
+def sweep(cfg: TuneConfig, output_dir: str, fractions: Sequence[float], seeds: Sequence[int], run: Callable,
+          overwrite: bool = False, skip_existing: bool = False, progress: bool = True,
+          on_result: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """One run per (fraction, seed) in ``output_dir/frac{F}-seed{S}/``; everything is checked before the first
+    run, so a bad fraction or an existing result fails at once instead of after hours. ``run``: the function of one
+    run (:func:`distill.finetune.finetune`, :func:`distill.segment.segment_finetune`).
+
+    Raises:
+        ValueError: no fractions or seeds, duplicates, or a setting ``validate`` refuses.
+        FileExistsError: results exist and neither ``overwrite`` nor ``skip_existing`` is set.
+    """
+    if not fractions or not seeds:
+        raise ValueError("--fractions and --seeds need at least one value each.")
+    runs = [(f, s) for f in fractions for s in seeds]
+    for f, s in runs:
+        dataclasses.replace(cfg, fraction=f, seed=s).validate()
+    if len(set(map(lambda r: run_dir_name(*r), runs))) != len(runs):
+        raise ValueError(f"--fractions {list(fractions)} / --seeds {list(seeds)} contain duplicates.")
+    out = Path(output_dir)
+    existing = [run_dir_name(f, s) for f, s in runs if (out / run_dir_name(f, s) / RESULT_FILE).exists()]
+    if existing and not (overwrite or skip_existing):
+        raise FileExistsError(f"'{out}' already holds results for {', '.join(existing)}; pass --overwrite to replace "
+                              f"them, --skip-existing to run only the missing ones, or choose another --output-dir.")
+    results = []
+    for f, s in runs:
+        sub = out / run_dir_name(f, s)
+        if skip_existing and not overwrite and (sub / RESULT_FILE).exists():
+            r = read_result(sub)
+        else:
+            r = run(dataclasses.replace(cfg, fraction=f, seed=s), str(sub), overwrite=overwrite, progress=progress)
+        results.append(r)
+        if on_result:
+            on_result(r)
+    return results

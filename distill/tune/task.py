@@ -1,0 +1,116 @@
+"""What a supervised fine-tuning task adds to the one loop (:func:`distill.tune.fit`): :class:`Task`.
+
+As timm's ``TrainingTask.forward -> {'loss', ...}`` and LightlyTrain's ``TrainModel.training_step``, and as
+:mod:`distill.trainer.targets` does for distillation: the loop owns the Accelerator, the step sampler, the optimizer
+and schedule, logging, evaluation times, signals, the run lock and the files; a task owns its data, its model, how a
+batch becomes inputs and targets, its loss, its evaluation and its result keys. A new task is a subclass, never a
+copy of the loop.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from .config import TuneConfig
+
+
+class Task:
+    """The contract between :func:`distill.tune.fit` and a task. Subclasses set the class attributes and implement
+    every method that raises ``NotImplementedError`` here.
+
+    Attributes:
+        name: the ``task`` key of ``result.json`` (``'classification'``, ``'segmentation'``).
+        target: the name of the targets in a callback batch (``'labels'``, ``'masks'``).
+        train_metric: the ``train_log.csv`` column of the training accuracy (``'batch_top1'``, ``'pixel_acc'``).
+        score: the history key that picks the best evaluation (``'top1'``, ``'miou'``).
+        cfg: the run's settings; ``label``: the run's name in reports.
+    """
+
+    name = ""
+    target = ""
+    train_metric = ""
+    score = ""
+
+    def __init__(self, cfg: TuneConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.label = cfg.label or ""
+
+    # ---------------------------------------------------------------- data and model
+    def load_data(self) -> None:
+        """Read and check the data (before the output directory is touched); sets ``self.train`` and
+        ``self.test`` (datasets of ``(uint8 image, target)`` items)."""
+        raise NotImplementedError
+
+    train: Dataset
+    test: Dataset
+
+    def collate(self, batch: list):
+        """Stack dataset items into ``(uint8 images [B, C, H, W], targets)``."""
+        raise NotImplementedError
+
+    def eval_loader_options(self) -> dict:
+        """How the evaluation ``DataLoader`` batches ``self.test`` (its keyword arguments besides the dataset and
+        workers): by default ``cfg.eval_batch_size`` items in order, stacked by :meth:`collate`."""
+        return {"batch_size": self.cfg.eval_batch_size, "shuffle": False, "collate_fn": self.collate}
+
+    def build_model(self) -> nn.Module:
+        """The model to fine-tune, initialised from ``cfg.seed`` only (the same head for every arm)."""
+        raise NotImplementedError
+
+    def optimizer_options(self) -> dict:
+        """Extra keyword arguments of :func:`distill.optim.build_optimizer` (e.g. ``layer_decay``)."""
+        return {}
+
+    def make_augment(self, device: torch.device) -> None:
+        """Build the training augmentation on ``device`` (on its own RNG stream, :class:`distill.augment.
+        SeededAugment`), once the first image is known."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- one step
+    def inputs(self, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A collated training batch -> ``(model inputs, targets)`` on ``device``, augmented."""
+        raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss, a scalar mean over the counted targets of this process."""
+        raise NotImplementedError
+
+    def batch_stats(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(correct, counted)`` of a training batch, float scalars: the loss is a mean over ``counted`` targets
+        (the loop weighs each process's loss by it) and ``correct / counted`` is the training accuracy."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- evaluation and result
+    def evaluate(self, model: nn.Module, batches, accelerator) -> dict:
+        """Metrics of ``model`` on every batch of ``batches`` (the prepared evaluation loader, maybe wrapped in a
+        progress bar), each image counted once over all processes (``gather_for_metrics``)."""
+        raise NotImplementedError
+
+    def history_row(self, r: dict) -> dict:
+        """The metrics of an evaluation kept in ``result['history']`` (``score`` among them)."""
+        raise NotImplementedError
+
+    def eval_line(self, step: int, r: dict) -> str:
+        """One line for the log after an evaluation."""
+        raise NotImplementedError
+
+    def result(self, last: Optional[dict], best: Optional[dict]) -> dict:
+        """The task's keys of ``result.json`` from the last evaluation (``evaluate``'s dict) and the best history
+        row; both None when a stopped run evaluated nothing."""
+        raise NotImplementedError
+
+    def after_training(self, model: nn.Module, result: dict, accelerator, batches) -> None:
+        """Work every process takes part in after the last step (e.g. accuracy on the training subset); adds keys
+        to ``result``. ``batches(loader, desc)`` iterates a loader showing progress, as the loop's evaluations do."""
+
+    def write_extras(self, model: nn.Module, out: Path, device: torch.device) -> None:
+        """Files beside the result (main process only), e.g. a grid of predictions."""
+
+    def save_model(self, model: nn.Module, path: Path, result: dict) -> None:
+        """Write the fine-tuned model to ``path`` (``--save-model``; main process only, after ``result.json``)."""
+        raise NotImplementedError
