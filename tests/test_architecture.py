@@ -23,6 +23,7 @@ BLOCKS = {"distill.data", "distill.augment", "distill.teacher", "distill.student
 WIRING = {"distill.build", "distill.rundir", "distill.runlock", "distill.export"}
 PROCEDURES = {"distill.trainer", "distill.select", "distill.cache", "distill.evaluate", "distill.finetune",
               "distill.pipeline", "distill.report", "distill.segment"}
+PROCEDURES |= {"distill.latent_cache"}  # the latent-cache format, beside the feature cache
 FACES = {"distill.cli", "distill"}
 LAYERS = [FOUNDATION, BLOCKS, WIRING, PROCEDURES, FACES]
 # modules above ~400 lines, each because one on-disk format is written and read in one place

@@ -37,7 +37,7 @@ from .policy_log import PolicyLog
 from .stop import StopOnSignal
 from .textlog import TrainLog, format_line, show_progress_bar
 from .step import apply_update, clip_gradients, nonfinite_terms, train_step
-from .targets import CacheTargets, LiveTeacherTargets, PolicyTargets
+from .targets import CacheTargets, LatentCacheTargets, LiveTeacherTargets, PolicyTargets
 from .timesteps import resolve_timesteps
 
 _logger = logging.getLogger(__name__)
@@ -94,11 +94,17 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
     teacher = build_teacher(recipe, channels, [0] if use_policy else timesteps)
     if use_policy:
         teacher.set_timesteps(check_candidates(timesteps, teacher.num_train_timesteps))
-    cache = None
+    cache = latents = None
     if recipe.feature_cache:  # targets read from `distill extract`'s files; the key (weights, data, ...) is checked
         from ..cache import open_for_recipe
 
         cache = open_for_recipe(recipe, ds, teacher, channels)
+    elif recipe.latent_cache:  # VAE latents read from `distill extract --latents`; the UNet/DiT runs live
+        from ..latent_cache import open_for_recipe as open_latents
+
+        latents = open_latents(recipe, ds, teacher, channels)
+        teacher.vae = None  # never runs: not moved to the device
+        teacher = teacher.to(accelerator.device)
     else:
         teacher = teacher.to(accelerator.device)  # never prepared: frozen, no DDP
     layout = target_layout(recipe, teacher, policy=use_policy)
@@ -116,7 +122,10 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
         policy_opt = torch.optim.Adam(policy.parameters(), lr=recipe.policy_lr)
         policy, policy_opt = accelerator.prepare(policy, policy_opt)
     augment = build_augment(recipe.augment, ds[0][0].shape[-1]).to(accelerator.device)
-    if cache is not None:
+    if latents is not None:
+        source = LatentCacheTargets(latents, teacher, layout.groups, recipe.student_size, mean, std,
+                                    recipe.augment == "flip", recipe.latent_sample == "sample", accelerator.device)
+    elif cache is not None:
         source = CacheTargets(cache, layout.groups, recipe.student_size, mean, std, recipe.seed, accelerator.device)
     elif use_policy:
         source = PolicyTargets(teacher, layout.groups, augment, recipe.student_size, mean, std, policy, accelerator)
@@ -142,12 +151,13 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
         "regressor_targets": [[c, list(size)] for c, size in layout.targets],
         "target_groups": layout.groups,
         "feature_cache": {"path": str(cache.path), "key": cache.key} if cache is not None else None,
+        **({"latent_cache": {"path": str(latents.path), "key": latents.key}} if latents is not None else {}),
         "teacher_sha256": teacher_sha256(teacher), "data_sha256": data_fingerprint(ds),
         "teacher_source": teacher.source_info,  # class, factory, weights sha256 of a python: or module teacher
     }
     entropy_steps = recipe.policy_entropy_steps if recipe.policy_entropy_steps is not None else recipe.steps // 2
     return Session(recipe, run_dir, accelerator, model, optimizer, scheduler, source, build_loss(recipe),
-                   IndexedDataset(ds) if cache is not None else ds, resolved, policy, policy_opt, entropy_steps,
+                   IndexedDataset(ds) if cache is not None or latents is not None else ds, resolved, policy, policy_opt, entropy_steps,
                    ema=ema, monitor=monitor)
 
 
