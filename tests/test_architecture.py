@@ -20,6 +20,7 @@ FOUNDATION = {"distill.vocab", "distill.errors", "distill.atomic", "distill.inte
               "distill.ranges", "distill.recipes", "distill.logs", "distill.config"}
 BLOCKS = {"distill.data", "distill.augment", "distill.teacher", "distill.student", "distill.regressor",
           "distill.losses", "distill.policy", "distill.probe", "distill.plots", "distill.optim"}
+BLOCKS |= {"distill.cost"}  # FLOP counting and GPU peaks: torch only
 WIRING = {"distill.build", "distill.rundir", "distill.runlock", "distill.export"}
 PROCEDURES = {"distill.trainer", "distill.select", "distill.cache", "distill.evaluate", "distill.finetune",
               "distill.pipeline", "distill.report", "distill.segment"}

@@ -31,6 +31,7 @@ from ..select import check_candidates
 from .accelerator import exact_accumulation, make_accelerator, process_seed
 from .batches import epoch_batches
 from .checkpoint import load_checkpoint, save_checkpoint
+from .cost import RunCost, measure_cost
 from .ema import StudentEma
 from .monitor import MONITOR_COLUMN, Monitor
 from .policy_log import PolicyLog
@@ -74,6 +75,7 @@ class Session:
     text_log: Optional[TrainLog] = None  # RUN/train.log (and stdout without a progress bar)
     data_wait: float = 0.0  # seconds spent waiting for batches since t0
     mark: tuple = (0.0, 0.0)  # (time, data_wait) at the previous log line
+    cost: Optional[RunCost] = None  # FLOPs per image by part, the device's peak (trainer.cost)
 
     @property
     def optimizers(self) -> list:
@@ -155,10 +157,11 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
         "teacher_sha256": teacher_sha256(teacher), "data_sha256": data_fingerprint(ds),
         "teacher_source": teacher.source_info,  # class, factory, weights sha256 of a python: or module teacher
     }
+    cost = measure_cost(teacher, unwrapped, recipe, accelerator, teacher_live=cache is None)
     entropy_steps = recipe.policy_entropy_steps if recipe.policy_entropy_steps is not None else recipe.steps // 2
     return Session(recipe, run_dir, accelerator, model, optimizer, scheduler, source, build_loss(recipe),
                    IndexedDataset(ds) if cache is not None or latents is not None else ds, resolved, policy, policy_opt, entropy_steps,
-                   ema=ema, monitor=monitor)
+                   ema=ema, monitor=monitor, cost=cost)
 
 
 def compile_backend(value) -> str:
@@ -241,12 +244,14 @@ def log_step(s: Session, step: int, sums: dict, grad_norm, t0: float, metrics: C
     row = {"step": step, **{k: round(v, 6) for k, v in terms.items()}, "lr": s.scheduler.get_last_lr()[0],
            "grad_norm": round(float(grad_norm), 4) if grad_norm is not None else "",
            "img_per_s": round(s.seen / (time.time() - t0), 1), "skipped": s.skipped}
+    row.update(s.cost.fields(row["img_per_s"]) if s.cost is not None else {})
     row.update(extra or {})
     metrics.write(row)
     now = time.time()
     if s.text_log is not None:
         share = (s.data_wait - s.mark[1]) / max(now - s.mark[0], 1e-9)
-        s.text_log.write(format_line(step, s.recipe.steps, terms, row["lr"], row["img_per_s"], min(share, 1.0)))
+        s.text_log.write(format_line(step, s.recipe.steps, terms, row["lr"], row["img_per_s"], min(share, 1.0),
+                                     row.get("tflops"), row.get("mfu")))
     s.mark = (now, s.data_wait)
     if s.recipe.log_with:
         s.accelerator.log({k: v for k, v in row.items() if isinstance(v, float)}, step=step)
@@ -306,6 +311,8 @@ def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, pr
     show_bar = show_progress_bar(progress, acc.is_main_process)
     s.bar = tqdm(total=recipe.steps, initial=start, desc="distill", disable=not show_bar, dynamic_ncols=True)
     s.text_log = TrainLog(run_dir, start, acc.is_main_process, echo=not show_bar)
+    for line in s.cost.lines():
+        s.text_log.write(line)
     if s.monitor is not None:
         s.monitor_log = CsvLog(run_dir / MONITOR, start, acc.is_main_process)
         if start == 0:
@@ -399,6 +406,7 @@ def finish(s: Session) -> dict:
         summary["policy"] = s.policy_log.summary()
     if s.monitor_last is not None:
         summary["monitor"] = s.monitor_last
+    summary["cost"] = s.cost.summary(summary["img_per_s"])
     if s.accelerator.is_main_process:
         write_summary(s.run_dir, summary)
     return summary
