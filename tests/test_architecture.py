@@ -24,7 +24,7 @@ BLOCKS |= {"distill.cost"}  # FLOP counting and GPU peaks: torch only
 WIRING = {"distill.build", "distill.rundir", "distill.runlock", "distill.export"}
 PROCEDURES = {"distill.trainer", "distill.select", "distill.cache", "distill.evaluate", "distill.finetune",
               "distill.pipeline", "distill.report", "distill.segment"}
-PROCEDURES |= {"distill.latent_cache"}  # the latent-cache format, beside the feature cache
+PROCEDURES |= {"distill.latent_cache", "distill.plan"}  # latent-cache format; distill plan
 FACES = {"distill.cli", "distill"}
 LAYERS = [FOUNDATION, BLOCKS, WIRING, PROCEDURES, FACES]
 # modules above ~400 lines, each because one on-disk format is written and read in one place

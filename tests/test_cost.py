@@ -67,18 +67,18 @@ def test_mfu_is_the_achieved_rate_over_the_peak():
 
 def test_teacher_cost_counts_timesteps_and_stops_at_the_deepest_block():
     from distill.teacher import DiffusionTeacher
-    from distill.trainer.cost import _teacher_flops
+    from distill.trainer.cost import teacher_flops
     from diffusers import UNet2DModel
 
     from .conftest import tiny_unet_config
 
     unet = UNet2DModel(**tiny_unet_config())
-    one = _teacher_flops(DiffusionTeacher(unet, ["up_blocks.0"], [11]), True)
-    two = _teacher_flops(DiffusionTeacher(unet, ["up_blocks.0"], [11, 50]), True)
-    deep = _teacher_flops(DiffusionTeacher(unet, ["up_blocks.2"], [11]), True)
+    one = teacher_flops(DiffusionTeacher(unet, ["up_blocks.0"], [11]), True)
+    two = teacher_flops(DiffusionTeacher(unet, ["up_blocks.0"], [11, 50]), True)
+    deep = teacher_flops(DiffusionTeacher(unet, ["up_blocks.2"], [11]), True)
     assert one["vae"] == 0 and two["teacher"] == 2 * one["teacher"] and deep["teacher"] > one["teacher"]
     state = torch.random.get_rng_state()
-    _teacher_flops(DiffusionTeacher(unet, ["up_blocks.0"], [11]), True)
+    teacher_flops(DiffusionTeacher(unet, ["up_blocks.0"], [11]), True)
     assert torch.equal(state, torch.random.get_rng_state())  # the noise of the count does not move the run's RNG
 
 

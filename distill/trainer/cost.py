@@ -56,7 +56,7 @@ class RunCost:
                 "precision": self.precision, "peak_tflops": self.peak, **self.fields(img_per_s)}
 
 
-def _teacher_flops(teacher, live: bool) -> dict:
+def teacher_flops(teacher, live: bool) -> dict:
     """``{'vae', 'teacher'}`` FLOPs of one image through a live teacher (0 for parts that do not run)."""
     if not live:
         return {"vae": 0, "teacher": 0}
@@ -79,7 +79,7 @@ def measure_cost(teacher, model, recipe, accelerator, teacher_live: bool) -> Run
         model: the unwrapped :class:`distill.student.DistillModel`.
         teacher_live: whether the teacher runs during training (False with a feature cache).
     """
-    flops = _teacher_flops(teacher, teacher_live)
+    flops = teacher_flops(teacher, teacher_live)
     flops.update(student_step_flops(model.student, model.regressor, recipe.student_size))
     dev = accelerator.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
