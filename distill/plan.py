@@ -53,20 +53,23 @@ def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 512, seconds: float
 
 
 def saved_activation_bytes(model: torch.nn.Module, size: int) -> int:
-    """Bytes of the tensors autograd saves for the backward in one training forward of ``model`` on ``[2, 3, size,
-    size]`` (a meta-device copy: no memory, no time), per image."""
+    """Bytes of the activations autograd saves for the backward in one training forward of ``model`` on ``[2, 3,
+    size, size]`` (a meta-device copy: no memory, no time), per image: each storage once, the weights left out."""
     import copy
 
     m = copy.deepcopy(model).to("meta").train()
-    total = [0]
+    weights = {t.untyped_storage()._cdata for t in [*m.parameters(), *m.buffers()]}
+    saved: dict[int, int] = {}
 
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
+    def pack(t):  # a tensor saved by several ops (a conv output read by its norm and activation) counts once
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         m(torch.zeros(2, 3, size, size, device="meta"))
-    return total[0] // 2
+    return sum(saved.values()) // 2
 
 
 def _rss() -> int:

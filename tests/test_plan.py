@@ -65,3 +65,16 @@ def test_cli_plan_and_bad_input(rgb_folder, tmp_path, capsys):
     assert "time at MFU 40%" in out
     assert main(["plan", str(path), "--gpu", "K80"]) == 2
     assert "--gpu 'K80' has no known peak" in capsys.readouterr().err
+
+
+def test_saved_activations_count_each_tensor_once_and_no_weights():
+    """Conv2d(3, 8) + ReLU + Conv2d(8, 8): autograd keeps the input (for the first conv's weight gradient) and the
+    ReLU output (saved by ReLU and by the second conv: once): 3 + 8 values per pixel, fp32, per image; the weights
+    (saved by both convs) are not activations."""
+    import torch.nn as nn
+
+    from distill.plan import saved_activation_bytes
+
+    S = 16
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    assert saved_activation_bytes(model, S) == (3 + 8) * S * S * 4
