@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 from typing import Callable, Optional
 
 import torch
@@ -96,3 +97,31 @@ def step_precision(mixed_precision: str, teacher_dtype: str = "float32") -> str:
             return low
     tf32 = torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32
     return "tf32" if tf32 else "fp32"
+
+
+def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 512, seconds: float = 0.3) -> float:
+    """FLOP/s of ``n x n`` matmuls in ``dtype`` on this CPU (the threads torch uses): the best of three trials of
+    ``seconds / 3`` each."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = 0.0
+    for _ in range(3):  # the best of three: a CPU shared with other jobs gives each trial another share
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            a @ b
+            reps += 1
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def cpu_rate(precision: str) -> tuple[float, Optional[str]]:
+    """This CPU's matmul FLOP/s at a step's ``precision`` (:func:`step_precision`), and a warning when it is a low
+    precision (bf16 / fp16) that runs at less than half the fp32 rate (many CPUs emulate it), else None."""
+    rate = matmul_rate(torch.float32)
+    if precision not in ("bf16", "fp16"):
+        return rate, None
+    low = matmul_rate(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[precision]), n=256)
+    if low >= 0.5 * rate:
+        return low, None
+    return low, (f"{precision} matmuls run at {low / 1e9:.1f} GFLOP/s on this CPU against {rate / 1e9:.1f} for "
+                 f"float32: set teacher_dtype: float32, vae_dtype: float32 and mixed_precision: 'no' to run here.")

@@ -21,13 +21,12 @@ A precision the device cannot run fast is flagged: on a CPU, a bf16 / fp16 step 
 from __future__ import annotations
 
 import os
-import time
 from typing import Optional
 
 import torch
 
 from .build import build_model, build_teacher, build_train_data, target_layout
-from .cost import peak_tflops, step_precision, student_step_flops
+from .cost import cpu_rate, peak_tflops, step_precision, student_step_flops
 from .latent_cache import num_flips
 from .trainer.cost import teacher_flops
 
@@ -35,21 +34,6 @@ from .trainer.cost import teacher_flops
 #: ViTs reaches on data-centre GPUs (an assumption, stated in the output; ``--mfu`` replaces it).
 DEFAULT_MFU = 0.4
 _OPT_STATE_BYTES = {"adamw": 8, "lamb": 8, "sgd": 4}
-
-
-def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 512, seconds: float = 0.3) -> float:
-    """FLOP/s of ``n x n`` matmuls in ``dtype`` on this CPU (the threads torch uses): the best of three trials of
-    ``seconds / 3`` each."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = 0.0
-    for _ in range(3):  # the best of three: a CPU shared with other jobs gives each trial another share
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 3:
-            a @ b
-            reps += 1
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
-    return best
 
 
 def saved_activation_bytes(model: torch.nn.Module, size: int) -> int:
@@ -141,14 +125,9 @@ def plan_recipe(recipe, processes: int = 1, gpu: Optional[str] = None, mfu: Opti
     memory = {k: int(v) for k, v in memory.items()}
     flags = []
     if gpu is None:
-        rate = matmul_rate(torch.float32)
-        if precision in ("bf16", "fp16"):
-            low = matmul_rate(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[precision]), n=256)
-            if low < 0.5 * rate:
-                flags.append(f"{precision} matmuls run at {low / 1e9:.1f} GFLOP/s on this CPU against "
-                             f"{rate / 1e9:.1f} for float32: set teacher_dtype: float32, vae_dtype: float32 and "
-                             f"mixed_precision: 'no' to run here.")
-                rate = low
+        rate, slow = cpu_rate(precision)
+        if slow:
+            flags.append(slow)
         device, peak_flops = f"cpu ({torch.get_num_threads()} threads, matmul rate measured)", rate
     else:
         device, peak_flops = gpu, peak * 1e12

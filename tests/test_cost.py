@@ -99,3 +99,17 @@ def test_a_run_records_its_cost(rgb_folder, tmp_path):
         assert float(row["tflops"]) == pytest.approx(float(row["img_per_s"]) * sum(parts.values()) / 1e12, rel=1e-3,
                                                      abs=1e-5)
     assert f"total {sum(parts.values()) / 1e9:.4g}" in (run / "train.log").read_text().splitlines()[1]
+
+
+def test_a_slow_precision_on_the_cpu_is_flagged_at_start(monkeypatch):
+    """A bf16 step on a CPU whose bf16 matmuls are slow (measured; here set to the 0.9 vs 72 GFLOP/s seen on this
+    project's CPU) gets a warning line in train.log's header naming the keys to change."""
+    import distill.cost as C
+
+    monkeypatch.setattr(C, "matmul_rate", lambda dtype=torch.float32, n=512, seconds=0.3:
+                        72e9 if dtype == torch.float32 else 0.9e9)
+    rate, warning = C.cpu_rate("bf16")
+    assert rate == 0.9e9 and "teacher_dtype: float32" in warning and "0.9 GFLOP/s" in warning
+    assert C.cpu_rate("fp32") == (72e9, None)
+    lines = RunCost({"teacher": 1e9}, warning=warning).lines()
+    assert lines[-1] == f"warning: {warning}"

@@ -36,13 +36,13 @@ def test_plan_matches_the_run_and_extract(rgb_folder, tmp_path):
 
 
 def test_latent_teacher_disk_and_bf16_flag(tmp_path, rgb_folder, monkeypatch):
-    import distill.plan as P
+    import distill.cost as C
 
     sd = save_sd_pipeline(tmp_path / "sd", tiny_cond_unet_config(sample_size=8), tiny_vae_config(), torch.randn(1, 77, 32))
     recipe = make_recipe(dict(teacher=str(sd), teacher_blocks=["up_blocks.0"], timesteps=[11], dataset="image-folder",
                               data_root=str(rgb_folder), student="resnet18", student_size=32, regressor_width=16,
                               batch_size=6, augment="flip", mean=[0.5] * 3, std=[0.25] * 3, teacher_dtype="bfloat16"))
-    monkeypatch.setattr(P, "matmul_rate", lambda dtype=torch.float32, n=512, seconds=0.3:
+    monkeypatch.setattr(C, "matmul_rate", lambda dtype=torch.float32, n=512, seconds=0.3:
                         72e9 if dtype == torch.float32 else 0.9e9)
     plan = plan_recipe(recipe)
     res = extract_latent_cache(recipe, tmp_path / "c", progress=False)

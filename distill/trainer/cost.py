@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..cost import count_flops, peak_tflops, step_precision, student_step_flops
+from ..cost import count_flops, cpu_rate, peak_tflops, step_precision, student_step_flops
 
 PARTS = ("vae", "teacher", "student", "regressor")
 
@@ -30,6 +30,7 @@ class RunCost:
     precision: str = "fp32"
     peak: Optional[float] = None
     processes: int = 1
+    warning: Optional[str] = None  # a precision this device runs slowly (distill.cost.cpu_rate)
 
     @property
     def per_image(self) -> int:
@@ -42,7 +43,8 @@ class RunCost:
                 f"peak unknown for this device: MFU not reported")
         return [f"cost per image (GFLOP, torch.utils.flop_counter): {parts}; total {self.per_image / 1e9:.4g} "
                 f"(student and regressor forward + backward)",
-                f"device {self.device} x {self.processes} process(es), {self.precision}; {peak}"]
+                f"device {self.device} x {self.processes} process(es), {self.precision}; {peak}"] + (
+                    [f"warning: {self.warning}"] if self.warning else [])
 
     def fields(self, img_per_s: float) -> dict:
         """``{'tflops': achieved TFLOP/s, 'mfu': fraction of the peak or ''}`` at ``img_per_s`` (all processes)."""
@@ -84,5 +86,6 @@ def measure_cost(teacher, model, recipe, accelerator, teacher_live: bool) -> Run
     dev = accelerator.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     precision = step_precision(accelerator.mixed_precision, recipe.teacher_dtype)
+    warning = cpu_rate(precision)[1] if dev.type == "cpu" and precision in ("bf16", "fp16") else None
     return RunCost({k: flops[k] for k in PARTS}, name, precision,
-                   peak_tflops(name, precision) if dev.type == "cuda" else None, accelerator.num_processes)
+                   peak_tflops(name, precision) if dev.type == "cuda" else None, accelerator.num_processes, warning)
