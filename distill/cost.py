@@ -82,7 +82,7 @@ def peak_tflops(device_name: str, precision: str) -> Optional[float]:
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not valid; valid: {', '.join(PRECISIONS)}.")
     for pattern, peaks in PEAK_TFLOPS:
-        if re.search(pattern, device_name):
+        if re.search(pattern, device_name, re.IGNORECASE):
             return peaks[precision]
     return None
 

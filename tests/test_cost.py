@@ -48,7 +48,7 @@ def test_student_and_regressor_counts_add_up_to_the_whole_model_step():
 def test_peaks_by_device_name():
     assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.5
     assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
-    assert peak_tflops("NVIDIA H200", "fp32") == 67.0
+    assert peak_tflops("NVIDIA H200", "fp32") == 67.0 and peak_tflops("h100 pcie", "fp32") == 51.0
     assert peak_tflops("NVIDIA A100-SXM4-80GB", "tf32") == 156.0
     assert peak_tflops("NVIDIA L40S", "fp16") == 362.05 and peak_tflops("NVIDIA L4", "fp16") == 121.0
     assert peak_tflops("NVIDIA GeForce RTX 4090", "bf16") == 165.2
