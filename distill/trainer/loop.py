@@ -243,8 +243,9 @@ def log_step(s: Session, step: int, sums: dict, grad_norm, t0: float, metrics: C
     terms = {k: s.accelerator.reduce(v, "mean").item() / s.recipe.grad_accum_steps for k, v in sums.items()}
     row = {"step": step, **{k: round(v, 6) for k, v in terms.items()}, "lr": s.scheduler.get_last_lr()[0],
            "grad_norm": round(float(grad_norm), 4) if grad_norm is not None else "",
-           "img_per_s": round(s.seen / (time.time() - t0), 1), "skipped": s.skipped}
-    row.update(s.cost.fields(row["img_per_s"]) if s.cost is not None else {})
+           "img_per_s": round(s.seen / (time.time() - t0), 1)}
+    row.update(s.cost.fields(row["img_per_s"]) if s.cost is not None else {})  # tflops, mfu
+    row["skipped"] = s.skipped
     row.update(extra or {})
     metrics.write(row)
     now = time.time()
