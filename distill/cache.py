@@ -135,11 +135,27 @@ def _feature_info_dicts(info: Sequence[TeacherFeatureInfo]) -> list[dict]:
              "size": list(f.size)} for f in info]
 
 
+def data_key(recipe, ds: Dataset, data_channels: int) -> dict:
+    """The data fields of a cache key: dataset, root, split, channels, number of images, decode settings and the
+    sha256 fingerprint of the data's content and order (:func:`distill.data.data_fingerprint`)."""
+    base, _ = base_dataset(ds)
+    root = getattr(base, "root", None) or recipe.data_root
+    return {
+        "dataset": recipe.dataset,
+        "data_root": str(Path(root).expanduser().resolve()) if root else None,
+        "split": getattr(base, "split", None) or "train",
+        "data_channels": int(data_channels),
+        "num_images": len(ds),
+        "decode": {"image_size": recipe.image_size, "image_resize": recipe.image_resize,
+                   "min_image_side": recipe.min_image_side, "decoded_size": _jsonable(getattr(base, "size", None))},
+        "data_hash": recipe.data_hash,
+        "data_sha256": data_fingerprint(ds, recipe.data_hash),
+    }
+
+
 def expected_key(recipe, ds: Dataset, teacher: DiffusionTeacher, data_channels: int,
                  num_draws: Optional[int] = None) -> dict:
     """The cache key a run with ``recipe`` on ``ds`` with ``teacher`` needs; ``num_draws=None`` accepts any."""
-    base, _ = base_dataset(ds)
-    root = getattr(base, "root", None) or recipe.data_root
     key = {
         "format_version": FORMAT_VERSION,
         "dtype": STORAGE_DTYPE,
@@ -152,15 +168,7 @@ def expected_key(recipe, ds: Dataset, teacher: DiffusionTeacher, data_channels: 
         "timesteps": [int(t) for t in teacher.timesteps],
         "sample_size": int(teacher.sample_size),
         "in_channels": int(teacher.in_channels),
-        "dataset": recipe.dataset,
-        "data_root": str(Path(root).expanduser().resolve()) if root else None,
-        "split": getattr(base, "split", None) or "train",
-        "data_channels": int(data_channels),
-        "num_images": len(ds),
-        "decode": {"image_size": recipe.image_size, "image_resize": recipe.image_resize,
-                   "min_image_side": recipe.min_image_side, "decoded_size": _jsonable(getattr(base, "size", None))},
-        "data_hash": recipe.data_hash,
-        "data_sha256": data_fingerprint(ds, recipe.data_hash),
+        **data_key(recipe, ds, data_channels),
     }
     if num_draws is not None:
         key["num_draws"] = int(num_draws)
@@ -245,17 +253,71 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
-def is_feature_cache(path: Path) -> bool:
-    """Whether ``path`` is provably a distill feature cache (so ``--overwrite`` may replace it): a manifest.json of
-    this format, and only the ``.npy`` files it lists besides it."""
+def is_feature_cache(path: Path, fmt: str = FORMAT) -> bool:
+    """Whether ``path`` is provably a distill cache of format ``fmt`` (so ``--overwrite`` may replace it): a
+    manifest.json of this format, and only the ``.npy`` files it lists besides it."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         return False
     listed = set((manifest.get("files") or {}).values()) | {MANIFEST}
     return all(p.is_file() and p.name in listed for p in path.iterdir())
+
+
+def check_output_dir(out: Path, overwrite: bool, fmt: str = FORMAT) -> None:
+    """Refuse an output directory a cache of format ``fmt`` may not be written to: a file, or a non-empty directory
+    without ``overwrite``, or one that is not provably such a cache (:func:`is_feature_cache`); nothing is deleted.
+
+    Raises:
+        FileExistsError: naming the directory and the fix.
+    """
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"'{out}' is a file; give a directory for the cache (-o/--output-dir).")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"'{out}' already exists; pass --overwrite (overwrite=True) to replace it, or "
+                                  f"choose another -o/--output-dir.")
+        if not is_feature_cache(out, fmt):
+            raise FileExistsError(f"'{out}' exists and is not a {fmt.removeprefix('distill-').replace('-', ' ')} made "
+                                  f"by distill extract (no distill "
+                                  f"manifest.json, or it holds other files: "
+                                  f"{', '.join(sorted(p.name for p in out.iterdir())[:8])}); refusing to replace it. "
+                                  f"Nothing was deleted. Choose another -o/--output-dir.")
+
+
+def check_free_space(out: Path, nbytes: int, num_images: int, fix: str) -> None:
+    """Create ``out``'s parent and refuse a cache of ``nbytes`` that would not fit on its disk.
+
+    Raises:
+        ValueError: naming the sizes and ``fix``.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if nbytes > 0.98 * free:
+        raise ValueError(f"the cache needs {nbytes / 2**30:.2f} GiB ({nbytes // max(num_images, 1)} bytes per image) "
+                         f"but '{out.parent}' has {free / 2**30:.2f} GiB free; {fix}, or choose another "
+                         f"-o/--output-dir.")
+
+
+def extract_inputs(recipe, max_images: Optional[int], timesteps: Sequence[int]) -> tuple[Dataset, int, DiffusionTeacher]:
+    """What an extraction reads: the recipe's training split (its first ``max_images``), its channels, and the
+    teacher at ``timesteps``, built after ``set_seed(recipe.seed)`` as ``train()`` builds it (a config-dict teacher
+    is a seeded init).
+
+    Raises:
+        ValueError: ``max_images`` below 1; see :func:`distill.build.build_teacher`.
+    """
+    from accelerate.utils import set_seed
+
+    ds, channels = build_train_data(recipe)
+    if max_images is not None:
+        if not 1 <= int(max_images):
+            raise ValueError(f"max_images={max_images} must be >= 1.")
+        ds = Subset(ds, list(range(min(int(max_images), len(ds)))))
+    set_seed(recipe.seed)
+    return ds, channels, build_teacher(recipe, channels, timesteps)
 
 
 def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2, batch_size: Optional[int] = None,
@@ -287,17 +349,7 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
     if int(num_draws) < 1:
         raise ValueError(f"num_draws={num_draws} must be >= 1 (noise draws per image).")
     num_draws = int(num_draws)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"'{out}' is a file; give a directory for the cache (-o/--output-dir).")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"'{out}' already exists; pass --overwrite (overwrite=True) to replace it, or "
-                                  f"choose another -o/--output-dir.")
-        if not is_feature_cache(out):
-            raise FileExistsError(f"'{out}' exists and is not a feature cache made by distill extract (no distill "
-                                  f"manifest.json, or it holds other files: "
-                                  f"{', '.join(sorted(p.name for p in out.iterdir())[:8])}); refusing to replace it. "
-                                  f"Nothing was deleted. Choose another -o/--output-dir.")
+    check_output_dir(out, overwrite)
     seed = recipe.seed if seed is None else int(seed)
     if timesteps is None:
         timesteps = recipe.timesteps
@@ -308,25 +360,14 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
     timesteps = [int(t) for t in timesteps]
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    ds, channels = build_train_data(recipe)
-    if max_images is not None:
-        if not 1 <= int(max_images):
-            raise ValueError(f"max_images={max_images} must be >= 1.")
-        ds = Subset(ds, list(range(min(int(max_images), len(ds)))))
-    set_seed(recipe.seed)  # as train() does before building the teacher (a config-dict teacher is seeded init)
-    teacher = build_teacher(recipe, channels, timesteps)
+    ds, channels, teacher = extract_inputs(recipe, max_images, timesteps)
     key = expected_key(recipe, ds, teacher, channels, num_draws)
     teacher = teacher.to(device)
     info = teacher.feature_info
     N = len(ds)
     shapes = {f.key: [N, num_draws, f.num_chs, *f.size] for f in info}
     nbytes = sum(int(np.prod(s)) * 2 for s in shapes.values())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out.parent).free
-    if nbytes > 0.98 * free:
-        raise ValueError(f"the cache needs {nbytes / 2**30:.2f} GiB ({nbytes // max(N, 1)} bytes per image) but "
-                         f"'{out.parent}' has {free / 2**30:.2f} GiB free; lower --draws, use --max-images, or "
-                         f"choose another -o/--output-dir.")
+    check_free_space(out, nbytes, N, "lower --draws, use --max-images")
     remove_stale_temps(out)
     # atomic: `out` is the old cache or the complete new one, never half of one (replacing a cache was allowed above)
     with atomic_dir(out, replace=True) as tmp:
@@ -401,10 +442,15 @@ class FeatureCache:
         CacheMismatchError: see ``expect``; a shard whose size or hash differs from the manifest's record.
     """
 
+    #: the manifest's ``format`` / ``format_version`` / required entries this reader takes (a sibling cache format,
+    #: :class:`distill.latent_cache.LatentCache`, overrides them and reuses the checks)
+    FORMAT, FORMAT_VERSION, REQUIRED = FORMAT, FORMAT_VERSION, ("key", "files", "shapes", "feature_info")
+    REBUILD_HINT = _REBUILD_HINT
+
     def __init__(self, path: Union[str, Path], expect: Optional[Mapping[str, Any]] = None, verify: str = "sample"):
         self.path = Path(path).expanduser()
         p = self.path
-        hint = _REBUILD_HINT.format(path=p)
+        hint = self.REBUILD_HINT.format(path=p)
         if not p.is_dir():
             raise FileNotFoundError(f"feature cache '{p}' does not exist; create it with "
                                     f"`distill extract RECIPE -o {p}`.")
@@ -416,12 +462,12 @@ class FeatureCache:
             manifest = json.loads(mpath.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise IncompleteCacheError(f"'{mpath}' is not valid JSON ({e}). {hint}") from e
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise IncompleteCacheError(f"'{mpath}' is not a distill feature-cache manifest. {hint}")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise CacheMismatchError(f"feature cache '{p}' has format_version {manifest.get('format_version')!r}; this "
-                                     f"version of distill reads {FORMAT_VERSION}. {hint}")
-        missing = [k for k in ("key", "files", "shapes", "feature_info") if not isinstance(manifest.get(k), (dict, list))]
+        if not isinstance(manifest, dict) or manifest.get("format") != self.FORMAT:
+            raise IncompleteCacheError(f"'{mpath}' is not a {self.FORMAT} manifest. {hint}")
+        if manifest.get("format_version") != self.FORMAT_VERSION:
+            raise CacheMismatchError(f"cache '{p}' has format_version {manifest.get('format_version')!r}; this "
+                                     f"version of distill reads {self.FORMAT_VERSION}. {hint}")
+        missing = [k for k in self.REQUIRED if not isinstance(manifest.get(k), (dict, list))]
         if missing:
             raise IncompleteCacheError(f"'{mpath}' lacks {', '.join(missing)}. {hint}")
         self.manifest = manifest
@@ -434,9 +480,10 @@ class FeatureCache:
                 arr = np.load(fp, mmap_mode="r")
             except (ValueError, OSError) as e:
                 raise IncompleteCacheError(f"feature cache file '{fp}' is truncated or unreadable ({e}). {hint}") from e
-            if list(arr.shape) != list(manifest["shapes"][k]) or arr.dtype != np.float16:
-                raise IncompleteCacheError(f"feature cache file '{fp}' has shape {list(arr.shape)} {arr.dtype}; the "
-                                           f"manifest says {manifest['shapes'][k]} float16. {hint}")
+            dtype = np.dtype(manifest.get("storage_dtype", STORAGE_DTYPE))
+            if list(arr.shape) != list(manifest["shapes"][k]) or arr.dtype != dtype:
+                raise IncompleteCacheError(f"cache file '{fp}' has shape {list(arr.shape)} {arr.dtype}; the "
+                                           f"manifest says {manifest['shapes'][k]} {dtype}. {hint}")
             check_shard(fp, manifest.get("shards", {}).get(fname), verify, hint)
             self.arrays[k] = arr
         if expect is not None:
@@ -461,7 +508,7 @@ class FeatureCache:
             lines = "\n".join(f"  {f}: cached {_short(c)} vs expected {_short(w)}" for f, c, w in diffs)
             raise CacheMismatchError(
                 f"feature cache '{self.path}' does not match this run ({len(diffs)} field(s) differ); it is refused "
-                f"so that stale teacher features are never used:\n{lines}\n{_REBUILD_HINT.format(path=self.path)}"
+                f"so that stale teacher features are never used:\n{lines}\n{self.REBUILD_HINT.format(path=self.path)}"
             )
 
     # -- description

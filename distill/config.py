@@ -25,6 +25,7 @@ from .ranges import Range
 from .vocab import (AT_MODES, AUGMENTS, DATA_HASH, DATASETS, IMAGE_RESIZE, MIXED_PRECISION, MULTI_TIMESTEP,
                     NUM_WORKERS_WORDS, ON_NONFINITE, OPTIMIZERS, POLICY_BASELINES, TEACHER_DTYPES, TIMESTEP_MODES,
                     VAE_DTYPES)
+from .vocab import LATENT_SAMPLE
 
 _logger = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ class Recipe:
     use_ppm: bool = False
     sources: Optional[list] = None  # student level per teacher feature; default: closest spatial size
     feature_cache: Optional[str] = None  # a `distill extract` directory: targets read from it (needs augment: none)
+    latent_cache: Optional[str] = None  # a `distill extract --latents` directory: VAE latents read from it (SD/DiT)
+    latent_sample: str = "sample"  # latent_cache: sample (mean + std * eps, as diffusers trains) | mean
     # timestep selection (timesteps: auto-grid | auto-label-free | policy; see docs/selection.md)
     timestep_candidates: list = field(default_factory=lambda: [1, 11, 25, 50, 100, 200])
     multi_timestep: str = "heads"  # several timesteps: heads (one 1x1 head per timestep) | concat (one head)
@@ -359,6 +362,7 @@ def make_recipe(values: dict, source: str = "recipe", warn: bool = True) -> Reci
     _check_choice("at_mode", r.at_mode, AT_MODES)
     _check_choice("on_nonfinite", r.on_nonfinite, ON_NONFINITE)
     _check_choice("teacher_dtype", r.teacher_dtype, TEACHER_DTYPES)
+    _check_choice("latent_sample", r.latent_sample, LATENT_SAMPLE)
     for key, choices in (("dataset", DATASETS), ("image_resize", IMAGE_RESIZE), ("data_hash", DATA_HASH)):
         _check_choice(key, getattr(r, key), choices)
     check_ranges(r, source)

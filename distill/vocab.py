@@ -40,6 +40,12 @@ IMAGE_RESIZE = ("center-crop", "squash")
 DATA_HASH = ("stat", "content")
 #: How much of each feature-cache shard is checked against its manifest when opened.
 SHARD_VERIFY = ("sample", "full")
+#: Augmentations a latent cache can serve: its stored views (the image, and its horizontal flip).
+LATENT_AUGMENTS = ("none", "flip")
+#: Storage dtypes of a latent cache's posterior mean and std.
+LATENT_STORAGE = ("float16", "float32")
+#: What a run from a latent cache feeds the teacher: a posterior sample (diffusers' training scripts) or its mean.
+LATENT_SAMPLE = ("sample", "mean")
 #: Split folder names of an image-folder / file-list dataset; ``val`` stands in for a missing ``test``.
 SPLITS = ("train", "val", "test")
 #: diffusers' beta schedules (``DDPMScheduler(beta_schedule=...)``), for a recipe's ``teacher_scheduler``.

@@ -23,6 +23,8 @@ BLOCKS = {"distill.data", "distill.augment", "distill.teacher", "distill.student
 WIRING = {"distill.build", "distill.rundir", "distill.runlock", "distill.export", "distill.card"}
 PROCEDURES = {"distill.trainer", "distill.select", "distill.cache", "distill.evaluate", "distill.finetune",
               "distill.pipeline", "distill.report", "distill.segment", "distill.tune"}
+BLOCKS |= {"distill.cost"}  # FLOP counting and GPU peaks: torch only
+PROCEDURES |= {"distill.latent_cache", "distill.plan"}  # latent-cache format; distill plan
 FACES = {"distill.cli", "distill"}
 LAYERS = [FOUNDATION, BLOCKS, WIRING, PROCEDURES, FACES]
 # modules above ~400 lines, each because one on-disk format is written and read in one place

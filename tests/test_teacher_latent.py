@@ -246,3 +246,40 @@ def test_training_run_with_latent_teacher_directory(kind, tmp_path, rgb_folder):
     _, _, resolved = load_trained(str(tmp_path / "run"))
     assert resolved["teacher_in_channels"] == 3 and resolved["teacher_sample_size"] == 32  # pixels: 16 latent x 2
     assert [f["block"] for f in resolved["teacher_features"]] == blocks
+
+
+@pytest.mark.parametrize("extra", [
+    {"latents_mean": [0.5, -1.0, 2.0, 0.1], "latents_std": [2.0, 0.5, 1.5, 4.0]},  # SDXL-style VAE config
+    {"shift_factor": 0.1159},  # SD3-style
+    {},  # SD 1.x
+])
+def test_latents_normalised_as_diffusers_pipelines_do(extra, emb):
+    """The teacher's latents follow diffusers' formulas (StableDiffusionXLImg2ImgPipeline:
+    (z - latents_mean) * scaling_factor / latents_std; StableDiffusion3Img2ImgPipeline: (z - shift) * scaling_factor),
+    written out here from the config, not through distill's code."""
+    cfg = _sd_config()
+    cfg["vae"] = {**tiny_vae_config(), "scaling_factor": 0.13025, **extra}
+    t = load_teacher(cfg, ["mid_block"], [11], prompt_embedding=emb)
+    x = _images(2)
+    with torch.no_grad():
+        z = t.vae.encode(x).latent_dist.mean
+    if "latents_mean" in extra:
+        m = torch.tensor(extra["latents_mean"]).view(1, 4, 1, 1)
+        s = torch.tensor(extra["latents_std"]).view(1, 4, 1, 1)
+        ref = (z - m) * 0.13025 / s
+    else:
+        ref = (z - extra.get("shift_factor", 0.0)) * 0.13025
+    torch.testing.assert_close(t.encode(x), ref)
+
+
+def test_ambiguous_latent_normalisation_is_refused():
+    from distill.teacher.latent import normalize_latents
+
+    z = torch.randn(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="latents_mean and latents_std together"):
+        normalize_latents(z, {"scaling_factor": 1.0, "latents_mean": [0.0] * 4})
+    with pytest.raises(ValueError, match="latents_mean and latents_std together"):
+        normalize_latents(z, {"scaling_factor": 1.0, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4,
+                              "shift_factor": 0.1})
+    with pytest.raises(ValueError, match="3 / 3 values for 4 latent channels"):
+        normalize_latents(z, {"scaling_factor": 1.0, "latents_mean": [0.0] * 3, "latents_std": [1.0] * 3})

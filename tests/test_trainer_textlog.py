@@ -15,6 +15,8 @@ from .conftest import rgb_recipe
 def test_format_line_holds_every_field():
     line = format_line(10, 400, {"mse": 0.001732, "total": 0.8954, "at": 0.08937}, 6.6667e-4, 57.14, 0.034)
     assert line == "step 10/400 | total 0.8954 at 0.08937 mse 0.001732 | lr 0.000667 | 57.1 img/s | data 3%"
+    line = format_line(10, 400, {"total": 0.8937}, 6.6667e-4, 57.14, 0.034, tflops=0.031512, mfu=0.41234)
+    assert line == "step 10/400 | total 0.8937 | lr 0.000667 | 57.1 img/s | 0.03151 TFLOP/s | MFU 41.2% | data 3%"
 
 
 def test_the_readme_example_line_adds_up():
@@ -54,21 +56,24 @@ def test_train_log_lines_match_metrics_and_are_echoed(rgb_folder, tmp_path, caps
     run = tmp_path / "run"
     train(rgb_recipe(rgb_folder, steps=4, log_every=2, checkpoint_every=2), str(run), progress=True)
     lines = (run / TRAIN_LOG).read_text().splitlines()
-    assert lines[0].endswith("started") and len(lines) == 1 + 3  # steps 1 (first), 2, 4
+    assert lines[0].endswith("started") and len(lines) == 1 + 2 + 3  # cost lines, then steps 1 (first), 2, 4
+    assert lines[1].startswith("cost per image (GFLOP") and lines[2].startswith("device cpu x 1 process(es)")
     rows = list(csv.DictReader(open(run / "metrics.csv")))
-    for line, row in zip(lines[1:], rows):
+    for line, row in zip(lines[3:], rows):
         fields = line.split(" | ")
         assert fields[0] == f"step {row['step']}/4"
         terms = dict(zip(fields[1].split()[::2], map(float, fields[1].split()[1::2])))
         assert terms == pytest.approx({k: float(row[k]) for k in terms}, rel=1e-3) and "total" in terms
         assert float(fields[2].split()[1]) == pytest.approx(float(row["lr"]), rel=1e-2)
         assert fields[3] == f"{float(row['img_per_s']):.1f} img/s"
-        assert 0 <= int(fields[4].removeprefix("data ").removesuffix("%")) <= 100
-    assert capsys.readouterr().out.splitlines()[-3:] == lines[1:]  # pytest's stderr is no terminal: no bar, lines
+        assert fields[4] == f"{float(row['tflops']):.4g} TFLOP/s" and row["mfu"] == ""  # a CPU: no known peak
+        assert 0 <= int(fields[5].removeprefix("data ").removesuffix("%")) <= 100
+    assert capsys.readouterr().out.splitlines()[-5:] == lines[1:]  # pytest's stderr is no terminal: no bar, lines
     # a resume appends after a marker; nothing written before is lost
     train(rgb_recipe(rgb_folder, steps=6, log_every=2, checkpoint_every=2), str(run), resume=True, progress=False)
     again = (run / TRAIN_LOG).read_text().splitlines()
-    assert again[:4] == lines and again[4].endswith("resumed after step 4") and again[-1].startswith("step 6/6")
+    n = len(lines)
+    assert again[:n] == lines and again[n].endswith("resumed after step 4") and again[-1].startswith("step 6/6")
 
 
 def test_overwrite_removes_train_log_as_its_own(rgb_folder, tmp_path):

@@ -18,6 +18,7 @@ from ..version import __version__
 from .common import spread_set_options
 from .evaluate import add_probe_parser, add_report_parser, add_select_parser
 from .finetune import add_finetune_parser
+from .plan import add_plan_parser
 from .train import (add_export_parser, add_extract_parser, add_recipes_parser, add_run_parser,
                     add_train_parser)
 
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"distill {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (add_train_parser, add_run_parser, add_export_parser, add_probe_parser, add_select_parser,
-                add_extract_parser, add_finetune_parser, add_report_parser, add_recipes_parser):
+                add_extract_parser, add_finetune_parser, add_report_parser, add_recipes_parser, add_plan_parser):
         add(sub)
     return p
 

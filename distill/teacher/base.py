@@ -327,8 +327,28 @@ class DiffusionTeacher(nn.Module):
                 f"teacher input has shape {tuple(x0.shape)}; this teacher takes [B, {self.in_channels}, "
                 f"{self.sample_size}, {self.sample_size}] (convert with distill.data.to_teacher)."
             )
+        return self.features(self.encode(x0), timesteps, generator)  # encoded once per image, not per timestep
+
+    @torch.no_grad()
+    def features(
+        self,
+        x0: torch.Tensor,
+        timesteps: Union[None, Sequence[int], torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> dict[str, torch.Tensor]:
+        """Features of the model's clean input ``x0`` ``[B, C_model, S_model, S_model]`` (what :meth:`encode` gives:
+        the images themselves for a pixel teacher, the scaled VAE latents for a latent one), noised here with fresh
+        noise; arguments and return value as :meth:`forward`. A latent cache (:mod:`distill.latent_cache`) calls
+        this with latents it read, so the VAE never runs while training.
+
+        Raises:
+            ValueError: ``x0`` is not ``[B, model_in_channels, model_sample_size, model_sample_size]``.
+        """
+        if x0.ndim != 4 or x0.shape[1] != self.model_in_channels or x0.shape[-1] != self.model_sample_size:
+            raise ValueError(f"model input has shape {tuple(x0.shape)}; this teacher's model takes [B, "
+                             f"{self.model_in_channels}, {self.model_sample_size}, {self.model_sample_size}].")
         B = x0.shape[0]
-        x0 = self.encode(x0)  # (B, C_model, S_model, S_model), fp32; once per image, not per timestep
+        x0 = x0.float()
         if isinstance(timesteps, torch.Tensor):
             if timesteps.shape != (B,):
                 raise ValueError(f"per-image timesteps must have shape ({B},), got {tuple(timesteps.shape)}.")

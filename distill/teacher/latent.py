@@ -37,12 +37,47 @@ def vae_scale_factor(vae: nn.Module) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def normalize_latents(z: torch.Tensor, config: Any) -> torch.Tensor:
+    """Raw VAE latents ``[B, C, h, w]`` -> the diffusion model's input, as diffusers' pipelines scale them.
+
+    - ``latents_mean`` and ``latents_std`` in the VAE config (per-channel lists, SDXL-style VAEs):
+      ``(z - latents_mean) * scaling_factor / latents_std`` (diffusers ``StableDiffusionXLImg2ImgPipeline``);
+    - else ``shift_factor`` (SD3 / Flux VAEs): ``(z - shift_factor) * scaling_factor``
+      (``StableDiffusion3Img2ImgPipeline``);
+    - else ``z * scaling_factor`` (SD 1.x / 2.x: 0.18215; ``AutoencoderKL`` docstring, LDM paper sec. 4.3.2).
+
+    ``config``: the VAE's config (``vae.config``: attributes or a mapping). Computed in fp32; returns fp32.
+
+    Raises:
+        ValueError: only one of ``latents_mean`` / ``latents_std``, or either of them with a ``shift_factor``
+            (no diffusers pipeline uses both conventions at once), or a per-channel list whose length is not ``C``.
+    """
+    get = config.get if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
+    mean, std, shift = get("latents_mean", None), get("latents_std", None), get("shift_factor", None)
+    scale = float(get("scaling_factor", 1.0))
+    z = z.float()
+    if (mean is None) != (std is None) or (mean is not None and shift is not None):
+        raise ValueError(f"VAE config has latents_mean={mean!r}, latents_std={std!r}, shift_factor={shift!r}; valid: "
+                         f"latents_mean and latents_std together (SDXL-style), or shift_factor (SD3-style), or none. "
+                         f"Fix the VAE's config.json.")
+    if mean is not None:
+        m, s = (torch.as_tensor(v, dtype=torch.float32, device=z.device).reshape(1, -1, 1, 1) for v in (mean, std))
+        if m.shape[1] != z.shape[1] or s.shape[1] != z.shape[1]:
+            raise ValueError(f"VAE config latents_mean / latents_std have {m.shape[1]} / {s.shape[1]} values for "
+                             f"{z.shape[1]} latent channels; fix the VAE's config.json.")
+        return (z - m) * scale / s
+    if shift is not None:
+        z = z - float(shift)
+    return z * scale
+
+
 class LatentDiffusionTeacher(DiffusionTeacher):
     """A latent diffusion model (Stable Diffusion's ``UNet2DConditionModel``, a DiT, ...) fed with images.
 
     Each call encodes the images ``[B, 3, S, S]`` (in [-1, 1]) once with the VAE,
-    ``z0 = vae.encode(x).latent_dist.mean * scaling_factor`` (the posterior mean: deterministic; minus
-    ``shift_factor`` first for VAEs that have one), then noises ``z0`` in latent space and runs the model exactly
+    ``z0 = vae.encode(x).latent_dist.mean * scaling_factor`` (the posterior mean: deterministic; normalised as
+    diffusers' pipelines do, with ``shift_factor`` or ``latents_mean`` / ``latents_std`` where the VAE config has
+    them: :func:`normalize_latents`), then noises ``z0`` in latent space and runs the model exactly
     as :class:`DiffusionTeacher` does on pixels (batched timesteps, hooks, early exit). ``conditioning`` tensors
     (``[1, ...]``, e.g. ``encoder_hidden_states``: the empty-prompt embedding ``[1, 77, D]``) are expanded to the
     batch of every forward (``B*K`` when K timesteps are batched).
@@ -78,6 +113,8 @@ class LatentDiffusionTeacher(DiffusionTeacher):
         if vae is not None and next(vae.parameters()).dtype != self.vae_dtype:
             vae = vae.to(self.vae_dtype)  # a module given as is; load_latent_model loads in the right dtype
         self.vae = None if vae is None else vae.eval().requires_grad_(False)
+        #: the VAE's config (scaling_factor, shift_factor, latents_mean/std), kept when the VAE itself is dropped
+        self.vae_config = None if vae is None else dict(vae.config)
         self.latent_scale = 1 if vae is None else vae_scale_factor(vae)
         self._conditioning: list[str] = []
         for key, value in (conditioning or {}).items():
@@ -103,11 +140,20 @@ class LatentDiffusionTeacher(DiffusionTeacher):
         """Images ``[B, 3, S, S]`` in [-1, 1] -> scaled latents ``[B, C_lat, S/f, S/f]``, fp32."""
         if self.vae is None:
             return x0.float()
-        z = self.vae.encode(x0.to(self.vae_dtype)).latent_dist.mean.float()
-        shift = getattr(self.vae.config, "shift_factor", None)
-        if shift is not None:
-            z = z - float(shift)
-        return z * float(self.vae.config.scaling_factor)
+        return self.normalize_latents(self.latent_distribution(x0)[0])
+
+    @torch.no_grad()
+    def latent_distribution(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``[B, 3, S, S]`` in [-1, 1] -> the VAE posterior's ``(mean, std)``, each ``[B, C_lat, S/f, S/f]``
+        fp32, unscaled (the diagonal Gaussian ``vae.encode(x).latent_dist``); needs a VAE."""
+        if self.vae is None:
+            raise ValueError("this latent teacher has no VAE (its pipeline has no vae/): it takes latents, not images.")
+        dist = self.vae.encode(x0.to(self.vae_dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> model input with this teacher's VAE config (:func:`normalize_latents`)."""
+        return z.float() if self.vae_config is None else normalize_latents(z, self.vae_config)
 
     def conditioning(self, key: str) -> torch.Tensor:
         """The ``[1, ...]`` conditioning tensor passed as ``key`` (e.g. ``'encoder_hidden_states'``)."""

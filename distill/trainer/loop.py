@@ -31,13 +31,14 @@ from ..select import check_candidates
 from .accelerator import exact_accumulation, make_accelerator, process_seed, start_trackers
 from .batches import epoch_batches
 from .checkpoint import load_checkpoint, save_checkpoint
+from .cost import RunCost, measure_cost
 from .ema import StudentEma
 from .monitor import MONITOR_COLUMN, Monitor
 from .policy_log import PolicyLog
 from .stop import StopOnSignal
 from .textlog import CsvLog, TrainLog, format_line, show_progress_bar
 from .step import apply_update, clip_gradients, nonfinite_terms, train_step
-from .targets import CacheTargets, LiveTeacherTargets, PolicyTargets
+from .targets import CacheTargets, LatentCacheTargets, LiveTeacherTargets, PolicyTargets
 from .timesteps import resolve_timesteps
 
 _logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class Session:
     data_wait: float = 0.0  # seconds spent waiting for batches since t0
     mark: tuple = (0.0, 0.0)  # (time, data_wait) at the previous log line
     data_note: str = ""  # what the data source lists but the dataset cannot read (DecodedImages.left_out)
+    cost: Optional[RunCost] = None  # FLOPs per image by part, the device's peak (trainer.cost)
 
     @property
     def optimizers(self) -> list:
@@ -95,11 +97,17 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
     teacher = build_teacher(recipe, channels, [0] if use_policy else timesteps)
     if use_policy:
         teacher.set_timesteps(check_candidates(timesteps, teacher.num_train_timesteps))
-    cache = None
+    cache = latents = None
     if recipe.feature_cache:  # targets read from `distill extract`'s files; the key (weights, data, ...) is checked
         from ..cache import open_for_recipe
 
         cache = open_for_recipe(recipe, ds, teacher, channels)
+    elif recipe.latent_cache:  # VAE latents read from `distill extract --latents`; the UNet/DiT runs live
+        from ..latent_cache import open_for_recipe as open_latents
+
+        latents = open_latents(recipe, ds, teacher, channels)
+        teacher.vae = None  # never runs: not moved to the device
+        teacher = teacher.to(accelerator.device)
     else:
         teacher = teacher.to(accelerator.device)  # never prepared: frozen, no DDP
     layout = target_layout(recipe, teacher, policy=use_policy)
@@ -117,7 +125,10 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
         policy_opt = torch.optim.Adam(policy.parameters(), lr=recipe.policy_lr)
         policy, policy_opt = accelerator.prepare(policy, policy_opt)
     augment = build_augment(recipe.augment, ds[0][0].shape[-1]).to(accelerator.device)
-    if cache is not None:
+    if latents is not None:
+        source = LatentCacheTargets(latents, teacher, layout.groups, recipe.student_size, mean, std,
+                                    recipe.augment == "flip", recipe.latent_sample == "sample", accelerator.device)
+    elif cache is not None:
         source = CacheTargets(cache, layout.groups, recipe.student_size, mean, std, recipe.seed, accelerator.device)
     elif use_policy:
         source = PolicyTargets(teacher, layout.groups, augment, recipe.student_size, mean, std, policy, accelerator)
@@ -144,14 +155,17 @@ def setup(recipe: Recipe, run_dir: Path, accelerator, progress: bool) -> Session
         "regressor_targets": [[c, list(size)] for c, size in layout.targets],
         "target_groups": layout.groups,
         "feature_cache": {"path": str(cache.path), "key": cache.key} if cache is not None else None,
+        **({"latent_cache": {"path": str(latents.path), "key": latents.key}} if latents is not None else {}),
         "teacher_sha256": teacher_sha256(teacher), "data_sha256": data_fingerprint(ds),
         "teacher_source": teacher.source_info,  # class, factory, weights sha256 of a python: or module teacher
         "teacher_settings": teacher_settings(teacher),  # code, model / scheduler / VAE settings (as the cache key)
     }
+    cost = measure_cost(teacher, unwrapped, recipe, accelerator, teacher_live=cache is None)
     entropy_steps = recipe.policy_entropy_steps if recipe.policy_entropy_steps is not None else recipe.steps // 2
     return Session(recipe, run_dir, accelerator, model, optimizer, scheduler, source, build_loss(recipe),
-                   IndexedDataset(ds) if cache is not None else ds, resolved, policy, policy_opt, entropy_steps,
-                   ema=ema, monitor=monitor, data_note=ds.left_out() if hasattr(ds, "left_out") else "")
+                   IndexedDataset(ds) if cache is not None or latents is not None else ds, resolved, policy,
+                   policy_opt, entropy_steps, ema=ema, monitor=monitor, cost=cost,
+                   data_note=ds.left_out() if hasattr(ds, "left_out") else "")
 
 
 def compile_backend(value) -> str:
@@ -233,13 +247,16 @@ def log_step(s: Session, step: int, sums: dict, grad_norm, t0: float, metrics: C
     terms = {k: s.accelerator.reduce(v, "mean").item() / s.recipe.grad_accum_steps for k, v in sums.items()}
     row = {"step": step, **{k: round(v, 6) for k, v in terms.items()}, "lr": s.scheduler.get_last_lr()[0],
            "grad_norm": round(float(grad_norm), 4) if grad_norm is not None else "",
-           "img_per_s": round(s.seen / (time.time() - t0), 1), "skipped": s.skipped}
+           "img_per_s": round(s.seen / (time.time() - t0), 1)}
+    row.update(s.cost.fields(row["img_per_s"]) if s.cost is not None else {})  # tflops, mfu
+    row["skipped"] = s.skipped
     row.update(extra or {})
     metrics.write(row)
     now = time.time()
     if s.text_log is not None:
         share = (s.data_wait - s.mark[1]) / max(now - s.mark[0], 1e-9)
-        s.text_log.write(format_line(step, s.recipe.steps, terms, row["lr"], row["img_per_s"], min(share, 1.0)))
+        s.text_log.write(format_line(step, s.recipe.steps, terms, row["lr"], row["img_per_s"], min(share, 1.0),
+                                     row.get("tflops"), row.get("mfu")))
     s.mark = (now, s.data_wait)
     if s.recipe.log_with:
         s.accelerator.log({k: v for k, v in row.items() if isinstance(v, float)}, step=step)
@@ -298,6 +315,8 @@ def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, pr
     show_bar = show_progress_bar(progress, acc.is_main_process)
     s.bar = tqdm(total=recipe.steps, initial=start, desc="distill", disable=not show_bar, dynamic_ncols=True)
     s.text_log = TrainLog(run_dir, start, acc.is_main_process, echo=not show_bar)
+    for line in s.cost.lines():
+        s.text_log.write(line)
     if s.data_note:  # a run that reads fewer images than its source lists says so in its log
         _logger.warning("%s", s.data_note)
         s.text_log.write(s.data_note)
@@ -394,6 +413,7 @@ def finish(s: Session) -> dict:
         summary["policy"] = s.policy_log.summary()
     if s.monitor_last is not None:
         summary["monitor"] = s.monitor_last
+    summary["cost"] = s.cost.summary(summary["img_per_s"])
     if s.accelerator.is_main_process:
         write_summary(s.run_dir, summary)
     return summary

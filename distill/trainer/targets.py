@@ -72,3 +72,34 @@ class CacheTargets:
         draws = self.cache.draw_ids(indices, micro, self.seed)
         targets = self.cache.targets(indices, draws, self.groups, device=self.device)
         return StepInput(to_student(to_unit(images), self.student_size, self.mean, self.std), targets, labels)
+
+
+class LatentCacheTargets:
+    """Targets from the live UNet/DiT on latents read from a latent cache (:mod:`distill.latent_cache`): the VAE
+    never runs. Per step: each image's view (its horizontal flip with probability 1/2 when ``flip``, from the
+    process's RNG), that view's posterior ``(mean, std)`` from the cache, ``z = mean + std * eps`` (``sample``) or
+    ``mean``, scaled as diffusers does (``teacher.normalize_latents``), then fresh noise and the teacher's forward
+    to its deepest block (``teacher.features``). The student sees the same view of the image.
+    """
+
+    def __init__(self, cache, teacher, groups, student_size: int, mean, std, flip: bool, sample: bool, device):
+        self.cache, self.teacher, self.groups = cache, teacher, [list(g) for g in groups]
+        self.student_size, self.mean, self.std = student_size, mean, std
+        self.flip, self.sample, self.device = flip, sample, device
+
+    def latents(self, indices, flips) -> torch.Tensor:
+        """The teacher's clean input ``[B, C, h, w]`` (scaled latents, fp32) of images ``indices`` in views
+        ``flips``."""
+        mu, sd = self.cache.rows(indices, flips, self.device)
+        z = mu + sd * torch.randn_like(mu) if self.sample else mu
+        return self.teacher.normalize_latents(z)
+
+    def __call__(self, batch, micro: int) -> StepInput:
+        images, labels, indices = batch
+        flips = (torch.randint(0, 2, (images.shape[0],)) if self.flip
+                 else torch.zeros(images.shape[0], dtype=torch.long))
+        feats = self.teacher.features(self.latents(indices, flips))
+        x = to_unit(images)
+        x = torch.where(flips.to(x.device).view(-1, 1, 1, 1).bool(), x.flip(-1), x)
+        return StepInput(to_student(x, self.student_size, self.mean, self.std), group_targets(feats, self.groups),
+                         labels)

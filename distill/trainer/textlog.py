@@ -25,19 +25,25 @@ from ..logs import show_progress_bar  # noqa: F401 (shared with fine-tuning; imp
 TRAIN_LOG = "train.log"
 
 
-def format_line(step: int, steps: int, terms: dict, lr: float, img_per_s: float, data_share: float) -> str:
+def format_line(step: int, steps: int, terms: dict, lr: float, img_per_s: float, data_share: float,
+                tflops=None, mfu=None) -> str:
     """``step 10/10 | total 0.6952 at 0.001607 mse 0.6791 | lr 0.002 | 1.7 img/s | data 0%`` (total = mse + 10 x at
-    with the quickstart's loss weights).
+    with the quickstart's loss weights); with ``tflops`` / ``mfu``, ``| 0.0315 TFLOP/s | MFU 41.2% |`` before ``data``
+    (MFU ``''`` or None: left out).
 
     Args:
         terms: loss terms averaged over the step (``total`` first when present), printed with 4 significant digits.
         lr: the learning rate after the step.
         img_per_s: training images per second since the run (or resume) started, all processes together.
         data_share: share of wall time since the previous line spent waiting for the next batch, in [0, 1].
+        tflops: achieved TFLOP/s (all processes); mfu: its fraction of the device's peak
+            (:mod:`distill.trainer.cost`).
     """
     order = sorted(terms, key=lambda k: (k != "total", k))
     losses = " ".join(f"{k} {terms[k]:.4g}" for k in order)
-    return (f"step {step}/{steps} | {losses} | lr {lr:.3g} | {img_per_s:.1f} img/s | "
+    cost = "" if tflops is None else f"{tflops:.4g} TFLOP/s | "
+    cost += "" if mfu in (None, "") else f"MFU {100 * mfu:.1f}% | "
+    return (f"step {step}/{steps} | {losses} | lr {lr:.3g} | {img_per_s:.1f} img/s | {cost}"
             f"data {100 * data_share:.0f}%")
 
 
