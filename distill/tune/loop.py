@@ -170,6 +170,7 @@ def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: 
     result = _result(task, history, last, time.time() - log.t0, world,
                      sum(p.numel() for p in model.parameters()),
                      sum(p.numel() for p in model.parameters() if p.requires_grad))
+    result["mixed_precision"] = str(accelerator.mixed_precision)  # the one used (--mixed-precision or Accelerate's)
     if stopped is not None:
         result.update(stopped=signal.Signals(stopped).name, steps_done=step)
     else:
@@ -237,7 +238,7 @@ def _result(task: Task, history: list, last, train_seconds: float, world: int, p
             **task.result(last, best),
             "final_train_loss": history[-1]["train_loss"] if history else None,
             "history": history, "params": params, "trainable_params": trainable,
-            "eval_every": cfg.eval_every, "mixed_precision": str(accelerator.mixed_precision), "num_processes": world,
+            "eval_every": cfg.eval_every, "mixed_precision": task.cfg.mixed_precision, "num_processes": world,
             "log_with": cfg.log_with, "train_seconds": round(train_seconds, 1), "seconds": None,
             "machine": machine_description()}
 
