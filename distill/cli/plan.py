@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 
-from ..config import parse_overrides
-from ..recipes import load_recipe
-from .common import RECIPE_HELP, add_set
+from ..recipes import load_recipe, parse_overrides
+from .common import RECIPE_HELP, RECIPE_TRUST, add_set
 
 
 def add_plan_parser(sub) -> None:
-    p = sub.add_parser("plan", help="estimate a recipe's params, FLOPs, memory per process, extract disk and time")
+    p = sub.add_parser("plan", help="estimate a recipe's params, FLOPs, memory per process, extract disk and time",
+                       description=RECIPE_TRUST)
     p.add_argument("recipe", help=RECIPE_HELP)
     add_set(p)
     p.add_argument("--processes", type=int, default=1, help="training processes (GPUs) the run will use")
