@@ -93,7 +93,7 @@ def model_card(cfg: dict, probe_rows: Optional[list] = None, monitor: Optional[d
                   f"{t(r.get('num_train'))} / {t(r.get('num_test'))} | {t(r.get('weights', '?'))} |" for r in rows]
         tested = list(dict.fromkeys(str(r["test"]) for r in rows if r.get("test")))
         if tested:
-            lines += ["", t("; ".join(tested)) + "."]
+            lines += ["", "; ".join(tested) + "."]  # written by distill from counts: nothing to escape
     elif monitor:
         lines += [f"Only the training monitor: kNN top-1 {t(monitor.get('knn_top1'))}% (k={t(monitor.get('k'))}) at "
                   f"step {t(monitor.get('step'))}, on {t(monitor.get('train_images'))} train / "

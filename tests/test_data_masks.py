@@ -60,6 +60,19 @@ def test_jpeg_mask_is_named_with_the_fix_and_read_with_a_threshold(tmp_path):
     assert read_mask(tmp_path / "g.png", 2, 11, threshold=128).tolist() == truth.tolist()
 
 
+def test_a_threshold_no_8bit_value_can_reach_is_refused(tmp_path):
+    """--mask-threshold 300 on 8-bit masks made every pixel class 0 and the run reported an mIoU (new-user review)."""
+    truth = np.zeros((16, 16), np.uint8)
+    truth[4:12, 4:12] = 255
+    Image.fromarray(truth).save(tmp_path / "m.jpg", quality=90)
+    with pytest.raises(ValueError, match=r"--mask-threshold 300 is above 255.*m\.jpg.*every pixel would be class 0"):
+        read_mask(tmp_path / "m.jpg", 2, 255, threshold=300)
+    assert read_mask(tmp_path / "m.jpg", 2, 255, threshold=255).sum() > 0  # 255 itself still reachable
+    sixteen = tmp_path / "m16.png"  # a 16-bit mask may hold values above 255
+    Image.fromarray(truth.astype(np.uint16) * 257).save(sixteen)  # mode I;16
+    assert read_mask(sixteen, 2, 255, threshold=300).sum() == 64
+
+
 def test_id_table_maps_stored_values(tmp_path):
     Image.fromarray(np.array([[0, 1, 2, 7]], np.uint8)).save(tmp_path / "m.png")
     assert read_mask(tmp_path / "m.png", 3, 255, id_map=(255, 0, 1)).tolist() == [[255, 0, 1, 255]]

@@ -427,7 +427,7 @@ def test_model_card_values_render_inert(an_export):
         assert html.count("<h1>") == 1 and "<h1>resnet18&lt;b&gt;bold&lt;/b&gt; distilled" in html
         assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 3  # shown as text, in place
         for row in re.findall(r"<tr>(.*?)</tr>", html, re.S):  # no cell split by a value's |
-            assert row.count("<td>") in (0, 2, 4), row
+            assert row.count("<td>") in (0, 2, 5), row  # the card table, the probe table (weights column)
     assert _render(md_text("see https://e.vil or www.e.vil")).strip() == "<p>see https://e.vil or www.e.vil</p>"
     assert md_text("a|b") == "a\\|b" and md_code("x`y") == "``x`y``" and md_code("`") == "`` ` ``"
 

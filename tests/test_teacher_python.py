@@ -348,7 +348,7 @@ def test_teacher_probe_from_a_recipe_file_uses_its_teacher_keys(unet_module, rgb
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
     res = probe_teacher(str(tmp_path / "r.yaml"), None, [11], epochs=1, progress=False)
     assert [r["block"] for r in res["rows"]] == ["mid"] and res["dataset"] == "image-folder"
-    assert res["device"] == str(eval_device()) and format_teacher_probe(res).endswith(f"on {res['device']}")
+    assert res["device"] == str(eval_device()) and f"on {res['device']}\n" in format_teacher_probe(res)
     wrong = _recipe(rgb_folder, teacher_weights=str(w), teacher_kwargs={"base": 16}).to_dict()
     (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(wrong))
     with pytest.raises(ValueError, match="do not fit the network built by the factory"):  # the recipe's keys apply

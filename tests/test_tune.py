@@ -204,7 +204,8 @@ def test_a_redirected_log_gets_plain_lines_and_a_terminal_gets_an_eval_bar(rgb_f
     monkeypatch.setattr(progress_mod, "show_progress_bar", lambda progress, main=True: progress and main)
     finetune(cfg, str(tmp_path / "b"), progress=True)  # as on a terminal: bars on stderr, no plain lines
     cap = capsys.readouterr()
-    assert "step 3: evaluating: 100%" in cap.err and "5/5" in cap.err and " | loss " not in cap.out
+    # the eval bar is drawn (its frames depend on timing: a transient bar may close before a 100% refresh)
+    assert "step 3: evaluating: " in cap.err and "/5 [" in cap.err and " | loss " not in cap.out
 
 
 class _Recorder(GeneralTracker):

@@ -110,6 +110,10 @@ def read_mask(path: str | Path, num_classes: int, ignore_index: int, threshold: 
         raise ValueError(f"mask {_fix_for_lossy(os.path.basename(path))} (the mask: '{path}')")
     arr = _open_ids(path, threshold)
     if threshold is not None:
+        if arr.dtype == np.uint8 and threshold > 255:  # no stored value can reach it: every pixel would be class 0
+            raise ValueError(f"--mask-threshold {threshold} is above 255, the largest value of the 8-bit mask '{path}': "
+                             f"every pixel would be class 0. Fix: pass a grey value in 1..255 (e.g. "
+                             f"--mask-threshold 128 for 0/255 masks).")
         arr = (arr >= threshold).astype(np.uint8)
     ids = torch.from_numpy(np.array(arr, copy=True))
     if id_map is not None:

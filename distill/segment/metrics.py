@@ -38,6 +38,22 @@ class SegMetrics:
             self.present[ids[ids < self.num_classes]] = True
         self.pixels += int(valid.sum())
 
+    def sum_over_processes(self, accelerator, images: int) -> int:
+        """Sum this process's states with the other processes' (each scored its own images): the confusion
+        matrices and correct/total counts of the two torchmetrics metrics, class presence and pixel counts. Every
+        process must call it. Returns the number of images over all processes."""
+        dev = accelerator.device
+        for metric in (self.iou, self.acc):
+            for name in metric._defaults:  # torchmetrics' states, all reduced by sum for these two metrics
+                state = getattr(metric, name)
+                setattr(metric, name, accelerator.reduce(state.to(dev), "sum").to(state.device))
+            metric.sync_on_compute = metric._to_sync = False  # already summed: compute() must not sync again
+        counts = torch.tensor([float(images), float(self.pixels)], device=dev)
+        counts = accelerator.reduce(counts, "sum").tolist()
+        self.present = accelerator.reduce(self.present.to(dev).long(), "sum").cpu() > 0
+        self.pixels = int(counts[1])
+        return int(counts[0])
+
     def compute(self) -> dict:
         """``{'miou', 'miou_present', 'pixel_acc', 'per_class_iou': [K], 'absent_classes', 'pixels'}``, in percent."""
         iou = (100.0 * self.iou.compute()).tolist()

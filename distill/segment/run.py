@@ -69,20 +69,22 @@ def _build_model(cfg: SegmentConfig, like_config: Optional[dict], num_classes: i
 def evaluate_segmentation(model: nn.Module, loader, num_classes: int, ignore_index: int, height: Optional[int] = None,
                           accelerator=None) -> dict:
     """mIoU, per-class IoU and pixel accuracy (:class:`SegMetrics`) of ``model`` on every batch of ``loader``
-    (``(uint8 images, int64 masks)``); the masks are compared at ``height`` (default: their own size)."""
+    (``(uint8 images, int64 masks)``); the masks are compared at ``height`` (default: their own size). With several
+    processes each one scores its own batches (batches of different image sizes cannot be gathered) and the
+    confusion matrices, class presence and counts are summed over processes."""
     was_training = model.training
     model.eval()
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     metrics = SegMetrics(num_classes, ignore_index)
     n = 0
-    for images, masks in loader:
+    for images, masks in loader:  # with several processes: this process's share of the batches
         x, y = resize_pair(to_unit(images.to(device)), masks.to(device), height)
         pred = model(x).argmax(1)  # (B, H, W)
-        if accelerator is not None and accelerator.num_processes > 1:
-            pred, y = accelerator.gather_for_metrics((pred, y))
         metrics.update(pred, y)
         n += y.shape[0]
     model.train(was_training)
+    if accelerator is not None and accelerator.num_processes > 1:  # sum over processes: each image counted once
+        n = metrics.sum_over_processes(accelerator, n)
     return {**metrics.compute(), "images": n}
 
 
@@ -107,9 +109,13 @@ class SegmentationTask(Task):
         """Training batches: each pair cropped or padded (with the ignore index) to the training size."""
         return self.data.collate_train(batch)
 
-    def eval_loader_options(self) -> dict:
-        """Images of one size per batch, each scored at its own (resized) size."""
-        return {"batch_sampler": self.data.eval_batches(self.cfg.eval_batch_size), "collate_fn": collate_pairs}
+    shards_evaluation = True  # batches of different image sizes cannot be gathered: confusion matrices are summed
+
+    def eval_loader_options(self, rank: int = 0, world: int = 1) -> dict:
+        """Images of one size per batch, each scored at its own (resized) size; process ``rank`` of ``world`` takes
+        every ``world``-th batch, so every image is scored once over all processes."""
+        batches = self.data.eval_batches(self.cfg.eval_batch_size)
+        return {"batch_sampler": batches[rank::world], "collate_fn": collate_pairs}
 
     def build_model(self) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
@@ -152,7 +158,8 @@ class SegmentationTask(Task):
         cfg, info, data = self.cfg, self.info, self.data
         r = {"model_kind": info["kind"], "architecture": info["name"], "dataset": f"segmentation:{cfg.layout}",
              "data_root": str(cfg.data_root), "eval_split": data.eval_split, "num_classes": cfg.num_classes,
-             "ignore_index": cfg.ignore_index, "classes": list(data.classes), "scale_min": cfg.scale_min,
+             "ignore_index": cfg.ignore_index, "mask_threshold": cfg.mask_threshold, "size": cfg.size,
+             "classes": list(data.classes), "scale_min": cfg.scale_min,
              "decoder": cfg.decoder, "decoder_width": cfg.decoder_width,
              "freeze_backbone": bool(info["kind"] == "teacher" or cfg.freeze_backbone), "backbone": info,
              "input_size": [int(self.size[0]), int(self.size[1])], "mean": info["mean"], "std": info["std"],

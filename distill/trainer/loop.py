@@ -315,11 +315,11 @@ def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, pr
     show_bar = show_progress_bar(progress, acc.is_main_process)
     s.bar = tqdm(total=recipe.steps, initial=start, desc="distill", disable=not show_bar, dynamic_ncols=True)
     s.text_log = TrainLog(run_dir, start, acc.is_main_process, echo=not show_bar)
-    for line in s.cost.lines():
-        s.text_log.write(line)
     if s.data_note:  # a run that reads fewer images than its source lists says so in its log
         _logger.warning("%s", s.data_note)
         s.text_log.write(s.data_note)
+    for line in s.cost.lines():
+        s.text_log.write(line)
     if s.monitor is not None:
         s.monitor_log = CsvLog(run_dir / MONITOR, start, acc.is_main_process)
         if start == 0:

@@ -118,8 +118,11 @@ def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: 
     model, optimizer = accelerator.prepare(model, optimizer)
     sampler = StepBatchSampler(len(task.train), cfg.batch_size, cfg.steps, cfg.seed, rank=rank, world=world)
     train_loader = DataLoader(task.train, batch_sampler=sampler, collate_fn=task.collate, num_workers=cfg.num_workers)
-    test_loader = accelerator.prepare_data_loader(
-        DataLoader(task.test, num_workers=cfg.num_workers, **task.eval_loader_options()), device_placement=True)
+    if task.shards_evaluation:  # each process its own batches; the task sums the metrics over processes
+        test_loader = DataLoader(task.test, num_workers=cfg.num_workers, **task.eval_loader_options(rank, world))
+    else:
+        test_loader = accelerator.prepare_data_loader(
+            DataLoader(task.test, num_workers=cfg.num_workers, **task.eval_loader_options()), device_placement=True)
     task.make_augment(device)
     tracking = bool(getattr(accelerator, "log_with", None))  # --log-with, or trackers of a caller's Accelerator
     if tracking:

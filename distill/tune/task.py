@@ -53,9 +53,15 @@ class Task:
         """Stack dataset items into ``(uint8 images [B, C, H, W], targets)``."""
         raise NotImplementedError
 
-    def eval_loader_options(self) -> dict:
+    #: True when :meth:`eval_loader_options` gives each process its own share of the evaluation batches and
+    #: :meth:`evaluate` sums the metrics over processes itself (batches of unequal shapes cannot be gathered); False:
+    #: the loop shards the loader with Accelerate and the task gathers with ``gather_for_metrics``.
+    shards_evaluation = False
+
+    def eval_loader_options(self, rank: int = 0, world: int = 1) -> dict:
         """How the evaluation ``DataLoader`` batches ``self.test`` (its keyword arguments besides the dataset and
-        workers): by default ``cfg.eval_batch_size`` items in order, stacked by :meth:`collate`."""
+        workers): by default ``cfg.eval_batch_size`` items in order, stacked by :meth:`collate` (``rank`` / ``world``
+        are used only by a task that :attr:`shards_evaluation`)."""
         return {"batch_size": self.cfg.eval_batch_size, "shuffle": False, "collate_fn": self.collate}
 
     def build_model(self) -> nn.Module:
