@@ -26,7 +26,7 @@ def test_the_readme_example_line_adds_up():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    line = re.search(r"```\n(step \d+/\d+ \| total .*)\n```", readme).group(1)
+    line = re.search(r"\n(step \d+/\d+ \| total [^\n]*)\n```", readme).group(1)
     terms = dict(zip(line.split(" | ")[1].split()[::2], map(float, line.split(" | ")[1].split()[1::2])))
     assert terms["total"] == pytest.approx(terms["mse"] + 10 * terms["at"], abs=1e-4), line
 
