@@ -116,6 +116,18 @@ def test_a_second_fine_tune_into_a_directory_in_use_is_refused_naming_the_holder
     assert r["steps"] == 1 and not (out / ".lock").exists()  # a finished fine-tune leaves no lock behind
 
 
+def test_a_fine_tune_into_a_training_run_directory_is_refused(rgb_folder, tmp_path, capsys):
+    """A fine-tune's -o on a distill train run (config.yaml, checkpoints) mixed result.json into it (new-user review)."""
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "config.yaml").write_text("steps: 2\n")
+    before = sorted(p.name for p in run.rglob("*"))
+    assert main(["finetune", "timm:resnet10t", "--data-root", str(rgb_folder), "--dataset", "image-folder",
+                 "--steps", "1", "-o", str(run), "--no-progress"]) == 2
+    assert "is a distill train run directory" in capsys.readouterr().err
+    assert sorted(p.name for p in run.rglob("*")) == before  # nothing written, no lock left
+
+
 # ----------------------------------------------------------------------------------------------- signals
 def _kill_at(step: int, sig=signal.SIGTERM):
     def cb(b):

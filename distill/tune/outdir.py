@@ -90,12 +90,19 @@ def check_output_dir(out: Path, overwrite: bool, save_model: bool = False) -> No
     """Refuse an output directory whose files a run would replace but did not provably write (reads only).
 
     Raises:
-        FileExistsError: ``out`` holds a ``result.json`` and ``overwrite`` is False; or a ``result.json`` (with
-            ``overwrite``) or a ``model/`` (with ``save_model``) that distill finetune did not write.
+        FileExistsError: ``out`` is a ``distill train`` run directory; or holds a ``result.json`` and ``overwrite`` is
+            False; or a ``result.json`` (with ``overwrite``) or a ``model/`` (with ``save_model``) that distill
+            finetune did not write.
     """
+    from ..rundir import is_run  # the run directory's owner knows what a training run holds
+
     out = Path(out)
     result, model = out / RESULT_FILE, out / MODEL_DIR
     refused = "Nothing was deleted. Fix: choose another --output-dir, or move it away."
+    if is_run(out):
+        raise FileExistsError(f"'{out}' is a distill train run directory (config.yaml, checkpoints): a fine-tune there "
+                              f"would mix its files into the run. Nothing was written. Fix: choose another "
+                              f"--output-dir, e.g. '{out / 'finetune'}'.")
     if result.exists():
         if not overwrite:
             raise FileExistsError(f"'{out}' already holds a fine-tuning result ({RESULT_FILE}); pass --overwrite to "
