@@ -121,6 +121,13 @@ def test_no_split_falls_back_to_train(tmp_path):
         resolve_split(devkit, "test", "voc")
 
 
+def test_a_data_root_that_does_not_exist_is_named_as_such(tmp_path):
+    """It was reported as "split 'test' ... does not exist" (new-user review)."""
+    for layout in SEG_LAYOUTS:
+        with pytest.raises(DatasetNotFoundError, match=r"--data-root '.*nowhere' does not exist \(or is not a folder\)"):
+            resolve_split(tmp_path / "nowhere", "test", layout)
+
+
 def test_missing_split_folder_names_the_layout(tmp_path):
     root = write_shapes(tmp_path / "shapes", {"train": 2, "test": 1})
     with pytest.raises(DatasetNotFoundError,

@@ -176,8 +176,12 @@ def resolve_split(root: str | Path, split: str, layout: str) -> str:
     ``train`` for another split.
 
     Raises:
-        DatasetNotFoundError: the split is missing (and has no fallback): the layout's tree and the fix.
+        DatasetNotFoundError: ``root`` does not exist; or the split is missing (and has no fallback): the layout's
+            tree and the fix.
     """
+    if not Path(root).expanduser().is_dir():
+        raise DatasetNotFoundError(f"--data-root '{root}' does not exist (or is not a folder). Fix: give the dataset "
+                                   f"folder as downloaded (--layout {layout}: {', '.join(SEG_LAYOUTS)}).")
     if has_split(root, split, layout):
         return split
     if split == "test" and has_split(root, "val", layout):
