@@ -20,6 +20,9 @@ class RunLock:
     file that cannot be created or written (read-only or full directory) is a :class:`~distill.errors.WriteError`.
     """
 
+    #: what the directory is and what a second process would mix, said when the lock is held
+    what, mixes = "run directory", "metrics, config and checkpoints"
+
     def __init__(self, run_dir: Path):
         self.path, self.fd = Path(run_dir) / LOCK, None
 
@@ -35,8 +38,8 @@ class RunLock:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise RunLockedError(
-                f"run directory '{self.path.parent}' is in use by {holder}; a second process would mix its metrics, "
-                f"config and checkpoints. Fix: wait for that run to end (or stop it), or choose another --output-dir.")
+                f"{self.what} '{self.path.parent}' is in use by {holder}; a second process would mix its "
+                f"{self.mixes}. Fix: wait for that run to end (or stop it), or choose another --output-dir.")
         self.fd = fd
         try:
             with writing(f"the run lock {LOCK}", self.path):

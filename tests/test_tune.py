@@ -110,7 +110,9 @@ def test_a_second_fine_tune_into_a_directory_in_use_is_refused_naming_the_holder
                 run()
         assert main(["finetune", "timm:resnet10t", "--data-root", str(rgb_folder), "--dataset", "image-folder",
                      "--steps", "1", "-o", str(out), "--no-progress"]) == 2
-        assert f"is in use by pid {os.getpid()}" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"fine-tuning output directory '{out}' is in use by pid {os.getpid()}" in err
+        assert "would mix its result.json, train_log.csv and model" in err and "checkpoints" not in err
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written beside the holder's lock
     r = finetune(_cls("timm:resnet10t", rgb_folder, steps=1), str(out), progress=False)  # free again
     assert r["steps"] == 1 and not (out / ".lock").exists()  # a finished fine-tune leaves no lock behind

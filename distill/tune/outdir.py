@@ -150,6 +150,8 @@ def lock_output_dir(out: Path) -> RunLock:
 class _WritingLock(RunLock):
     """:class:`RunLock` whose failure to create the directory is a :class:`WriteError` naming it."""
 
+    what, mixes = "fine-tuning output directory", "result.json, train_log.csv and model"
+
     def __enter__(self) -> "RunLock":
         with writing("the fine-tuning output directory", self.path.parent):  # a RunLockedError passes unchanged
             return super().__enter__()
