@@ -311,3 +311,16 @@ def test_two_processes_give_one_result_with_the_metrics_of_one(task, shapes, rgb
     # step-1 loss 1.3467 vs 1.3541 and top-1 100 vs 100; segmentation 1.0326 vs 1.0367 and mIoU 29.74 vs 31.94)
     assert first[0] == pytest.approx(first[1], rel=0.03)
     assert mp[score] == pytest.approx(sp[score], abs=12 if task == "classification" else 6)  # 2 of 18 images
+
+
+def test_a_task_missing_part_of_the_contract_cannot_be_built(rgb_folder):
+    """Task is abstract: a third task that forgets a method fails when built, naming it, not mid-run."""
+    from distill.finetune.run import ClassificationTask
+    from distill.tune import Task
+
+    class Partial(Task):
+        name = "partial"
+
+    with pytest.raises(TypeError, match="abstract method.*build_model"):
+        Partial(_cls("timm:resnet10t", rgb_folder))
+    assert isinstance(ClassificationTask(_cls("timm:resnet10t", rgb_folder)), Task)

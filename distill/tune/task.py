@@ -8,6 +8,7 @@ copy of the loop.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Optional
 
@@ -18,9 +19,9 @@ from torch.utils.data import Dataset
 from .config import TuneConfig
 
 
-class Task:
+class Task(ABC):
     """The contract between :func:`distill.tune.fit` and a task. Subclasses set the class attributes and implement
-    every method that raises ``NotImplementedError`` here.
+    every abstract method (a subclass that misses one cannot be built: ``TypeError`` naming it).
 
     Attributes:
         name: the ``task`` key of ``result.json`` (``'classification'``, ``'segmentation'``).
@@ -41,6 +42,7 @@ class Task:
         self.label = cfg.label or ""
 
     # ---------------------------------------------------------------- data and model
+    @abstractmethod
     def load_data(self) -> None:
         """Read and check the data (before the output directory is touched); sets ``self.train`` and
         ``self.test`` (datasets of ``(uint8 image, target)`` items)."""
@@ -49,6 +51,7 @@ class Task:
     train: Dataset
     test: Dataset
 
+    @abstractmethod
     def collate(self, batch: list):
         """Stack dataset items into ``(uint8 images [B, C, H, W], targets)``."""
         raise NotImplementedError
@@ -64,6 +67,7 @@ class Task:
         are used only by a task that :attr:`shards_evaluation`)."""
         return {"batch_size": self.cfg.eval_batch_size, "shuffle": False, "collate_fn": self.collate}
 
+    @abstractmethod
     def build_model(self) -> nn.Module:
         """The model to fine-tune, initialised from ``cfg.seed`` only (the same head for every arm)."""
         raise NotImplementedError
@@ -72,39 +76,47 @@ class Task:
         """Extra keyword arguments of :func:`distill.optim.build_optimizer` (e.g. ``layer_decay``)."""
         return {}
 
+    @abstractmethod
     def make_augment(self, device: torch.device) -> None:
         """Build the training augmentation on ``device`` (on its own RNG stream, :class:`distill.augment.
         SeededAugment`), once the first image is known."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- one step
+    @abstractmethod
     def inputs(self, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """A collated training batch -> ``(model inputs, targets)`` on ``device``, augmented."""
         raise NotImplementedError
 
+    @abstractmethod
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The training loss, a scalar mean over the counted targets of this process."""
         raise NotImplementedError
 
+    @abstractmethod
     def batch_stats(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(correct, counted)`` of a training batch, float scalars: the loss is a mean over ``counted`` targets
         (the loop weighs each process's loss by it) and ``correct / counted`` is the training accuracy."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- evaluation and result
+    @abstractmethod
     def evaluate(self, model: nn.Module, batches, accelerator) -> dict:
         """Metrics of ``model`` on every batch of ``batches`` (the prepared evaluation loader, maybe wrapped in a
         progress bar), each image counted once over all processes (``gather_for_metrics``)."""
         raise NotImplementedError
 
+    @abstractmethod
     def history_row(self, r: dict) -> dict:
         """The metrics of an evaluation kept in ``result['history']`` (``score`` among them)."""
         raise NotImplementedError
 
+    @abstractmethod
     def eval_line(self, step: int, r: dict) -> str:
         """One line for the log after an evaluation."""
         raise NotImplementedError
 
+    @abstractmethod
     def result(self, last: Optional[dict], best: Optional[dict]) -> dict:
         """The task's keys of ``result.json`` from the last evaluation (``evaluate``'s dict) and the best history
         row; both None when a stopped run evaluated nothing."""
@@ -117,6 +129,7 @@ class Task:
     def write_extras(self, model: nn.Module, out: Path, device: torch.device) -> None:
         """Files beside the result (main process only), e.g. a grid of predictions."""
 
+    @abstractmethod
     def save_model(self, model: nn.Module, path: Path, result: dict) -> None:
         """Write the fine-tuned model to ``path`` (``--save-model``; main process only, after ``result.json``)."""
         raise NotImplementedError
