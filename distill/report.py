@@ -22,7 +22,6 @@ import csv
 import logging
 import math
 import os
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -35,6 +34,7 @@ from .teacher import feature_key
 from .plots import pct, plot_fraction, plot_loss_curves, plot_monitor, plot_probes
 from .segment.report import segmentation_section
 from .tune import RESULT_FILE, read_result
+from .tune.sweep import group_by_label_fraction, seed_stats
 
 _logger = logging.getLogger(__name__)
 
@@ -177,29 +177,21 @@ def load_teacher_probe(path: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- numbers
-def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
-
 
 def summarize_finetune(results: list[dict]) -> list[dict]:
     """One row per (label, fraction): statistics over seeds of last/best top-1 and last top-5, plus the
     difference of the mean last top-1 to the scratch run(s) of the same fraction and budget."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["label"], float(r["fraction"])), []).append(r)
     rows = []
-    for (label, frac), rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["seed"])
+    for (label, frac), rs in group_by_label_fraction(results).items():
         rows.append({
             "label": label, "fraction": frac, "model_kind": rs[0].get("model_kind"),
             "architecture": rs[0].get("architecture"), "seeds": [r["seed"] for r in rs],
             "train_images": sorted({r.get("train_images") for r in rs}, key=str),
             "steps": sorted({r.get("steps") for r in rs}, key=str),
             "budget": sorted({_budget(r) for r in rs}),
-            "last_top1": _stats([r["last_top1"] for r in rs]),
-            "best_top1": _stats([r["best_top1"] for r in rs]),
-            "last_top5": _stats([r.get("last_top5", math.nan) for r in rs]),
+            "last_top1": seed_stats([r["last_top1"] for r in rs]),
+            "best_top1": seed_stats([r["best_top1"] for r in rs]),
+            "last_top5": seed_stats([r.get("last_top5", math.nan) for r in rs]),
         })
     order = {lab: i for i, lab in enumerate(dict.fromkeys(r["label"] for r in sorted(
         results, key=lambda r: (r.get("model_kind") == "timm", r["label"]))))}

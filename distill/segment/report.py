@@ -7,11 +7,8 @@ import statistics
 from pathlib import Path
 
 from ..plots import pct, plot_fraction
+from ..tune.sweep import group_by_label_fraction, seed_stats
 
-
-def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
 def _budget(r: dict) -> str:
@@ -23,18 +20,14 @@ def _budget(r: dict) -> str:
 def summarize_segmentation(results: list[dict]) -> list[dict]:
     """One row per (label, fraction): statistics over seeds of the last mIoU and pixel accuracy, the mean per-class
     IoU, and ``vs_scratch`` (mean mIoU minus the one scratch (``timm``) row of the same fraction and budget)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["label"], float(r["fraction"])), []).append(r)
     rows = []
-    for (label, frac), rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["seed"])
+    for (label, frac), rs in group_by_label_fraction(results).items():
         classes = list(rs[0].get("per_class_iou", {}))
         rows.append({"label": label, "fraction": frac, "model_kind": rs[0].get("model_kind"),
                      "seeds": [r["seed"] for r in rs], "train_images": sorted({r.get("train_images") for r in rs}),
                      "budget": sorted({_budget(r) for r in rs}), "eval_split": rs[0].get("eval_split"),
-                     "last_miou": _stats([r["last_miou"] for r in rs]),
-                     "last_pixel_acc": _stats([r["last_pixel_acc"] for r in rs]),
+                     "last_miou": seed_stats([r["last_miou"] for r in rs]),
+                     "last_pixel_acc": seed_stats([r["last_pixel_acc"] for r in rs]),
                      "per_class_iou": {c: round(statistics.fmean(r["per_class_iou"][c] for r in rs), 2)
                                        for c in classes}})
     rows.sort(key=lambda r: (r["model_kind"] == "teacher", r["model_kind"] == "timm", r["label"], r["fraction"]))

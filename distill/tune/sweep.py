@@ -3,6 +3,7 @@ the first."""
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -49,3 +50,23 @@ def sweep(cfg: TuneConfig, output_dir: str, fractions: Sequence[float], seeds: S
         if on_result:
             on_result(r)
     return results
+
+
+def seed_stats(values: Sequence[float]) -> dict:
+    """Mean, min, max, sample standard deviation (0 for one value) and count of one metric over seeds.
+
+    Raises:
+        ValueError: ``values`` is empty (``min`` of an empty sequence).
+    """
+    values = list(values)
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def group_by_label_fraction(results: Sequence[dict]) -> dict[tuple, list[dict]]:
+    """The results of a sweep grouped by ``(label, fraction)`` (the seeds of one setting), each group sorted by
+    seed, in the order the groups first appear. ``results`` are ``result.json`` dicts (:func:`read_result`)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["label"], float(r["fraction"])), []).append(r)
+    return {key: sorted(rs, key=lambda r: r["seed"]) for key, rs in groups.items()}
