@@ -48,6 +48,11 @@ class _DistillHandler(logging.StreamHandler):
         pass
 
 
+def count(n: int, noun: str) -> str:
+    """``"1 image"``, ``"6 images"``, ``"1,234 images"``: ``n`` with ``noun`` in the singular for exactly one."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
 def setup_logging(verbose: bool = False) -> logging.Logger:
     """Give the ``distill`` logger one stderr handler (``LEVEL distill.module: message``) at INFO when
     ``verbose`` else WARNING, and set the hub libraries to the same level. The root logger gets no handler (records

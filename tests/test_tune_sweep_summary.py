@@ -42,3 +42,12 @@ def test_segmentation_rows_average_seeds_and_subtract_scratch():
     assert d["per_class_iou"] == {"road": 32.0, "sky": 30.0}
     assert d["vs_scratch"] == pytest.approx(31.0 - statistics.fmean([27.0, 28.0]))
     assert next(r for r in rows if r["label"] == "scratch")["vs_scratch"] is None
+
+
+def test_result_lines_count_one_image_in_the_singular():
+    from distill.finetune.run import result_line
+
+    r = {"label": "s", "fraction": 0.01, "train_images": 1, "seed": 0, "steps": 2, "last_top1": 10.0,
+         "best_top1": 10.0, "best_step": 2, "top5_k": 5, "last_top5": 50.0, "seconds": 3}
+    assert "(1 image)" in result_line(r)
+    assert "(1,200 images)" in result_line({**r, "train_images": 1200})

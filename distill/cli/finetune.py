@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..vocab import DATASETS, SEG_DECODERS, SEG_LAYOUTS, TASKS, TRACKERS
+from ..logs import count
 from .common import add_output_dir
 
 
@@ -161,7 +162,7 @@ def _segment(args) -> int:
     cfg = SegmentConfig(**given)
 
     def line(r: dict) -> str:
-        return (f"{r['label']}: fraction {r['fraction']:g} ({r['train_images']} images), seed {r['seed']}, "
+        return (f"{r['label']}: fraction {r['fraction']:g} ({count(r['train_images'], 'image')}), seed {r['seed']}, "
                 f"{r['steps']} steps: {r['eval_split']} mIoU {r['last_miou']:.2f}, pixel acc {r['last_pixel_acc']:.2f}"
                 f", {r['seconds']:.0f}s")
 

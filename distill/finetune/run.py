@@ -20,6 +20,7 @@ from ..atomic import atomic_dir
 from ..augment import SeededAugment, build_augment
 from ..data import FASHION_MNIST_CLASSES, collate, to_student, to_unit
 from ..export import export_data_root
+from ..logs import count
 from ..tune import LOG_FILE, MODEL_DIR, MODEL_TAG, RESULT_FILE, Task, fit, machine_description  # noqa: F401
 from ..tune import check_output_dir, prepare_output_dir, saved_model_problem  # noqa: F401 (imported from here before)
 from ..vocab import dataset_channels
@@ -145,7 +146,7 @@ class ClassificationTask(Task):
 
         classes = self.data.classes or FASHION_MNIST_CLASSES
         desc = (f"{result['label']} fine-tuned by distill on {result['dataset']} ({result['fraction']:g} of the "
-                f"labels, {result['train_images']} images, seed {result['seed']}, {result['steps']} steps).")
+                f"labels, {count(result['train_images'], 'image')}, seed {result['seed']}, {result['steps']} steps).")
         model_config = {"pretrained_cfg": {"tag": f"{MODEL_TAG}{result['dataset']}", "description": desc}}
         if len(classes) == result["num_classes"]:
             model_config["label_names"] = list(classes)
@@ -184,6 +185,6 @@ def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, acce
 
 def result_line(r: dict) -> str:
     """One line summing up a result dict: label, fraction, seed, steps, last and best top-1, top-k, seconds."""
-    return (f"{r['label']}: fraction {r['fraction']:g} ({r['train_images']} images), seed {r['seed']}, {r['steps']} "
+    return (f"{r['label']}: fraction {r['fraction']:g} ({count(r['train_images'], 'image')}), seed {r['seed']}, {r['steps']} "
             f"steps: last top-1 {r['last_top1']:.2f} (best {r['best_top1']:.2f} at step {r['best_step']}), "
             f"top-{r['top5_k']} {r['last_top5']:.2f}, {r['seconds']:.0f}s")
