@@ -260,11 +260,14 @@ def distill_table(runs: list[DistillRun]) -> str:
 
 
 def probe_table(rows: list[dict]) -> str:
-    lines = ["| model | linear top-1 | kNN top-1 | probe train / test images |", "|---|---|---|---|"]
+    """Markdown table of frozen-feature probes, with the weights each was measured on (EMA or live, as the model
+    card says) and, under it, what each was tested on (``results.json``'s ``test`` line) when the rows say."""
+    lines = ["| model | linear top-1 | kNN top-1 | probe train / test images | weights |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {_fmt(r.get('linear_top1'))} | {_fmt(r.get('knn_top1'))} | "
-                     f"{r.get('num_train') or '-'} / {r.get('num_test') or '-'} |")
-    return "\n".join(lines)
+                     f"{r.get('num_train') or '-'} / {r.get('num_test') or '-'} | {r.get('weights') or '-'} |")
+    tested = list(dict.fromkeys(str(r["test"]) for r in rows if r.get("test")))
+    return "\n".join(lines + (["", "; ".join(tested) + "."] if tested else []))
 
 
 def finetune_table(rows: list[dict]) -> str:

@@ -215,3 +215,16 @@ def test_monitored_run_gets_a_monitor_plot_and_its_column_is_not_a_loss_term(tmp
     assert md.index("(loss_curves.png)") < md.index("(monitor.png)")
     (run / "monitor.csv").unlink()
     assert write_report([str(run)], str(tmp_path / "r3"))["plots"]["monitor"] is None
+
+
+def test_probe_table_says_which_weights_and_what_each_was_tested_on():
+    from distill.report import probe_table
+
+    rows = [{"name": "distilled", "linear_top1": 87.5, "knn_top1": 85.0, "num_train": 60000, "num_test": 2000,
+             "weights": "ema", "test": "tested on 2,000 of the 10,000 test images (seeded, stratified)"},
+            {"name": "pixels", "linear_top1": 84.4, "knn_top1": 85.1, "num_train": 60000, "num_test": 2000,
+             "test": "tested on 2,000 of the 10,000 test images (seeded, stratified)"}]
+    table = probe_table(rows).splitlines()
+    assert table[0].split("|")[-2].strip() == "weights"
+    assert table[2].split("|")[-2].strip() == "ema" and table[3].split("|")[-2].strip() == "-"
+    assert table[-1] == "tested on 2,000 of the 10,000 test images (seeded, stratified)."
