@@ -514,18 +514,22 @@ class FeatureCache:
     # -- description
     @property
     def key(self) -> dict:
+        """The manifest's cache key (teacher weights and settings, blocks, timesteps, resolution, draws, data)."""
         return dict(self.manifest["key"])
 
     @property
     def keys(self) -> list[str]:
+        """The feature keys held, ``'<block>@t<t>'`` (:func:`distill.teacher.feature_key`), in manifest order."""
         return list(self.manifest["files"])
 
     @property
     def num_images(self) -> int:
+        """Number of training images whose features are cached."""
         return int(self.manifest["key"]["num_images"])
 
     @property
     def num_draws(self) -> int:
+        """Noise draws per image (``distill extract --draws``); a run picks one per image and step."""
         return int(self.manifest["key"]["num_draws"])
 
     @property
@@ -536,22 +540,27 @@ class FeatureCache:
 
     @property
     def blocks(self) -> list[str]:
+        """Teacher blocks the features come from (``named_modules()`` paths)."""
         return list(self.manifest["key"]["blocks"])
 
     @property
     def timesteps(self) -> list[int]:
+        """Diffusion timesteps the features were taken at, each in ``[0, T)``."""
         return [int(t) for t in self.manifest["key"]["timesteps"]]
 
     @property
     def in_channels(self) -> int:
+        """Channels of the images the teacher saw (1 for grayscale, 3 for RGB)."""
         return int(self.manifest["key"]["in_channels"])
 
     @property
     def sample_size(self) -> int:
+        """Side in pixels of the square images the teacher saw."""
         return int(self.manifest["key"]["sample_size"])
 
     @property
     def nbytes(self) -> int:
+        """Bytes the cache directory takes on disk (every file in it)."""
         return _dir_bytes(self.path)
 
     def __len__(self) -> int:

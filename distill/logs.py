@@ -24,6 +24,7 @@ from typing import Optional
 
 from .errors import MissingDependencyError
 from .integrity import error_text
+from .version import install_hint
 from .vocab import TRACKER_EXTRAS, TRACKERS
 
 #: The hub libraries whose loggers are set: ``{module: (verbosity environment variable, logging module)}``.
@@ -195,7 +196,7 @@ def check_tracker(name: Optional[str]) -> None:
         extra = TRACKER_EXTRAS[name]
         raise MissingDependencyError(
             f"log_with: {name} needs the {name} package, which is not installed, so no tracker could start. Fix: "
-            f"pip install \"distill[{extra}]\" (or pip install -e \".[{extra}]\" in a checkout), or remove log_with.")
+            f"{install_hint(extra)}, or remove log_with.")
 
 
 #: per tracker: the settings that most often stop it from starting (said in the error)
@@ -223,7 +224,7 @@ def start_trackers(accelerator, name: Optional[str], config: dict, project: str 
         accelerator.init_trackers(project, config=config)
     except Exception as e:  # noqa: BLE001 - every tracker package raises its own kinds; one message for all
         extra = TRACKER_EXTRAS.get(name, name)
-        install = f"pip install \"distill[{extra}]\" (or pip install -e \".[{extra}]\" in a checkout)"
+        install = install_hint(extra)
         if isinstance(e, ImportError):
             raise MissingDependencyError(
                 f"log_with: {name} could not start: a package it needs cannot be imported ({error_text(e, 200)}). "

@@ -192,10 +192,12 @@ class Student(nn.Module):
 
     @property
     def channels(self) -> list[int]:
+        """Channels of each returned map, finest first (``feature_info[l].num_chs``)."""
         return [f.num_chs for f in self.feature_info]
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
+        """``(H, W)`` in pixels of each returned map at ``img_size``, finest first."""
         return [f.size for f in self.feature_info]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -215,4 +217,6 @@ class DistillModel(nn.Module):
         self.student, self.regressor = student, regressor
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``x``: normalised images ``[B, 3, S, S]`` -> one prediction ``[B, C_k, H_k, W_k]`` per teacher feature, in
+        the regressor's target order."""
         return self.regressor(self.student(x))

@@ -58,7 +58,7 @@ SELECT_METHODS = ("grid", "label-free", "both")
 SELECT_SCORE_ON = ("val", "test")
 #: Experiment trackers a recipe's ``log_with`` may name (Accelerate's tracker names).
 TRACKERS = ("tensorboard", "wandb", "mlflow")
-#: The pip extra of distill that installs each tracker: ``pip install "distill[EXTRA]"``.
+#: The pip extra of distill that installs each tracker: ``pip install "diffusion-distill[EXTRA]"``.
 TRACKER_EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 #: Downstream tasks of ``distill finetune --task``.
 TASKS = ("classification", "segmentation")

@@ -169,7 +169,7 @@ def test_tracker_that_cannot_start_exits_2(tiny_recipe, tmp_path, capsys, monkey
     monkeypatch.setattr("accelerate.utils.is_tensorboard_available", lambda: False)
     assert main(["train", str(tiny_recipe), "-o", str(tmp_path / "run"), "--set", "log_with=tensorboard"]) == 2
     err = capsys.readouterr().err
-    assert "log_with: tensorboard" in err and 'distill[tensorboard]' in err
+    assert "log_with: tensorboard" in err and 'pip install "diffusion-distill[tensorboard]"' in err
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
@@ -190,7 +190,7 @@ def test_tracker_that_fails_at_start_up_exits_2_naming_the_extra_or_setting(tiny
     assert main(["train", str(tiny_recipe), "-o", str(tmp_path / "run"), "--set", "log_with=mlflow"]) == 2
     err = capsys.readouterr().err
     assert "distill train: error: log_with: mlflow could not start" in err and "Traceback" not in err
-    assert 'pip install "distill[mlflow]"' in err
+    assert 'pip install "diffusion-distill[mlflow]"' in err
     if isinstance(failure, RuntimeError):
         assert "MLFLOW_TRACKING_URI" in err and "Could not find experiment" in err
     assert not (tmp_path / "run").exists()  # refused before anything was written

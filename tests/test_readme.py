@@ -1,19 +1,22 @@
-"""The README's component example runs as written, and the README's commands name things that exist."""
+"""The component example of the getting-started page runs as written, and the README's and the documentation's
+commands name files that exist."""
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+GETTING_STARTED = ROOT / "docs" / "getting-started.md"  # the README's Python API moved there (the site's pages)
+PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 
 
-def _python_blocks():
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def _python_blocks(page):
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
 
 
 def test_component_example_runs():
-    block = next(b for b in _python_blocks() if "FeatureRegressor(" in b)
+    block = next(b for b in _python_blocks(GETTING_STARTED) if "FeatureRegressor(" in b)
     ns = {}
-    exec(compile(block, "README.md", "exec"), ns)
+    exec(compile(block, "docs/getting-started.md", "exec"), ns)
     assert set(ns["losses"]) == {"mse", "at", "total"}
     assert ns["feats"]["up_blocks.0@t11"].shape == (8, 64, 16, 16)
     assert [p.shape[-2:] for p in ns["preds"]] == [f.shape[-2:] for f in ns["feats"].values()]
@@ -22,8 +25,9 @@ def test_component_example_runs():
 def test_readme_commands_exist():
     text = README.read_text()
     root = README.parent
-    for path in re.findall(r"(recipes/[\w.-]+\.yaml|tools/[\w.-]+\.(?:sh|py))", text):
-        assert (root / path).is_file(), path
+    for page in PAGES:
+        for path in re.findall(r"(?<![\w/.])(recipes/[\w.-]+\.yaml|tools/[\w.-]+\.(?:sh|py))", page.read_text()):
+            assert (root / path).is_file(), f"{page.relative_to(root)} names {path}, which does not exist"
     ci = (root / ".ci" / "run").read_text()
     assert "bash tools/setup.sh" in ci and "pytest -q tests" in ci
     assert "bash tools/setup.sh && .venv/bin/python -m pytest -q tests" in text

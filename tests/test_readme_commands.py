@@ -1,4 +1,4 @@
-"""Every command the README shows parses: each ``distill ...`` / ``.venv/bin/distill ...`` / ``python -m distill.cli
+"""Every command the README and the documentation pages (docs/, the site) show parses: each ``distill ...`` / ``.venv/bin/distill ...`` / ``python -m distill.cli
 ...`` line of its ```bash blocks is parsed by the real argparse parser of that subcommand (nothing is run), so a
 renamed or removed flag cannot stay in the docs."""
 from __future__ import annotations
@@ -11,7 +11,10 @@ import pytest
 
 from distill.cli import build_parser, spread_set_options
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+#: the README and every page of the site (the README's sections moved there)
+PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 #: how a command line may start; what follows is distill's own argv (``accelerate launch [its options] -m
 #: distill.cli`` too)
 PREFIXES = (("distill",), (".venv/bin/distill",), ("python", "-m", "distill.cli"), (".venv/bin/python", "-m",
@@ -60,24 +63,26 @@ def distill_commands(text: str) -> list[tuple[int, list[str]]]:
     return found
 
 
-COMMANDS = distill_commands(README.read_text())
+COMMANDS = [(page.relative_to(ROOT).as_posix(), line, argv) for page in PAGES
+            for line, argv in distill_commands(page.read_text())]
 
 
-def test_the_readme_shows_commands_of_every_kind():
-    names = {argv[0] for _, argv in COMMANDS if argv}
+def test_the_docs_show_commands_of_every_kind():
+    names = {argv[0] for _, _, argv in COMMANDS if argv}
     assert len(COMMANDS) >= 20 and {"train", "run", "export", "probe", "finetune"} <= names, names
+    assert any(page == "README.md" for page, _, _ in COMMANDS)  # the front page's quickstart is checked too
 
 
-@pytest.mark.parametrize("line, argv", COMMANDS, ids=[f"README:{n}" for n, _ in COMMANDS])
-def test_every_readme_command_parses(line, argv, capsys):
+@pytest.mark.parametrize("page, line, argv", COMMANDS, ids=[f"{p}:{n}" for p, n, _ in COMMANDS])
+def test_every_documented_command_parses(page, line, argv, capsys):
     parser = build_parser()
     try:
         args = parser.parse_args(spread_set_options(argv))
     except SystemExit as e:  # argparse: unknown flag, missing argument, bad choice (0: --help / --version)
-        assert e.code == 0, f"README.md line {line}: `distill {' '.join(argv)}`: {capsys.readouterr().err.strip()}"
+        assert e.code == 0, f"{page} line {line}: `distill {' '.join(argv)}`: {capsys.readouterr().err.strip()}"
         return
     needs_out = getattr(args, "_output_dir_parser", None) is not None and args.output_dir is None
-    assert not needs_out, f"README.md line {line}: `distill {' '.join(argv)}` lacks -o/--output-dir"
+    assert not needs_out, f"{page} line {line}: `distill {' '.join(argv)}` lacks -o/--output-dir"
 
 
 def test_the_parser_check_catches_an_unknown_flag():

@@ -53,7 +53,7 @@ def test_sd_directory_without_text_encoder_or_cache(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if the sd extra were not installed
     with pytest.raises(MissingDependencyError) as e:
         load_teacher(str(d), ["mid_block"])
-    assert 'pip install -e ".[sd]"' in str(e.value) and "prompt_embedding" in str(e.value)
+    assert 'pip install "diffusion-distill[sd]"' in str(e.value) and "prompt_embedding" in str(e.value)
     assert isinstance(e.value, ValueError)  # the CLI prints it and exits with 2
     monkeypatch.delitem(sys.modules, "transformers")
     pytest.importorskip("transformers")

@@ -272,7 +272,7 @@ def test_log_with_an_uninstalled_tracker_exits_2_before_anything_is_written(rgb_
     out = tmp_path / "o"
     assert main(["finetune", "timm:resnet10t", "--data-root", str(rgb_folder), "--dataset", "image-folder",
                  "--log-with", "tensorboard", "-o", str(out), "--no-progress"]) == 2
-    assert 'distill[tensorboard]' in capsys.readouterr().err and not out.exists()
+    assert 'pip install "diffusion-distill[tensorboard]"' in capsys.readouterr().err and not out.exists()
 
 
 # ----------------------------------------------------------------------------------------------- several processes

@@ -21,7 +21,16 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import torch, torchvision, timm, diffusers, accelerate, kornia, torchmetrics, datasets, huggingface_hub, distill" 2>/dev/null; then
+# this checkout installed under its old distribution name 'distill' (editable, this directory): replaced, never another
+# project of that name
+if python -I -c "import importlib.metadata as m, json, pathlib, sys
+u = json.loads(m.distribution('distill').read_text('direct_url.json') or '{}').get('url', '')
+sys.exit(u.removeprefix('file://') != str(pathlib.Path.cwd()))" 2>/dev/null; then
+  echo "== replacing the distribution 'distill' (old name) by 'diffusion-distill'"
+  python -m pip uninstall -y -q distill
+fi
+if ! python -c "import torch, torchvision, timm, diffusers, accelerate, kornia, torchmetrics, datasets, huggingface_hub, distill
+import importlib.metadata as m; m.version('diffusion-distill')" 2>/dev/null; then
   echo "== installing torch/torchvision pair and distill (about 2 minutes)"
   python -m pip install -q --upgrade pip
   python -m pip install -q -c tools/constraints.txt torch torchvision

@@ -172,6 +172,7 @@ class ImageFolder(DecodedImages):
         self._setup(channels, size, resize, min_side, on_error)
 
     def source(self, i: int):
+        """``(path, path)``: the file of image ``i``, read by :func:`decode_image` and named in messages."""
         path = self.files[i][0]
         return path, path
 

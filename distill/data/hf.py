@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import DatasetNotFoundError, MissingDependencyError, UnreadableFileError
+from ..version import install_hint
 from .classes import class_index
 from .folder import IMAGE_EXTENSIONS
 from .images import DecodedImages
@@ -31,8 +32,8 @@ def _import_datasets():
     try:
         import datasets
     except ImportError as e:
-        raise MissingDependencyError("dataset: hf needs the `datasets` library: pip install datasets (or "
-                                     "pip install -e '.[hf]').") from e
+        raise MissingDependencyError(f"dataset: hf needs the `datasets` library: {install_hint('hf')}, or pip "
+                                     f"install datasets.") from e
     return datasets
 
 
@@ -177,6 +178,8 @@ class HFImages(DecodedImages):
         self._setup(channels, size, resize, min_side, on_error)
 
     def source(self, i: int):
+        """``(source, name)`` of row ``i``: its encoded bytes or file path for :func:`decode_image`, and
+        ``"ROOT[split] row i (path)"`` for messages."""
         item = self.data[int(i)][self.image_column]
         if isinstance(item, dict):
             name = f"{self.source_root}[{self.split}] row {i}" + (f" ({item['path']})" if item.get("path") else "")

@@ -27,6 +27,8 @@ class SegMetrics:
         self.pixels = 0
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch: ``pred`` logits ``[B, K, H, W]`` or class ids ``[B, H, W]``, ``target`` class ids ``[B, H, W]``
+        (pixels equal to ``ignore_index`` are not counted)."""
         if pred.dim() == 4:
             pred = pred.argmax(1)
         pred, target = pred.detach().cpu(), target.detach().cpu()

@@ -163,12 +163,15 @@ class SegModel(nn.Module):
                 p.requires_grad_(False)
 
     def train(self, mode: bool = True):
+        """``nn.Module.train``, except that a frozen backbone (``freeze_backbone``) stays in eval mode."""
         super().train(mode)
         if self.freeze_backbone:
             self.backbone.eval()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: images ``[B, 3, H, W]`` in [0, 1] -> logits ``[B, num_classes, H, W]`` (a transformer backbone's
+        input is padded to its patch / window multiple and the logits cropped back)."""
         h, w = x.shape[-2:]
         m = getattr(self.backbone, "pad_multiple", None)
         if m:  # a transformer's patch / window grid: pad bottom-right, crop the logits back

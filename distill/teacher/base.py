@@ -35,6 +35,7 @@ class TeacherFeatureInfo:
 
     @property
     def key(self) -> str:
+        """The feature's key in the teacher's output dict, ``'<block>@t<t>'`` (:func:`feature_key`)."""
         return feature_key(self.block, self.timestep)
 
 
@@ -221,6 +222,7 @@ class DiffusionTeacher(nn.Module):
 
     # Frozen: train() keeps the wrapped model in eval mode, so dropout/BN never switch on.
     def train(self, mode: bool = True):
+        """Ignore ``mode``: the teacher stays in eval mode (frozen). Returns ``self``."""
         super().train(False)
         return self
 
@@ -246,10 +248,12 @@ class DiffusionTeacher(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the wrapped model's weights (``teacher_dtype``)."""
         return next(self.model.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the wrapped model's weights."""
         return next(self.model.parameters()).device
 
     def _run(self, x_t: torch.Tensor, t: torch.Tensor, stop: Optional[str]) -> dict[str, torch.Tensor]:

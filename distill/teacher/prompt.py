@@ -16,11 +16,12 @@ import torch
 
 from ..atomic import atomic_file
 from ..errors import MissingDependencyError
+from ..version import install_hint
 
 _logger = logging.getLogger(__name__)
 
 EMBEDDING_FILENAME = "empty_prompt_embedding.safetensors"
-SD_EXTRA_HINT = 'pip install -e ".[sd]" (or pip install "transformers>=4.40")'
+SD_EXTRA_HINT = f'{install_hint("sd")}, or pip install "transformers>=4.40"'
 
 
 def distill_cache_dir() -> Path:
