@@ -276,7 +276,7 @@ def segmentation_grid(images, masks, preds, palette: Sequence[Sequence[int]], ig
     n = len(images)
     h, w = images.shape[-2:]
     shown = present_classes(masks, preds, ignore_index, min(len(class_names), len(palette))) if class_names else []
-    ncol = 3
+    ncol = min(4, max(1, len(shown)))
     legend_h = 0.3 * math.ceil(len(shown) / ncol) + 0.2 if shown else 0.0
     fig = new_figure(3 * 2.6 * w / max(h, w) + 0.4, n * 2.6 * h / max(h, w) + 0.6 + legend_h)
     grid = fig.add_gridspec(n + bool(shown), 3, height_ratios=[2.6 * h / max(h, w)] * n + ([legend_h] if shown else []))
