@@ -23,7 +23,7 @@ from typing import Optional
 from .atomic import atomic_dir, atomic_write_json
 from .deploy import ONNX_ATOL, ONNX_DATA_FILE, ONNX_FILE, ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT
 from .card import METHOD_PAPER, model_card, write_model_card  # noqa: F401 - the card's names, importable from here
-from .errors import HubUploadError, RunExistsError, UnreadableFileError
+from .errors import ExportMismatchError, HubUploadError, RunExistsError, UnreadableFileError
 from .integrity import error_text, read_json, safetensors_problem
 from .rundir import EMA_FILE, SUMMARY, is_run, load_trained
 from .version import __version__
@@ -118,7 +118,8 @@ def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, ove
         UnreadableFileError: the checkpoint's weights are damaged (the message names the checkpoint and file).
         WriteError: the export could not be written (disk full, read-only, ...): what, where and the space needed.
         MissingDependencyError: ``onnx`` and the ``onnx`` extra is not installed (checked before anything is read).
-        RuntimeError: ``onnx`` and onnxruntime's output differs from the torch model's by more than ``ONNX_ATOL``.
+        ExportMismatchError: ``onnx`` and onnxruntime's output differs from the torch model's by more than
+            ``ONNX_ATOL`` (the CLI exits 3).
     """
     import timm.models
 
@@ -187,7 +188,7 @@ def _write_onnx(export_dir: Path, size: int, opset: int) -> dict:
     path = export_onnx(model, export_dir / ONNX_FILE, (3, size, size), opset=opset)
     diff = onnx_max_abs_diff(path, model, input_size=(3, size, size))
     if not diff <= ONNX_ATOL:
-        raise RuntimeError(f"the ONNX export differs from the timm model by up to {diff:.3g} (more than "
+        raise ExportMismatchError(f"the ONNX export differs from the timm model by up to {diff:.3g} (more than "
                            f"{ONNX_ATOL:g}) on the same input; nothing was written. Fix: try another opset "
                            f"(--opset), or report the model's name to distill.")
     _logger.info("wrote %s (opset %d), max |onnxruntime - torch| = %.3g", ONNX_FILE, opset, diff)

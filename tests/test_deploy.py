@@ -72,3 +72,26 @@ def test_export_onnx_without_the_extra_names_it_and_writes_nothing(run, tmp_path
 def test_export_opset_is_checked(run, tmp_path, capsys, argv, message):
     assert main(["export", str(run), "-o", str(tmp_path / "s")] + argv) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_an_onnx_file_that_computes_something_else_fails_the_export_and_writes_nothing(run, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """The check is real: a graph whose output differs (here: onnxruntime's output shifted by 1e-3) stops the export,
+    exit 3, nothing at -o."""
+    import distill.deploy as deploy
+
+    real = ort.InferenceSession
+
+    class Shifted:
+        def __init__(self, *a, **k):
+            self.s = real(*a, **k)
+
+        def run(self, *a, **k):
+            return [o + 1e-3 for o in self.s.run(*a, **k)]
+
+    monkeypatch.setattr(ort, "InferenceSession", Shifted)
+    out = tmp_path / "student"
+    assert main(["export", str(run), "-o", str(out), "--onnx"]) == 3
+    assert "the ONNX export differs from the timm model by up to 0.001" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert deploy.ONNX_ATOL < 1e-3
