@@ -28,6 +28,9 @@ from .errors import WriteError
 
 PathLike = Union[str, os.PathLike]
 TMP_PREFIX = ".tmp-"
+#: what follows ``.tmp-<name>-`` in a temporary of :func:`temp_path`: pid, random hex, the host (absent from the names
+#: older versions wrote)
+_TEMP_SUFFIX = re.compile(r"(?P<pid>\d+)-[0-9a-f]+(?:@(?P<host>.+))?")
 
 #: errno of a failed write -> (what it means, the fix)
 WRITE_ERRNOS = {
@@ -328,12 +331,13 @@ def stale_temps(path: PathLike) -> list[Path]:
 def _writer_alive(tmp: Path, name: str) -> bool:
     """Whether the process whose pid is in a temporary's name (``.tmp-<name>-<pid>-<hex>@<host>``) is another live
     one. A writer on another host (shared storage) counts as alive: its pid means nothing here."""
-    rest = tmp.name[len(TMP_PREFIX) + len(name) + 1:]
-    rest, _, host = rest.partition("@")
-    if host and host != host_name():
+    m = _TEMP_SUFFIX.fullmatch(tmp.name[len(TMP_PREFIX) + len(name) + 1:])
+    if m is None:  # a token name (a distributed checkpoint's): no pid in it
+        return False
+    pid, host = m.group("pid"), m.group("host")
+    if host is not None and host != host_name():
         return True
-    pid = rest.split("-", 1)[0]
-    if not pid.isdigit() or int(pid) == os.getpid():
+    if int(pid) == os.getpid():
         return False
     try:
         os.kill(int(pid), 0)
