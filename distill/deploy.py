@@ -40,7 +40,8 @@ def require_onnx(what: str = "--onnx", runtime: bool = False) -> None:
     needed = ["onnx", "onnxscript"] + (["onnxruntime"] if runtime else [])
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
-        raise MissingDependencyError(f"{what} needs {' and '.join(missing)}, which is not installed. Fix: "
+        verb = "is" if len(missing) == 1 else "are"
+        raise MissingDependencyError(f"{what} needs {' and '.join(missing)}, which {verb} not installed. Fix: "
                                      f"{ONNX_EXTRA_HINT}, or drop {what}.")
 
 
