@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Optional
 
 from .atomic import atomic_dir, atomic_write_json
-from .deploy import ONNX_ATOL, ONNX_DATA_FILE, ONNX_FILE, ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT
 from .card import METHOD_PAPER, model_card, write_model_card  # noqa: F401 - the card's names, importable from here
 from .errors import ExportMismatchError, HubUploadError, RunExistsError, UnreadableFileError
+from .deploy import (ONNX_ATOL, ONNX_DATA_FILE, ONNX_FILE, ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT, export_onnx,
+                     onnx_max_abs_diff, require_onnx)
 from .integrity import error_text, read_json, safetensors_problem
 from .rundir import EMA_FILE, SUMMARY, is_run, load_trained
 from .version import __version__
@@ -124,8 +125,6 @@ def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, ove
     import timm.models
 
     if onnx:
-        from .deploy import require_onnx
-
         require_onnx("distill export --onnx", runtime=True)
     check_export_target(run_dir, out, overwrite)
     out_p = Path(out)
@@ -182,15 +181,13 @@ def _write_onnx(export_dir: Path, size: int, opset: int) -> dict:
     onnxruntime; returns what ``config.json`` records of it (``distill.onnx``)."""
     import timm
 
-    from .deploy import export_onnx, onnx_max_abs_diff
-
     model = timm.create_model(f"local-dir:{export_dir}", pretrained=True, num_classes=0).eval()
     path = export_onnx(model, export_dir / ONNX_FILE, (3, size, size), opset=opset)
     diff = onnx_max_abs_diff(path, model, input_size=(3, size, size))
     if not diff <= ONNX_ATOL:
         raise ExportMismatchError(f"the ONNX export differs from the timm model by up to {diff:.3g} (more than "
-                           f"{ONNX_ATOL:g}) on the same input; nothing was written. Fix: try another opset "
-                           f"(--opset), or report the model's name to distill.")
+                                  f"{ONNX_ATOL:g}) on the same input; nothing was written. Fix: try another opset "
+                                  f"(--opset), or report the model's name to distill.")
     _logger.info("wrote %s (opset %d), max |onnxruntime - torch| = %.3g", ONNX_FILE, opset, diff)
     return {"file": ONNX_FILE, "opset": int(opset), "input": ONNX_INPUT, "output": ONNX_OUTPUT,
             "input_shape": ["batch", 3, size, size], "output_shape": ["batch", model.num_features],
