@@ -1,6 +1,6 @@
 """Atomic writes: every file and directory distill writes appears complete or not at all.
 
-A write goes to a temporary sibling (``.tmp-<name>-<pid>-<random>``, same filesystem), is flushed and fsync'd,
+A write goes to a temporary sibling (``.tmp-<name>-<pid>-<random>@<host>``, same filesystem), is flushed and fsync'd,
 then renamed over the target with :func:`os.replace` (atomic on POSIX), and the parent directory is fsync'd so
 the rename itself survives a power cut. A failed write removes its temporary file or directory. One naming
 convention for temporaries means :func:`remove_stale_temps` can clean what a killed process left, and nothing
@@ -17,7 +17,9 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -26,6 +28,9 @@ from .errors import WriteError
 
 PathLike = Union[str, os.PathLike]
 TMP_PREFIX = ".tmp-"
+#: what follows ``.tmp-<name>-`` in a temporary of :func:`temp_path`: pid, random hex, the host (absent from the names
+#: older versions wrote)
+_TEMP_SUFFIX = re.compile(r"(?P<pid>\d+)-[0-9a-f]+(?:@(?P<host>.+))?")
 
 #: errno of a failed write -> (what it means, the fix)
 WRITE_ERRNOS = {
@@ -157,11 +162,18 @@ def settle_file(path: PathLike, mode: Optional[int] = None) -> None:
         os.fsync(f.fileno())
 
 
+def host_name() -> str:
+    """This machine's host name as it appears in temporaries' names (characters other than letters, digits, '.',
+    '-' and '_' replaced by '_', at most 64)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "_"
+
+
 def temp_path(path: PathLike, token: Optional[str] = None) -> Path:
-    """A fresh temporary sibling of ``path``: ``.tmp-<name>-<pid>-<8 hex>``, or ``.tmp-<name>-<token>`` when
-    several processes must agree on the name (a distributed checkpoint)."""
+    """A fresh temporary sibling of ``path``: ``.tmp-<name>-<pid>-<8 hex>@<host>``, or ``.tmp-<name>-<token>`` when
+    several processes must agree on the name (a distributed checkpoint). The host makes a pid meaningful on
+    shared storage (NFS, Lustre): :func:`remove_stale_temps` judges only this host's writers."""
     p = Path(path)
-    return p.with_name(f"{TMP_PREFIX}{p.name}-{token or f'{os.getpid()}-{uuid.uuid4().hex[:8]}'}")
+    return p.with_name(f"{TMP_PREFIX}{p.name}-{token or f'{os.getpid()}-{uuid.uuid4().hex[:8]}@{host_name()}'}")
 
 
 def fsync_dir(path: PathLike) -> None:
@@ -317,10 +329,15 @@ def stale_temps(path: PathLike) -> list[Path]:
 
 
 def _writer_alive(tmp: Path, name: str) -> bool:
-    """Whether the process whose pid is in a temporary's name (``.tmp-<name>-<pid>-<hex>``) is another live one."""
-    rest = tmp.name[len(TMP_PREFIX) + len(name) + 1:]
-    pid = rest.split("-", 1)[0]
-    if not pid.isdigit() or int(pid) == os.getpid():
+    """Whether the process whose pid is in a temporary's name (``.tmp-<name>-<pid>-<hex>@<host>``) is another live
+    one. A writer on another host (shared storage) counts as alive: its pid means nothing here."""
+    m = _TEMP_SUFFIX.fullmatch(tmp.name[len(TMP_PREFIX) + len(name) + 1:])
+    if m is None:  # a token name (a distributed checkpoint's): no pid in it
+        return False
+    pid, host = m.group("pid"), m.group("host")
+    if host is not None and host != host_name():
+        return True
+    if int(pid) == os.getpid():
         return False
     try:
         os.kill(int(pid), 0)
@@ -333,7 +350,8 @@ def _writer_alive(tmp: Path, name: str) -> bool:
 
 def remove_stale_temps(path: PathLike) -> list[Path]:
     """Remove the temporaries of ``path`` left by a killed write; returns what was removed. Only names of this
-    module's convention are touched, and never one whose writing process is still alive."""
+    module's convention are touched, never one whose writing process is still alive, and never one written on
+    another host (its pid cannot be checked from here; a temporary a dead host left stays until deleted by hand)."""
     removed = []
     name = Path(path).name
     for t in stale_temps(path):

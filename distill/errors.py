@@ -80,6 +80,11 @@ class WriteError(OSError):
         return self.args[0]
 
 
+class ExportMismatchError(RuntimeError):
+    """A converted model (``distill export --onnx``) computes something else than the torch model on the same input;
+    nothing was written."""
+
+
 class HubUploadError(ConnectionError):
     """``distill export --push-to-hub``: the Hub refused the upload or could not be reached; the message names the
     repository, the cause and the fix, and the local export is unchanged."""
@@ -87,7 +92,7 @@ class HubUploadError(ConnectionError):
 
 #: CLI exit code per exception kind: 2 for bad input, 3 for a run that was refused or stopped, 1 for a failed upload.
 EXIT_CODES = (
-    ((NonFiniteLossError, UntrustedCheckpointError), 3),
+    ((NonFiniteLossError, UntrustedCheckpointError, ExportMismatchError), 3),
     ((ValueError, FileNotFoundError, FileExistsError, MemoryError, WriteError), 2),
     ((HubUploadError,), 1),
 )

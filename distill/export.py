@@ -5,7 +5,9 @@ Only the backbone is written (the live weights, or with ``ema`` the run's EMA of
 ``pretrained_cfg`` tells the truth about training: the student's input size and mean/std, a tag, a description
 naming the teacher, blocks and timesteps, and none of the provenance timm's default config of the architecture
 carries (``origin_url``, ``paper_ids`` of supervised ImageNet weights: :data:`INHERITED_PROVENANCE`). Reload with
-``timm.create_model('local-dir:OUT', pretrained=True, num_classes=K)``.
+``timm.create_model('local-dir:OUT', pretrained=True, num_classes=K)``. With ``onnx``, the same timm model as
+reloaded from the export is also written as ``model.onnx`` (pooled features; :mod:`distill.deploy`) and checked
+against it with onnxruntime.
 
 An export deletes only what it can prove it wrote: an existing ``-o/--output-dir`` is replaced (``overwrite``) only when it is
 an earlier export (:func:`export_problem`), and never when it is the run directory or holds it.
@@ -20,7 +22,9 @@ from typing import Optional
 
 from .atomic import atomic_dir, atomic_write_json
 from .card import METHOD_PAPER, model_card, write_model_card  # noqa: F401 - the card's names, importable from here
-from .errors import HubUploadError, RunExistsError, UnreadableFileError
+from .errors import ExportMismatchError, HubUploadError, RunExistsError, UnreadableFileError
+from .deploy import (ONNX_ATOL, ONNX_DATA_FILE, ONNX_FILE, ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT, export_onnx,
+                     onnx_max_abs_diff, require_onnx)
 from .integrity import error_text, read_json, safetensors_problem
 from .rundir import EMA_FILE, SUMMARY, is_run, load_trained
 from .version import __version__
@@ -29,6 +33,8 @@ _logger = logging.getLogger(__name__)
 
 #: the files ``distill export`` writes
 EXPORT_FILES = ("config.json", "model.safetensors", "README.md")
+#: the files ``distill export --onnx`` adds (the ``.data`` file only for a model above 2 GB)
+ONNX_FILES = (ONNX_FILE, ONNX_DATA_FILE)
 #: pretrained_cfg keys that describe the weights timm would download for the architecture (its supervised
 #: ImageNet training), not these weights: removed from an export and replaced by distill's own
 INHERITED_PROVENANCE = ("origin_url", "paper_ids", "paper_name", "license", "notes", "description", "tag",
@@ -46,7 +52,7 @@ def export_problem(path: Path) -> Optional[str]:
     path = Path(path)
     if path.is_symlink() or not path.is_dir():
         return "it is a file, not a directory"
-    foreign = sorted(p.name for p in path.iterdir() if p.name not in EXPORT_FILES)
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in EXPORT_FILES + ONNX_FILES)
     if foreign:
         return f"it holds {_listing(path)}; an export holds only {' and '.join(EXPORT_FILES)}"
     try:
@@ -97,20 +103,29 @@ def check_export_target(run_dir: str, out: str, overwrite: bool) -> None:
 
 
 def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, overwrite: bool = False,
-                   ema: bool = False) -> Path:
+                   ema: bool = False, onnx: bool = False, opset: int = ONNX_OPSET) -> Path:
     """Write the student of ``run_dir`` to ``out`` in timm format, with a model card (:func:`write_model_card`).
     The checkpoint is ``checkpoint``, or the newest one whose weights load (newer damaged ones are skipped with a
     warning); it is logged and recorded in ``config.json`` (``distill.checkpoint``). ``ema``: write the
-    checkpoint's EMA of the student (recipe ``ema: true``) instead of its live weights.
+    checkpoint's EMA of the student (recipe ``ema: true``) instead of its live weights. ``onnx``: also write
+    ``model.onnx`` (opset ``opset``): the export reloaded by timm (``num_classes=0``), input ``image``
+    ``[batch, 3, S, S]`` normalised with the export's mean/std, output ``output`` ``[batch, num_features]`` (pooled
+    features), dynamic batch; checked with onnxruntime on 3 random images (max abs difference to the torch model
+    recorded in ``config.json`` as ``distill.onnx``; above :data:`~distill.deploy.ONNX_ATOL` it is an error).
 
     Raises:
         RunExistsError, FileExistsError: ``out`` may not be written (see :func:`check_export_target`).
         FileNotFoundError: not a run directory, or no checkpoint; with ``ema``, a checkpoint without an EMA.
         UnreadableFileError: the checkpoint's weights are damaged (the message names the checkpoint and file).
         WriteError: the export could not be written (disk full, read-only, ...): what, where and the space needed.
+        MissingDependencyError: ``onnx`` and the ``onnx`` extra is not installed (checked before anything is read).
+        ExportMismatchError: ``onnx`` and onnxruntime's output differs from the torch model's by more than
+            ``ONNX_ATOL`` (the CLI exits 3).
     """
     import timm.models
 
+    if onnx:
+        require_onnx("distill export --onnx", runtime=True)
     check_export_target(run_dir, out, overwrite)
     out_p = Path(out)
     model, recipe, resolved = load_trained(run_dir, checkpoint)
@@ -133,7 +148,7 @@ def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, ove
            "paper_ids": METHOD_PAPER[0],
            "paper_name": METHOD_PAPER[1]}
     model_config = {"pretrained_cfg": own}
-    needed = sum(t.numel() * t.element_size() for t in backbone.state_dict().values())
+    needed = sum(t.numel() * t.element_size() for t in backbone.state_dict().values()) * (2 if onnx else 1)
     with atomic_dir(out_p, replace=overwrite, what=f"the student of {resolved['checkpoint']}", needed=needed) as tmp:
         timm.models.save_for_hf(backbone, str(tmp), model_config=model_config, data_config=data_config,
                                 safe_serialization=True)
@@ -142,6 +157,7 @@ def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, ove
         # the architecture's default pretrained_cfg describes timm's supervised weights: keep none of it
         cfg["pretrained_cfg"] = {k: v for k, v in cfg["pretrained_cfg"].items() if k not in INHERITED_PROVENANCE}
         cfg["pretrained_cfg"].update(own)
+        onnx_meta = _write_onnx(tmp, S, opset) if onnx else None
         cfg["distill"] = {  # extra top-level key: timm ignores it, people and tools can read it
             "version": __version__, "teacher": teacher, "teacher_sha256": resolved.get("teacher_sha256"),
             "teacher_blocks": recipe.teacher_blocks, "timesteps": timesteps,
@@ -153,9 +169,29 @@ def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, ove
             # names, not local paths: config.json is published with --push-to-hub
             "run": Path(run_dir).resolve().name, "checkpoint": Path(resolved["checkpoint"]).name,
         }
+        if onnx_meta:
+            cfg["distill"]["onnx"] = onnx_meta
         atomic_write_json(cfg_path, cfg)
         write_model_card(tmp, _run_probe_rows(Path(run_dir)), _run_monitor(Path(run_dir)))
     return out_p
+
+
+def _write_onnx(export_dir: Path, size: int, opset: int) -> dict:
+    """Write ``export_dir/model.onnx`` from the timm model as reloaded from ``export_dir`` and check it with
+    onnxruntime; returns what ``config.json`` records of it (``distill.onnx``)."""
+    import timm
+
+    model = timm.create_model(f"local-dir:{export_dir}", pretrained=True, num_classes=0).eval()
+    path = export_onnx(model, export_dir / ONNX_FILE, (3, size, size), opset=opset)
+    diff = onnx_max_abs_diff(path, model, input_size=(3, size, size))
+    if not diff <= ONNX_ATOL:
+        raise ExportMismatchError(f"the ONNX export differs from the timm model by up to {diff:.3g} (more than "
+                                  f"{ONNX_ATOL:g}) on the same input; nothing was written. Fix: try another opset "
+                                  f"(--opset), or report the model's name to distill.")
+    _logger.info("wrote %s (opset %d), max |onnxruntime - torch| = %.3g", ONNX_FILE, opset, diff)
+    return {"file": ONNX_FILE, "opset": int(opset), "input": ONNX_INPUT, "output": ONNX_OUTPUT,
+            "input_shape": ["batch", 3, size, size], "output_shape": ["batch", model.num_features],
+            "max_abs_diff_onnxruntime": diff}
 
 
 def public_name(teacher: str) -> str:

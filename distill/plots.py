@@ -254,17 +254,33 @@ def colorize(ids, palette: Sequence[Sequence[int]], ignore_index: int):
     return lut[ids]
 
 
+def present_classes(masks, preds, ignore_index: int, num_classes: int) -> list[int]:
+    """The class ids ``0 <= id < num_classes`` that occur in ``masks`` or ``preds`` (class ids, any shape),
+    ``ignore_index`` excluded, ascending: the classes :func:`segmentation_grid`'s legend names."""
+    import numpy as np
+
+    ids = np.union1d(np.unique(np.asarray(masks)), np.unique(np.asarray(preds))).astype(np.int64)
+    return [int(i) for i in ids if 0 <= i < num_classes and i != ignore_index]
+
+
 def segmentation_grid(images, masks, preds, palette: Sequence[Sequence[int]], ignore_index: int, path,
-                      title: str = "") -> Path:
-    """One row per image: the image, its ground truth and the prediction, in the dataset's palette.
+                      title: str = "", class_names: Optional[Sequence[str]] = None) -> Path:
+    """One row per image: the image, its ground truth and the prediction, in the dataset's palette; with
+    ``class_names`` (one per class id) a legend under the rows gives the name and colour of every class present in
+    the shown masks or predictions (:func:`present_classes`).
 
     ``images``: uint8 ``[N, 3, H, W]``; ``masks``, ``preds``: class ids ``[N, H, W]``. Writes ``path`` (PNG)."""
     import numpy as np
+    from matplotlib.patches import Patch
 
     n = len(images)
     h, w = images.shape[-2:]
-    fig = new_figure(3 * 2.6 * w / max(h, w) + 0.4, n * 2.6 * h / max(h, w) + 0.6)
-    axes = fig.subplots(n, 3, squeeze=False)
+    shown = present_classes(masks, preds, ignore_index, min(len(class_names), len(palette))) if class_names else []
+    ncol = min(4, max(1, len(shown)))
+    legend_h = 0.3 * math.ceil(len(shown) / ncol) + 0.2 if shown else 0.0
+    fig = new_figure(3 * 2.6 * w / max(h, w) + 0.4, n * 2.6 * h / max(h, w) + 0.6 + legend_h)
+    grid = fig.add_gridspec(n + bool(shown), 3, height_ratios=[2.6 * h / max(h, w)] * n + ([legend_h] if shown else []))
+    axes = np.array([[fig.add_subplot(grid[i, j]) for j in range(3)] for i in range(n)]).reshape(n, 3)
     for i in range(n):
         panels = (np.asarray(images[i]).transpose(1, 2, 0), colorize(masks[i], palette, ignore_index),
                   colorize(preds[i], palette, ignore_index))
@@ -274,6 +290,12 @@ def segmentation_grid(images, masks, preds, palette: Sequence[Sequence[int]], ig
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(name, fontsize=9)
+    if shown:
+        key = fig.add_subplot(grid[n, :])
+        key.axis("off")
+        key.legend(handles=[Patch(facecolor=np.asarray(palette[c]) / 255, edgecolor="black", linewidth=0.5,
+                                  label=str(class_names[c])) for c in shown],
+                   loc="center", ncol=ncol, fontsize=8, frameon=False, handlelength=1.2)
     if title:
         fig.suptitle(textwrap.fill(title, 90), fontsize=9)
     return save_figure(fig, path)

@@ -1,6 +1,7 @@
 """``RUN/.lock``: one training process per run directory (``fcntl.flock``; the kernel frees a dead holder's lock)."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -8,7 +9,7 @@ import time
 from pathlib import Path
 
 from .atomic import writing
-from .errors import RunLockedError
+from .errors import RunLockedError, WriteError
 from .rundir import CONFIG, LOCK
 
 
@@ -18,6 +19,12 @@ class RunLock:
     The kernel releases the lock when its process dies, so a stale lock of a killed run is recognised without
     guessing; the file holds the holder's pid, host and start time for the message a second process gets. A lock
     file that cannot be created or written (read-only or full directory) is a :class:`~distill.errors.WriteError`.
+
+    Several hosts: the lock is judged by the kernel that serves the file, never by a pid (the pid and host in the
+    file are only shown), so a holder on another node is never taken for a dead one. On shared storage it holds
+    across nodes where the file system gives ``flock`` cluster-wide (Linux NFS clients map it to NFS byte-range
+    locks; Lustre mounted with ``-o flock``, not ``localflock``; GPFS); a file system without locks (Lustre's
+    ``noflock``, some FUSE mounts) is a ``WriteError`` naming it, rather than a run without a lock.
     """
 
     #: what the directory is and what a second process would mix, said when the lock is held
@@ -34,7 +41,19 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
+            if not isinstance(e, BlockingIOError):  # ENOLCK, ENOSYS, EOPNOTSUPP: this file system has no locks
+                os.close(fd)
+                if not self.lock_existed:  # leave nothing behind: the .lock, and the directory if it made it
+                    self.path.unlink(missing_ok=True)
+                    if self.created:
+                        self.path.parent.rmdir()
+                raise WriteError(
+                    f"cannot lock {self.what} '{self.path.parent}': the file system refuses file locks "
+                    f"(flock: {e.strerror or errno.errorcode.get(e.errno, e.errno)}), and without the lock a second "
+                    f"process could mix its {self.mixes}. Fix: use a directory on a file system with locks (local "
+                    f"disk, NFS with lockd or NFSv4, Lustre mounted with -o flock), or ask your admin to enable "
+                    f"them.", e.errno, str(self.path)) from e
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise RunLockedError(

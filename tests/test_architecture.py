@@ -21,6 +21,7 @@ FOUNDATION = {"distill.vocab", "distill.errors", "distill.atomic", "distill.inte
 BLOCKS = {"distill.data", "distill.augment", "distill.teacher", "distill.student", "distill.regressor",
           "distill.losses", "distill.policy", "distill.probe", "distill.plots", "distill.optim"}
 WIRING = {"distill.build", "distill.rundir", "distill.runlock", "distill.export", "distill.card"}
+WIRING |= {"distill.deploy"}  # ONNX export of a timm model (distill export --onnx)
 PROCEDURES = {"distill.trainer", "distill.select", "distill.cache", "distill.evaluate", "distill.finetune",
               "distill.pipeline", "distill.report", "distill.segment", "distill.tune"}
 BLOCKS |= {"distill.cost"}  # FLOP counting and GPU peaks: torch only

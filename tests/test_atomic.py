@@ -102,6 +102,23 @@ def test_stale_temporaries_of_dead_writers_only_are_removed(tmp_path):
         live.wait()
 
 
+def test_temporaries_written_on_another_host_are_never_judged_by_a_local_pid(tmp_path):
+    """Shared storage (NFS, Lustre): a pid in a temporary's name is checked only on the host that wrote it."""
+    import socket
+
+    host_name = socket.gethostname  # plain on this machine (letters, digits, '-')
+    final = tmp_path / "cache"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # no such process here; on node-7 it may be a live extraction
+    remote = tmp_path / f"{TMP_PREFIX}cache-{dead_pid}-deadbeef@node-7.cluster"
+    local = tmp_path / f"{TMP_PREFIX}cache-{dead_pid}-cafecafe@{host_name()}"
+    for d in (remote, local):
+        d.mkdir()
+    assert remove_stale_temps(final) == [local]
+    assert remote.exists() and not local.exists()
+    assert temp_path(final).name.endswith(f"@{host_name()}")
+
+
 def test_temp_path_is_a_hidden_sibling(tmp_path):
     p = temp_path(tmp_path / "x.json")
     assert p.parent == tmp_path and p.name.startswith(f"{TMP_PREFIX}x.json-{os.getpid()}-")

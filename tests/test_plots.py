@@ -74,3 +74,50 @@ def test_fraction_plot_says_1_seed_and_ticks_every_fraction(figures, tmp_path):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["d (1 seed)", "s (3 seeds)"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1%", "10%", "100%"]
     assert plots.seeds_label(1) == "1 seed" and plots.seeds_label(2) == "2 seeds"
+
+
+# ----------------------------------------------------------------------------------------------- predictions.png legend
+def _legend_entries(fig):
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == 1
+    return [(t.get_text(), tuple(round(c * 255) for c in h.get_facecolor()[:3]))
+            for t, h in zip(legends[0].get_texts(), legends[0].legend_handles)]
+
+
+def test_segmentation_grid_legend_names_the_shown_classes_in_their_colours(figures, tmp_path):
+    import numpy as np
+
+    names = ["road", "sky", "car", "person", "tree"]
+    palette = [(128, 64, 128), (70, 130, 180), (0, 0, 142), (220, 20, 60), (107, 142, 35)]
+    images = np.zeros((2, 3, 4, 4), np.uint8)
+    masks = np.array([[[0, 0, 9, 9]] * 4, [[1, 1, 9, 9]] * 4])  # 9: ignore index
+    preds = np.array([[[0, 3, 3, 0]] * 4, [[1, 1, 1, 1]] * 4])  # class 3 predicted, never in the masks
+    plots.segmentation_grid(images, masks, preds, palette, 9, tmp_path / "p.png", class_names=names)
+    # present: 0, 1 (masks), 3 (prediction); absent: car (2), tree (4); the ignore index is no class
+    assert _legend_entries(figures[0]) == [("road", palette[0]), ("sky", palette[1]), ("person", palette[3])]
+    assert plots.present_classes(masks, preds, 9, len(names)) == [0, 1, 3]
+
+
+def test_segmentation_grid_without_class_names_has_no_legend(figures, tmp_path):
+    import numpy as np
+
+    plots.segmentation_grid(np.zeros((1, 3, 4, 4), np.uint8), np.zeros((1, 4, 4), int), np.ones((1, 4, 4), int),
+                            [(0, 0, 0), (255, 255, 255)], 255, tmp_path / "p.png")
+    assert all(ax.get_legend() is None for ax in figures[0].axes)
+
+
+def test_segmentation_predictions_png_legend_uses_the_data_class_names(monkeypatch, tmp_path):
+    """The fine-tuning run passes its data's class names (CamVid's, or --class-names) to the grid."""
+    from distill.segment import SegmentConfig, segment_finetune
+    from distill.segment import run as seg_run
+
+    from ._segment import IGNORE, NUM_CLASSES, write_shapes
+
+    root = write_shapes(tmp_path / "shapes", {"train": 4, "test": 2})
+    (tmp_path / "names.txt").write_text("background\nsquare\ndisc\n")
+    seen = {}
+    monkeypatch.setattr(seg_run, "segmentation_grid", lambda *a, **k: seen.update(k) or a[5])
+    segment_finetune(SegmentConfig(model="timm:resnet10t", data_root=str(root), num_classes=NUM_CLASSES,
+                                   ignore_index=IGNORE, steps=1, batch_size=2, decoder_width=8, grid_images=2,
+                                   class_names=str(tmp_path / "names.txt")), str(tmp_path / "run"), progress=False)
+    assert list(seen["class_names"]) == ["background", "square", "disc"]

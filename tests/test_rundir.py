@@ -190,6 +190,31 @@ def test_a_run_lock_that_cannot_be_created_is_a_write_error(tmp_path, capsys):
     assert "could not write the run lock .lock" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("code", ["ENOLCK", "ENOSYS", "EOPNOTSUPP"])
+def test_a_file_system_without_locks_is_one_error_not_an_unlocked_run(tmp_path, monkeypatch, capsys, code):
+    """Shared storage without flock (Lustre mounted noflock, some FUSE file systems): flock fails with ENOLCK /
+    ENOSYS / EOPNOTSUPP. One WriteError naming the directory and the fix, exit 2, nothing left behind (it was a raw
+    OSError traceback)."""
+    import errno
+    import fcntl
+    import os
+
+    from distill.cli import main
+    from distill.errors import WriteError
+
+    def no_locks(fd, op):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(WriteError, match=r"cannot lock run directory '.*run': the file system refuses file locks"):
+        with RunLock(tmp_path / "run"):
+            pass
+    assert not (tmp_path / "run").exists()
+    assert main(["train", "quickstart", "-o", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Lustre mounted with -o flock" in err and "Traceback" not in err and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("text, where", [("steps: 40\nlr: [0.1\n", "line 3, column 1"),
                                           ("- a list\n", "is not a mapping of recipe keys"),
                                           (b"steps: 4\xff\n", "is not UTF-8 text (invalid start byte at byte offset 8)")])

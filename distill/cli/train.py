@@ -63,6 +63,10 @@ def add_export_parser(sub) -> None:
     e.add_argument("--checkpoint", default=None, help="a checkpoint-{step} directory (default: latest)")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--ema", action="store_true", help="export the EMA of the student's weights (recipe ema: true)")
+    e.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx: the exported timm model (pooled features, dynamic batch), checked "
+                        "against it with onnxruntime (needs the onnx extra)")
+    e.add_argument("--opset", type=int, default=None, metavar="N", help="with --onnx: the ONNX opset (default 18)")
     e.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                    help="then upload the export (config.json, model.safetensors, README.md) to this Hugging Face Hub "
                         "model repo (log in with `hf auth login`, or set HF_TOKEN)")
@@ -83,10 +87,22 @@ def cmd_export(args) -> int:
     if args.push_to_hub is not None and not REPO_ID_RE.match(args.push_to_hub):  # before the export is written
         raise ValueError(f"--push-to-hub {args.push_to_hub!r} is not a Hub repository id; valid: NAMESPACE/NAME "
                          f"(letters, digits, '-', '_', '.'), e.g. your-user/resnet18-distill-fmnist.")
-    out = export_student(args.run_dir, args.output_dir, checkpoint=args.checkpoint, overwrite=args.overwrite, ema=args.ema)
+    if args.opset is not None and not args.onnx:
+        raise ValueError(f"--opset {args.opset} applies to an ONNX export; add --onnx, or drop --opset.")
+    if args.opset is not None and not 13 <= args.opset <= 23:
+        raise ValueError(f"--opset {args.opset} is not valid; valid: 13 to 23 (default 18, run by onnxruntime >= "
+                         f"1.14). Fix: --opset 18.")
+    extra = {"opset": args.opset} if args.opset is not None else {}
+    out = export_student(args.run_dir, args.output_dir, checkpoint=args.checkpoint, overwrite=args.overwrite,
+                         ema=args.ema, onnx=args.onnx, **extra)
     ckpt = Path(args.run_dir) / json.loads((out / "config.json").read_text())["distill"]["checkpoint"]
     print(f"exported the {'EMA ' if args.ema else ''}student of {ckpt} to {out}\nload it with: "
           f"timm.create_model('local-dir:{out}', pretrained=True, num_classes=K)")
+    if args.onnx:
+        meta = json.loads((out / "config.json").read_text())["distill"]["onnx"]
+        print(f"wrote {out / meta['file']} (opset {meta['opset']}): input '{meta['input']}' {meta['input_shape']} "
+              f"-> pooled features {meta['output_shape']}; max |onnxruntime - torch| = "
+              f"{meta['max_abs_diff_onnxruntime']:.2g} on 3 random images")
     if args.push_to_hub:
         from ..export import push_to_hub
 

@@ -208,7 +208,8 @@ def _write_grid(model: nn.Module, data, cfg: SegmentConfig, path: Path, device) 
     model.eval()
     pred = model(x).argmax(1)
     segmentation_grid((x * 255).round().byte().cpu(), y.cpu(), pred.cpu(), data.palette, cfg.ignore_index, path,
-                      title=f"{cfg.label or cfg.model}: {data.eval_split} images, ground truth, prediction")
+                      title=f"{cfg.label or cfg.model}: {data.eval_split} images, ground truth, prediction",
+                      class_names=data.classes)
 
 
 def _save_model(model: nn.Module, path: Path, result: dict, palette) -> None:

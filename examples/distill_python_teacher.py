@@ -1,0 +1,80 @@
+"""Distill a timm student from your own diffusion network (a ``python:`` teacher).
+
+    python examples/distill_python_teacher.py --teacher-weights my_unet.safetensors --data-root ~/data/imgs
+    python examples/distill_python_teacher.py --tiny --steps 2          # seconds: tiny data and models, no weights
+
+The teacher is ``examples/my_teacher.py:make_unet`` (stand in your own file and factory with ``--teacher``): any
+``nn.Module`` called as ``model(noisy_image, timestep)``. A recipe naming a ``python:`` teacher runs that file's
+code, as importing it would: name only code you would run yourself. Without ``--teacher-weights`` the teacher keeps
+its random initialisation, which tries the wiring but distills nothing useful. Writes a run directory (``config.yaml``
+recording the teacher's code and weights sha256, ``metrics.csv``, ``checkpoint-{step}/``, ``summary.json``) and
+prints the final losses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default=f"python:{HERE / 'my_teacher.py'}:make_unet",
+                   help="python:MODULE_OR_FILE:FACTORY (default: the example UNet)")
+    p.add_argument("--teacher-weights", default=None, help=".safetensors or .pt state dict of the teacher")
+    p.add_argument("--blocks", nargs="+", default=["mid", "up.0"], help="teacher blocks (named_modules paths)")
+    p.add_argument("--timesteps", nargs="+", type=int, default=[11])
+    p.add_argument("--dataset", default="image-folder", help="fashion-mnist, image-folder, file-list or hf")
+    p.add_argument("--data-root", default=None, help="the images (with --tiny and none: a tiny synthetic folder)")
+    p.add_argument("--image-size", type=int, default=32, help="images are decoded to this size; the teacher's input")
+    p.add_argument("--student", default="resnet18")
+    p.add_argument("--student-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("-o", "--output-dir", default="runs/example-python-teacher")
+    p.add_argument("--tiny", action="store_true", help="tiny teacher, student input and batch: a smoke run")
+    args = p.parse_args(argv)
+
+    import distill
+
+    data_root = args.data_root
+    if args.tiny and data_root is None:
+        from _tiny_data import shapes_folder
+
+        data_root = str(shapes_folder(Path(tempfile.mkdtemp(prefix="distill-example-")) / "shapes"))
+        print(f"--tiny: wrote a synthetic image folder to {data_root}")
+    if data_root is None and args.dataset != "fashion-mnist":
+        p.error("--data-root is required (or --tiny for a synthetic folder, or --dataset fashion-mnist)")
+    channels = 1 if args.dataset == "fashion-mnist" else 3
+    recipe = distill.make_recipe(dict(
+        teacher=args.teacher, teacher_kwargs={"in_channels": channels, "image_size": args.image_size,
+                                              "base": 8 if args.tiny else 32},
+        teacher_weights=args.teacher_weights, teacher_blocks=args.blocks, timesteps=args.timesteps,
+        dataset=args.dataset, data_root=data_root, image_size=args.image_size,
+        student=args.student, student_size=32 if args.tiny else args.student_size,
+        regressor_width=16 if args.tiny else 128, steps=args.steps, batch_size=4 if args.tiny else args.batch_size,
+        warmup_steps=0 if args.tiny else 100, log_every=1 if args.tiny else 50,
+        checkpoint_every=args.steps, mean=[0.5] * 3, std=[0.5] * 3))
+    summary = distill.train(recipe, args.output_dir, overwrite=True, progress=not args.tiny)
+    losses = summary["final_losses"]
+    print(f"distilled {args.student} from {args.teacher} (blocks {args.blocks}, timesteps {args.timesteps}) for "
+          f"{summary['steps']} steps into {args.output_dir}; final losses: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    if not all(math.isfinite(v) for v in losses.values()):
+        print("a loss is not finite")
+        return 1
+    import yaml
+
+    resolved = yaml.safe_load((Path(args.output_dir) / "config.yaml").read_text())["_resolved"]
+    source = json.dumps(resolved["teacher_source"], default=str)
+    print(f"the run records the teacher's code and weights: {source}")
+    print(f"next: distill export {args.output_dir} -o {args.output_dir}/student")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
