@@ -14,15 +14,18 @@ as distill's own augmentation is. lightly's transform works on single PIL images
 saturation, hue and random-grayscale steps need RGB: on grayscale Fashion-MNIST they do nothing but cost CPU, so
 they are left out; the blur kernel is 3 px (about a tenth of the 28 px images, as SimCLR's 23 px at 224).
 
-Same compute = the same wall time as a distillation run measured just before on the same machine
-(``--seconds``, e.g. its ``summary.json`` ``seconds``: the training loop with the teacher's forward, after set-up).
-The learning rate follows the recipe's warmup, then a cosine over the share of ``--seconds`` used, so a
-time-budgeted run ends at lr 0 as a step-budgeted one does. The student is exported in timm format (config.json +
-model.safetensors with a ``distill`` block) so ``distill probe DIR`` probes it as it probes a distilled export.
+Same compute = the same wall time on this machine, the teacher's forward counted in the distillation's. Two
+ways to set it: ``--seconds`` (e.g. a distillation's ``summary.json`` ``seconds``, measured just before under the
+same load), or ``--steps`` = distillation steps / the wall-time ratio of one SimCLR step to one distillation step,
+measured by ``--ratio ROUNDS`` in one process, the two steps timed alternately on the same batches (so load from
+other jobs on a shared CPU hits both alike; the wall clock of two separate runs does not allow that). The learning
+rate follows the recipe's warmup, then a cosine over the share of the budget used, so a run ends at lr 0 as a
+step-budgeted distillation does. The student is exported in timm format (config.json + model.safetensors with a
+``distill`` block) so ``distill probe DIR`` probes it as it probes a distilled export.
 
-    python bench/ssl_baseline.py --recipe recipes/quickstart.yaml --seconds 386 -o /work/cache/ssl/simclr-1x \\
-        --json bench/results/ssl_fmnist_simclr_1x.json --distill-run /work/cache/ssl/distill-1x
-    distill probe /work/cache/ssl/simclr-1x/student --train-fraction 1.0
+    python bench/ssl_baseline.py --ratio 4 --json bench/results/ssl_fmnist_step_ratio.json
+    python bench/ssl_baseline.py --steps 67 -o /work/cache/ssl/simclr-q --json bench/results/ssl_fmnist_simclr_q.json
+    distill probe /work/cache/ssl/simclr-q/student --train-fraction 0.2
 """
 from __future__ import annotations
 
@@ -70,12 +73,21 @@ def simclr_augment(size: int) -> nn.Module:
     )
 
 
-def lr_at(step: int, used: float, base_lr: float, warmup_steps: int) -> float:
-    """Linear warmup over ``warmup_steps`` steps (``step`` counts from 1), then a cosine from ``base_lr`` to 0 over
-    ``used`` in [0, 1], the share of the wall-time budget spent."""
+def lr_at(step: int, progress: float, base_lr: float, warmup_steps: int) -> float:
+    """The recipe's schedule (diffusers' ``get_cosine_schedule_with_warmup``, as ``distill train``): linear warmup
+    over ``warmup_steps`` steps (``step`` counts from 1), then a cosine from ``base_lr`` to 0 over ``progress`` in
+    [0, 1], the share of the budget after warmup spent (clamped, so a last step past the budget gets lr 0)."""
     if step <= warmup_steps:
         return base_lr * step / max(1, warmup_steps)
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(max(used, 0.0), 1.0)))
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def budget_progress(step: int, used: float, used_at_warmup_end: float, steps, warmup_steps: int) -> float:
+    """Share of the post-warmup budget spent at ``step``: of the steps (``steps`` given) or of the wall time
+    (``used`` = share of ``--seconds`` spent now, ``used_at_warmup_end`` = the share when warmup ended)."""
+    if steps:
+        return (step - warmup_steps) / max(1, steps - warmup_steps)
+    return (used - used_at_warmup_end) / max(1e-9, 1.0 - used_at_warmup_end)
 
 
 class SimCLR(nn.Module):
@@ -215,7 +227,7 @@ def main(argv=None) -> int:
     log.write("step,seconds,loss,lr\n")
     step_fn = ssl_step_fn(model, loss_fn, opt, augment, recipe, mean, std)
     model.train()
-    step, seen, epoch, t0, loss = 0, 0, 0, time.time(), None
+    step, seen, epoch, t0, loss, used_w = 0, 0, 0, time.time(), None, 0.0
     done = False
     while not done:
         g.manual_seed(recipe.seed * 100003 + epoch)
@@ -225,7 +237,10 @@ def main(argv=None) -> int:
                 done = True
                 break
             step += 1
-            loss = step_fn(images, lr_at(step, used, recipe.lr, recipe.warmup_steps))
+            if step == recipe.warmup_steps + 1:
+                used_w = used
+            progress = budget_progress(step, used, used_w, args.steps, recipe.warmup_steps)
+            loss = step_fn(images, lr_at(step, progress, recipe.lr, recipe.warmup_steps))
             seen += images.shape[0]
             if step % 20 == 0 or step == 1:
                 log.write(f"{step},{time.time() - t0:.1f},{loss:.4f},{opt.param_groups[0]['lr']:.3g}\n")

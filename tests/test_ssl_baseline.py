@@ -32,9 +32,24 @@ def test_missing_lightly_fails_before_any_work(monkeypatch, tmp_path):
 def test_lr_warmup_then_cosine_over_the_budget_share():
     base, warm = 2e-3, 10
     assert [sb.lr_at(s, 0.0, base, warm) for s in (1, 5, 10)] == pytest.approx([2e-4, 1e-3, 2e-3])
-    for used in (0.0, 0.25, 0.5, 0.9, 1.0):  # diffusers' cosine schedule with 0.5 cycles, written independently
-        assert sb.lr_at(warm + 1, used, base, warm) == pytest.approx(base * (1 + math.cos(math.pi * used)) / 2)
+    for p in (0.0, 0.25, 0.5, 0.9, 1.0):  # diffusers' cosine schedule with 0.5 cycles, written independently
+        assert sb.lr_at(warm + 1, p, base, warm) == pytest.approx(base * (1 + math.cos(math.pi * p)) / 2)
     assert sb.lr_at(warm + 1, 1.7, base, warm) == pytest.approx(0.0)  # a last step past the budget: lr 0, not < 0
+
+
+@pytest.mark.parametrize("steps", [67, None])
+def test_cosine_starts_after_warmup_and_ends_at_the_budget(steps):
+    """The cosine spans the budget left after warmup, as distill train's scheduler: no drop at the end of warmup
+    (a cosine over the whole budget would start at cos(pi * 31/67) = 0.56 of the peak), lr 0 at the end."""
+    base, warm = 2e-3, 30
+    n = 67
+    # wall-time budget: step k ends at the share k / n of the seconds (constant step time)
+    lrs = [sb.lr_at(k, sb.budget_progress(k, (k - 1) / n, (warm) / n, steps, warm), base, warm) for k in range(1, n + 1)]
+    assert lrs[warm - 1] == pytest.approx(base)
+    assert lrs[warm] > 0.99 * base  # first step after warmup
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # decreasing after warmup
+    assert lrs[-1] < 0.01 * base
+    assert sb.budget_progress(n, 1.0, warm / n, None, warm) == pytest.approx(1.0)
 
 
 def test_simclr_augment_keeps_shape_and_range_and_makes_two_different_views():
