@@ -1,0 +1,124 @@
+"""bench/ssl_baseline.py: the SimCLR baseline's missing-extra message, its time-budgeted schedule and its export,
+which distill's own probe must load as it loads a distilled student."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from bench import ssl_baseline as sb
+
+
+def test_missing_lightly_names_the_ssl_extra(monkeypatch):
+    for name in ("lightly", "lightly.loss", "lightly.models", "lightly.models.modules"):
+        monkeypatch.setitem(sys.modules, name, None)  # import of a None entry raises ImportError
+    with pytest.raises(SystemExit) as e:
+        sb.require_lightly()
+    assert "diffusion-distill[ssl]" in str(e.value) and "lightly" in str(e.value)
+
+
+def test_missing_lightly_fails_before_any_work(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "lightly", None)
+    monkeypatch.setitem(sys.modules, "lightly.loss", None)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"distill\[ssl\]"):
+        sb.main(["--steps", "2", "-o", str(out)])
+    assert not out.exists()
+
+
+def test_lr_warmup_then_cosine_over_the_budget_share():
+    base, warm = 2e-3, 10
+    assert [sb.lr_at(s, 0.0, base, warm) for s in (1, 5, 10)] == pytest.approx([2e-4, 1e-3, 2e-3])
+    for p in (0.0, 0.25, 0.5, 0.9, 1.0):  # diffusers' cosine schedule with 0.5 cycles, written independently
+        assert sb.lr_at(warm + 1, p, base, warm) == pytest.approx(base * (1 + math.cos(math.pi * p)) / 2)
+    assert sb.lr_at(warm + 1, 1.7, base, warm) == pytest.approx(0.0)  # a last step past the budget: lr 0, not < 0
+
+
+@pytest.mark.parametrize("steps", [67, None])
+def test_cosine_starts_after_warmup_and_ends_at_the_budget(steps):
+    """The cosine spans the budget left after warmup, as distill train's scheduler: no drop at the end of warmup
+    (a cosine over the whole budget would start at cos(pi * 31/67) = 0.56 of the peak), lr 0 at the end."""
+    base, warm = 2e-3, 30
+    n = 67
+    # wall-time budget: step k ends at the share k / n of the seconds (constant step time)
+    lrs = [sb.lr_at(k, sb.budget_progress(k, (k - 1) / n, (warm) / n, steps, warm), base, warm) for k in range(1, n + 1)]
+    assert lrs[warm - 1] == pytest.approx(base)
+    assert lrs[warm] > 0.99 * base  # first step after warmup
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # decreasing after warmup
+    assert lrs[-1] < 0.01 * base
+    assert sb.budget_progress(n, 1.0, warm / n, None, warm) == pytest.approx(1.0)
+
+
+def test_simclr_augment_keeps_shape_and_range_and_makes_two_different_views():
+    pytest.importorskip("kornia")
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 28, 28)
+    aug = sb.simclr_augment(28)
+    a, b = aug(x), aug(x)
+    assert a.shape == x.shape and b.shape == x.shape
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert not torch.allclose(a, b)
+
+
+def test_export_is_probed_like_a_distilled_student(tmp_path):
+    """The export loads through distill's probe path with its input size and mean/std, gives the backbone's own
+    features, names the dataset for ``distill probe`` and keeps none of timm's supervised-weights provenance."""
+    import timm
+
+    from distill.evaluate import backbone_fn
+    from distill.export import load_exported, read_export
+    from distill.recipes import load_recipe
+
+    recipe = load_recipe("recipes/quickstart.yaml", {"student_size": 32})
+    torch.manual_seed(0)
+    backbone = timm.create_model("resnet18", num_classes=0).eval()
+    out = sb.export_ssl(backbone, tmp_path / "student", recipe, [0.3] * 3, [0.35] * 3, 1, 7, {"seconds": 1.0})
+    cfg = read_export(str(out))
+    assert cfg["distill"]["dataset"] == "fashion-mnist" and cfg["distill"]["data_channels"] == 1
+    assert cfg["distill"]["method"] == "simclr" and cfg["distill"]["weights"] == "live"
+    assert "license" not in cfg["pretrained_cfg"] and cfg["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    loaded = load_exported(str(out))
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    c = loaded.pretrained_cfg
+    got = backbone_fn(loaded, c["input_size"][-1], c["mean"], c["std"])(images)
+    want = backbone_fn(backbone, 32, [0.3] * 3, [0.35] * 3)(images)
+    torch.testing.assert_close(got, want)
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["tag"] == "simclr"
+
+
+def test_export_refuses_an_existing_directory(tmp_path):
+    import timm
+
+    from distill.recipes import load_recipe
+
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        sb.export_ssl(timm.create_model("resnet18", num_classes=0), tmp_path / "student",
+                      load_recipe("recipes/quickstart.yaml", {}), [0.3] * 3, [0.35] * 3, 1, 1, {})
+    assert (tmp_path / "student" / "keep.txt").read_text() == "mine"
+
+
+def test_simclr_step_is_lightlys_ntxent_and_trains():
+    pytest.importorskip("lightly")
+    import timm
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+
+    from distill.recipes import load_recipe
+
+    recipe = load_recipe("recipes/quickstart.yaml", {"student_size": 32})
+    torch.manual_seed(0)
+    model = sb.SimCLR(timm.create_model("resnet18", num_classes=0), SimCLRProjectionHead).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    step = sb.ssl_step_fn(model, NTXentLoss(temperature=0.5), opt, torch.nn.Identity(), recipe, [0.3] * 3,
+                          [0.35] * 3)
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    loss = step(images, 1e-3)
+    # identical views (identity augmentation): NT-Xent of 2N=16 samples is above 0 and below log(2N - 1)
+    assert 0.0 < loss < math.log(15)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
