@@ -93,7 +93,7 @@ def library_step(recipe, teacher, keys, model, mean, std, image_size: int, sourc
 
     from distill.augment import build_augment
     from distill.build import build_loss, build_optimizer, build_scheduler
-    from distill.rundir import CsvLog
+    from distill.trainer.textlog import CsvLog
     from distill.trainer.loop import Session, log_step, make_accelerator, optimizer_step
     from distill.trainer.targets import LiveTeacherTargets
 
