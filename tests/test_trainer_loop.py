@@ -140,8 +140,34 @@ def test_a_nonfinite_micro_batch_skips_its_whole_update(rgb_folder, tmp_path, na
     assert len(weights) > 10 and all(torch.equal(a[k], b[k]) for k in weights)  # the forward; no weight did
 
 
-def test_grad_accum_resume_across_an_epoch_boundary_equals_uninterrupted(rgb_folder, tmp_path):
-    r = rgb_recipe(rgb_folder, grad_accum_steps=4, steps=4, checkpoint_every=1, warmup_steps=0, augment="crop-flip")
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_a_stream_resumed_after_an_epoch_boundary_sees_the_same_batches_with_persistent_workers(rgb_folder):
+    """``epoch_batches`` with 2 persistent workers (kept across epochs): started at step 0 and read for 3 epochs, and
+    started at step 8 (epoch 1, batch 2: a resume after the first epoch boundary), the batches from there on are
+    equal. Shared with the sampler, the workers' seed draw (once for a persistent iterator, at every epoch for a fresh
+    one) shifted every later epoch's permutation."""
+    from accelerate import Accelerator
+
+    from distill.build import build_train_data
+    from distill.trainer.batches import epoch_batches
+
+    r = rgb_recipe(rgb_folder, num_workers=2)  # 36 images, batch 6: 6 batches per epoch
+    ds = build_train_data(r)[0]
+    acc = Accelerator(cpu=True)
+    full = epoch_batches(ds, r, acc, 0)
+    first = [next(full) for _ in range(18)]
+    loader = full.gi_frame.f_locals["loader"]
+    assert loader.base_dataloader.persistent_workers and loader.base_dataloader.num_workers == 2
+    resumed = epoch_batches(ds, r, acc, 8)
+    for a, b in zip(first[8:], [next(resumed) for _ in range(10)]):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first[:6], first[6:12]))  # epochs are reshuffled
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_grad_accum_resume_across_an_epoch_boundary_equals_uninterrupted(rgb_folder, tmp_path, workers):
+    r = rgb_recipe(rgb_folder, grad_accum_steps=4, steps=4, checkpoint_every=1, warmup_steps=0, augment="crop-flip",
+                   num_workers=workers)
     train(r, str(tmp_path / "full"), progress=False)
     shutil.copytree(tmp_path / "full", tmp_path / "cut")
     for s in (2, 3, 4):  # resume from step 1 (4 of 6 micro-batches of epoch 1 used)
