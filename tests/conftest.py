@@ -75,7 +75,8 @@ def fmnist_recipe(fmnist_dir, **kw):
     """A 40-step resnet18 recipe on Fashion-MNIST with the tiny 1-channel teacher (``trained_run``'s)."""
     base = dict(teacher=tiny_unet_config(), teacher_blocks=["up_blocks.0"], timesteps=[11], data_root=fmnist_dir,
                 student="resnet18", student_size=32, regressor_width=32, steps=40, batch_size=32, lr=2e-3,
-                warmup_steps=5, log_every=5, checkpoint_every=20, augment="flip", mean=[0.286] * 3, std=[0.353] * 3)
+                warmup_steps=5, log_every=5, checkpoint_every=20, augment="flip", mean=[0.286] * 3, std=[0.353] * 3,
+                num_workers=0)  # loaded in the test process: no worker start-up (the default is auto)
     base.update(kw)
     return make_recipe(base)
 
@@ -84,7 +85,8 @@ def rgb_recipe(rgb_folder, **kw):
     """A 6-step resnet18 recipe on ``rgb_folder`` with the tiny 3-channel teacher, a checkpoint every 2 steps."""
     base = dict(dataset="image-folder", data_root=str(rgb_folder), teacher=tiny_unet_config(3),
                 teacher_blocks=["mid_block"], timesteps=[11], student="resnet18", student_size=32,
-                regressor_width=16, steps=6, batch_size=6, checkpoint_every=2, keep_checkpoints=5, log_every=1)
+                regressor_width=16, steps=6, batch_size=6, checkpoint_every=2, keep_checkpoints=5, log_every=1,
+                num_workers=0)
     base.update(kw)
     return make_recipe(base)
 
