@@ -21,7 +21,7 @@ from ..build import (build_loss, build_model, build_optimizer, build_policy, bui
                      build_train_data, resolve_mean_std, target_layout)
 from ..config import Recipe
 from ..data import IndexedDataset
-from ..errors import NonFiniteLossError, TrainingInterrupted
+from ..errors import TrainingInterrupted
 from ..policy import entropy_weight
 from ..cache import data_fingerprint, teacher_settings, teacher_sha256
 from ..rundir import (MONITOR, check_resume, checkpoint_step, latest_checkpoint, newest_loadable_checkpoint,
@@ -37,7 +37,7 @@ from .monitor import MONITOR_COLUMN, Monitor
 from .policy_log import PolicyLog
 from .stop import StopOnSignal
 from .textlog import CsvLog, TrainLog, format_line, show_progress_bar
-from .step import apply_update, clip_gradients, nonfinite_terms, train_step
+from .step import apply_update, clip_gradients, nonfinite_error, nonfinite_terms, train_step
 from .targets import CacheTargets, LatentCacheTargets, LiveTeacherTargets, PolicyTargets
 from .timesteps import resolve_timesteps
 
@@ -224,12 +224,7 @@ def optimizer_step(s: Session, batches, step: int, policy_log: Optional[PolicyLo
                 grad_norm = clip_gradients(s.model, acc, r.grad_clip)
                 bad = nonfinite_terms(sums, grad_norm, acc)
                 if bad and r.on_nonfinite == "error":
-                    values = ", ".join(f"{k}={float(v) / r.grad_accum_steps:.4g}" for k, v in sums.items())
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step}: {', '.join(bad)} ({values}, mean of {r.grad_accum_steps} "
-                        f"micro-batch(es)); no update was applied and the last good checkpoint in '{s.run_dir}' is kept "
-                        f"({latest_checkpoint(s.run_dir) or 'none yet'}). "
-                        f"Lower lr, check the data, or set on_nonfinite: skip to drop such batches.")
+                    raise nonfinite_error(step, bad, sums, r.grad_accum_steps, s.run_dir, latest_checkpoint(s.run_dir))
             apply_update(s.optimizers, skip=bool(bad))
         if policy_log is not None:
             actions.append(inputs.actions)

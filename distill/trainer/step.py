@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..data import to_student, to_teacher, to_unit
+from ..errors import NonFiniteLossError
 
 
 @dataclass
@@ -80,6 +81,16 @@ def nonfinite_terms(sums: dict, grad_norm: Optional[torch.Tensor], accelerator) 
         flags = accelerator.reduce(flags, "max")  # a term bad on any process is named on all
     bad = [k for k, f in zip(names, flags.tolist()) if f]
     return [k for k in bad if k != "grad_norm"] or bad
+
+
+def nonfinite_error(step: int, bad: list, sums: dict, micro_batches: int, run_dir, last_checkpoint):
+    """The :class:`~distill.errors.NonFiniteLossError` of ``on_nonfinite: error``: the step, the terms named by
+    :func:`nonfinite_terms`, every term's mean over the update's micro-batches, and the checkpoint that is kept."""
+    values = ", ".join(f"{k}={float(v) / micro_batches:.4g}" for k, v in sums.items())
+    return NonFiniteLossError(
+        f"non-finite loss at step {step}: {', '.join(bad)} ({values}, mean of {micro_batches} micro-batch(es)); no "
+        f"update was applied and the last good checkpoint in '{run_dir}' is kept ({last_checkpoint or 'none yet'}). "
+        f"Lower lr, check the data, or set on_nonfinite: skip to drop such batches.")
 
 
 def clip_gradients(model, accelerator, grad_clip: float) -> Optional[torch.Tensor]:
