@@ -118,7 +118,8 @@ def run(kind: str, batch: int, repeats: int, warmup: int) -> dict:
         loss = feature_distillation_loss(model.regressor(held), [feats[k].float() for k in keys])["total"]
         loss.backward()
         t2 = time.perf_counter()
-        torch.autograd.backward(maps, [h.grad for h in held])
+        used = [(m, h.grad) for m, h in zip(maps, held) if h.grad is not None]  # maps the regressor reads
+        torch.autograd.backward([m for m, _ in used], [g for _, g in used])
         opt.step()
         opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
