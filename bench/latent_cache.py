@@ -11,7 +11,10 @@ the shipped recipes' students and regressors (``imagenet-sd15-resnet50``: ResNet
 - cache: the batch's posterior ``(mean, std)`` as the latent cache stores it (fp16), ``z = mean + std * eps``,
   ``teacher.features(normalize(z))``, then the same student step.
 
-Steps are interleaved (live, cache, cache, live, ...) in one process and the medians compared. FLOPs per image of
+Steps are interleaved (live, cache, cache, live, ...) in one process and the medians compared. Each step is
+timed by part (VAE encode, teacher to the deepest block, student forward + backward + optimizer step, regressor
+forward + loss + backward), and each part's achieved GFLOP/s is reported, so that a step ratio below the FLOP ratio
+can be traced to the part that runs slowly. FLOPs per image of
 each part are counted with ``torch.utils.flop_counter`` (distill.cost). Also measured: how far a VAE is from flip
 equivariance, ``encode(flip(x))`` vs ``flip(encode(x))`` (posterior means, scaled), against the noise the teacher
 adds at the recipe's timestep, on a CamVid frame (random weights: the trained VAE's figure will differ).
@@ -104,19 +107,39 @@ def run(kind: str, batch: int, repeats: int, warmup: int) -> dict:
     flip = flip_error(teacher, both_mean[:batch], both_mean[batch:])
     print(kind, "flip", flip, flush=True)
 
-    def student_step(feats):
-        preds = model(torch.nn.functional.interpolate(x, size=recipe.student_size))
-        loss = feature_distillation_loss(preds, [feats[k].float() for k in keys])["total"]
+    def student_step(feats, parts):
+        """The same math as ``loss(model(x)).backward()``, split at the student's maps so that the student's and
+        the regressor's forward + backward are timed apart (the regressor's backward ends at the maps' gradients,
+        then the student's backward runs from them)."""
+        t0 = time.perf_counter()
+        maps = model.student(torch.nn.functional.interpolate(x, size=recipe.student_size))
+        t1 = time.perf_counter()
+        held = [m.detach().requires_grad_(True) for m in maps]
+        loss = feature_distillation_loss(model.regressor(held), [feats[k].float() for k in keys])["total"]
         loss.backward()
+        t2 = time.perf_counter()
+        used = [(m, h.grad) for m, h in zip(maps, held) if h.grad is not None]  # maps the regressor reads
+        torch.autograd.backward([m for m, _ in used], [g for _, g in used])
         opt.step()
         opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        parts["student"] = (t1 - t0) + (t3 - t2)  # forward + backward + AdamW step of the whole model
+        parts["regressor"] = t2 - t1  # forward + loss + backward to the maps
+        return parts
 
     def live():
-        student_step(teacher(x))
+        t0 = time.perf_counter()
+        z = teacher.encode(x)  # VAE posterior mean, scaled (as teacher(x) does)
+        t1 = time.perf_counter()
+        feats = teacher.features(z)  # fresh noise, UNet/DiT to the deepest block
+        t2 = time.perf_counter()
+        return student_step(feats, {"vae": t1 - t0, "teacher": t2 - t1})
 
     def cache():
+        t0 = time.perf_counter()
         z = mean.float() + std.float() * torch.randn(mean.shape)
-        student_step(teacher.features(teacher.normalize_latents(z)))
+        feats = teacher.features(teacher.normalize_latents(z))
+        return student_step(feats, {"vae": 0.0, "teacher": time.perf_counter() - t0})
 
     _, meta_teacher, _ = build(kind, "meta")  # the same models on the meta device: FLOPs without compute
     one = torch.zeros(1, 3, S, S, device="meta")
@@ -128,19 +151,26 @@ def run(kind: str, batch: int, repeats: int, warmup: int) -> dict:
     live_fl = sum(flops.values())
     cache_fl = live_fl - flops["vae"]
     times = {"live": [], "cache": []}
+    parts = {"live": [], "cache": []}
     order = [("live", live), ("cache", cache)]
     for r in range(repeats + warmup):  # the first `warmup` pairs are not timed
         for name, fn in (order if r % 2 == 0 else order[::-1]):
             t0 = time.perf_counter()
-            fn()
+            sub = fn()
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
+                parts[name].append(sub)
         print(kind, r, {k: [round(v, 2) for v in t] for k, t in times.items()}, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
+    part_s = {arm: {k: statistics.median(p[k] for p in rows) for k in rows[0]} for arm, rows in parts.items()}
+    # achieved CPU rate of each part (FLOPs per image x batch / median seconds), which explains the step ratio:
+    # a part that runs at a lower rate weighs more in time than in FLOPs
+    rate = {k: flops[k] * batch / part_s["live"][k] / 1e9 for k in flops if part_s["live"][k] > 0}
     return {"kind": kind, "batch": batch, "image_size": S, "repeats": repeats, "flops_per_image": flops,
             "flops_live": live_fl, "flops_cache": cache_fl, "flop_ratio": live_fl / cache_fl,
             "seconds": times, "median_live_s": med["live"], "median_cache_s": med["cache"],
-            "step_ratio": med["live"] / med["cache"], "flip": flip}
+            "step_ratio": med["live"] / med["cache"], "median_part_s": part_s, "live_gflop_per_s": rate,
+            "flip": flip}
 
 
 def main() -> None:
@@ -157,7 +187,8 @@ def main() -> None:
         results["runs"].append(res)
         print(f"{kind}: FLOPs/image live {res['flops_live'] / 1e9:.1f} G, cache {res['flops_cache'] / 1e9:.1f} G "
               f"(x{res['flop_ratio']:.2f}); CPU step live {res['median_live_s']:.1f} s, cache "
-              f"{res['median_cache_s']:.1f} s (x{res['step_ratio']:.2f}); flip error {res['flip']}", flush=True)
+              f"{res['median_cache_s']:.1f} s (x{res['step_ratio']:.2f}); parts (s) {res['median_part_s']}; live GFLOP/s "
+              f"{ {k: round(v, 1) for k, v in res['live_gflop_per_s'].items()} }; flip error {res['flip']}", flush=True)
         save(args.out, results, at_start)
 
 

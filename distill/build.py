@@ -81,7 +81,8 @@ def loader_workers(num_workers, processes: int = 1, cpus: Optional[int] = None) 
 def build_loader(ds: Dataset, recipe: Recipe, generator: torch.Generator, processes: int = 1,
                  pin_memory: bool = False) -> DataLoader:
     """Shuffled loader of full batches (``drop_last``) whose order depends only on ``generator`` (the number of
-    workers does not change the batches: the images are decoded, never augmented, in the workers).
+    workers does not change the batches: the images are decoded, never augmented, in the workers). Workers are
+    kept alive across epochs (``persistent_workers``), not restarted at each.
     ``processes``: training processes on this machine (for ``num_workers: auto``, :func:`loader_workers`);
     ``pin_memory``: page-locked batches for a faster host-to-GPU copy (set on CUDA).
 
@@ -92,13 +93,16 @@ def build_loader(ds: Dataset, recipe: Recipe, generator: torch.Generator, proces
         raise ValueError(
             f"batch_size={recipe.batch_size} is larger than the dataset ({len(ds)} images); use batch_size <= {len(ds)}."
         )
-    # The loader's own generator too: otherwise creating an iterator draws a seed from the global RNG, which
-    # would shift augmentation and noise after a resume.
+    # The loader's own generator, apart from the sampler's: creating an iterator draws the workers' base seed from
+    # it (from the global RNG without one, which would shift augmentation and noise after a resume). Apart, because
+    # a persistent iterator draws it once, a fresh one at every epoch: shared, the draw would shift the sampler's
+    # permutation of every epoch after the first, and a resumed run would see other batches than an uninterrupted
+    # one. The workers only decode (no random numbers), so their seed cannot change a batch.
+    workers = loader_workers(recipe.num_workers, processes)
     return DataLoader(ds, batch_size=recipe.batch_size, sampler=RandomSampler(ds, generator=generator),
-                      generator=generator, drop_last=True,
+                      generator=torch.Generator().manual_seed(recipe.seed), drop_last=True,
                       collate_fn=collate_indexed if isinstance(ds, IndexedDataset) else collate,
-                      num_workers=loader_workers(recipe.num_workers, processes), persistent_workers=False,
-                      pin_memory=pin_memory)
+                      num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory)
 
 
 def check_labelled(ds: Dataset, what: str, why: str, fix: str) -> None:

@@ -175,7 +175,7 @@ class Recipe:
     augment: str = "crop-flip"
     # run
     seed: int = 0
-    num_workers: Union[int, str] = 0  # DataLoader processes, or auto (CPUs per process - 1, at most 8)
+    num_workers: Union[int, str] = "auto"  # DataLoader processes, or auto (CPUs per process - 1, at most 8)
     log_every: int = 10
     checkpoint_every: int = 250
     keep_checkpoints: int = 2

@@ -66,7 +66,8 @@ _HELP = {
                        "accelerate launch --mixed_precision, ACCELERATE_MIXED_PRECISION), recorded in config.yaml",
     "augment": "kornia augmentation, applied once so teacher and student see the same view",
     "seed": "seed of weights, data order, noise and augmentation",
-    "num_workers": "DataLoader worker processes (0: load in the main process)",
+    "num_workers": "DataLoader worker processes (0: load in the main process; auto: CPUs per process - 1, at "
+                   "most 8), kept alive across epochs",
     "log_every": "steps between metrics.csv rows, train.log lines and tracker entries",
     "checkpoint_every": "steps between checkpoints (the last step is always saved)",
     "keep_checkpoints": "newest checkpoints kept on disk",

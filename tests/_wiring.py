@@ -83,7 +83,7 @@ def _recipe(folder, teacher_dir, **kw):
     base = dict(teacher=str(teacher_dir), teacher_blocks=BLOCKS, timesteps=[11], dataset="image-folder",
                 data_root=str(folder), student="test_resnet", student_size=IMG, regressor_width=16, batch_size=4,
                 lr=2e-3, warmup_steps=3, steps=8, log_every=1, checkpoint_every=100, augment="crop-flip",
-                mean=MEAN, std=STD, seed=0)
+                mean=MEAN, std=STD, seed=0, num_workers=0)
     base.update(kw)
     return make_recipe(base)
 

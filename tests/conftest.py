@@ -16,6 +16,21 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
+def pytest_configure(config):
+    """The test session's own DISTILL_CACHE_DIR (weight-hash memo, reused baseline rows, prompt embeddings), also
+    for subprocesses: a test run never reads or writes the user's ~/.cache/distill."""
+    import tempfile
+
+    config._distill_cache = tempfile.TemporaryDirectory(prefix="distill-test-cache-")
+    os.environ["DISTILL_CACHE_DIR"] = config._distill_cache.name
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_distill_cache", None)
+    if cache is not None:
+        cache.cleanup()
+
+
 def tiny_unet_config(in_channels: int = 1, sample_size: int = 32) -> dict:
     """A UNet2DModel with the block names of real DDPM UNets (down_blocks.i, mid_block, up_blocks.i)."""
     return dict(
@@ -75,7 +90,8 @@ def fmnist_recipe(fmnist_dir, **kw):
     """A 40-step resnet18 recipe on Fashion-MNIST with the tiny 1-channel teacher (``trained_run``'s)."""
     base = dict(teacher=tiny_unet_config(), teacher_blocks=["up_blocks.0"], timesteps=[11], data_root=fmnist_dir,
                 student="resnet18", student_size=32, regressor_width=32, steps=40, batch_size=32, lr=2e-3,
-                warmup_steps=5, log_every=5, checkpoint_every=20, augment="flip", mean=[0.286] * 3, std=[0.353] * 3)
+                warmup_steps=5, log_every=5, checkpoint_every=20, augment="flip", mean=[0.286] * 3, std=[0.353] * 3,
+                num_workers=0)  # loaded in the test process: no worker start-up (the default is auto)
     base.update(kw)
     return make_recipe(base)
 
@@ -84,7 +100,8 @@ def rgb_recipe(rgb_folder, **kw):
     """A 6-step resnet18 recipe on ``rgb_folder`` with the tiny 3-channel teacher, a checkpoint every 2 steps."""
     base = dict(dataset="image-folder", data_root=str(rgb_folder), teacher=tiny_unet_config(3),
                 teacher_blocks=["mid_block"], timesteps=[11], student="resnet18", student_size=32,
-                regressor_width=16, steps=6, batch_size=6, checkpoint_every=2, keep_checkpoints=5, log_every=1)
+                regressor_width=16, steps=6, batch_size=6, checkpoint_every=2, keep_checkpoints=5, log_every=1,
+                num_workers=0)
     base.update(kw)
     return make_recipe(base)
 

@@ -42,3 +42,29 @@ def test_run_with_ema_exports_and_probes_the_ema_and_says_so(tmp_path, rgb_folde
     assert all((r["num_test"], r["num_test_total"], r["test"]) == (9, 18, stated) for r in rows)
     assert stated in table and stated in card and stated in out
     assert yaml.safe_load((run / "config.yaml").read_text())["probe_test_fraction"] == 0.5
+
+
+def test_the_random_init_row_is_computed_once_and_reused_until_student_seed_or_data_change(tmp_path, rgb_folder,
+                                                                                          monkeypatch):
+    """``distill run``'s random-init row is probed once per key (student, seed, data, probe settings, ...) and read
+    back after; another seed, student or test subset probes again."""
+    import distill.pipeline as pl
+    from distill.config import make_recipe
+    from distill.evaluate import probe_data
+
+    monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    calls, real = [], pl.probe_random_init
+    monkeypatch.setattr(pl, "probe_random_init", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    r = make_recipe(dict(dataset="image-folder", data_root=str(rgb_folder), student="resnet18", student_size=32))
+    data = probe_data("image-folder", str(rgb_folder), 3)
+    kw = dict(epochs=1, k=3, seed=0, progress=False, device="cpu")
+    ms = ([0.5] * 3, [0.25] * 3)
+    first = pl.random_init_row(r, *ms, data, kw)
+    again = pl.random_init_row(r, *ms, data, kw)
+    assert calls == ["resnet18"] and again.pop("reused").startswith(str(tmp_path / "cache" / pl.BASELINES))
+    assert again == first and "reused" not in first
+    pl.random_init_row(r, *ms, data, {**kw, "seed": 1})
+    pl.random_init_row(make_recipe({**r.to_dict(), "student": "resnet10t"}), *ms, data, kw)
+    pl.random_init_row(r, *ms, probe_data("image-folder", str(rgb_folder), 3, test_fraction=0.5), kw)
+    assert calls == ["resnet18", "resnet18", "resnet10t", "resnet18"]
+    assert "reused" in pl.random_init_row(r, *ms, data, {**kw, "seed": 1})  # each kept apart

@@ -566,3 +566,41 @@ def test_reading_someone_elses_run_imports_no_teacher_code(unet_module, rgb_fold
         assert proc.returncode == 0, (args[0], proc.stderr[-2000:])
         assert not mark.exists(), f"distill {args[0]} imported the run's teacher code"
     assert (tmp_path / "export" / "model.safetensors").is_file() and (tmp_path / "report" / "report.md").is_file()
+
+
+def test_a_weight_file_is_hashed_once_until_its_size_or_mtime_changes(tmp_path, monkeypatch):
+    """The weights' sha256 is remembered per file (path, size, mtime_ns) in DISTILL_CACHE_DIR: a second call reads
+    nothing; a rewritten file (same size, new content and mtime) and a touched one are hashed again; a file written
+    within the last 2 s is hashed but not remembered (its next write may keep the mtime)."""
+    import os
+    import time
+
+    from safetensors.torch import save_file
+
+    import distill.teacher.python as tp
+
+    monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    w = tmp_path / "w.safetensors"
+    save_file({"a": torch.arange(10.0)}, str(w))
+    old = time.time_ns() - 60 * 10 ** 9
+    os.utime(w, ns=(old, old))
+    first = tp.cached_file_sha256(w)
+    assert first == hashlib.sha256(w.read_bytes()).hexdigest()
+    reads, real = [], tp.file_sha256
+    monkeypatch.setattr(tp, "file_sha256", lambda p: reads.append(p) or real(p))
+    assert tp.cached_file_sha256(str(w)) == first and reads == []  # remembered: the file is not read
+    save_file({"a": torch.arange(10.0) + 1}, str(w))  # same size, other bytes
+    os.utime(w, ns=(old + 10 ** 9, old + 10 ** 9))
+    second = tp.cached_file_sha256(w)
+    assert second == hashlib.sha256(w.read_bytes()).hexdigest() != first and len(reads) == 1
+    assert tp.cached_file_sha256(w) == second and len(reads) == 1
+    os.utime(w, ns=(old + 2 * 10 ** 9, old + 2 * 10 ** 9))  # touched: hashed again
+    assert tp.cached_file_sha256(w) == second and len(reads) == 2
+    save_file({"a": torch.arange(10.0) + 2}, str(w))  # just written: not remembered
+    third = tp.cached_file_sha256(w)
+    assert third == hashlib.sha256(w.read_bytes()).hexdigest() and tp.cached_file_sha256(w) == third
+    assert len(reads) == 4
+    (tmp_path / "cache" / tp.SHA256_CACHE).write_text("{not json")  # a damaged cache is ignored, then rewritten
+    os.utime(w, ns=(old, old))
+    assert tp.cached_file_sha256(w) == third and len(reads) == 5 and tp.cached_file_sha256(w) == third
+    assert len(reads) == 5

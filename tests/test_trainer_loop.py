@@ -87,8 +87,87 @@ def test_grad_accum_each_step_is_one_update_of_exactly_n_micro_batches(rgb_folde
     assert [r["grad_norm"] != "" for r in rows] == [True] * 5
 
 
-def test_grad_accum_resume_across_an_epoch_boundary_equals_uninterrupted(rgb_folder, tmp_path):
-    r = rgb_recipe(rgb_folder, grad_accum_steps=4, steps=4, checkpoint_every=1, warmup_steps=0, augment="crop-flip")
+def test_one_host_sync_per_update_not_per_micro_batch(rgb_folder, tmp_path, monkeypatch):
+    """distill's step path waits for the device once per optimizer update (the non-finite check), not once or twice
+    per micro-batch as it did: every tensor -> host conversion that distill's own code makes inside
+    ``optimizer_step`` is counted, 4 micro-batches per update, 3 updates (log steps' reduce is in ``log_step``,
+    outside). Conversions of CPU tensors by libraries (AdamW's step counts, the DataLoader's indices) and by the
+    datasets (``distill.data``, in the loader) are not device syncs and are not counted."""
+    import sys
+
+    import distill
+    import distill.data
+    import distill.trainer.loop as loop
+
+    ours, data = os.path.dirname(distill.__file__), os.path.dirname(distill.data.__file__)
+    counting, syncs = [False], []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"):
+        def wrapped(self, *a, _real=getattr(torch.Tensor, name), _name=name, **k):
+            where = sys._getframe(1).f_code.co_filename
+            if counting[0] and where.startswith(ours) and not where.startswith(data):
+                syncs.append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    real_step = loop.optimizer_step
+
+    def counted(*a, **k):
+        counting[0] = True
+        try:
+            return real_step(*a, **k)
+        finally:
+            counting[0] = False
+
+    monkeypatch.setattr(loop, "optimizer_step", counted)
+    train(rgb_recipe(rgb_folder, grad_accum_steps=4, steps=3, checkpoint_every=3, log_every=100, warmup_steps=0),
+          str(tmp_path / "run"), progress=False)
+    assert syncs == ["tolist"] * 3
+
+
+def test_a_nonfinite_micro_batch_skips_its_whole_update(rgb_folder, tmp_path, nan_at_call):
+    """A NaN in the 2nd of 4 micro-batches (checked once, at the update): the update is skipped, named, counted."""
+    nan_at_call(6)  # step 2, micro-batch 2
+    run = tmp_path / "run"
+    summary = train(rgb_recipe(rgb_folder, grad_accum_steps=4, steps=3, checkpoint_every=1, warmup_steps=0,
+                               on_nonfinite="skip"), str(run), progress=False)
+    assert summary["skipped_steps"] == 1
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["step"] for r in rows] == ["1", "3"] and rows[-1]["skipped"] == "1"
+    opt = torch.load(run / "checkpoint-3" / "optimizer.bin", weights_only=True)
+    assert {int(s["step"]) for s in opt["state"].values()} == {2}  # 2 updates applied of 3 steps
+    a = load_file(str(run / "checkpoint-1" / "model.safetensors"))
+    b = load_file(str(run / "checkpoint-2" / "model.safetensors"))
+    weights = [k for k in a if "running_" not in k and "num_batches" not in k]  # batch-norm statistics move in
+    assert len(weights) > 10 and all(torch.equal(a[k], b[k]) for k in weights)  # the forward; no weight did
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_a_stream_resumed_after_an_epoch_boundary_sees_the_same_batches_with_persistent_workers(rgb_folder):
+    """``epoch_batches`` with 2 persistent workers (kept across epochs): started at step 0 and read for 3 epochs, and
+    started at step 8 (epoch 1, batch 2: a resume after the first epoch boundary), the batches from there on are
+    equal. Shared with the sampler, the workers' seed draw (once for a persistent iterator, at every epoch for a fresh
+    one) shifted every later epoch's permutation."""
+    from accelerate import Accelerator
+
+    from distill.build import build_train_data
+    from distill.trainer.batches import epoch_batches
+
+    r = rgb_recipe(rgb_folder, num_workers=2)  # 36 images, batch 6: 6 batches per epoch
+    ds = build_train_data(r)[0]
+    acc = Accelerator(cpu=True)
+    full = epoch_batches(ds, r, acc, 0)
+    first = [next(full) for _ in range(18)]
+    loader = full.gi_frame.f_locals["loader"]
+    assert loader.base_dataloader.persistent_workers and loader.base_dataloader.num_workers == 2
+    resumed = epoch_batches(ds, r, acc, 8)
+    for a, b in zip(first[8:], [next(resumed) for _ in range(10)]):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first[:6], first[6:12]))  # epochs are reshuffled
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_grad_accum_resume_across_an_epoch_boundary_equals_uninterrupted(rgb_folder, tmp_path, workers):
+    r = rgb_recipe(rgb_folder, grad_accum_steps=4, steps=4, checkpoint_every=1, warmup_steps=0, augment="crop-flip",
+                   num_workers=workers)
     train(r, str(tmp_path / "full"), progress=False)
     shutil.copytree(tmp_path / "full", tmp_path / "cut")
     for s in (2, 3, 4):  # resume from step 1 (4 of 6 micro-batches of epoch 1 used)

@@ -189,6 +189,49 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+#: The remembered sha256 of weight files, in :func:`distill.teacher.prompt.distill_cache_dir`.
+SHA256_CACHE = "weights-sha256.json"
+
+
+def cached_file_sha256(path) -> str:
+    """:func:`file_sha256` of a weight file, computed once per file: remembered in ``distill_cache_dir() /
+    weights-sha256.json`` under the file's absolute path with its size and ``st_mtime_ns``, and used while both are
+    unchanged (the test ``make`` and git's index make); a file rewritten or touched is hashed again. A file modified
+    less than 2 s before it was hashed is not remembered (its next write may keep the same mtime: git's "racily
+    clean" case). A cache that cannot be read or written is ignored: the hash is computed, nothing fails.
+    Written with :func:`distill.atomic.atomic_write_json` (never half-written); concurrent writers lose entries,
+    never correctness."""
+    import json
+    import os
+    import time
+
+    from ..atomic import atomic_write_json
+    from ..errors import WriteError
+    from .prompt import distill_cache_dir
+
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    store = distill_cache_dir() / SHA256_CACHE
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    entry = known.get(str(p))
+    if (isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+            and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
+        return entry["sha256"]
+    digest = file_sha256(p)
+    if time.time_ns() - st.st_mtime_ns > 2_000_000_000 and os.stat(p).st_mtime_ns == st.st_mtime_ns:
+        known.pop(str(p), None)
+        known[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        try:
+            atomic_write_json(store, dict(list(known.items())[-1000:]))  # the newest 1,000 files
+        except (OSError, WriteError):
+            pass
+    return digest
+
+
 def read_state_dict(path) -> dict[str, torch.Tensor]:
     """The tensors of a weight file: ``.safetensors``, or a ``.pt``/``.pth``/``.bin``/``.ckpt`` state dict read with
     ``torch.load(weights_only=True)``.
@@ -271,7 +314,7 @@ def load_weights(model: nn.Module, path, prefix: Optional[str] = None) -> str:
             f"{len(shapes)} of another shape ({'; '.join(shapes[:3])}).{hint} Fix: teacher_kwargs that build the "
             f"network the weights were saved from, or teacher_weights_prefix.")
     model.load_state_dict(sd, strict=True)
-    return file_sha256(path)
+    return cached_file_sha256(path)
 
 
 def _common_prefix(keys: list[str]) -> str:

@@ -21,7 +21,7 @@ from ..build import (build_loss, build_model, build_optimizer, build_policy, bui
                      build_train_data, resolve_mean_std, target_layout)
 from ..config import Recipe
 from ..data import IndexedDataset
-from ..errors import NonFiniteLossError, TrainingInterrupted
+from ..errors import TrainingInterrupted
 from ..policy import entropy_weight
 from ..cache import data_fingerprint, teacher_settings, teacher_sha256
 from ..rundir import (MONITOR, check_resume, checkpoint_step, latest_checkpoint, newest_loadable_checkpoint,
@@ -37,7 +37,7 @@ from .monitor import MONITOR_COLUMN, Monitor
 from .policy_log import PolicyLog
 from .stop import StopOnSignal
 from .textlog import CsvLog, TrainLog, format_line, show_progress_bar
-from .step import apply_update, clip_gradients, nonfinite_terms, train_step
+from .step import apply_update, clip_gradients, nonfinite_error, nonfinite_terms, train_step
 from .targets import CacheTargets, LatentCacheTargets, LiveTeacherTargets, PolicyTargets
 from .timesteps import resolve_timesteps
 
@@ -200,14 +200,15 @@ def resume_from(s: Session, ckpt: Optional[Path]) -> int:
 
 
 def optimizer_step(s: Session, batches, step: int, policy_log: Optional[PolicyLog]) -> tuple:
-    """One optimizer update from ``grad_accum_steps`` micro-batches. Returns ``(summed loss terms, or {} when
+    """One optimizer update from ``grad_accum_steps`` micro-batches, checked for non-finite values once (one host
+    synchronisation per update; log steps add theirs in :func:`log_step`). Returns ``(summed loss terms, or {} when
     the update was skipped; grad norm or None; the last micro-batch's StepInput)``.
 
     Raises:
         NonFiniteLossError: a non-finite loss or gradient norm with ``on_nonfinite: error`` (no update applied).
     """
     r, acc = s.recipe, s.accelerator
-    sums, bad, grad_norm, inputs = {}, [], None, None
+    sums, bad, grad_norm, inputs, actions = {}, [], None, None, []
     for micro in range(r.grad_accum_steps):
         t_wait = time.perf_counter()
         batch = next(batches)
@@ -217,26 +218,25 @@ def optimizer_step(s: Session, batches, step: int, policy_log: Optional[PolicyLo
             inputs.student_x = inputs.student_x.contiguous(memory_format=torch.channels_last)
         with acc.accumulate(*([s.model] if s.policy is None else [s.model, s.policy])):
             losses = train_step(s.model, inputs, s.loss_fn, acc, s.policy, s.entropy_weight(step))
-            bad = bad or nonfinite_terms(losses, acc)
-            grad_norm, bad = clip_gradients(s.model, acc, r.grad_clip, bad)
-            if bad and r.on_nonfinite == "error":
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step}: {', '.join(bad)} "
-                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); no update was applied and the "
-                    f"last good checkpoint in '{s.run_dir}' is kept ({latest_checkpoint(s.run_dir) or 'none yet'}). "
-                    f"Lower lr, check the data, or set on_nonfinite: skip to drop such batches.")
+            for k, v in losses.items():  # summed on the device: nothing waits for the host per micro-batch
+                sums[k] = sums.get(k, 0.0) + v.detach()
+            if acc.sync_gradients:  # the last micro-batch: the update is checked once, before it is applied
+                grad_norm = clip_gradients(s.model, acc, r.grad_clip)
+                bad = nonfinite_terms(sums, grad_norm, acc)
+                if bad and r.on_nonfinite == "error":
+                    raise nonfinite_error(step, bad, sums, r.grad_accum_steps, s.run_dir, latest_checkpoint(s.run_dir))
             apply_update(s.optimizers, skip=bool(bad))
-        if policy_log is not None and not bad:
-            policy_log.count(inputs.actions)
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + v.detach()
+        if policy_log is not None:
+            actions.append(inputs.actions)
         s.seen += batch[0].shape[0] * acc.num_processes
-    if s.ema is not None and not bad:
-        s.ema.update(acc.unwrap_model(s.model).student.model)
     if bad:
         s.skipped += 1
         _logger.warning("step %d: non-finite %s; batch skipped (%d so far)", step, ", ".join(bad), s.skipped)
         return {}, grad_norm, inputs
+    for a in actions:  # the timesteps of an applied update only
+        policy_log.count(a)
+    if s.ema is not None:
+        s.ema.update(acc.unwrap_model(s.model).student.model)
     return sums, grad_norm, inputs
 
 

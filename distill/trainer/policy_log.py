@@ -27,8 +27,10 @@ class PolicyLog:
             "gradvar_ema"] + [f"n_t{t}" for t in self.candidates])
 
     def count(self, actions: torch.Tensor) -> None:
-        """Add a micro-batch's sampled candidate indices ``(B,)``."""
-        self.counts += torch.bincount(actions, minlength=len(self.candidates))
+        """Add a micro-batch's sampled candidate indices ``(B,)`` (int64 in ``[0, len(candidates))``). A scatter-add,
+        not ``bincount``: on a GPU ``bincount`` waits for the host to size its output."""
+        self.counts.index_add_(0, actions.to(self.counts.device), torch.ones_like(actions, dtype=self.counts.dtype,
+                                                                                  device=self.counts.device))
 
     def write(self, step: int, pol: TimestepPolicy, inputs, terms: dict, ew: float) -> None:
         """One row: the counts since the last row (summed over processes) and the gradient variances measured on

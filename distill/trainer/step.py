@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..data import to_student, to_teacher, to_unit
+from ..errors import NonFiniteLossError
 
 
 @dataclass
@@ -64,24 +65,42 @@ def train_step(model, inputs: StepInput, loss_fn: Callable, accelerator, policy=
     return losses
 
 
-def nonfinite_terms(losses: dict, accelerator) -> list:
-    """Names of the loss terms that are NaN/Inf on any process (one host sync per call)."""
-    vals = torch.stack([v.detach().float() for v in losses.values()])
-    flag = (~torch.isfinite(vals)).any().float()
+def nonfinite_terms(sums: dict, grad_norm: Optional[torch.Tensor], accelerator) -> list:
+    """Names of the loss terms summed over an update's micro-batches (``sums``: name -> tensor; a sum is NaN/Inf
+    when any of its micro-batches' values is) and of ``'grad_norm'`` (named only when every term is finite) that
+    are NaN/Inf on any process; ``[]`` when the update is sound.
+
+    One host synchronisation per optimizer update, the only one outside log steps (a per-process flag vector,
+    max-reduced over processes first): the same one check per step that ``torch.amp.GradScaler.step`` makes before
+    it steps or skips, here for every loss term, so an update is never applied from a non-finite batch.
+    """
+    names = list(sums) + (["grad_norm"] if grad_norm is not None else [])
+    vals = list(sums.values()) + ([grad_norm] if grad_norm is not None else [])
+    flags = torch.stack([(~torch.isfinite(torch.as_tensor(v).detach())).any() for v in vals]).float()
     if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, "max")
-    if not flag.item():
-        return []
-    return [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()] or ["(another process)"]
+        flags = accelerator.reduce(flags, "max")  # a term bad on any process is named on all
+    bad = [k for k, f in zip(names, flags.tolist()) if f]
+    return [k for k in bad if k != "grad_norm"] or bad
 
 
-def clip_gradients(model, accelerator, grad_clip: float, bad: list) -> tuple:
-    """Clip the gradient norm to ``grad_clip`` when gradients are synchronised (the last micro-batch) and
-    nothing is wrong yet; returns ``(grad_norm or None, bad)`` with ``'grad_norm'`` added when it is not finite."""
-    if not (accelerator.sync_gradients and grad_clip > 0 and not bad):
-        return None, bad
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-    return grad_norm, (["grad_norm"] if not torch.isfinite(grad_norm) else bad)
+def nonfinite_error(step: int, bad: list, sums: dict, micro_batches: int, run_dir, last_checkpoint):
+    """The :class:`~distill.errors.NonFiniteLossError` of ``on_nonfinite: error``: the step, the terms named by
+    :func:`nonfinite_terms`, every term's mean over the update's micro-batches, and the checkpoint that is kept."""
+    values = ", ".join(f"{k}={float(v) / micro_batches:.4g}" for k, v in sums.items())
+    return NonFiniteLossError(
+        f"non-finite loss at step {step}: {', '.join(bad)} ({values}, mean of {micro_batches} micro-batch(es)); no "
+        f"update was applied and the last good checkpoint in '{run_dir}' is kept ({last_checkpoint or 'none yet'}). "
+        f"Lower lr, check the data, or set on_nonfinite: skip to drop such batches.")
+
+
+def clip_gradients(model, accelerator, grad_clip: float) -> Optional[torch.Tensor]:
+    """Clip the gradient norm to ``grad_clip`` when gradients are synchronised (the last micro-batch); returns the
+    norm before clipping (a 0-dim tensor, not synchronised to the host), or None when nothing was clipped. Clipping
+    non-finite gradients leaves them non-finite: :func:`nonfinite_terms` then names ``'grad_norm'`` and the update
+    is skipped."""
+    if not (accelerator.sync_gradients and grad_clip > 0):
+        return None
+    return accelerator.clip_grad_norm_(model.parameters(), grad_clip)
 
 
 def apply_update(optimizers: Sequence, skip: bool) -> None:
