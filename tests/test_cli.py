@@ -211,3 +211,18 @@ def test_help_texts_tell_the_truth():
         assert " | ".join(DATASETS) in text, name
     teacher = next(k for k in recipe_keys() if k["name"] == "teacher")["help"]
     assert "python:package.module:factory" in teacher and "python:/path/file.py:factory" in teacher
+
+
+def test_the_resume_hint_repeats_the_recipe_directory_and_set_values_shell_quoted():
+    import shlex
+
+    from distill.cli import build_parser, resume_command
+    from distill.cli.common import spread_set_options
+
+    argv = ["train", "quickstart", "-o", "runs/my q", "--set", "steps=10", "teacher_blocks=[mid_block, up_blocks.0]"]
+    hint = resume_command(build_parser().parse_args(spread_set_options(argv)))
+    words = shlex.split(hint)
+    assert words[:6] == ["distill", "train", "quickstart", "-o", "runs/my q", "--resume"]
+    assert words[6:] == ["--set", "steps=10", "teacher_blocks=[mid_block, up_blocks.0]"]
+    assert build_parser().parse_args(spread_set_options(words[1:])).resume  # the hint itself parses
+    assert resume_command(build_parser().parse_args(["export", "runs/q", "-o", "x"])) == ""

@@ -7,6 +7,7 @@ imports stay inside the handlers, so ``distill --help`` loads no torch.
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 import threading
@@ -55,6 +56,17 @@ def kept(output_dir) -> str:
     return f"what is complete in '{out}' is kept, unfinished files were removed{newest}."
 
 
+def resume_command(args) -> str:
+    """The command that continues an interrupted ``distill train`` / ``distill run``: the same recipe, output directory
+    and ``--set`` values plus ``--resume`` (shell-quoted), or ``""`` for other commands."""
+    if args.command not in ("train", "run") or getattr(args, "output_dir", None) is None:
+        return ""
+    sets = list(getattr(args, "set", None) or [])
+    extra = ([] if getattr(args, "test_fraction", None) is None else ["--test-fraction", str(args.test_fraction)])
+    return shlex.join(["distill", args.command, str(args.recipe), "-o", str(args.output_dir), "--resume", *extra]
+                      + (["--set", *sets] if sets else []))
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(spread_set_options(sys.argv[1:] if argv is None else list(argv)))
@@ -67,6 +79,9 @@ def main(argv=None) -> int:
         return args.func(args)
     except TrainingInterrupted as e:
         print(f"distill {args.command}: {e}", file=sys.stderr)
+        again = resume_command(args)
+        if again:
+            print(f"distill {args.command}: to continue: {again}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:  # a signal before training started, after it, or a second one: no traceback
         signum = getattr(e, "signum", signal.SIGINT)
