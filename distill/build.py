@@ -78,6 +78,19 @@ def loader_workers(num_workers, processes: int = 1, cpus: Optional[int] = None) 
     return max(0, min(8, cpus // max(1, processes) - 1))
 
 
+def worker_ignores_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of the training loader: its workers ignore SIGINT and SIGTERM. A Ctrl-C or a SIGTERM sent
+    to every process of the job (``kill -TERM -PGID``, SLURM, systemd) then stops only the main process, which finishes
+    the step, writes a checkpoint and shuts the workers down (:func:`distill.trainer.batches.epoch_batches`); with
+    torch's worker handler, a worker died by SIGTERM and the main process raised "DataLoader worker ... is killed by
+    signal" wherever it was, the checkpoint included. A worker whose main process dies exits on its own (torch's
+    worker watchdog)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(ds: Dataset, recipe: Recipe, generator: torch.Generator, processes: int = 1,
                  pin_memory: bool = False) -> DataLoader:
     """Shuffled loader of full batches (``drop_last``) whose order depends only on ``generator`` (the number of
@@ -102,7 +115,8 @@ def build_loader(ds: Dataset, recipe: Recipe, generator: torch.Generator, proces
     return DataLoader(ds, batch_size=recipe.batch_size, sampler=RandomSampler(ds, generator=generator),
                       generator=torch.Generator().manual_seed(recipe.seed), drop_last=True,
                       collate_fn=collate_indexed if isinstance(ds, IndexedDataset) else collate,
-                      num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory)
+                      num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
+                      worker_init_fn=worker_ignores_stop_signals if workers > 0 else None)
 
 
 def check_labelled(ds: Dataset, what: str, why: str, fix: str) -> None:

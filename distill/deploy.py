@@ -22,6 +22,9 @@ from .version import install_hint
 ONNX_FILE, ONNX_DATA_FILE = "model.onnx", "model.onnx.data"
 #: the default ONNX opset: 18 is run by onnxruntime >= 1.14, TensorRT >= 8.6 and OpenVINO >= 2023.0
 ONNX_OPSET = 18
+#: the opsets ``distill export --onnx --opset`` accepts: torch 2.14's exporter writes 18 and up (asked for 13-17, it
+#: wrote 18 and said nothing; :func:`export_onnx` now checks the file)
+ONNX_OPSETS = range(18, 24)
 #: the graph's input and output names; axis 0 of both is the dynamic batch axis ``batch``
 ONNX_INPUT, ONNX_OUTPUT = "image", "output"
 #: what ``pip install`` line installs the ONNX exporter and runtime
@@ -63,6 +66,8 @@ def export_onnx(model, path, input_size: Sequence[int], opset: int = ONNX_OPSET,
 
     Raises:
         MissingDependencyError: onnx or onnxscript is not installed (see :func:`require_onnx`).
+        ValueError: the file torch wrote has another opset than ``opset`` (torch's exporter falls back to its own
+            opset, 18 in torch 2.14, when it cannot convert down; valid here: :data:`ONNX_OPSETS`); nothing is kept.
     """
     import torch
 
@@ -74,6 +79,15 @@ def export_onnx(model, path, input_size: Sequence[int], opset: int = ONNX_OPSET,
         torch.onnx.export(model, (x,), str(path), input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
                           opset_version=int(opset), dynamo=True, external_data=big, verbose=False,
                           dynamic_shapes=({0: torch.export.Dim("batch")},))
+    import onnx
+
+    written = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}.get("")
+    if written != int(opset):
+        for f in (Path(path), Path(f"{path}.data")):
+            f.unlink(missing_ok=True)
+        raise ValueError(f"--opset {opset}: torch's exporter wrote opset {written} instead (it cannot convert this "
+                         f"model down to {opset}). Fix: --opset {ONNX_OPSETS.start} to {ONNX_OPSETS.stop - 1} "
+                         f"(default {ONNX_OPSET}).")
     return Path(path)
 
 

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="distillation steps (default: the recipe's)")
     p.add_argument("--fraction", type=float, default=0.01, help="share of the training labels to fine-tune on")
     p.add_argument("--finetune-steps", type=int, default=500)
-    p.add_argument("--onnx", action="store_true", help="also export model.onnx (pip install 'distill[onnx]')")
+    p.add_argument("--onnx", action="store_true", help='also export model.onnx (pip install "diffusion-distill[onnx]")')
     p.add_argument("-o", "--output-dir", default="runs/example-export-finetune")
     p.add_argument("--tiny", action="store_true", help="tiny data, student input and batches: a smoke run")
     args = p.parse_args(argv)

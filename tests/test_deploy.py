@@ -68,7 +68,8 @@ def test_export_onnx_without_the_extra_names_it_and_writes_nothing(run, tmp_path
 
 
 @pytest.mark.parametrize("argv, message", [(["--opset", "17"], "--opset 17 applies to an ONNX export"),
-                                           (["--onnx", "--opset", "7"], "--opset 7 is not valid; valid: 13 to 23")])
+                                           (["--onnx", "--opset", "7"], "--opset 7 is not valid; valid: 18 to 23"),
+                                           (["--onnx", "--opset", "13"], "--opset 13 is not valid; valid: 18 to 23")])
 def test_export_opset_is_checked(run, tmp_path, capsys, argv, message):
     assert main(["export", str(run), "-o", str(tmp_path / "s")] + argv) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "s").exists()
@@ -95,3 +96,17 @@ def test_an_onnx_file_that_computes_something_else_fails_the_export_and_writes_n
     assert "the ONNX export differs from the timm model by up to 0.001" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.iterdir())
     assert deploy.ONNX_ATOL < 1e-3
+
+
+def test_a_file_with_another_opset_than_asked_is_refused_and_removed(tmp_path):
+    """torch's exporter, asked for an opset it cannot convert down to, writes its own (18) without a word; the
+    export reads the file back and refuses it, keeping nothing."""
+    import torch
+
+    from distill.deploy import export_onnx
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with pytest.raises(ValueError, match="--opset 13: torch's exporter wrote opset 18"):
+        export_onnx(model, tmp_path / "m.onnx", (3, 8, 8), opset=13)
+    assert not (tmp_path / "m.onnx").exists()
+    assert export_onnx(model, tmp_path / "ok.onnx", (3, 8, 8), opset=18).exists()

@@ -54,7 +54,8 @@ def test_no_message_names_the_bare_import_name_as_a_pip_package():
     """``pip install distill`` / ``distill[extra]`` would install another project: every hint in the code and every
     install command in the docs names the distribution."""
     bad = re.compile(r"(?<![\w-])distill\[|pip install \"?distill\b(?![-\w])")
-    found = [f"{p.relative_to(ROOT)}:{n}" for p in [*sorted((ROOT / "distill").rglob("*.py")), *DOC_PAGES]
+    found = [f"{p.relative_to(ROOT)}:{n}" for p in [*sorted(f for d in ("distill", "examples", "bench", "tools") for f in (ROOT / d).rglob("*.py")),
+                                                 *DOC_PAGES]
              for n, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
     assert not found, found
 

@@ -306,3 +306,31 @@ def test_sigterm_outside_the_loop_ends_with_a_line_saying_what_was_kept(rgb_fold
         assert (f"distill train: stopped by SIGTERM; what is complete in '{tmp_path / 'run'}' is kept, unfinished "
                 f"files were removed; its newest checkpoint is checkpoint-2") in err
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers_finishes_the_step(rgb_folder, tmp_path):
+    """`kill -TERM -- -PGID` (as SLURM / systemd stop a job: every process, the loader's workers too) with 2
+    workers: the workers ignore it, the main process finishes the step, writes its checkpoint, exits 143 without a
+    traceback and leaves no worker behind (before: 'DataLoader worker ... is killed by signal: Terminated' raised
+    inside save_checkpoint, exit 1, the checkpoint lost)."""
+    recipe = rgb_recipe(rgb_folder, steps=60, checkpoint_every=50, log_every=1, warmup_steps=2, num_workers=2)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe.to_dict()))
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "distill.cli", "train", str(path), "-o", str(out), "--no-progress"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if (out / "metrics.csv").exists() and len((out / "metrics.csv").read_text().splitlines()) > 3:
+            os.killpg(p.pid, signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "killed by signal" not in err
+    last = int((out / "metrics.csv").read_text().splitlines()[-1].split(",")[0])
+    assert latest_checkpoint(out).name == f"checkpoint-{last}"
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):  # the group is gone: no worker was left behind
+        os.killpg(p.pid, 0)

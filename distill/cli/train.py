@@ -89,9 +89,12 @@ def cmd_export(args) -> int:
                          f"(letters, digits, '-', '_', '.'), e.g. your-user/resnet18-distill-fmnist.")
     if args.opset is not None and not args.onnx:
         raise ValueError(f"--opset {args.opset} applies to an ONNX export; add --onnx, or drop --opset.")
-    if args.opset is not None and not 13 <= args.opset <= 23:
-        raise ValueError(f"--opset {args.opset} is not valid; valid: 13 to 23 (default 18, run by onnxruntime >= "
-                         f"1.14). Fix: --opset 18.")
+    from ..deploy import ONNX_OPSETS
+
+    if args.opset is not None and args.opset not in ONNX_OPSETS:
+        raise ValueError(f"--opset {args.opset} is not valid; valid: {ONNX_OPSETS.start} to {ONNX_OPSETS.stop - 1} "
+                         f"(default 18, run by onnxruntime >= 1.14; torch's exporter writes no lower opset). Fix: "
+                         f"--opset 18.")
     extra = {"opset": args.opset} if args.opset is not None else {}
     out = export_student(args.run_dir, args.output_dir, checkpoint=args.checkpoint, overwrite=args.overwrite,
                          ema=args.ema, onnx=args.onnx, **extra)

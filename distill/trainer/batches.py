@@ -21,9 +21,22 @@ def epoch_batches(ds, recipe: Recipe, accelerator, start_step: int) -> Iterator:
     n = len(loader)
     micro = start_step * per_step
     epoch, skip = divmod(micro, n)
-    while True:
-        g.manual_seed(recipe.seed * 100003 + epoch)
-        it = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in it:
-            yield batch
-        epoch, skip = epoch + 1, 0
+    it = loader
+    try:
+        while True:
+            g.manual_seed(recipe.seed * 100003 + epoch)
+            it = accelerator.skip_first_batches(loader, skip) if skip else loader
+            for batch in it:
+                yield batch
+            epoch, skip = epoch + 1, 0
+    finally:  # on close(): stop the loader's workers now; they ignore SIGTERM, so an exit must not leave it to
+        for dl in {id(loader): loader, id(it): it}.values():  # multiprocessing's atexit terminate-and-join
+            shutdown_workers(dl)
+
+
+def shutdown_workers(loader) -> None:
+    """Stop the worker processes of ``loader``'s live iterator (persistent workers), if it has any. Uses torch's
+    ``_MultiProcessingDataLoaderIter._shutdown_workers`` (what its ``__del__`` calls): there is no public call."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()

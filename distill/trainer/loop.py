@@ -334,7 +334,7 @@ def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, pr
                 s.scheduler.step()
                 end_of_step(s, step, step == start + 1, sums, grad_norm, inputs, stop)
     finally:
-        s.bar.close()
+        batches.close(), s.bar.close()  # close(): the loader's workers stop here (they ignore SIGTERM)
         s.metrics.close()
         if s.monitor_log is not None:
             s.monitor_log.close()
