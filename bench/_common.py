@@ -71,7 +71,7 @@ def save(path: str, data: dict, machine_at_start: dict) -> None:
 def quickstart_setup(recipe_path: str, overrides: dict):
     """Recipe, dataset, mean/std, teacher, feature keys and one initial model (built as ``distill.train`` does)."""
     from distill.build import build_model, build_teacher, build_train_data, resolve_mean_std
-    from distill.config import load_recipe
+    from distill.recipes import load_recipe  # a path or a shipped recipe name
 
     recipe = load_recipe(recipe_path, overrides)
     ds, ch = build_train_data(recipe)

@@ -9,10 +9,14 @@ image gives two views), seed, optimizer (AdamW, lr, weight decay, warmup) and in
 the recipe's mean/std), as ``distill train`` does.
 
 Augmentation: lightly's ``SimCLRTransform`` recipe (random resized crop, area 0.08-1; flip p 0.5; colour jitter
-p 0.8 with brightness 0.8 and contrast 0.8; Gaussian blur p 0.5, sigma 0.1-2), run with kornia on whole batches,
-as distill's own augmentation is. lightly's transform works on single PIL images in the loader workers and its
-saturation, hue and random-grayscale steps need RGB: on grayscale Fashion-MNIST they do nothing but cost CPU, so
-they are left out; the blur kernel is 3 px (about a tenth of the 28 px images, as SimCLR's 23 px at 224).
+p 0.8 with brightness 0.8, contrast 0.8, saturation 0.8, hue 0.2; grayscale p 0.2; Gaussian blur p 0.5, sigma
+0.1-2), run with kornia on whole batches at the data's resolution, as distill's own augmentation is. lightly's
+transform works on single PIL images in the loader workers; its saturation, hue and random-grayscale steps need
+RGB: on one-channel data (Fashion-MNIST) they would do nothing but cost CPU, so they are left out there; the blur
+kernel is about a tenth of the image's shorter side, odd (3 px at 28 px; SimCLR's 23 px at 224).
+
+``--set KEY=VALUE`` overrides recipe keys as ``distill train --set`` does (e.g. another ``data_root``, ``steps``-free
+keys such as ``batch_size`` or ``student_size``), so the baseline runs on exactly the distillation's settings.
 
 Same compute = the same wall time on this machine, the teacher's forward counted in the distillation's. Two
 ways to set it: ``--seconds`` (e.g. a distillation's ``summary.json`` ``seconds``, measured just before under the
@@ -24,8 +28,8 @@ step-budgeted distillation does. The student is exported in timm format (config.
 ``distill`` block) so ``distill probe DIR`` probes it as it probes a distilled export.
 
     python bench/ssl_baseline.py --ratio 4 --json bench/results/ssl_fmnist_step_ratio.json
-    python bench/ssl_baseline.py --steps 67 -o /work/cache/ssl/simclr-q --json bench/results/ssl_fmnist_simclr_q.json
-    distill probe /work/cache/ssl/simclr-q/student --train-fraction 0.2
+    python bench/ssl_baseline.py --steps 267 -o runs/simclr-1x --json bench/results/ssl_fmnist_simclr_1x.json
+    distill probe runs/simclr-1x/student --train-fraction 1.0
 """
 from __future__ import annotations
 
@@ -61,17 +65,23 @@ def require_lightly():
     return NTXentLoss, SimCLRProjectionHead
 
 
-def simclr_augment(size: int) -> nn.Module:
-    """lightly's SimCLRTransform recipe for one-channel images, batched with kornia (see the module docstring):
-    ``[B, C, size, size]`` in [0, 1] -> one random view of the same shape."""
+def simclr_augment(size, channels: int = 1) -> nn.Module:
+    """lightly's SimCLRTransform recipe, batched with kornia (see the module docstring): ``[B, C, H, W]`` in [0, 1]
+    -> one random view of the same shape, ``size`` = ``H`` (square) or ``(H, W)``. ``channels`` 3 adds the colour
+    steps (saturation 0.8, hue 0.2, grayscale p 0.2); 1 leaves them out (they do nothing on one channel)."""
     import kornia.augmentation as K
 
-    return K.AugmentationSequential(
-        K.RandomResizedCrop((size, size), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
-        K.RandomHorizontalFlip(p=0.5),
-        K.ColorJitter(brightness=0.8, contrast=0.8, saturation=0.0, hue=0.0, p=0.8),
-        K.RandomGaussianBlur((3, 3), sigma=(0.1, 2.0), p=0.5),
-    )
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    k = max(3, int(0.1 * min(h, w)) // 2 * 2 + 1)  # odd, about a tenth of the shorter side (SimCLR: 23 px at 224)
+    colour = channels == 3
+    steps = [K.RandomResizedCrop((h, w), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+             K.RandomHorizontalFlip(p=0.5),
+             K.ColorJitter(brightness=0.8, contrast=0.8, saturation=0.8 if colour else 0.0,
+                           hue=0.2 if colour else 0.0, p=0.8)]
+    if colour:
+        steps.append(K.RandomGrayscale(p=0.2))
+    steps.append(K.RandomGaussianBlur((k, k), sigma=(0.1, 2.0), p=0.5))
+    return K.AugmentationSequential(*steps)
 
 
 def lr_at(step: int, progress: float, base_lr: float, warmup_steps: int) -> float:
@@ -135,7 +145,7 @@ def ssl_step_fn(model: SimCLR, loss_fn, opt, augment, recipe, mean, std):
     return step
 
 
-def step_time_ratio(recipe_path: str, rounds: int) -> dict:
+def step_time_ratio(recipe_path: str, rounds: int, overrides: dict | None = None) -> dict:
     """Wall time of one SimCLR step over one distillation step (``distill.train``'s own step through
     :func:`bench._common.library_step`, the teacher's forward included), timed alternately in this process on the
     same batches (:func:`bench._common.interleave`), so load from other jobs hits both alike. ``ratio_of_medians``
@@ -144,16 +154,17 @@ def step_time_ratio(recipe_path: str, rounds: int) -> dict:
     from distill.build import build_loader
     from distill.student import Student
 
-    recipe, ds, mean, std, teacher, keys, dmodel = quickstart_setup(recipe_path, {})
+    recipe, ds, mean, std, teacher, keys, dmodel = quickstart_setup(recipe_path, overrides or {})
     dstep = library_step(recipe, teacher, keys, dmodel, mean, std, ds[0][0].shape[-1])
     smodel = SimCLR(Student(recipe.student, recipe.student_size).model, SimCLRProjectionHead).train()
     sopt = torch.optim.AdamW(smodel.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    sstep = ssl_step_fn(smodel, NTXentLoss(temperature=0.5), sopt, simclr_augment(ds[0][0].shape[-1]), recipe,
-                        mean, std)
+    sstep = ssl_step_fn(smodel, NTXentLoss(temperature=0.5), sopt, simclr_augment(ds[0][0].shape[-1], ds[0][0].shape[0]),
+                        recipe, mean, std)
     batches = [b[0] for _, b in zip(range(rounds + 1), build_loader(ds, recipe, torch.Generator().manual_seed(0)))]
     ssl_rows, distill_rows = interleave([lambda i: sstep(batches[i], recipe.lr) and {},
                                          lambda i: dstep(batches[i], i) and {}], repeats=rounds, warmup=1)
-    return {"rounds": rounds, "ssl_over_distill": paired(ssl_rows, distill_rows)}
+    return {"rounds": rounds, "recipe": recipe_path, "overrides": overrides or {},
+            "ssl_over_distill": paired(ssl_rows, distill_rows)}
 
 
 def export_ssl(backbone: nn.Module, out: Path, recipe, mean, std, channels: int, steps: int, meta: dict) -> Path:
@@ -181,37 +192,77 @@ def export_ssl(backbone: nn.Module, out: Path, recipe, mean, std, channels: int,
     return out
 
 
+def _positive(kind):
+    """argparse type: a number > 0 (a budget of 0 would train nothing and export an untrained student)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not v > 0 or (kind is float and not math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"{text!r} must be > 0 (a budget of nothing trains nothing); e.g. "
+                                             f"distillation steps / the ratio printed by --ratio")
+        return v
+    return parse
+
+
 def main(argv=None) -> int:
+    """Command line (see the module docstring). Returns 0; bad input exits 2 with one message (argparse's format),
+    before any work and without writing ``--output-dir``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipe", default="recipes/quickstart.yaml", help="data, student, batch, optimizer, seed")
+    ap.add_argument("--recipe", default="quickstart",
+                    help="a shipped recipe's name or a recipe file: data, student, batch, optimizer, seed "
+                         "(default: quickstart)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="override recipe keys, as distill train --set (e.g. data_root=DIR batch_size=32)")
     budget = ap.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--seconds", type=float, help="wall-time budget of the training loop")
-    budget.add_argument("--steps", type=int, help="step budget (e.g. distillation steps / --ratio's ratio)")
-    budget.add_argument("--ratio", type=int, metavar="ROUNDS", help="only time SimCLR steps against distillation "
-                        "steps, ROUNDS alternating pairs, and print the ratio (no training)")
+    budget.add_argument("--seconds", type=_positive(float), help="wall-time budget of the training loop")
+    budget.add_argument("--steps", type=_positive(int), help="step budget (e.g. distillation steps / --ratio's ratio)")
+    budget.add_argument("--ratio", type=_positive(int), metavar="ROUNDS", help="only time SimCLR steps against "
+                        "distillation steps, ROUNDS alternating pairs (>= 1), and print the ratio (no training)")
     ap.add_argument("-o", "--output-dir", default=None, help="new directory: student/ (timm export), log.csv")
     ap.add_argument("--json", default=None, help="write the figures here (small JSON, e.g. under bench/results/)")
     ap.add_argument("--distill-run", default=None, help="distillation run measured beside it: its figures are copied")
-    ap.add_argument("--max-steps", type=int, default=None, help="stop earlier (smoke tests)")
+    ap.add_argument("--max-steps", type=_positive(int), default=None, help="stop earlier (smoke tests)")
     args = ap.parse_args(argv)
     NTXentLoss, SimCLRProjectionHead = require_lightly()
+    from distill.recipes import load_recipe, parse_overrides
+
+    try:
+        overrides = parse_overrides(args.set)
+        recipe = load_recipe(args.recipe, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        ap.error(f"--recipe {args.recipe!r} / --set: {e}")
+    if not args.ratio and not args.output_dir:
+        ap.error("--output-dir is required to train (only --ratio runs without one)")
+    out = Path(args.output_dir) if args.output_dir else None
+    if out is not None and out.exists():
+        ap.error(f"--output-dir {out} exists; pick a new directory (nothing was written).")
+    if args.distill_run and not (Path(args.distill_run) / "summary.json").is_file():
+        ap.error(f"--distill-run {args.distill_run}: no summary.json there; give a finished distill train run "
+                 f"directory, or leave --distill-run out.")
     at_start = machine()
     if args.ratio:
-        res = step_time_ratio(args.recipe, args.ratio)
+        res = step_time_ratio(args.recipe, args.ratio, overrides)
         print(json.dumps(res, indent=2))
         if args.json:
             save(args.json, res, at_start)
         return 0
-    if not args.output_dir:
-        ap.error("--output-dir is required to train (only --ratio runs without one)")
+    try:
+        return train(args, recipe, out, at_start, NTXentLoss, SimCLRProjectionHead)
+    except BaseException:
+        if out.exists() and not (out / "student" / "config.json").exists():
+            import shutil
+
+            shutil.rmtree(out)  # this run made it (refused above if it existed): no half run left behind
+        raise
+
+
+def train(args, recipe, out: Path, at_start: dict, NTXentLoss, SimCLRProjectionHead) -> int:
+    """The SimCLR training loop, the export to ``out/student`` and the figures (``--json``)."""
     from distill.build import build_loader, build_train_data, resolve_mean_std
-    from distill.config import load_recipe
     from distill.student import Student
 
-    out = Path(args.output_dir)
-    if out.exists():
-        raise SystemExit(f"--output-dir {out} exists; pick a new directory (nothing was written).")
-    recipe = load_recipe(args.recipe, {})
     torch.manual_seed(recipe.seed)
     ds, channels = build_train_data(recipe)
     mean, std = resolve_mean_std(recipe, ds)
@@ -220,7 +271,7 @@ def main(argv=None) -> int:
     loss_fn = NTXentLoss(temperature=0.5)
     flops = step_flops(model, loss_fn, recipe.student_size)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    augment = simclr_augment(ds[0][0].shape[-1])
+    augment = simclr_augment(ds[0][0].shape[-1], ds[0][0].shape[0])  # square views at the data's width, as distill's
     g = torch.Generator()
     loader = build_loader(ds, recipe, g)
     out.mkdir(parents=True)
@@ -252,6 +303,7 @@ def main(argv=None) -> int:
     export_ssl(model.backbone, out / "student", recipe, mean, std, channels, step,
                {"seconds": round(elapsed, 1), "images_seen": seen})
     res = {"method": "SimCLR (lightly NTXentLoss T=0.5, SimCLRProjectionHead 512-512-128)", "recipe": args.recipe,
+           "overrides": args.set,
            "budget_seconds": args.seconds, "budget_steps": args.steps, "seconds": round(elapsed, 1), "steps": step, "images_seen": seen,
            "views_per_image": 2, "img_per_s": round(seen / elapsed, 2), "flops_per_image": flops,
            "final_loss": None if loss is None else round(loss, 4), "student": str(out / "student")}

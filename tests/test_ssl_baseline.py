@@ -122,3 +122,70 @@ def test_simclr_step_is_lightlys_ntxent_and_trains():
     # identical views (identity augmentation): NT-Xent of 2N=16 samples is above 0 and below log(2N - 1)
     assert 0.0 < loss < math.log(15)
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_rgb_views_get_lightlys_colour_steps_and_grey_views_keep_one_channel():
+    """RGB data (CamVid) gets saturation/hue jitter and random grayscale (p 0.2: among 64 views some are grey,
+    R == G == B, with probability 1 - 0.8**64); one-channel data runs without them; the blur kernel is odd and
+    about a tenth of the side."""
+    pytest.importorskip("kornia")
+    import kornia.augmentation as K
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 40, 40)
+    x[:, 0] = 1.0  # saturated: a view is grey only if the grayscale step ran
+    views = sb.simclr_augment(40, 3)(x)
+    grey = ((views[:, 0] - views[:, 1]).abs().amax(dim=(1, 2)) < 1e-6) & \
+           ((views[:, 1] - views[:, 2]).abs().amax(dim=(1, 2)) < 1e-6)
+    assert 1 <= int(grey.sum()) < 40
+    assert views.shape == x.shape and float(views.min()) >= 0.0 and float(views.max()) <= 1.0
+    one = sb.simclr_augment(28, 1)
+    assert not any(isinstance(m, K.RandomGrayscale) for m in one.children())
+    assert one(torch.rand(4, 1, 28, 28)).shape == (4, 1, 28, 28)
+    blur = [m for m in sb.simclr_augment(240, 3).children() if isinstance(m, K.RandomGaussianBlur)][0]
+    assert blur.flags["kernel_size"] in ((23, 23), (25, 25), 23, 25)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--steps", "0"], "--steps"), (["--seconds", "0"], "--seconds"), (["--seconds", "nan"], "--seconds"),
+    (["--ratio", "0"], "--ratio"), (["--steps", "3", "--set", "stepz=4"], "stepz"),
+    (["--steps", "3", "--recipe", "no-such-recipe"], "no-such-recipe"),
+    (["--steps", "3", "--distill-run", "no-such-run"], "--distill-run"),
+])
+def test_bad_input_is_one_error_exit_2_and_writes_nothing(args, named, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        sb.main(args + ["-o", str(out)])
+    assert e.value.code == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_existing_output_dir_is_refused_and_kept(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        sb.main(["--steps", "3", "-o", str(out)])
+    assert e.value.code == 2 and "exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+def test_a_run_that_fails_leaves_no_half_directory_and_set_reaches_the_recipe(tmp_path, monkeypatch):
+    """--set overrides reach the recipe the loop trains on; a failure inside training removes the directory this
+    run created (it was refused above if it existed)."""
+    pytest.importorskip("lightly")
+    seen = {}
+
+    def boom(args, recipe, out, *rest):
+        out.mkdir()
+        (out / "log.csv").write_text("step\n")
+        seen["recipe"] = recipe
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sb, "train", boom)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="disk full"):
+        sb.main(["--steps", "3", "--set", "student_size=32", "batch_size=16", "-o", str(out)])
+    assert not out.exists()
+    assert seen["recipe"].student_size == 32 and seen["recipe"].batch_size == 16
