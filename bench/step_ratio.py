@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Step time of a recipe variant against the recipe itself, timed alternately in one process: how many steps of
+the variant fit in the wall time of N steps of the recipe, on this machine.
+
+A budget such as "10 minutes of distillation" becomes steps only through a step time, and two runs on a shared CPU
+see different load; timing one step of each alternately on the same batches (:func:`bench._common.interleave`,
+the order reversed every other round) lets load from other jobs hit both alike. Each step is ``distill train``'s
+own (:func:`bench._common.library_step`: live teacher forward, student, regressor, losses, optimizer update).
+
+    python bench/step_ratio.py quickstart --variant student_size=32 --rounds 6 \\
+        --json bench/results/fmnist_step_ratio_s32.json
+    # ratio_of_medians r: a variant step takes r x a recipe step, so N recipe steps buy N / r variant steps
+
+Bad input (an unknown recipe or key, rounds < 1) is one argparse error, exit 2, before any work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import interleave, library_step, machine, paired, quickstart_setup, save  # noqa: E402
+
+
+def step_fn(recipe_name: str, overrides: dict):
+    """``(step(i), recipe)``: one ``distill train`` step of the recipe with ``overrides`` on batch ``i`` of its own
+    loader (seeded, so both arms of a ratio see the same images when their data keys agree)."""
+    from distill.build import build_loader
+
+    recipe, ds, mean, std, teacher, keys, model = quickstart_setup(recipe_name, overrides)
+    step = library_step(recipe, teacher, keys, model, mean, std, ds[0][0].shape[-1])
+    batches = []
+    loader = iter(build_loader(ds, recipe, torch.Generator().manual_seed(0)))
+
+    def run(i: int) -> dict:
+        while len(batches) <= i:
+            batches.append(next(loader)[0])
+        step(batches[i], i)
+        return {}
+
+    return run, recipe
+
+
+def main(argv=None) -> int:
+    """Command line; prints and (``--json``) saves the ratio. Returns 0."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("recipe", help="a shipped recipe's name or a recipe file")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for both arms")
+    ap.add_argument("--variant", nargs="+", required=True, metavar="KEY=VALUE",
+                    help="overrides of the variant arm only (e.g. student_size=32)")
+    ap.add_argument("--rounds", type=int, default=6, help="timed rounds (>= 1), after one untimed warm-up round")
+    ap.add_argument("--json", default=None, help="write the figures here (e.g. under bench/results/)")
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds} must be >= 1 (e.g. 6)")
+    from distill.recipes import load_recipe, parse_overrides
+
+    try:
+        base = parse_overrides(args.set)
+        variant = {**base, **parse_overrides(args.variant)}
+        load_recipe(args.recipe, variant)
+    except (ValueError, FileNotFoundError) as e:
+        ap.error(f"{args.recipe!r} / --set / --variant: {e}")
+    at_start = machine()
+    recipe_step, _ = step_fn(args.recipe, base)
+    variant_step, _ = step_fn(args.recipe, variant)
+    a, b = interleave([variant_step, recipe_step], repeats=args.rounds, warmup=1)
+    res = {"recipe": args.recipe, "set": args.set, "variant": args.variant, "rounds": args.rounds,
+           "variant_over_recipe": paired(a, b)}
+    print(json.dumps(res, indent=2))
+    if args.json:
+        save(args.json, res, at_start)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
