@@ -240,6 +240,71 @@ def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(rgb_folder, tmp_path
     assert rc == 130 and "Traceback" not in err, err[-2000:]
 
 
+@pytest.mark.parametrize("seconds, due, signal_at, checks, stop", [
+    # fast steps: after the first two checks (the second measures the step time) one every 10 steps
+    ((0.01, 0.02), (), 14, [1, 2, 12, 22], 22),
+    ((0.01, 0.02), (15,), 14, [1, 2, 12, 15], 15),  # a due step (a checkpoint) is always checked
+    ((0.01, 0.4), (), 5, [1, 2, 4, 6], 6),  # 0.4 s per step on the slower process: every 2 steps (about 1 s)
+    ((1.5, 0.01), (), 3, [1, 2, 3], 3),  # steps over 1 s: every step
+])
+def test_several_processes_agree_on_a_stop_without_a_collective_every_step(monkeypatch, seconds, due, signal_at,
+                                                                           checks, stop):
+    """With several processes StopOnSignal.requested all-reduced its flag after every step (a collective and a host
+    sync per step). Two processes (threads whose ``reduce`` is a real rendezvous: a step reduced by one process
+    only would time out) with their own step times: the all-reduce runs at the same few steps on both, about once a
+    second of the slower one's training and at least every 10 steps, plus the due steps; the signal, received by
+    process 1 only, stops both after the same step."""
+    import threading
+
+    from distill import signals
+    from distill.signals import StopOnSignal
+
+    clock = threading.local()
+    monkeypatch.setattr(signals, "_now", lambda: clock.t)
+    barrier, slots = threading.Barrier(2, timeout=20), [None, None]
+    reduced, stopped, errors = {0: [], 1: []}, {}, []
+
+    class FakeAccelerator:
+        num_processes, device = 2, torch.device("cpu")
+
+        def __init__(self, rank):
+            self.rank = rank
+
+        def reduce(self, t, op):
+            assert op == "max"
+            reduced[self.rank].append(step_of[self.rank])
+            slots[self.rank] = t.clone()
+            barrier.wait()
+            out = torch.maximum(slots[0], slots[1])
+            barrier.wait()
+            return out
+
+    step_of = {}
+
+    def process(rank):
+        try:
+            stop, acc = StopOnSignal(), FakeAccelerator(rank)
+            for step in range(1, 40):
+                step_of[rank], clock.t = step, step * seconds[rank]
+                if rank == 1 and step == signal_at:
+                    stop.signum = signal.SIGTERM  # what the handler records (it also prints)
+                if stop.requested(acc, step, due=step in due):
+                    stopped[rank] = (step, stop.signum)
+                    return
+        except Exception as e:  # noqa: BLE001 (re-raised in the test's thread)
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert reduced == {0: checks, 1: checks}
+    assert stopped == {0: (stop, signal.SIGTERM), 1: (stop, signal.SIGTERM)}
+
+
 # ----------------------------------------------------------------------------------------------- knobs
 def _final(run):
     return load_file(str(run / "checkpoint-2" / "model.safetensors"))
