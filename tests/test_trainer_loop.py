@@ -87,12 +87,11 @@ def test_grad_accum_each_step_is_one_update_of_exactly_n_micro_batches(rgb_folde
     assert [r["grad_norm"] != "" for r in rows] == [True] * 5
 
 
-def test_one_host_sync_per_update_not_per_micro_batch(rgb_folder, tmp_path, monkeypatch):
-    """distill's step path waits for the device once per optimizer update (the non-finite check), not once or twice
-    per micro-batch as it did: every tensor -> host conversion that distill's own code makes inside
-    ``optimizer_step`` is counted, 4 micro-batches per update, 3 updates (log steps' reduce is in ``log_step``,
-    outside). Conversions of CPU tensors by libraries (AdamW's step counts, the DataLoader's indices) and by the
-    datasets (``distill.data``, in the loader) are not device syncs and are not counted."""
+def _count_host_conversions(monkeypatch) -> list:
+    """Count every tensor -> host conversion that distill's own code makes inside ``optimizer_step`` (the step
+    path): the returned list gets one name (``'tolist'``, ``'item'``, ...) per conversion. Conversions of CPU
+    tensors by libraries (AdamW's step counts, the DataLoader's indices) and by the datasets (``distill.data``, in
+    the loader) are not device syncs and are not counted."""
     import sys
 
     import distill
@@ -118,8 +117,18 @@ def test_one_host_sync_per_update_not_per_micro_batch(rgb_folder, tmp_path, monk
             counting[0] = False
 
     monkeypatch.setattr(loop, "optimizer_step", counted)
-    train(rgb_recipe(rgb_folder, grad_accum_steps=4, steps=3, checkpoint_every=3, log_every=100, warmup_steps=0),
-          str(tmp_path / "run"), progress=False)
+    return syncs
+
+
+@pytest.mark.parametrize("timesteps", [[11], "policy"])
+def test_one_host_sync_per_update_not_per_micro_batch(rgb_folder, tmp_path, monkeypatch, timesteps):
+    """distill's step path waits for the device once per optimizer update (the non-finite check), not once or twice
+    per micro-batch as it did (:func:`_count_host_conversions`), 4 micro-batches per update, 3 updates (log steps'
+    reduce is in ``log_step``, outside). With a timestep policy the teacher read each micro-batch's sampled
+    timesteps to the host to check them (``tolist()``): now checked on the device."""
+    syncs = _count_host_conversions(monkeypatch)
+    train(rgb_recipe(rgb_folder, grad_accum_steps=4, steps=3, checkpoint_every=3, log_every=100, warmup_steps=0,
+                     timesteps=timesteps, timestep_candidates=[1, 11, 50]), str(tmp_path / "run"), progress=False)
     assert syncs == ["tolist"] * 3
 
 
