@@ -25,7 +25,7 @@ _now = time.monotonic  # the clock that spaces the checks of several processes (
 
 class StopOnSignal:
     """Context manager installing the handlers (main thread only; elsewhere it does nothing). ``after``: what the
-    run does after the step, said when the first signal arrives. With several processes, :meth:`requested` agrees
+    run does after the step, said when the first signal arrives. With several processes, `requested` agrees
     on a stop every ``every`` steps at most and, where steps take longer than ``seconds / every``, about every
     ``seconds`` of training."""
 

@@ -123,7 +123,7 @@ def _count_host_conversions(monkeypatch) -> list:
 @pytest.mark.parametrize("timesteps", [[11], "policy"])
 def test_one_host_sync_per_update_not_per_micro_batch(rgb_folder, tmp_path, monkeypatch, timesteps):
     """distill's step path waits for the device once per optimizer update (the non-finite check), not once or twice
-    per micro-batch as it did (:func:`_count_host_conversions`), 4 micro-batches per update, 3 updates (log steps'
+    per micro-batch as it did (`_count_host_conversions`), 4 micro-batches per update, 3 updates (log steps'
     reduce is in ``log_step``, outside). With a timestep policy the teacher read each micro-batch's sampled
     timesteps to the host to check them (``tolist()``): now checked on the device."""
     syncs = _count_host_conversions(monkeypatch)

@@ -48,7 +48,7 @@ def launched_processes() -> int:
         ValueError: ``accelerate launch --cpu --num_processes N`` (N > 1) without MPI: Accelerate's ``--cpu`` launcher
             starts one process (it sets ``MASTER_ADDR`` for an MPI launch that did not happen), so the N processes
             asked for would silently be one. Told apart from a ``MASTER_ADDR`` / ``MASTER_PORT`` merely exported in
-            the user's shell (common on clusters) by :func:`set_by_launcher`: only ones the launcher added or changed
+            the user's shell (common on clusters) by `set_by_launcher`: only ones the launcher added or changed
             are refused.
     """
     for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
