@@ -242,15 +242,32 @@ def plot_monitor(runs: Sequence, path: Path) -> Optional[Path]:
     return save_figure(fig, path)
 
 
-def colorize(ids, palette: Sequence[Sequence[int]], ignore_index: int):
+#: the legend label of the pixels at the ignore index (void) in `segmentation_grid`
+VOID_LABEL = "ignored (void)"
+
+
+def void_colour(palette: Sequence[Sequence[int]], num_classes: int) -> tuple:
+    """The RGB colour of ignored (void) pixels: the palette's entry after the ``num_classes`` class colours (the
+    layouts' void colour, `distill.data.seglayouts.layout_info`) when it has one that no class has; else the
+    first colour no class has among VOC's void (224, 224, 192), white, magenta, cyan, grey, then all 24-bit colours
+    (black is CamVid's, Cityscapes' and the seeded palettes' void colour, but VOC's background class)."""
+    import itertools
+
+    taken = {tuple(int(v) for v in c) for c in palette[:num_classes]}
+    own = [tuple(int(v) for v in palette[num_classes])] if len(palette) > num_classes else []
+    fixed = [(224, 224, 192), (255, 255, 255), (255, 0, 255), (0, 255, 255), (128, 128, 128)]
+    return next(c for c in itertools.chain(own, fixed, itertools.product(range(256), repeat=3)) if c not in taken)
+
+
+def colorize(ids, palette: Sequence[Sequence[int]], ignore_index: int, void: Sequence[int] = (0, 0, 0)):
     """Class ids ``[H, W]`` (tensor or array) -> RGB uint8 ``[H, W, 3]`` in ``palette`` (one colour per id);
-    ``ignore_index`` and ids without a colour are black."""
+    ``ignore_index`` in ``void`` (`void_colour`; default black), ids without a colour black."""
     import numpy as np
 
     ids = np.asarray(ids).astype(np.int64)
     lut = np.zeros((max(int(ids.max(initial=0)), len(palette), ignore_index) + 1, 3), dtype=np.uint8)
     lut[:len(palette)] = np.asarray(palette, dtype=np.uint8)
-    lut[ignore_index] = 0
+    lut[ignore_index] = np.asarray(void, dtype=np.uint8)
     return lut[ids]
 
 
@@ -267,34 +284,43 @@ def segmentation_grid(images, masks, preds, palette: Sequence[Sequence[int]], ig
                       title: str = "", class_names: Optional[Sequence[str]] = None) -> Path:
     """One row per image: the image, its ground truth and the prediction, in the dataset's palette; with
     ``class_names`` (one per class id) a legend under the rows gives the name and colour of every class present in
-    the shown masks or predictions (:func:`present_classes`).
+    the shown masks or predictions (`present_classes`). Pixels at ``ignore_index`` are drawn in
+    `void_colour` (distinct from every class colour) and, where there are any, the legend names them
+    ``"ignored (void)"`` (`VOID_LABEL`).
 
-    ``images``: uint8 ``[N, 3, H, W]``; ``masks``, ``preds``: class ids ``[N, H, W]``. Writes ``path`` (PNG)."""
+    ``images``: uint8 ``[N, 3, H, W]``; ``masks``, ``preds``: class ids ``[N, H, W]``; ``palette``: an RGB colour per
+    class id, optionally followed by the void colour (a layout's palette). Writes ``path`` (PNG)."""
     import numpy as np
     from matplotlib.patches import Patch
 
     n = len(images)
     h, w = images.shape[-2:]
-    shown = present_classes(masks, preds, ignore_index, min(len(class_names), len(palette))) if class_names else []
-    ncol = min(4, max(1, len(shown)))
-    legend_h = 0.3 * math.ceil(len(shown) / ncol) + 0.2 if shown else 0.0
+    num_classes = min(len(class_names), len(palette)) if class_names else len(palette)
+    void = void_colour(palette, len(class_names) if class_names else len(palette))
+    shown = present_classes(masks, preds, ignore_index, num_classes) if class_names else []
+    entries = [(palette[c], str(class_names[c])) for c in shown]
+    if (np.asarray(masks) == ignore_index).any() or (np.asarray(preds) == ignore_index).any():
+        entries.append((void, VOID_LABEL))
+    ncol = min(4, max(1, len(entries)))
+    legend_h = 0.3 * math.ceil(len(entries) / ncol) + 0.2 if entries else 0.0
     fig = new_figure(3 * 2.6 * w / max(h, w) + 0.4, n * 2.6 * h / max(h, w) + 0.6 + legend_h)
-    grid = fig.add_gridspec(n + bool(shown), 3, height_ratios=[2.6 * h / max(h, w)] * n + ([legend_h] if shown else []))
+    grid = fig.add_gridspec(n + bool(entries), 3,
+                            height_ratios=[2.6 * h / max(h, w)] * n + ([legend_h] if entries else []))
     axes = np.array([[fig.add_subplot(grid[i, j]) for j in range(3)] for i in range(n)]).reshape(n, 3)
     for i in range(n):
-        panels = (np.asarray(images[i]).transpose(1, 2, 0), colorize(masks[i], palette, ignore_index),
-                  colorize(preds[i], palette, ignore_index))
+        panels = (np.asarray(images[i]).transpose(1, 2, 0), colorize(masks[i], palette, ignore_index, void),
+                  colorize(preds[i], palette, ignore_index, void))
         for j, (ax, im, name) in enumerate(zip(axes[i], panels, ("image", "ground truth", "prediction"))):
             ax.imshow(im, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(name, fontsize=9)
-    if shown:
+    if entries:
         key = fig.add_subplot(grid[n, :])
         key.axis("off")
-        key.legend(handles=[Patch(facecolor=np.asarray(palette[c]) / 255, edgecolor="black", linewidth=0.5,
-                                  label=str(class_names[c])) for c in shown],
+        key.legend(handles=[Patch(facecolor=np.asarray(colour) / 255, edgecolor="black", linewidth=0.5, label=label)
+                            for colour, label in entries],
                    loc="center", ncol=ncol, fontsize=8, frameon=False, handlelength=1.2)
     if title:
         fig.suptitle(textwrap.fill(title, 90), fontsize=9)

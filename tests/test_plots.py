@@ -93,9 +93,54 @@ def test_segmentation_grid_legend_names_the_shown_classes_in_their_colours(figur
     masks = np.array([[[0, 0, 9, 9]] * 4, [[1, 1, 9, 9]] * 4])  # 9: ignore index
     preds = np.array([[[0, 3, 3, 0]] * 4, [[1, 1, 1, 1]] * 4])  # class 3 predicted, never in the masks
     plots.segmentation_grid(images, masks, preds, palette, 9, tmp_path / "p.png", class_names=names)
-    # present: 0, 1 (masks), 3 (prediction); absent: car (2), tree (4); the ignore index is no class
-    assert _legend_entries(figures[0]) == [("road", palette[0]), ("sky", palette[1]), ("person", palette[3])]
+    # present: 0, 1 (masks), 3 (prediction); absent: car (2), tree (4); the ignore index is no class, and its
+    # pixels are named last (the palette has no void colour: the first one no class has)
+    assert _legend_entries(figures[0]) == [("road", palette[0]), ("sky", palette[1]), ("person", palette[3]),
+                                           ("ignored (void)", (224, 224, 192))]
     assert plots.present_classes(masks, preds, 9, len(names)) == [0, 1, 3]
+
+
+def _panel(fig, row, col):  # the RGB array drawn in panel (row, col): 0 image, 1 ground truth, 2 prediction
+    import numpy as np
+
+    return np.asarray(fig.axes[3 * row + col].images[0].get_array())
+
+
+def test_void_pixels_are_drawn_in_the_layouts_void_colour_and_named_in_the_legend(figures, tmp_path):
+    """VOC: ignored pixels (255) were drawn black, like the background class, with no legend entry; the layout's
+    void colour (224, 224, 192) went unused. Now they are drawn in it and the legend names them."""
+    import numpy as np
+
+    from distill.data.seglayouts import VOC_CLASSES, layout_info
+
+    info = layout_info("voc")
+    masks = np.array([[[0, 0, 255, 255], [0, 0, 255, 255], [15, 15, 0, 0], [15, 15, 0, 0]]])  # background, person
+    preds = np.array([[[0, 0, 15, 15]] * 4])
+    plots.segmentation_grid(np.zeros((1, 3, 4, 4), np.uint8), masks, preds, info.palette, info.ignore_index,
+                            tmp_path / "p.png", class_names=VOC_CLASSES)
+    truth = _panel(figures[0], 0, 1)
+    assert (truth[masks[0] == 255] == (224, 224, 192)).all()
+    assert (truth[masks[0] == 0] == (0, 0, 0)).all()  # the background class keeps its black
+    assert _legend_entries(figures[0]) == [("background", (0, 0, 0)), ("person", info.palette[15]),
+                                           ("ignored (void)", (224, 224, 192))]
+
+
+@pytest.mark.parametrize("palette, expected", [
+    ([(0, 0, 0), (255, 255, 255), (0, 0, 0)], (224, 224, 192)),  # the void colour is a class's: another one
+    ([(224, 224, 192), (255, 255, 255)], (255, 0, 255)),  # no void colour; the first fallbacks are classes'
+    ([(10, 20, 30), (40, 50, 60), (0, 0, 0)], (0, 0, 0)),  # the palette's own void colour, distinct: kept
+])
+def test_the_void_colour_differs_from_every_class_colour(figures, tmp_path, palette, expected):
+    import numpy as np
+
+    assert plots.void_colour(palette, 2) == expected
+    masks = np.array([[[0, 1, 9, 9]] * 4])
+    plots.segmentation_grid(np.zeros((1, 3, 4, 4), np.uint8), masks, np.array([[[0, 1, 1, 0]] * 4]), palette, 9,
+                            tmp_path / "p.png", class_names=["a", "b"])
+    assert (_panel(figures[0], 0, 1)[masks[0] == 9] == expected).all()
+    assert _legend_entries(figures[0])[-1] == ("ignored (void)", expected)
+    taken = [(224, 224, 192), (255, 255, 255), (255, 0, 255), (0, 255, 255), (128, 128, 128), (0, 0, 0), (0, 0, 1)]
+    assert plots.void_colour(taken, len(taken)) == (0, 0, 2)  # every fallback is a class's: the first free colour
 
 
 def test_segmentation_grid_without_class_names_has_no_legend(figures, tmp_path):

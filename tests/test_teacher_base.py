@@ -115,8 +115,12 @@ def test_per_image_timesteps(unet_config):
     eps = torch.randn((3, 1, 32, 32), generator=torch.Generator().manual_seed(0))
     x_t = DDPMScheduler(num_train_timesteps=1000).add_noise(x0, eps, t)
     torch.testing.assert_close(feats["mid_block@t*"], _manual_features(teacher.model, x_t, t, ["mid_block"])["mid_block"])
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match=r"timesteps \[1000\] are outside \[0, 1000\)"):
         teacher(x0, timesteps=torch.tensor([1, 2, 1000]))
+    with pytest.raises(ValueError, match=r"timesteps \[-1\] are outside"):
+        teacher(x0, timesteps=torch.tensor([1, -1, 5]))
+    with pytest.raises(ValueError, match="per-image timesteps must be an integer tensor, got dtype torch.float32"):
+        teacher(x0, timesteps=torch.tensor([1.0, 2.0, 3.0]))  # was: "timesteps [1.0, 2.0, 3.0] are outside [0, 1000)"
 
 
 def test_wrong_input_shape_is_clear(unet_config):

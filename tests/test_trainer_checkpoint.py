@@ -414,3 +414,37 @@ def test_resume_skips_an_empty_checkpoint_directory_of_an_interrupted_copy(rgb_f
     assert main(["train", str(recipe), "-o", str(run), "--resume", "--no-progress", "--set", "steps=8"]) == 2
     err = capsys.readouterr().err
     assert "no checkpoint of" in err and "checkpoint-6: model.safetensors: empty" in err and "Traceback" not in err
+
+
+def test_only_the_main_process_writes_the_grad_scalers_file(tmp_path, monkeypatch):
+    """fp16 with several processes: Accelerate's save_state writes scaler.pt with a plain torch.save on every
+    process into the one checkpoint directory (its model / optimizer files: main process only), N writers of one
+    file. Every file written is recorded with the process that wrote it: a non-main process writes its RNG state
+    only; the main process writes scaler.pt, and a resume restores the scale from it."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    from distill.trainer.checkpoint import load_checkpoint, save_checkpoint
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 2)
+    model, opt = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    scaler = acc.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # what fp16 makes on a GPU
+    rank, written, real_save = ["main"], [], torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: written.append((rank[0], Path(f).name)) or
+                        real_save(obj, f, *a, **k))
+    for cls in (Accelerator, AcceleratorState, PartialState):  # what Accelerate's own checks read too
+        monkeypatch.setattr(cls, "is_main_process", property(lambda self: rank[0] == "main"))
+    try:
+        rank[0] = "other"  # as process 1 (its checkpoint directory is then left to the main process)
+        save_checkpoint(acc, tmp_path, 1, keep=2)
+        assert written == [("other", "random_states_0.pkl")]  # it wrote scaler.pt too
+        assert acc.scaler is scaler  # set aside for the write only
+        rank[0] = "main"
+        ckpt = save_checkpoint(acc, tmp_path, 2, keep=2)
+        assert ("main", "scaler.pt") in written and (ckpt / "scaler.pt").is_file()
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+        assert load_checkpoint(acc, ckpt) == 2 and acc.scaler.get_scale() == 1024.0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)

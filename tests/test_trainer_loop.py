@@ -87,12 +87,11 @@ def test_grad_accum_each_step_is_one_update_of_exactly_n_micro_batches(rgb_folde
     assert [r["grad_norm"] != "" for r in rows] == [True] * 5
 
 
-def test_one_host_sync_per_update_not_per_micro_batch(rgb_folder, tmp_path, monkeypatch):
-    """distill's step path waits for the device once per optimizer update (the non-finite check), not once or twice
-    per micro-batch as it did: every tensor -> host conversion that distill's own code makes inside
-    ``optimizer_step`` is counted, 4 micro-batches per update, 3 updates (log steps' reduce is in ``log_step``,
-    outside). Conversions of CPU tensors by libraries (AdamW's step counts, the DataLoader's indices) and by the
-    datasets (``distill.data``, in the loader) are not device syncs and are not counted."""
+def _count_host_conversions(monkeypatch) -> list:
+    """Count every tensor -> host conversion that distill's own code makes inside ``optimizer_step`` (the step
+    path): the returned list gets one name (``'tolist'``, ``'item'``, ...) per conversion. Conversions of CPU
+    tensors by libraries (AdamW's step counts, the DataLoader's indices) and by the datasets (``distill.data``, in
+    the loader) are not device syncs and are not counted."""
     import sys
 
     import distill
@@ -118,8 +117,18 @@ def test_one_host_sync_per_update_not_per_micro_batch(rgb_folder, tmp_path, monk
             counting[0] = False
 
     monkeypatch.setattr(loop, "optimizer_step", counted)
-    train(rgb_recipe(rgb_folder, grad_accum_steps=4, steps=3, checkpoint_every=3, log_every=100, warmup_steps=0),
-          str(tmp_path / "run"), progress=False)
+    return syncs
+
+
+@pytest.mark.parametrize("timesteps", [[11], "policy"])
+def test_one_host_sync_per_update_not_per_micro_batch(rgb_folder, tmp_path, monkeypatch, timesteps):
+    """distill's step path waits for the device once per optimizer update (the non-finite check), not once or twice
+    per micro-batch as it did (`_count_host_conversions`), 4 micro-batches per update, 3 updates (log steps'
+    reduce is in ``log_step``, outside). With a timestep policy the teacher read each micro-batch's sampled
+    timesteps to the host to check them (``tolist()``): now checked on the device."""
+    syncs = _count_host_conversions(monkeypatch)
+    train(rgb_recipe(rgb_folder, grad_accum_steps=4, steps=3, checkpoint_every=3, log_every=100, warmup_steps=0,
+                     timesteps=timesteps, timestep_candidates=[1, 11, 50]), str(tmp_path / "run"), progress=False)
     assert syncs == ["tolist"] * 3
 
 
@@ -238,6 +247,71 @@ def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(rgb_folder, tmp_path
     path.write_text(yaml.safe_dump(recipe.to_dict()))
     rc, err = _signal_run(tmp_path, str(path), tmp_path / "run", signal.SIGINT, times=2)
     assert rc == 130 and "Traceback" not in err, err[-2000:]
+
+
+@pytest.mark.parametrize("seconds, due, signal_at, checks, stop", [
+    # fast steps: after the first two checks (the second measures the step time) one every 10 steps
+    ((0.01, 0.02), (), 14, [1, 2, 12, 22], 22),
+    ((0.01, 0.02), (15,), 14, [1, 2, 12, 15], 15),  # a due step (a checkpoint) is always checked
+    ((0.01, 0.4), (), 5, [1, 2, 4, 6], 6),  # 0.4 s per step on the slower process: every 2 steps (about 1 s)
+    ((1.5, 0.01), (), 3, [1, 2, 3], 3),  # steps over 1 s: every step
+])
+def test_several_processes_agree_on_a_stop_without_a_collective_every_step(monkeypatch, seconds, due, signal_at,
+                                                                           checks, stop):
+    """With several processes StopOnSignal.requested all-reduced its flag after every step (a collective and a host
+    sync per step). Two processes (threads whose ``reduce`` is a real rendezvous: a step reduced by one process
+    only would time out) with their own step times: the all-reduce runs at the same few steps on both, about once a
+    second of the slower one's training and at least every 10 steps, plus the due steps; the signal, received by
+    process 1 only, stops both after the same step."""
+    import threading
+
+    from distill import signals
+    from distill.signals import StopOnSignal
+
+    clock = threading.local()
+    monkeypatch.setattr(signals, "_now", lambda: clock.t)
+    barrier, slots = threading.Barrier(2, timeout=20), [None, None]
+    reduced, stopped, errors = {0: [], 1: []}, {}, []
+
+    class FakeAccelerator:
+        num_processes, device = 2, torch.device("cpu")
+
+        def __init__(self, rank):
+            self.rank = rank
+
+        def reduce(self, t, op):
+            assert op == "max"
+            reduced[self.rank].append(step_of[self.rank])
+            slots[self.rank] = t.clone()
+            barrier.wait()
+            out = torch.maximum(slots[0], slots[1])
+            barrier.wait()
+            return out
+
+    step_of = {}
+
+    def process(rank):
+        try:
+            stop, acc = StopOnSignal(), FakeAccelerator(rank)
+            for step in range(1, 40):
+                step_of[rank], clock.t = step, step * seconds[rank]
+                if rank == 1 and step == signal_at:
+                    stop.signum = signal.SIGTERM  # what the handler records (it also prints)
+                if stop.requested(acc, step, due=step in due):
+                    stopped[rank] = (step, stop.signum)
+                    return
+        except Exception as e:  # noqa: BLE001 (re-raised in the test's thread)
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert reduced == {0: checks, 1: checks}
+    assert stopped == {0: (stop, signal.SIGTERM), 1: (stop, signal.SIGTERM)}
 
 
 # ----------------------------------------------------------------------------------------------- knobs

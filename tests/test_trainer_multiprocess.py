@@ -68,27 +68,61 @@ def test_the_readme_two_process_cpu_launch_starts_two_processes(tmp_path, rgb_fo
     assert resolved["num_processes"] == 2 and resolved["mixed_precision"] == "no"
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({}, 1),
-    ({"WORLD_SIZE": "3"}, 3),
-    ({"OMPI_COMM_WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, 2),  # mpirun
-    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, "started one process"),  # --cpu, no MPI
+@pytest.mark.parametrize("env, parent, expected", [
+    ({}, {}, 1),
+    ({"WORLD_SIZE": "3"}, {}, 3),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1"}, {"MASTER_ADDR": "10.0.0.1"}, 2),  # torchrun on a cluster
+    ({"OMPI_COMM_WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, {}, 2),  # mpirun
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, {}, "started one process"),  # --cpu, no MPI
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},  # the launcher replaced
+     {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}, "started one process"),      # the shell's address
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"},  # exported in the shell,
+     {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"}, 1),                            # one process asked for
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "10.0.0.1"}, None, 1),  # the parent's environment is unreadable
 ])
-def test_launched_processes_refuses_a_cpu_launch_that_started_one(monkeypatch, env, expected):
+def test_launched_processes_refuses_a_cpu_launch_that_started_one(monkeypatch, env, parent, expected):
     """`accelerate launch --cpu --num_processes 2` runs one process (Accelerate's simple launcher: several only
-    through MPI) and sets MASTER_ADDR for the MPI launch that did not happen: refused, not silently one process."""
-    from distill.trainer.accelerator import launched_processes
+    through MPI) and sets MASTER_ADDR for the MPI launch that did not happen: refused, not silently one process.
+    A MASTER_ADDR the launcher did not set (exported in the shell, as on clusters) is not refused (it was)."""
+    from distill.trainer import accelerator
 
     for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "ACCELERATE_USE_CPU",
-                 "MASTER_ADDR"):
+                 "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setattr(accelerator, "parent_environ", lambda: parent)
     if isinstance(expected, int):
-        assert launched_processes() == expected
+        assert accelerator.launched_processes() == expected
     else:
         with pytest.raises(ValueError, match=rf"{expected}.*Fix: accelerate launch --multi_gpu --num_processes N"):
-            launched_processes()
+            accelerator.launched_processes()
+
+
+_PROBE = """
+from distill.trainer.accelerator import launched_processes
+try:
+    print("processes:", launched_processes())
+except ValueError as e:
+    print("refused:", e)
+"""
+
+
+@pytest.mark.parametrize("processes, expected", [(1, "processes: 1"), (2, "refused: accelerate launch --cpu")])
+def test_a_master_addr_exported_in_the_shell_is_no_multi_process_cpu_launch(tmp_path, processes, expected):
+    """Through the real launcher, with MASTER_ADDR / MASTER_PORT exported as on a cluster: `accelerate launch --cpu`
+    of one process runs (it was refused: the exported MASTER_ADDR was taken for the launcher's), and `--cpu
+    --num_processes 2`, which Accelerate runs as one process, is still refused."""
+    (tmp_path / "probe.py").write_text(_PROBE)
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29400", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([accelerate, "launch", "--cpu", "--num_processes", str(processes), "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp_path / "probe.py")],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert expected in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("recipe_value, env_value, used", [(None, "bf16", "bf16"), (None, None, "no"),

@@ -240,6 +240,28 @@ class DiffusionTeacher(nn.Module):
             )
         return [int(t) for t in ts]
 
+    def check_timestep_tensor(self, timesteps: torch.Tensor) -> None:
+        """Validate per-image timesteps (a tensor ``[B]``) against ``[0, T)`` without reading them on the host: a
+        policy samples them on the device every micro-batch, and ``tolist()`` there would wait for the device each
+        time. The dtype is checked at once; the range with ``torch._assert_async``, which raises here for a CPU
+        tensor and, on CUDA, fails the run at its next synchronisation (a device-side assert); other devices'
+        values are not checked (the policy's candidates were, when it was built).
+
+        Raises:
+            ValueError: the tensor is not of an integer dtype, or (CPU) holds a value outside ``[0, T)``.
+        """
+        if timesteps.dtype.is_floating_point or timesteps.dtype.is_complex or timesteps.dtype == torch.bool:
+            raise ValueError(f"per-image timesteps must be an integer tensor, got dtype {timesteps.dtype}; give "
+                             f"integers in [0, {self.num_train_timesteps}) (e.g. torch.full((B,), 11)).")
+        if timesteps.device.type not in ("cpu", "cuda"):
+            return
+        inside = ((timesteps >= 0) & (timesteps < self.num_train_timesteps)).all()
+        try:
+            torch._assert_async(inside)
+        except RuntimeError:  # CPU: the check ran now; an error path, so reading the values costs nothing
+            self.check_timesteps(timesteps.tolist())
+            raise
+
     def set_timesteps(self, timesteps: Sequence[int]) -> "DiffusionTeacher":
         """Change the default timesteps (validated) and recompute ``feature_info``; returns ``self``."""
         self.timesteps = self.check_timesteps(timesteps)
@@ -356,7 +378,7 @@ class DiffusionTeacher(nn.Module):
         if isinstance(timesteps, torch.Tensor):
             if timesteps.shape != (B,):
                 raise ValueError(f"per-image timesteps must have shape ({B},), got {tuple(timesteps.shape)}.")
-            self.check_timesteps(timesteps.tolist())
+            self.check_timestep_tensor(timesteps)
             keys_t: list[Optional[int]] = [None]  # one per-image timestep each: key '<block>@t*'
             t = timesteps.to(x0.device, torch.long)
             x_rep = x0

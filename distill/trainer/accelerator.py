@@ -47,18 +47,45 @@ def launched_processes() -> int:
     Raises:
         ValueError: ``accelerate launch --cpu --num_processes N`` (N > 1) without MPI: Accelerate's ``--cpu`` launcher
             starts one process (it sets ``MASTER_ADDR`` for an MPI launch that did not happen), so the N processes
-            asked for would silently be one.
+            asked for would silently be one. Told apart from a ``MASTER_ADDR`` / ``MASTER_PORT`` merely exported in
+            the user's shell (common on clusters) by `set_by_launcher`: only ones the launcher added or changed
+            are refused.
     """
     for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and os.environ.get("MASTER_ADDR"):
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and (
+            set_by_launcher("MASTER_ADDR") or set_by_launcher("MASTER_PORT")):
         raise ValueError("accelerate launch --cpu --num_processes N started one process: Accelerate's --cpu "
                          "launcher runs several processes only through MPI (--mpirun_hostfile), so the others would "
                          "silently not exist. Fix: accelerate launch --multi_gpu --num_processes N -m distill.cli "
                          "train ... (on a machine without GPU the processes train on the CPU, joined with gloo), "
                          "or --num_processes 1.")
     return 1
+
+
+def set_by_launcher(name: str) -> bool:
+    """Whether the environment variable ``name`` is set here but was not, or had another value, in the parent
+    process (the launcher that started this one): Accelerate's simple launcher sets ``MASTER_ADDR`` and
+    ``MASTER_PORT`` only for ``--num_processes`` > 1 (or several machines). False when the parent's environment
+    cannot be read (the run is then not refused)."""
+    value = os.environ.get(name)
+    if not value:
+        return False
+    parent = parent_environ()
+    return parent is not None and parent.get(name) != value
+
+
+def parent_environ() -> "dict[str, str] | None":
+    """The environment the parent process started with (psutil, a dependency of Accelerate); None when there is no
+    parent or its environment cannot be read (another user's process, a platform without it)."""
+    import psutil
+
+    try:
+        parent = psutil.Process().parent()
+        return None if parent is None else parent.environ()
+    except (psutil.Error, OSError, NotImplementedError):
+        return None
 
 
 def exact_accumulation(accelerator, grad_accum_steps: int) -> None:

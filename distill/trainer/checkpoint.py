@@ -67,7 +67,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, model=None
     what, needed = f"checkpoint-{step}", state_bytes(accelerator)
     try:
         with writing(what, final, needed, tmp):
-            accelerator.save_state(str(tmp), safe_serialization=True)
+            save_state(accelerator, tmp)
             if ema is not None and accelerator.is_main_process:
                 ema.save(tmp)
         accelerator.wait_for_everyone()
@@ -81,6 +81,24 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, model=None
         prune_checkpoints(run_dir, step, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_state(accelerator, directory: Path) -> None:
+    """``accelerator.save_state(directory)`` with each file written by one process. Accelerate writes the files
+    all processes share (model, optimizers, schedulers, samplers) on the main process only and the RNG states per
+    process (``random_states_{i}.pkl``), but the fp16 GradScaler's ``scaler.pt`` with a plain ``torch.save`` on
+    every process (``accelerate/checkpointing.py``, ``save_accelerator_state``): N writers of one file, a partial
+    file on shared storage. Its state is the same on every process (its overflow checks see the all-reduced
+    gradients), so the other processes save with the scaler set aside."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and not accelerator.is_main_process:
+        accelerator.scaler = None
+        try:
+            accelerator.save_state(str(directory), safe_serialization=True)
+        finally:
+            accelerator.scaler = scaler
+    else:
+        accelerator.save_state(str(directory), safe_serialization=True)
 
 
 def prune_checkpoints(run_dir: Path, step: int, keep: int) -> None:

@@ -365,7 +365,7 @@ def end_of_step(s: Session, step: int, first: bool, sums: dict, grad_norm, input
     saved = step % r.checkpoint_every == 0 or step == r.steps
     if saved:
         save_checkpoint(acc, s.run_dir, step, r.keep_checkpoints, s.model, s.ema)
-    if stop.requested(acc):
+    if stop.requested(acc, step, due=saved):  # several processes: checked at checkpoints and every few steps
         if not saved:
             save_checkpoint(acc, s.run_dir, step, r.keep_checkpoints, s.model, s.ema)
         raise interrupted(stop.signum, step, s.run_dir)

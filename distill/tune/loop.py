@@ -160,10 +160,11 @@ def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: 
                 log.add(step, loss, correct, counted, lr)
                 bar.update(1)
                 eval_loss, eval_steps = eval_loss + loss, eval_steps + 1
-                if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                evaluated = step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+                if evaluated:
                     last = run_eval(step, eval_loss / max(eval_steps, 1))
                     eval_loss, eval_steps = 0.0, 0
-                if stop.requested(accelerator):
+                if stop.requested(accelerator, step, due=evaluated):
                     stopped = stop.signum
                     break
     finally:
