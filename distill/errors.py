@@ -6,6 +6,9 @@ exit code 2 and a refused or diverged run to exit code 3 (:data:`EXIT_CODES`).
 """
 from __future__ import annotations
 
+import sys
+from typing import Callable, Optional
+
 
 class RunExistsError(FileExistsError):
     """The output directory already holds a run (pass resume or overwrite)."""
@@ -96,3 +99,27 @@ EXIT_CODES = (
     ((ValueError, FileNotFoundError, FileExistsError, MemoryError, WriteError), 2),
     ((HubUploadError,), 1),
 )
+
+
+def report_error(prog: str, error: BaseException) -> Optional[int]:
+    """Print ``PROG: error: MESSAGE`` on stderr and return the exit code of ``error`` where it is a kind
+    :data:`EXIT_CODES` lists (bad input: 2); return ``None`` and print nothing for any other error, a bug that the
+    caller re-raises with its traceback."""
+    for kinds, code in EXIT_CODES:
+        if isinstance(error, kinds):
+            print(f"{prog}: error: {error}", file=sys.stderr)
+            return code
+    return None
+
+
+def run_reporting(prog: str, fn: Callable[..., int], *args, **kwargs) -> int:
+    """``fn(*args, **kwargs)``'s exit code, as the ``distill`` command reports errors: bad input prints one line
+    ``PROG: error: MESSAGE`` (:func:`report_error`) and gives exit code 2 instead of a traceback. For scripts built on
+    distill (``examples/*.py``): ``raise SystemExit(run_reporting(parser.prog, run, args))``."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        code = report_error(prog, e)
+        if code is None:
+            raise
+        return code
