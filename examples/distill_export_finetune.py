@@ -45,6 +45,7 @@ def main(argv=None) -> int:
 def run(args, stack: contextlib.ExitStack) -> int:
     """The four steps as ``args`` say; bad input raises the library's errors (``main`` reports them, exit 2)."""
     import distill
+    from distill.finetune import FinetuneConfig, finetune, result_line
 
     out = Path(args.output_dir)
     overrides = {} if args.steps is None else {"steps": args.steps, "checkpoint_every": args.steps}
@@ -56,7 +57,7 @@ def run(args, stack: contextlib.ExitStack) -> int:
     finetune_kw.update({k: v for k, v in (("fraction", args.fraction), ("steps", args.finetune_steps))
                         if v is not None})  # what the user gave wins over the defaults
     # every fine-tuning setting is checked before the distillation starts, not after it
-    finetune_cfg = distill.FinetuneConfig(model="OUT/student", **finetune_kw)
+    finetune_cfg = FinetuneConfig(model="OUT/student", **finetune_kw)
     finetune_cfg.validate()
     if args.tiny:
         from _tiny_data import shapes_folder
@@ -99,11 +100,9 @@ def run(args, stack: contextlib.ExitStack) -> int:
 
     # 4. fine-tune with a fraction of the labels
     data_root = recipe.data_root if recipe.dataset != "fashion-mnist" else None
-    result = distill.finetune(dataclasses.replace(finetune_cfg, model=str(student_dir), dataset=recipe.dataset,
-                                                  data_root=data_root),
-                              str(out / "finetune"), overwrite=True, progress=not args.tiny)
-    from distill.finetune import result_line
-
+    result = finetune(dataclasses.replace(finetune_cfg, model=str(student_dir), dataset=recipe.dataset,
+                                          data_root=data_root),
+                      str(out / "finetune"), overwrite=True, progress=not args.tiny)
     print(f"4. fine-tuned: {result_line(result)}; result in {out / 'finetune' / 'result.json'}")
     return 0 if math.isfinite(result["last_top1"]) else 1
 

@@ -155,9 +155,11 @@ class ImageFolder(DecodedImages):
         root_p = Path(root).expanduser()
         if not root_p.is_dir():
             raise DatasetNotFoundError(
-                f"image folder '{root}' does not exist. For the CIFAR-10 JPEGs shipped beside the project run "
-                f"`mkdir -p ~/.cache/distill && tar -xzf ../shared/data/cifar10-jpg.tar.gz -C ~/.cache/distill` "
-                f"and point `data_root` at ~/.cache/distill/cifar10-jpg/train (or test)."
+                f"image folder '{root}' does not exist. Fix: point `data_root` (`--data-root`) at a folder of "
+                f"class folders, ROOT/<class>/*.jpg (or ROOT/train/<class>/ and ROOT/test/<class>/). For the "
+                f"CIFAR-10 recipes: download CIFAR-10 from https://www.cs.toronto.edu/~kriz/cifar.html and write "
+                f"its images as ~/.cache/distill/cifar10-jpg/{{train,test}}/<class>/NNNNN.jpg (the documentation's "
+                f"Data page, 'Getting the data', has the script)."
             )
         if channels not in (1, 3):
             raise ValueError(f"channels={channels!r} is not valid; use 1 (grayscale) or 3 (RGB).")
