@@ -1,5 +1,5 @@
 """Segmentation sets as downloaded: where the image + mask pairs of a split lie, and each set's classes, palette,
-ignore index and stored-value -> class-id table (``--layout``, :data:`distill.vocab.SEG_LAYOUTS`).
+ignore index and stored-value -> class-id table (``--layout``, `distill.vocab.SEG_LAYOUTS`).
 
 =================  ==================================================================================================
 layout             one split ``S`` under ``ROOT``
@@ -113,7 +113,7 @@ class LayoutInfo:
 
 
 def layout_info(layout: str) -> LayoutInfo:
-    """The built-in :class:`LayoutInfo` of ``layout``. Raises ``ValueError`` for an unknown one (names the valid)."""
+    """The built-in `LayoutInfo` of ``layout``. Raises ``ValueError`` for an unknown one (names the valid)."""
     if layout == "camvid":
         return LayoutInfo(CAMVID_CLASSES, CAMVID_PALETTE, CAMVID_IGNORE_INDEX)
     if layout == "images-masks":
@@ -254,7 +254,7 @@ def _named_pairs(pairs: list[tuple[Path, Path]], where: str) -> list[tuple[Path,
 
 
 def split_pairs(root: str | Path, split: str, layout: str) -> list[tuple[Path, Path]]:
-    """``(image, mask)`` paths of ``split`` (as given: see :func:`resolve_split` for the fallback), sorted.
+    """``(image, mask)`` paths of ``split`` (as given: see `resolve_split` for the fallback), sorted.
 
     Raises:
         DatasetNotFoundError: the split or its images are missing. ValueError: an image without a mask or a mask
