@@ -26,6 +26,7 @@ from .errors import ExportMismatchError, HubUploadError, RunExistsError, Unreada
 from .deploy import (ONNX_ATOL, ONNX_DATA_FILE, ONNX_FILE, ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT, export_onnx,
                      onnx_max_abs_diff, require_onnx)
 from .integrity import error_text, read_json, safetensors_problem
+from .logs import count
 from .rundir import EMA_FILE, SUMMARY, is_run, load_trained
 from .version import __version__
 
@@ -139,7 +140,7 @@ def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, ove
     step = Path(resolved["checkpoint"]).name.split("-")[-1]
     timesteps = resolved.get("timesteps_used", recipe.timesteps)  # what the run used (auto modes resolved)
     description = (f"{recipe.student} distilled with distill {__version__} from teacher {teacher} (blocks "
-                   f"{recipe.teacher_blocks}, timesteps {timesteps}) on {recipe.dataset} for {step} steps at {S}px"
+                   f"{recipe.teacher_blocks}, timesteps {timesteps}) on {recipe.dataset} for {count(int(step), 'step')} at {S}px"
                    f"{' (EMA weights, decay ' + str(recipe.ema_decay) + ')' if ema else ''}.")
     tag = f"distill-{Path(str(teacher)).name}-{recipe.dataset}"
     data_config = {"input_size": (3, S, S), "mean": tuple(resolved["mean"]), "std": tuple(resolved["std"]),

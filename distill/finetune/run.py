@@ -146,7 +146,7 @@ class ClassificationTask(Task):
 
         classes = self.data.classes or FASHION_MNIST_CLASSES
         desc = (f"{result['label']} fine-tuned by distill on {result['dataset']} ({result['fraction']:g} of the "
-                f"labels, {count(result['train_images'], 'image')}, seed {result['seed']}, {result['steps']} steps).")
+                f"labels, {count(result['train_images'], 'image')}, seed {result['seed']}, {count(result['steps'], 'step')}).")
         model_config = {"pretrained_cfg": {"tag": f"{MODEL_TAG}{result['dataset']}", "description": desc}}
         if len(classes) == result["num_classes"]:
             model_config["label_names"] = list(classes)
@@ -185,6 +185,6 @@ def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, acce
 
 def result_line(r: dict) -> str:
     """One line summing up a result dict: label, fraction, seed, steps, last and best top-1, top-k, seconds."""
-    return (f"{r['label']}: fraction {r['fraction']:g} ({count(r['train_images'], 'image')}), seed {r['seed']}, {r['steps']} "
-            f"steps: last top-1 {r['last_top1']:.2f} (best {r['best_top1']:.2f} at step {r['best_step']}), "
+    return (f"{r['label']}: fraction {r['fraction']:g} ({count(r['train_images'], 'image')}), seed {r['seed']}, "
+            f"{count(r['steps'], 'step')}: last top-1 {r['last_top1']:.2f} (best {r['best_top1']:.2f} at step {r['best_step']}), "
             f"top-{r['top5_k']} {r['last_top5']:.2f}, {r['seconds']:.0f}s")

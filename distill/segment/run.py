@@ -22,6 +22,7 @@ from ..atomic import atomic_dir, atomic_write_json
 from ..augment import SeededAugment, build_joint_augment
 from ..data import to_unit
 from ..finetune.model import default_label, parse_model_source, read_export_config
+from ..logs import count
 from ..plots import segmentation_grid
 from ..tune import GRID_FILE, MODEL_TAG, Task, fit
 from .config import SegmentConfig
@@ -220,7 +221,7 @@ def _save_model(model: nn.Module, path: Path, result: dict, palette) -> None:
     config = {"pretrained_cfg": {"tag": f"{MODEL_TAG}segmentation",
                                  "description": f"{result['label']} fine-tuned for segmentation by distill "
                                                 f"({result['fraction']:g} of the masks, seed {result['seed']}, "
-                                                f"{result['steps']} steps)."},
+                                                f"{count(result['steps'], 'step')})."},
               "segmentation": {k: result[k] for k in ("model", "architecture", "like", "decoder", "decoder_width",
                                                       "num_classes", "ignore_index", "classes", "input_size", "mean",
                                                       "std", "backbone")},
