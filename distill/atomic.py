@@ -1,12 +1,12 @@
 """Atomic writes: every file and directory distill writes appears complete or not at all.
 
 A write goes to a temporary sibling (``.tmp-<name>-<pid>-<random>@<host>``, same filesystem), is flushed and fsync'd,
-then renamed over the target with :func:`os.replace` (atomic on POSIX), and the parent directory is fsync'd so
+then renamed over the target with `os.replace` (atomic on POSIX), and the parent directory is fsync'd so
 the rename itself survives a power cut. A failed write removes its temporary file or directory. One naming
-convention for temporaries means :func:`remove_stale_temps` can clean what a killed process left, and nothing
+convention for temporaries means `remove_stale_temps` can clean what a killed process left, and nothing
 else. Written files get the mode the umask allows (``0o666 & ~umask``; some writers, e.g. safetensors, create
 ``0600`` files). A write that fails for lack of space or permission, or because a file is where a directory should
-be, raises :class:`~distill.errors.WriteError` saying what, where and how much space it needed (:func:`writing`:
+be, raises `WriteError` saying what, where and how much space it needed (`writing`:
 the one place where such ``OSError`` s are translated). Torch-free.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .errors import WriteError
 
 PathLike = Union[str, os.PathLike]
 TMP_PREFIX = ".tmp-"
-#: what follows ``.tmp-<name>-`` in a temporary of :func:`temp_path`: pid, random hex, the host (absent from the names
+#: what follows ``.tmp-<name>-`` in a temporary of `temp_path`: pid, random hex, the host (absent from the names
 #: older versions wrote)
 _TEMP_SUFFIX = re.compile(r"(?P<pid>\d+)-[0-9a-f]+(?:@(?P<host>.+))?")
 
@@ -90,10 +90,10 @@ def _inside(name: PathLike, roots: Sequence[Path]) -> bool:
 
 def write_error(e: BaseException, what: str, path: PathLike, needed: Optional[int] = None,
                 temp: Optional[PathLike] = None) -> Optional[WriteError]:
-    """The :class:`WriteError` for ``e`` raised while writing ``what`` to ``path`` (through ``temp``), or None when
+    """The `WriteError` for ``e`` raised while writing ``what`` to ``path`` (through ``temp``), or None when
     ``e`` is not a failed write (another error, or an ``OSError`` about a file elsewhere, e.g. an input).
 
-    Recognised: ``OSError`` with an errno of :data:`WRITE_ERRNOS`, the messages of :data:`LIBRARY_WRITE_MESSAGES`,
+    Recognised: ``OSError`` with an errno of `WRITE_ERRNOS`, the messages of `LIBRARY_WRITE_MESSAGES`,
     and torch's zip writer failing (reported as a full disk when the free space is below ``needed``).
     """
     if isinstance(e, WriteError):
@@ -130,7 +130,7 @@ def write_error(e: BaseException, what: str, path: PathLike, needed: Optional[in
 
 @contextlib.contextmanager
 def writing(what: str, path: PathLike, needed: Optional[int] = None, temp: Optional[PathLike] = None) -> Iterator[None]:
-    """Raise a failed write inside the block as :class:`WriteError` (see :func:`write_error`); other exceptions
+    """Raise a failed write inside the block as `WriteError` (see `write_error`); other exceptions
     pass unchanged. ``what`` is said in the message (``"checkpoint-6"``), ``needed`` is the estimated size."""
     try:
         yield
@@ -171,7 +171,7 @@ def host_name() -> str:
 def temp_path(path: PathLike, token: Optional[str] = None) -> Path:
     """A fresh temporary sibling of ``path``: ``.tmp-<name>-<pid>-<8 hex>@<host>``, or ``.tmp-<name>-<token>`` when
     several processes must agree on the name (a distributed checkpoint). The host makes a pid meaningful on
-    shared storage (NFS, Lustre): :func:`remove_stale_temps` judges only this host's writers."""
+    shared storage (NFS, Lustre): `remove_stale_temps` judges only this host's writers."""
     p = Path(path)
     return p.with_name(f"{TMP_PREFIX}{p.name}-{token or f'{os.getpid()}-{uuid.uuid4().hex[:8]}@{host_name()}'}")
 
@@ -191,7 +191,7 @@ def fsync_dir(path: PathLike) -> None:
 
 
 def fsync_tree(path: PathLike) -> None:
-    """Settle every file of a directory tree (:func:`settle_file`: umask mode, fsync) and fsync every directory in
+    """Settle every file of a directory tree (`settle_file`: umask mode, fsync) and fsync every directory in
     it, deepest first (before the tree is renamed into place)."""
     mode = 0o666 & ~current_umask()
     for root, _dirs, files in os.walk(str(path), topdown=False):
@@ -240,7 +240,7 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: PathLike, data: Any, default: Optional[Callable] = None) -> Path:
-    """Write ``data`` as indented JSON (trailing newline) atomically; ``default`` as for :func:`json.dumps`."""
+    """Write ``data`` as indented JSON (trailing newline) atomically; ``default`` as for `json.dumps`."""
     return atomic_write_text(path, json.dumps(data, indent=2, default=default) + "\n")
 
 
@@ -265,8 +265,8 @@ def atomic_dir(path: PathLike, replace: bool = False, token: Optional[str] = Non
         replace: an existing non-empty ``path`` is replaced: it is moved aside only once the new tree is complete,
             the new tree is renamed into place, then the old one is deleted. The caller must have proven that the
             old directory is its own to delete (an export by its files, a cache by its manifest).
-        token: a fixed temporary name suffix (see :func:`temp_path`); a leftover of that name is removed first.
-        what, needed: said in a :class:`WriteError` (default: the directory's name; the estimated size in bytes).
+        token: a fixed temporary name suffix (see `temp_path`); a leftover of that name is removed first.
+        what, needed: said in a `WriteError` (default: the directory's name; the estimated size in bytes).
 
     Raises:
         FileExistsError: ``path`` exists, is not an empty directory, and ``replace`` is false.
@@ -291,15 +291,15 @@ def atomic_dir(path: PathLike, replace: bool = False, token: Optional[str] = Non
 
 
 def commit_dir(tmp: PathLike, path: PathLike, what: Optional[str] = None, needed: Optional[int] = None) -> Path:
-    """Put a complete temporary directory ``tmp`` in place as ``path``: settle its tree (:func:`fsync_tree`: umask
+    """Put a complete temporary directory ``tmp`` in place as ``path``: settle its tree (`fsync_tree`: umask
     modes, every file and directory fsync'd), move an existing non-empty ``path`` aside, rename ``tmp`` to
     ``path``, fsync the parent, delete the old one (a failed rename puts the old one back). The step of
-    :func:`atomic_dir` that renames; for writers whose temporary directory is filled by several processes
+    `atomic_dir` that renames; for writers whose temporary directory is filled by several processes
     (a distributed checkpoint), which call it once, on the main process. The caller has proven that an existing
     ``path`` is its own to replace, and removes ``tmp`` if this raises.
 
     Raises:
-        WriteError: the tree could not be settled or renamed (see :func:`writing`).
+        WriteError: the tree could not be settled or renamed (see `writing`).
     """
     tmp, final = Path(tmp), Path(path)
     old = None

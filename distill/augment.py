@@ -1,6 +1,6 @@
-"""Batch augmentation with kornia, in one place: the distillation / classification views (:func:`build_augment`),
-the joint image + mask views of segmentation (:class:`JointAugment`, :func:`build_joint_augment`), and
-:class:`SeededAugment`, which runs any of them on its own RNG stream."""
+"""Batch augmentation with kornia, in one place: the distillation / classification views (`build_augment`),
+the joint image + mask views of segmentation (`JointAugment`, `build_joint_augment`), and
+`SeededAugment`, which runs any of them on its own RNG stream."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -52,7 +52,7 @@ class JointAugment(nn.Module):
 
 
 def build_joint_augment(name: str, size: Sequence[int], scale_min: float = 0.25) -> Optional[JointAugment]:
-    """The segmentation augmentation ``name`` (:data:`distill.vocab.AUGMENTS`) at ``size = (H, W)``: ``'crop-flip'``
+    """The segmentation augmentation ``name`` (`distill.vocab.AUGMENTS`) at ``size = (H, W)``: ``'crop-flip'``
     = random scale (area ``scale_min`` to 1) + crop back to ``size`` + flip; ``'flip'``; ``'none'`` gives None.
 
     Raises:

@@ -1,4 +1,4 @@
-"""Recipe wiring: the one place a :class:`~distill.config.Recipe` is turned into objects.
+"""Recipe wiring: the one place a `Recipe` is turned into objects.
 
 Building blocks (data, teacher, student, regressor, losses, policy, optim) take plain arguments and know nothing
 of recipes; every ``build_*`` here reads the recipe's keys and calls them. The trainer, the feature cache, the
@@ -31,7 +31,7 @@ def build_train_data(recipe: Recipe, split: str = "train", classes=None) -> tupl
 
     File datasets decode every image at ``image_size`` (``image_resize``; null: the first image's size) and skip
     images with a side below ``min_image_side`` with a warning naming the file. ``classes``: the training split's
-    class names, for another split: its labels are paired with them by name (see :func:`distill.data.build_dataset`).
+    class names, for another split: its labels are paired with them by name (see `distill.data.build_dataset`).
 
     Raises:
         ValueError / DatasetNotFoundError: an unknown dataset or missing files (the message names the fix); with
@@ -81,7 +81,7 @@ def loader_workers(num_workers, processes: int = 1, cpus: Optional[int] = None) 
 def worker_ignores_stop_signals(worker_id: int) -> None:
     """``worker_init_fn`` of the training loader: its workers ignore SIGINT and SIGTERM. A Ctrl-C or a SIGTERM sent
     to every process of the job (``kill -TERM -PGID``, SLURM, systemd) then stops only the main process, which finishes
-    the step, writes a checkpoint and shuts the workers down (:func:`distill.trainer.batches.epoch_batches`); with
+    the step, writes a checkpoint and shuts the workers down (`distill.trainer.batches.epoch_batches`); with
     torch's worker handler, a worker died by SIGTERM and the main process raised "DataLoader worker ... is killed by
     signal" wherever it was, the checkpoint included. A worker whose main process dies exits on its own (torch's
     worker watchdog)."""
@@ -96,7 +96,7 @@ def build_loader(ds: Dataset, recipe: Recipe, generator: torch.Generator, proces
     """Shuffled loader of full batches (``drop_last``) whose order depends only on ``generator`` (the number of
     workers does not change the batches: the images are decoded, never augmented, in the workers). Workers are
     kept alive across epochs (``persistent_workers``), not restarted at each.
-    ``processes``: training processes on this machine (for ``num_workers: auto``, :func:`loader_workers`);
+    ``processes``: training processes on this machine (for ``num_workers: auto``, `loader_workers`);
     ``pin_memory``: page-locked batches for a faster host-to-GPU copy (set on CUDA).
 
     Raises:
@@ -147,7 +147,7 @@ def check_channels(data_channels: int, teacher_channels: int, teacher_name) -> N
 def build_teacher(recipe: Recipe, data_channels: int, timesteps: Optional[list] = None) -> DiffusionTeacher:
     """The recipe's teacher at ``timesteps`` (default: the recipe's list; a mode such as ``policy`` needs them), with
     the recipe's ``teacher_*`` keys (a ``python:module:factory`` teacher's kwargs, weights, input channels and noise
-    schedule; see :func:`distill.teacher.load_teacher`).
+    schedule; see `distill.teacher.load_teacher`).
 
     Raises:
         ValueError: ``timesteps`` is still a mode, or the teacher's channels do not fit the data.
@@ -198,7 +198,7 @@ def build_student(recipe: Recipe) -> Student:
 
 
 def build_model(recipe: Recipe, teacher: DiffusionTeacher, layout: Optional[TargetLayout] = None) -> DistillModel:
-    """Student + FPN regressor sized for ``layout``'s targets (default: :func:`target_layout` of the recipe)."""
+    """Student + FPN regressor sized for ``layout``'s targets (default: `target_layout` of the recipe)."""
     student = build_student(recipe)
     targets = (layout or target_layout(recipe, teacher)).targets
     regressor = FeatureRegressor(student.channels, targets, sources=recipe.sources, width=recipe.regressor_width,
@@ -207,18 +207,18 @@ def build_model(recipe: Recipe, teacher: DiffusionTeacher, layout: Optional[Targ
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The recipe's optimizer over ``model`` (:func:`distill.optim.build_optimizer`)."""
+    """The recipe's optimizer over ``model`` (`distill.optim.build_optimizer`)."""
     return make_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay, recipe.momentum)
 
 
 def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer):
-    """Warmup + cosine over ``steps`` (:func:`distill.optim.build_scheduler`)."""
+    """Warmup + cosine over ``steps`` (`distill.optim.build_scheduler`)."""
     return make_scheduler(optimizer, recipe.warmup_steps, recipe.steps)
 
 
 def build_loss(recipe: Recipe) -> Callable[[list, list], dict]:
     """``loss(preds, targets) -> {'mse', 'at', ..., 'total'}`` with the recipe's weights and AT mode
-    (:func:`distill.losses.feature_distillation_loss`)."""
+    (`distill.losses.feature_distillation_loss`)."""
     return functools.partial(feature_distillation_loss, mse_weight=recipe.mse_weight, at_weight=recipe.at_weight,
                              cos_weight=recipe.cos_weight, at_mode=recipe.at_mode)
 

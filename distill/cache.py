@@ -1,6 +1,6 @@
 """Teacher-feature cache: run the frozen teacher once, train many times from memory-mapped fp16 features.
 
-``distill extract RECIPE -o DIR`` (:func:`extract_features_cache`) writes, for every image of the recipe's
+``distill extract RECIPE -o DIR`` (`extract_features_cache`) writes, for every image of the recipe's
 training split, the teacher's features at the recipe's blocks and timesteps for ``num_draws`` seeded noise draws.
 Images are not augmented: the features are those of the clean image converted as the trainer does
 (``to_teacher(to_unit(images))``), so a run reading the cache must use ``augment: none``.
@@ -20,11 +20,11 @@ previous cache, or complete.
 
 The manifest's ``key`` holds everything the features depend on: a sha256 of the teacher's weights (every tensor of
 its ``state_dict``, names in sorted order), of a ``python:`` teacher's code, of the model's, the noise scheduler's
-and the VAE's settings (:func:`teacher_settings`), the teacher source, blocks, timesteps, input size
+and the VAE's settings (`teacher_settings`), the teacher source, blocks, timesteps, input size
 and channels, dtype, the dataset (name, root, split, number of images and a sha256 fingerprint of its content and
 order: every input file's size and mtime, or its sha256 with ``data_hash: content``), the decode settings, the
-number of draws and the storage format. :class:`FeatureCache` compares it with what a training run
-expects (:func:`expected_key`) and refuses any difference, field by field, so a stale cache is never used.
+number of draws and the storage format. `FeatureCache` compares it with what a training run
+expects (`expected_key`) and refuses any difference, field by field, so a stale cache is never used.
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def scheduler_sha256(scheduler: Any) -> str:
 
 
 def teacher_settings(teacher: DiffusionTeacher) -> dict:
-    """What shapes the teacher's features besides its weights (:func:`teacher_sha256`): the sha256 of a ``python:``
+    """What shapes the teacher's features besides its weights (`teacher_sha256`): the sha256 of a ``python:``
     teacher's code (``source_info['code_sha256']``), of the model's and the noise scheduler's configs, and a latent
     teacher's VAE dtype and config (``scaling_factor``, ``shift_factor``, ``latents_mean`` / ``latents_std``, ...);
     None where the teacher has no such part. In the feature cache's key and the run's resume contract."""
@@ -137,7 +137,7 @@ def _feature_info_dicts(info: Sequence[TeacherFeatureInfo]) -> list[dict]:
 
 def data_key(recipe, ds: Dataset, data_channels: int) -> dict:
     """The data fields of a cache key: dataset, root, split, channels, number of images, decode settings and the
-    sha256 fingerprint of the data's content and order (:func:`distill.data.data_fingerprint`)."""
+    sha256 fingerprint of the data's content and order (`distill.data.data_fingerprint`)."""
     base, _ = base_dataset(ds)
     root = getattr(base, "root", None) or recipe.data_root
     return {
@@ -268,7 +268,7 @@ def is_feature_cache(path: Path, fmt: str = FORMAT) -> bool:
 
 def check_output_dir(out: Path, overwrite: bool, fmt: str = FORMAT) -> None:
     """Refuse an output directory a cache of format ``fmt`` may not be written to: a file, or a non-empty directory
-    without ``overwrite``, or one that is not provably such a cache (:func:`is_feature_cache`); nothing is deleted.
+    without ``overwrite``, or one that is not provably such a cache (`is_feature_cache`); nothing is deleted.
 
     Raises:
         FileExistsError: naming the directory and the fix.
@@ -307,7 +307,7 @@ def extract_inputs(recipe, max_images: Optional[int], timesteps: Sequence[int]) 
     is a seeded init).
 
     Raises:
-        ValueError: ``max_images`` below 1; see :func:`distill.build.build_teacher`.
+        ValueError: ``max_images`` below 1; see `distill.build.build_teacher`.
     """
     from accelerate.utils import set_seed
 
@@ -327,7 +327,7 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
     """Write the teacher features of the recipe's training images to ``out_dir`` (see the module docstring).
 
     Args:
-        recipe: a :class:`distill.config.Recipe`; its dataset, teacher, blocks, timesteps, teacher_dtype,
+        recipe: a `distill.config.Recipe`; its dataset, teacher, blocks, timesteps, teacher_dtype,
             num_workers and seed are used.
         out_dir: the cache directory (created; an existing cache needs ``overwrite=True``).
         num_draws: noise draws per image (a training run picks one per image and step).
@@ -430,9 +430,9 @@ class FeatureCache:
     """A complete feature cache opened read-only (memory-mapped), validated against ``expect``.
 
     Args:
-        path: the directory written by :func:`extract_features_cache`.
-        expect: the key a run needs (:func:`expected_key`); every field given is compared with the manifest and
-            any difference raises :class:`CacheMismatchError` listing each field (cached vs expected).
+        path: the directory written by `extract_features_cache`.
+        expect: the key a run needs (`expected_key`); every field given is compared with the manifest and
+            any difference raises `CacheMismatchError` listing each field (cached vs expected).
         verify: ``'sample'`` (default: each shard's size and 64 sampled blocks, 256 KiB read per shard) or
             ``'full'`` (also the sha256 of every shard, reading the whole cache) against the manifest.
 
@@ -443,7 +443,7 @@ class FeatureCache:
     """
 
     #: the manifest's ``format`` / ``format_version`` / required entries this reader takes (a sibling cache format,
-    #: :class:`distill.latent_cache.LatentCache`, overrides them and reuses the checks)
+    #: `distill.latent_cache.LatentCache`, overrides them and reuses the checks)
     FORMAT, FORMAT_VERSION, REQUIRED = FORMAT, FORMAT_VERSION, ("key", "files", "shapes", "feature_info")
     REBUILD_HINT = _REBUILD_HINT
 
@@ -502,7 +502,7 @@ class FeatureCache:
         return out
 
     def check(self, expect: Mapping[str, Any]) -> None:
-        """Raise :class:`CacheMismatchError` naming every field of ``expect`` that the cache does not match."""
+        """Raise `CacheMismatchError` naming every field of ``expect`` that the cache does not match."""
         diffs = self.mismatches(expect)
         if diffs:
             lines = "\n".join(f"  {f}: cached {_short(c)} vs expected {_short(w)}" for f, c, w in diffs)
@@ -519,7 +519,7 @@ class FeatureCache:
 
     @property
     def keys(self) -> list[str]:
-        """The feature keys held, ``'<block>@t<t>'`` (:func:`distill.teacher.feature_key`), in manifest order."""
+        """The feature keys held, ``'<block>@t<t>'`` (`distill.teacher.feature_key`), in manifest order."""
         return list(self.manifest["files"])
 
     @property

@@ -3,8 +3,8 @@
 A card is published with the weights (``distill export --push-to-hub``), and its values come from the run: the
 teacher's path or hub id, block names, the dataset, probe names. A value holding backticks, ``|``, HTML or a
 Markdown link would otherwise end up live in the published page (a link, an image, a broken table). So every value
-is printed through :func:`md_code` (an inline code span: no HTML, link or emphasis is parsed inside one) or
-:func:`md_text` (backslash escapes, CommonMark section 2.4). Own code rather than a library: Python-Markdown and
+is printed through `md_code` (an inline code span: no HTML, link or emphasis is parsed inside one) or
+`md_text` (backslash escapes, CommonMark section 2.4). Own code rather than a library: Python-Markdown and
 markdown-it render Markdown but offer no escaping of untrusted text for it.
 """
 from __future__ import annotations
@@ -19,14 +19,14 @@ from .integrity import read_json
 
 #: the method the student was trained with (pretrained_cfg ``paper_ids`` / ``paper_name`` of an export)
 METHOD_PAPER = ("arXiv:2307.07487", "DreamTeacher: Pretraining Image Backbones with Deep Generative Models")
-#: characters :func:`md_text` escapes: Markdown syntax (emphasis, code, links, images, HTML, tables, headings,
+#: characters `md_text` escapes: Markdown syntax (emphasis, code, links, images, HTML, tables, headings,
 #: strikethrough, math on the Hub) and the ``:`` / ``@`` that start GFM's bare-URL and e-mail autolinks
 MD_SPECIAL = set("\\`*_[]()<>|!&~#{}$:@")
 
 
 def md_text(value) -> str:
     """``value`` as inert Markdown text: whitespace (newlines too) folded to single spaces, every character of
-    :data:`MD_SPECIAL` and the dot of ``www.`` backslash-escaped, so it renders as itself (no link, HTML, emphasis,
+    `MD_SPECIAL` and the dot of ``www.`` backslash-escaped, so it renders as itself (no link, HTML, emphasis,
     table cell or heading)."""
     text = " ".join(str(value).split())
     text = "".join("\\" + c if c in MD_SPECIAL else c for c in text)
@@ -49,7 +49,7 @@ def model_card(cfg: dict, probe_rows: Optional[list] = None, monitor: Optional[d
     """The ``README.md`` of an export (Hugging Face model card: YAML front matter + Markdown) from its
     ``config.json`` ``cfg``: what it is, how it was made, how to load it in timm, and the probe numbers when known
     (``probe_rows`` as ``distill probe`` / ``distill run`` give them; ``monitor``: the last kNN monitor row). Every
-    value from ``cfg``, the rows or the monitor is escaped (:func:`md_code`, :func:`md_text`)."""
+    value from ``cfg``, the rows or the monitor is escaped (`md_code`, `md_text`)."""
     d, p = cfg.get("distill", {}), cfg.get("pretrained_cfg", {})
     t, c = md_text, md_code
     arch = cfg.get("architecture", "?")
@@ -104,7 +104,7 @@ def model_card(cfg: dict, probe_rows: Optional[list] = None, monitor: Optional[d
 
 
 def write_model_card(export_dir, probe_rows: Optional[list] = None, monitor: Optional[dict] = None) -> Path:
-    """Write ``export_dir/README.md`` (:func:`model_card`) from its ``config.json``, the probe rows given, and
+    """Write ``export_dir/README.md`` (`model_card`) from its ``config.json``, the probe rows given, and
     ``monitor`` (the training run's last kNN monitor row) when there are no probe rows; atomically. Its sha256 is
     recorded in ``config.json`` (``distill.card_sha256``), so an overwrite can tell an edited card from its own."""
     export_dir = Path(export_dir)

@@ -1,7 +1,7 @@
-"""Recipes: flat YAML whose keys are the fields of :class:`Recipe` (the arguments of the pipeline's builders).
+"""Recipes: flat YAML whose keys are the fields of `Recipe` (the arguments of the pipeline's builders).
 
 A recipe is checked at the boundary: an unknown key gets the closest valid key, a wrong type names the key, the
-value and the expected type, and every number is checked against its range in :data:`RANGES` (one entry per numeric
+value and the expected type, and every number is checked against its range in `RANGES` (one entry per numeric
 field). The YAML itself is read strictly: a key given twice, a syntax error and an empty file are errors naming the
 file and line. The resolved recipe is written next to every run (``config.yaml``) so a run can be reproduced from its
 output directory alone.
@@ -91,7 +91,7 @@ def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
 
 
 def check_timesteps_value(value: Any, source: str = "recipe") -> None:
-    """``timesteps`` is a non-empty list of integers or one of :data:`TIMESTEP_MODES`."""
+    """``timesteps`` is a non-empty list of integers or one of `TIMESTEP_MODES`."""
     if isinstance(value, str):
         if value not in TIMESTEP_MODES:
             raise ValueError(f"{source}: timesteps {value!r} is not a mode; valid: a list of integers such as [11] or "
@@ -208,8 +208,8 @@ def recipe_fields() -> dict[str, Any]:
 _WEIGHT = Range(lo=0, fix="Fix: a weight >= 0 (0 turns the term off); a negative weight trains the student to "
                           "maximise that error.")
 
-#: The valid values of every numeric field of :class:`Recipe` (ints, floats, Optional ones, and the lists mean/std);
-#: :func:`check_ranges` walks it, and a test checks that no numeric field is missing.
+#: The valid values of every numeric field of `Recipe` (ints, floats, Optional ones, and the lists mean/std);
+#: `check_ranges` walks it, and a test checks that no numeric field is missing.
 RANGES: dict[str, Range] = {
     "image_channels": Range(values=(1, 3), fix="Fix: 1 (grayscale) or 3 (RGB), or null for 3; image-folder only."),
     "mean": Range(lo=0, hi=1, lengths=(1, 3), fix="Fix: per-channel means in [0, 1] units (e.g. [0.5, 0.5, 0.5] "
@@ -249,7 +249,7 @@ RANGES: dict[str, Range] = {
 }
 
 def check_ranges(recipe: Recipe, source: str = "recipe") -> None:
-    """Check every field of :data:`RANGES` on ``recipe`` (types already checked) and that some loss weight is > 0.
+    """Check every field of `RANGES` on ``recipe`` (types already checked) and that some loss weight is > 0.
 
     Raises:
         ValueError: ``'{source}: {key} must be {range}, got {value}. Fix: ...'`` for the first bad value.
@@ -317,7 +317,7 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
 
 
 def make_recipe(values: dict, source: str = "recipe", warn: bool = True) -> Recipe:
-    """Build a :class:`Recipe` from a dict, checking keys, types, choices and ranges (:data:`RANGES`); logs a
+    """Build a `Recipe` from a dict, checking keys, types, choices and ranges (`RANGES`); logs a
     warning (``distill.config`` logger) when ``warmup_steps >= steps`` or ``checkpoint_every > steps`` unless
     ``warn`` is false (a run's own config.yaml read back).
 
@@ -382,7 +382,7 @@ def load_recipe(path: Union[str, Path], overrides: Optional[dict] = None) -> Rec
     Raises:
         FileNotFoundError: no such file (the message lists the bundled recipes).
         ValueError: the file is not UTF-8, empty, not a mapping, not valid YAML, gives a key twice, or a value is
-            invalid (see :func:`make_recipe`).
+            invalid (see `make_recipe`).
     """
     path = Path(path)
     if not path.is_file():

@@ -1,11 +1,11 @@
 """What a training step costs: FLOPs counted with ``torch.utils.flop_counter``, and the peaks of common GPUs.
 
-:func:`count_flops` runs a function under :class:`torch.utils.flop_counter.FlopCounterMode`, which counts the
+`count_flops` runs a function under `torch.utils.flop_counter.FlopCounterMode`, which counts the
 matrix products and convolutions (``2 x multiply-adds``: a ``Linear(i, o)`` on ``B`` rows is ``2 B i o``) of the
 forward and, when the function calls ``backward``, of the backward. Element-wise work (norms, activations) is not
 counted, as in the usual model-FLOPs utilisation (MFU) accounting (PaLM, Chowdhery et al. 2022, App. B).
-:func:`student_step_flops` counts a student's and a regressor's forward + backward on the meta device (shapes only:
-no memory, no time). :data:`PEAK_TFLOPS` holds the vendors' dense peaks, by GPU and precision.
+`student_step_flops` counts a student's and a regressor's forward + backward on the meta device (shapes only:
+no memory, no time). `PEAK_TFLOPS` holds the vendors' dense peaks, by GPU and precision.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def student_step_flops(student: nn.Module, regressor: nn.Module, size: int) -> d
     norm in training mode needs more than one value), halved.
 
     ``student(x)`` returns a list of feature maps and ``regressor(maps)`` a list of predictions (as
-    :class:`distill.student.Student` and :class:`distill.regressor.FeatureRegressor`); the regressor's backward
+    `distill.student.Student` and `distill.regressor.FeatureRegressor`); the regressor's backward
     includes the gradient it passes to the student's maps, the student's its own weights and activations.
 
     Returns:
@@ -74,7 +74,7 @@ def student_step_flops(student: nn.Module, regressor: nn.Module, size: int) -> d
 
 def peak_tflops(device_name: str, precision: str) -> Optional[float]:
     """The dense peak TFLOP/s of a GPU named ``device_name`` (``torch.cuda.get_device_name()``) at ``precision``
-    (one of :data:`PRECISIONS`), or None for a device not in :data:`PEAK_TFLOPS` (a CPU, another GPU).
+    (one of `PRECISIONS`), or None for a device not in `PEAK_TFLOPS` (a CPU, another GPU).
 
     Raises:
         ValueError: unknown ``precision``.
@@ -115,7 +115,7 @@ def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 512, seconds: float
 
 
 def cpu_rate(precision: str) -> tuple[float, Optional[str]]:
-    """This CPU's matmul FLOP/s at a step's ``precision`` (:func:`step_precision`), and a warning when it is a low
+    """This CPU's matmul FLOP/s at a step's ``precision`` (`step_precision`), and a warning when it is a low
     precision (bf16 / fp16) that runs at less than half the fp32 rate (many CPUs emulate it), else None."""
     rate = matmul_rate(torch.float32)
     if precision not in ("bf16", "fp16"):

@@ -1,10 +1,10 @@
 """Deployment formats of a timm model: ONNX (``model.onnx``), written by ``distill export --onnx``.
 
 The exported student is a stock timm model, so deployment is PyTorch's own exporter run on it:
-:func:`torch.onnx.export` with ``dynamo=True`` (the ``torch.export``-based exporter that PyTorch recommends and
+`torch.onnx.export` with ``dynamo=True`` (the ``torch.export``-based exporter that PyTorch recommends and
 makes the default since 2.9; the TorchScript-based one is deprecated), a dynamic batch axis and a stated opset
-(:data:`ONNX_OPSET`). The graph maps a normalised image batch to what the timm model returns: for an export
-(``num_classes=0``) the pooled features, for a fine-tuned model with a head its logits. :func:`onnx_max_abs_diff`
+(`ONNX_OPSET`). The graph maps a normalised image batch to what the timm model returns: for an export
+(``num_classes=0``) the pooled features, for a fine-tuned model with a head its logits. `onnx_max_abs_diff`
 runs the file with onnxruntime against the torch model on the same input (how ``distill export --onnx`` and the
 tests check it). Needs the ``onnx`` extra (onnx, onnxscript, onnxruntime); torch-only at import.
 """
@@ -23,7 +23,7 @@ ONNX_FILE, ONNX_DATA_FILE = "model.onnx", "model.onnx.data"
 #: the default ONNX opset: 18 is run by onnxruntime >= 1.14, TensorRT >= 8.6 and OpenVINO >= 2023.0
 ONNX_OPSET = 18
 #: the opsets ``distill export --onnx --opset`` accepts: torch 2.14's exporter writes 18 and up (asked for 13-17, it
-#: wrote 18 and said nothing; :func:`export_onnx` now checks the file)
+#: wrote 18 and said nothing; `export_onnx` now checks the file)
 ONNX_OPSETS = range(18, 24)
 #: the graph's input and output names; axis 0 of both is the dynamic batch axis ``batch``
 ONNX_INPUT, ONNX_OUTPUT = "image", "output"
@@ -58,16 +58,16 @@ def export_onnx(model, path, input_size: Sequence[int], opset: int = ONNX_OPSET,
             no dropout).
         path: the ``.onnx`` file; a model above 2 GB keeps its weights in ``<path>.data`` beside it.
         input_size: ``(C, H, W)`` of the input; H and W are fixed in the graph, the batch axis is dynamic.
-        opset: the ONNX opset (default :data:`ONNX_OPSET`).
+        opset: the ONNX opset (default `ONNX_OPSET`).
         batch: the batch size of the example traced (>= 2, so the batch axis stays symbolic).
 
     Returns: ``path``. Input ``image`` ``[batch, C, H, W]``, output ``output`` (``[batch, num_features]`` pooled
     features for ``num_classes=0``, ``[batch, num_classes]`` logits with a head).
 
     Raises:
-        MissingDependencyError: onnx or onnxscript is not installed (see :func:`require_onnx`).
+        MissingDependencyError: onnx or onnxscript is not installed (see `require_onnx`).
         ValueError: the file torch wrote has another opset than ``opset`` (torch's exporter falls back to its own
-            opset, 18 in torch 2.14, when it cannot convert down; valid here: :data:`ONNX_OPSETS`); nothing is kept.
+            opset, 18 in torch 2.14, when it cannot convert down; valid here: `ONNX_OPSETS`); nothing is kept.
     """
     import torch
 

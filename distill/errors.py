@@ -2,9 +2,12 @@
 
 Each subclasses the built-in exception that callers would already catch (``ValueError`` for bad input,
 ``FileNotFoundError`` for missing files, ...), so ``except ValueError`` keeps working; the CLI maps bad input to
-exit code 2 and a refused or diverged run to exit code 3 (:data:`EXIT_CODES`).
+exit code 2 and a refused or diverged run to exit code 3 (`EXIT_CODES`).
 """
 from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
 
 
 class RunExistsError(FileExistsError):
@@ -26,7 +29,7 @@ class TrainingInterrupted(Exception):
 
 class SignalStop(KeyboardInterrupt):
     """A SIGTERM / SIGINT that ends a command at once (outside the training loop's step, which first finishes the
-    step and checkpoints: :class:`TrainingInterrupted`). A ``KeyboardInterrupt``, so ``except Exception`` blocks do
+    step and checkpoints: `TrainingInterrupted`). A ``KeyboardInterrupt``, so ``except Exception`` blocks do
     not swallow it and atomic writes remove their temporaries; ``exit_code`` is 128 + the signal number."""
 
     def __init__(self, signum: int):
@@ -96,3 +99,27 @@ EXIT_CODES = (
     ((ValueError, FileNotFoundError, FileExistsError, MemoryError, WriteError), 2),
     ((HubUploadError,), 1),
 )
+
+
+def report_error(prog: str, error: BaseException) -> Optional[int]:
+    """Print ``PROG: error: MESSAGE`` on stderr and return the exit code of ``error`` where it is a kind
+    `EXIT_CODES` lists (bad input: 2); return ``None`` and print nothing for any other error, a bug that the
+    caller re-raises with its traceback."""
+    for kinds, code in EXIT_CODES:
+        if isinstance(error, kinds):
+            print(f"{prog}: error: {error}", file=sys.stderr)
+            return code
+    return None
+
+
+def run_reporting(prog: str, fn: Callable[..., int], *args, **kwargs) -> int:
+    """``fn(*args, **kwargs)``'s exit code, as the ``distill`` command reports errors: bad input prints one line
+    ``PROG: error: MESSAGE`` (`report_error`) and gives exit code 2 instead of a traceback. For scripts built on
+    distill (``examples/*.py``): ``raise SystemExit(run_reporting(parser.prog, run, args))``."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        code = report_error(prog, e)
+        if code is None:
+            raise
+        return code

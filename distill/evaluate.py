@@ -70,7 +70,7 @@ def tested_on(data: ProbeData) -> str:
 
 def backbone_fn(model: nn.Module, size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
     """uint8 batch ``[B, C, H, W]`` -> pooled features ``[B, D]`` of a timm backbone built with ``num_classes=0``;
-    the model moves to the device of the images it is given (where :func:`probe_fn` runs)."""
+    the model moves to the device of the images it is given (where `probe_fn` runs)."""
     model.eval()
 
     def fn(images: torch.Tensor) -> torch.Tensor:
@@ -91,10 +91,10 @@ def probe_fn(fn: Callable, data: ProbeData, batch_size: int = 256, epochs: int =
              device=None, progress: bool = True, name: str = "model", weights: str = "live") -> dict:
     """Linear and kNN probe of features ``fn(images)`` on ``data``; returns accuracies in percent, the
     ``device`` the features were extracted and the probes trained on (``device``, default
-    :func:`distill.probe.eval_device`: Accelerate's, a GPU when there is one), which ``weights`` the model held
+    `distill.probe.eval_device`: Accelerate's, a GPU when there is one), which ``weights`` the model held
     (``live``, ``ema``, ``random init``, ``none`` for pixels) and what it was tested on (``num_test`` of
-    ``num_test_total`` images, ``test_fraction``, the ``test`` line of :func:`tested_on`). ``progress``:
-    :func:`distill.logs.progress` for feature extraction, the linear probe and the kNN probe."""
+    ``num_test_total`` images, ``test_fraction``, the ``test`` line of `tested_on`). ``progress``:
+    `distill.logs.progress` for feature extraction, the linear probe and the kNN probe."""
     t0 = time.time()
     device = eval_device(device)
     kw = dict(batch_size=batch_size, collate_fn=collate, shuffle=False)
@@ -164,10 +164,10 @@ def resolve_probe_target(model: str) -> tuple:
 def probe_model(kind: str, target, dataset: Optional[str] = None, data_root: Optional[str] = None, size: int = 64,
                 train_fraction: float = 1.0, pixels: bool = False, seed: int = 0, test_fraction: float = 1.0,
                 **kw) -> list[dict]:
-    """Linear + kNN probe rows of a student target (see :func:`resolve_probe_target`; not a teacher), and of raw
+    """Linear + kNN probe rows of a student target (see `resolve_probe_target`; not a teacher), and of raw
     pixels with ``pixels``. The dataset defaults to the run's or the export's, else Fashion-MNIST; the probes are
-    scored on a seeded stratified ``test_fraction`` of its test split (:func:`probe_data`); ``kw`` go to
-    :func:`probe_fn` (epochs, k, progress)."""
+    scored on a seeded stratified ``test_fraction`` of its test split (`probe_data`); ``kw`` go to
+    `probe_fn` (epochs, k, progress)."""
     mean = std = None
     channels = 3
     if kind == "run":
@@ -211,7 +211,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-#: the probe rows of a ``distill run`` directory (:func:`save_results`, :func:`read_results`)
+#: the probe rows of a ``distill run`` directory (`save_results`, `read_results`)
 RESULTS_FILE = "results.json"
 
 
@@ -221,7 +221,7 @@ def save_results(rows: list[dict], path: Path, extra: Optional[dict] = None) -> 
 
 
 def read_results(path: Path) -> dict:
-    """A ``results.json`` written by :func:`save_results` (a bare list of rows, as ``distill probe --json``
+    """A ``results.json`` written by `save_results` (a bare list of rows, as ``distill probe --json``
     writes, is read as ``{"results": rows}``).
 
     Raises:

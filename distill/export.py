@@ -4,13 +4,13 @@
 Only the backbone is written (the live weights, or with ``ema`` the run's EMA of them); the regressor is discarded.
 ``pretrained_cfg`` tells the truth about training: the student's input size and mean/std, a tag, a description
 naming the teacher, blocks and timesteps, and none of the provenance timm's default config of the architecture
-carries (``origin_url``, ``paper_ids`` of supervised ImageNet weights: :data:`INHERITED_PROVENANCE`). Reload with
+carries (``origin_url``, ``paper_ids`` of supervised ImageNet weights: `INHERITED_PROVENANCE`). Reload with
 ``timm.create_model('local-dir:OUT', pretrained=True, num_classes=K)``. With ``onnx``, the same timm model as
-reloaded from the export is also written as ``model.onnx`` (pooled features; :mod:`distill.deploy`) and checked
+reloaded from the export is also written as ``model.onnx`` (pooled features; `distill.deploy`) and checked
 against it with onnxruntime.
 
 An export deletes only what it can prove it wrote: an existing ``-o/--output-dir`` is replaced (``overwrite``) only when it is
-an earlier export (:func:`export_problem`), and never when it is the run directory or holds it.
+an earlier export (`export_problem`), and never when it is the run directory or holds it.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from .errors import ExportMismatchError, HubUploadError, RunExistsError, Unreada
 from .deploy import (ONNX_ATOL, ONNX_DATA_FILE, ONNX_FILE, ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT, export_onnx,
                      onnx_max_abs_diff, require_onnx)
 from .integrity import error_text, read_json, safetensors_problem
+from .logs import count
 from .rundir import EMA_FILE, SUMMARY, is_run, load_trained
 from .version import __version__
 
@@ -48,7 +49,7 @@ def _listing(path: Path) -> str:
 
 def export_problem(path: Path) -> Optional[str]:
     """Why the existing ``path`` is not an export written by distill, or None when it is: a directory holding only
-    :data:`EXPORT_FILES`, whose ``config.json`` has the ``distill`` key."""
+    `EXPORT_FILES`, whose ``config.json`` has the ``distill`` key."""
     path = Path(path)
     if path.is_symlink() or not path.is_dir():
         return "it is a file, not a directory"
@@ -104,17 +105,17 @@ def check_export_target(run_dir: str, out: str, overwrite: bool) -> None:
 
 def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, overwrite: bool = False,
                    ema: bool = False, onnx: bool = False, opset: int = ONNX_OPSET) -> Path:
-    """Write the student of ``run_dir`` to ``out`` in timm format, with a model card (:func:`write_model_card`).
+    """Write the student of ``run_dir`` to ``out`` in timm format, with a model card (`write_model_card`).
     The checkpoint is ``checkpoint``, or the newest one whose weights load (newer damaged ones are skipped with a
     warning); it is logged and recorded in ``config.json`` (``distill.checkpoint``). ``ema``: write the
     checkpoint's EMA of the student (recipe ``ema: true``) instead of its live weights. ``onnx``: also write
     ``model.onnx`` (opset ``opset``): the export reloaded by timm (``num_classes=0``), input ``image``
     ``[batch, 3, S, S]`` normalised with the export's mean/std, output ``output`` ``[batch, num_features]`` (pooled
     features), dynamic batch; checked with onnxruntime on 3 random images (max abs difference to the torch model
-    recorded in ``config.json`` as ``distill.onnx``; above :data:`~distill.deploy.ONNX_ATOL` it is an error).
+    recorded in ``config.json`` as ``distill.onnx``; above `ONNX_ATOL` it is an error).
 
     Raises:
-        RunExistsError, FileExistsError: ``out`` may not be written (see :func:`check_export_target`).
+        RunExistsError, FileExistsError: ``out`` may not be written (see `check_export_target`).
         FileNotFoundError: not a run directory, or no checkpoint; with ``ema``, a checkpoint without an EMA.
         UnreadableFileError: the checkpoint's weights are damaged (the message names the checkpoint and file).
         WriteError: the export could not be written (disk full, read-only, ...): what, where and the space needed.
@@ -139,7 +140,7 @@ def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, ove
     step = Path(resolved["checkpoint"]).name.split("-")[-1]
     timesteps = resolved.get("timesteps_used", recipe.timesteps)  # what the run used (auto modes resolved)
     description = (f"{recipe.student} distilled with distill {__version__} from teacher {teacher} (blocks "
-                   f"{recipe.teacher_blocks}, timesteps {timesteps}) on {recipe.dataset} for {step} steps at {S}px"
+                   f"{recipe.teacher_blocks}, timesteps {timesteps}) on {recipe.dataset} for {count(int(step), 'step')} at {S}px"
                    f"{' (EMA weights, decay ' + str(recipe.ema_decay) + ')' if ema else ''}.")
     tag = f"distill-{Path(str(teacher)).name}-{recipe.dataset}"
     data_config = {"input_size": (3, S, S), "mean": tuple(resolved["mean"]), "std": tuple(resolved["std"]),
@@ -270,7 +271,7 @@ def push_to_hub(export_dir: str, repo_id: str, private: bool = False, token: Opt
     Raises:
         ValueError: ``repo_id`` is not ``namespace/name``; or ``private`` and the repository exists and is public
             (without ``make_private``); nothing was uploaded.
-        FileNotFoundError, UnreadableFileError: ``export_dir`` is not a whole export (:func:`read_export`).
+        FileNotFoundError, UnreadableFileError: ``export_dir`` is not a whole export (`read_export`).
         HubUploadError: the Hub refused or could not be reached (the message names the repo, the cause and the
             fix).
     """
@@ -358,10 +359,10 @@ def read_export(path: str, arg: str = "exported student") -> dict:
 
 def load_exported(path: str, num_classes: int = 0):
     """``timm.create_model('local-dir:PATH', pretrained=True, num_classes=...)``, its files checked first
-    (:func:`read_export`).
+    (`read_export`).
 
     Raises:
-        FileNotFoundError, UnreadableFileError: see :func:`read_export`; or the weights do not fit the
+        FileNotFoundError, UnreadableFileError: see `read_export`; or the weights do not fit the
             architecture its config.json names.
     """
     import timm

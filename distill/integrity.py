@@ -63,7 +63,7 @@ def safetensors_header(path: PathLike) -> dict:
 
 def safetensors_problem(path: PathLike) -> Optional[str]:
     """What is wrong with a safetensors file (``'missing'``, ``'empty (0 bytes)'``, ``'truncated (N of M bytes)'``,
-    ...), or None when its header and size agree (see :func:`safetensors_header`)."""
+    ...), or None when its header and size agree (see `safetensors_header`)."""
     p = Path(path)
     if not p.is_file():
         return "missing"

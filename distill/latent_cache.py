@@ -1,6 +1,6 @@
 """Latent cache: a latent teacher's VAE runs once per training image, the noise stays fresh at every step.
 
-``distill extract RECIPE --latents -o DIR`` (:func:`extract_latent_cache`) encodes every image of the recipe's
+``distill extract RECIPE --latents -o DIR`` (`extract_latent_cache`) encodes every image of the recipe's
 training split with the teacher's VAE and stores the posterior, a diagonal Gaussian, as two memory-mapped arrays::
 
     DIR/manifest.json        written last: its presence marks a complete cache
@@ -12,19 +12,19 @@ the latent flipped, because a VAE is not exactly flip-equivariant (``bench/laten
 ``|encode(flip(x)) - flip(encode(x))|`` against the noise; docs/benchmarks.md), and the second view costs one more
 encode at extract time and ``2 x C x h x w x 2`` bytes per image (16 KiB for SD at 256 px).
 
-A recipe with ``latent_cache: DIR`` trains from it (:class:`distill.trainer.targets.LatentCacheTargets`): each step
+A recipe with ``latent_cache: DIR`` trains from it (`distill.trainer.targets.LatentCacheTargets`): each step
 reads its images' rows, takes the latent ``z = mean + std * eps`` (``latent_sample: sample``, what diffusers'
 ``train_text_to_image.py`` feeds the UNet: ``vae.encode(x).latent_dist.sample()``) or the mean (``latent_sample:
-mean``, what the live teacher uses), scales it as diffusers' pipelines do (:func:`distill.teacher.normalize_latents`:
+mean``, what the live teacher uses), scales it as diffusers' pipelines do (`distill.teacher.normalize_latents`:
 ``scaling_factor``, ``shift_factor``, ``latents_mean`` / ``latents_std``), then draws fresh noise and runs only the
-UNet/DiT to the deepest block (:meth:`distill.teacher.DiffusionTeacher.features`). DreamTeacher found fresh noise
+UNet/DiT to the deepest block (`distill.teacher.DiffusionTeacher.features`). DreamTeacher found fresh noise
 at every step better than a fixed encoding (24.3 vs 23.4 box AP); this cache fixes only what does not depend on
 the noise.
 
 The manifest's ``key`` holds what the latents depend on: the VAE's weights (sha256 of its state_dict) and config,
 its dtype, the image resolution, the latent shape, the storage dtype, the number of flips, and the data fields of
-the feature cache's key (:func:`distill.cache.data_key`: dataset, decode settings, every input file's size and
-mtime or sha256). The reading, shard checks and field-by-field refusal are :class:`distill.cache.FeatureCache`'s.
+the feature cache's key (`distill.cache.data_key`: dataset, decode settings, every input file's size and
+mtime or sha256). The reading, shard checks and field-by-field refusal are `distill.cache.FeatureCache`'s.
 """
 from __future__ import annotations
 
@@ -101,13 +101,13 @@ def extract_latent_cache(recipe, out_dir: Union[str, Path], batch_size: Optional
     """Encode the recipe's training images with its teacher's VAE into ``out_dir`` (see the module docstring).
 
     Args:
-        recipe: a :class:`distill.config.Recipe` with a latent teacher (SD ``UNet2DConditionModel`` or DiT + VAE).
+        recipe: a `distill.config.Recipe` with a latent teacher (SD ``UNet2DConditionModel`` or DiT + VAE).
         out_dir: the cache directory (created; an existing latent cache needs ``overwrite=True``).
         batch_size: images per VAE forward (default: the recipe's).
         max_images: cache only the first N images (a run on the whole dataset refuses such a cache).
         device: where the VAE runs (default: cuda if available).
         storage: ``'float16'`` (default: half the disk) or ``'float32'`` (bit-exact means).
-        flips: 1 or 2 views per image (default :func:`num_flips` of the recipe's ``augment``).
+        flips: 1 or 2 views per image (default `num_flips` of the recipe's ``augment``).
 
     Returns:
         ``{'path', 'num_images', 'flips', 'bytes', 'bytes_per_image', 'seconds'}``.
@@ -173,11 +173,11 @@ def extract_latent_cache(recipe, out_dir: Union[str, Path], batch_size: Optional
 
 
 class LatentCache(FeatureCache):
-    """A complete latent cache opened read-only (memory-mapped); validation as :class:`~distill.cache.FeatureCache`
+    """A complete latent cache opened read-only (memory-mapped); validation as `FeatureCache`
     (manifest, shard sizes and sampled hashes, every field of ``expect``).
 
     Raises:
-        FileNotFoundError, IncompleteCacheError, CacheMismatchError: as :class:`~distill.cache.FeatureCache`.
+        FileNotFoundError, IncompleteCacheError, CacheMismatchError: as `FeatureCache`.
     """
 
     FORMAT, FORMAT_VERSION, REQUIRED = FORMAT, FORMAT_VERSION, ("key", "files", "shapes")
@@ -236,7 +236,7 @@ def open_for_recipe(recipe, ds: Dataset, teacher: DiffusionTeacher, data_channel
     """Open ``path`` (default ``recipe.latent_cache``) for a run: checks the recipe, the key and the views.
 
     Raises:
-        ValueError: see :func:`check_recipe_for_latents`; a pixel teacher.
+        ValueError: see `check_recipe_for_latents`; a pixel teacher.
         CacheMismatchError: a key field differs, or the cache holds 1 view and the recipe flips.
     """
     check_recipe_for_latents(recipe)

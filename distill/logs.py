@@ -1,5 +1,5 @@
 """Console logging of the command line: one ``distill`` logger, and the hub libraries' own loggers set once; where
-progress goes (:func:`show_progress_bar`) and which experiment tracker may be used (:func:`check_tracker`), for
+progress goes (`show_progress_bar`) and which experiment tracker may be used (`check_tracker`), for
 ``distill train`` and fine-tuning alike.
 
 Every module logs through ``logging.getLogger(__name__)``, i.e. a child of the ``distill`` logger. The command line
@@ -10,7 +10,7 @@ diffusers, transformers and huggingface_hub are set through their own verbosity 
 ``*_VERBOSITY`` environment variables when they are not imported yet, so ``distill --help`` imports none of them)
 and stop propagating, so each of their messages is printed once, by their handler.
 
-Progress of evaluations, extraction and selection goes through :func:`progress`: a tqdm bar on a terminal, a plain
+Progress of evaluations, extraction and selection goes through `progress`: a tqdm bar on a terminal, a plain
 line now and then when stderr is a file (a bar would write every frame into it).
 """
 from __future__ import annotations
@@ -159,7 +159,7 @@ class PlainProgress:
 def progress(iterable=None, desc: str = "", total: Optional[int] = None, enabled: bool = True, unit: str = "it",
              every: float = 30.0):
     """Progress of a loop: a tqdm bar on a terminal (or a Jupyter widget), occasional plain lines
-    (:class:`PlainProgress`, at most one per ``every`` seconds, and one at the end) when stderr is redirected to a
+    (`PlainProgress`, at most one per ``every`` seconds, and one at the end) when stderr is redirected to a
     file, nothing when not ``enabled``. Use it as tqdm: ``for x in progress(loader, "features")`` or
     ``bar = progress(total=n, desc=...); bar.update(1); bar.close()``."""
     from tqdm.auto import tqdm
@@ -178,7 +178,7 @@ def show_progress_bar(progress: bool, is_main_process: bool = True) -> bool:
 
 
 def check_tracker(name: Optional[str]) -> None:
-    """A recipe's ``log_with`` must name a tracker of :data:`TRACKERS` whose package is installed (Accelerate
+    """A recipe's ``log_with`` must name a tracker of `TRACKERS` whose package is installed (Accelerate
     itself only warns and trains without it).
 
     Raises:

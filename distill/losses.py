@@ -6,8 +6,8 @@ Generative Models", ICCV 2023, arXiv 2307.07487)::
     L_feat = L_MSE + 10 * L_AT
 
 with ``L_MSE`` the squared error between the regressor's prediction and the channel-whitened teacher feature
-(:func:`mse_loss`) and ``L_AT`` attention transfer (Zagoruyko & Komodakis, "Paying More Attention to Attention",
-ICLR 2017; :func:`attention_transfer_loss`). All feature maps are NCHW.
+(`mse_loss`) and ``L_AT`` attention transfer (Zagoruyko & Komodakis, "Paying More Attention to Attention",
+ICLR 2017; `attention_transfer_loss`). All feature maps are NCHW.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def mse_loss(pred: Tensor, target: Tensor, whiten_target: bool = True) -> Tensor
     Args:
         pred: Regressor output ``f_r``, ``[B, C, H, W]``.
         target: Teacher feature ``f_g``, same shape.
-        whiten_target: Apply :func:`whiten` to the target first (DreamTeacher does).
+        whiten_target: Apply `whiten` to the target first (DreamTeacher does).
 
     Raises:
         ValueError: If the shapes differ.
@@ -100,7 +100,7 @@ def attention_map(f: Tensor, p: float = 2, reduction: str = "mean") -> Tensor:
 def attention_transfer_loss(student: Tensor, teacher: Tensor, p: float = 2, mode: str = "code") -> Tensor:
     """Attention transfer loss (Zagoruyko & Komodakis, ICLR 2017).
 
-    With ``a_s = a(student)``, ``a_t = a(teacher)`` from :func:`attention_map`:
+    With ``a_s = a(student)``, ``a_t = a(teacher)`` from `attention_map`:
 
     - ``mode='code'`` (the authors' code): ``mean_{b, j} (a_s[b, j] - a_t[b, j])^2``, mean over the batch and
       the H*W positions.
@@ -144,7 +144,7 @@ def cosine_loss(pred: Tensor, target: Tensor) -> Tensor:
 
         L_cos = mean_{b, h, w} (1 - <p, t> / (||p|| ||t||)),  p = pred[b, :, h, w], t = target[b, :, h, w]
 
-    The target is used as given (no whitening); :func:`feature_distillation_loss` decides what to pass. The
+    The target is used as given (no whitening); `feature_distillation_loss` decides what to pass. The
     loss is 0 for equal directions and 2 for opposite ones.
 
     Raises:
@@ -182,7 +182,7 @@ def feature_distillation_loss(
         mse_weight: Weight of the MSE term.
         at_weight: Weight of the AT term (DreamTeacher: 10).
         cos_weight: Weight of the cosine term (0 = off).
-        at_mode: ``'code'`` or ``'paper'``, see :func:`attention_transfer_loss`.
+        at_mode: ``'code'`` or ``'paper'``, see `attention_transfer_loss`.
 
     Returns:
         ``{'mse', 'at', 'cos', 'total'}``; a term whose weight is 0 is left out, ``'total'`` is always there.

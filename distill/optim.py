@@ -25,7 +25,7 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
     """timm's ``create_optimizer_v2`` over ``model``'s parameters.
 
     Args:
-        name: one of :data:`distill.vocab.OPTIMIZERS`.
+        name: one of `distill.vocab.OPTIMIZERS`.
         lr: peak learning rate (> 0).
         weight_decay: decoupled weight decay (AdamW, LAMB) or L2 (SGD); not applied to norms and biases.
         momentum: SGD only.
@@ -36,7 +36,7 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
             (``model.get_classifier()``), after layer decay; 1: off.
 
     Each parameter group's rate is ``lr`` times its scale (``param_group['lr_scale']``), set here, so the warmup +
-    cosine schedule (:func:`build_scheduler`) scales every group alike.
+    cosine schedule (`build_scheduler`) scales every group alike.
 
     Raises:
         ValueError: an unknown ``name``, ``layer_decay`` outside (0, 1] or ``backbone_lr_mult`` <= 0.

@@ -23,13 +23,13 @@ from .trainer import train
 
 _logger = logging.getLogger(__name__)
 
-#: Where :func:`random_init_row` keeps its rows, in :func:`distill.teacher.prompt.distill_cache_dir`.
+#: Where `random_init_row` keeps its rows, in `distill.teacher.prompt.distill_cache_dir`.
 BASELINES = "baselines"
 
 
 def machine_line(device=None) -> str:
     """One line naming the processor, torch threads, torch version and the device the probes ran on (``device``,
-    default :func:`distill.probe.eval_device`), for result files; a GPU is named (``cuda:0 (NVIDIA H200)``)."""
+    default `distill.probe.eval_device`), for result files; a GPU is named (``cuda:0 (NVIDIA H200)``)."""
     device = eval_device(device)
     name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     return (f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, "
@@ -45,7 +45,7 @@ def run_recipe(recipe: Recipe, run_dir: str, resume: bool = False, overwrite: bo
     else the live weights; every row says which (``weights``: ``ema``, ``live``, ``random init``, ``none``). The
     probes are scored on a seeded stratified ``probe_test_fraction`` of the test split, stated in the table.
     Writes ``results.json`` (rows, train summary, timings, machine) and ``results.md`` (the table) in ``run_dir``.
-    Probe features are extracted and probes trained on Accelerate's device (:func:`distill.probe.eval_device`), named
+    Probe features are extracted and probes trained on Accelerate's device (`distill.probe.eval_device`), named
     in every row and in ``machine``.
 
     Returns:
@@ -79,7 +79,7 @@ def run_recipe(recipe: Recipe, run_dir: str, resume: bool = False, overwrite: bo
 def random_init_key(recipe: Recipe, mean, std, data, kw: dict) -> dict:
     """Everything the random-init probe row depends on, as the feature cache's key is built: the student (name,
     kwargs, input size, mean/std), the seed, the probe settings (epochs, k), the probe data (the train and test
-    subsets' :func:`distill.data.fingerprint.data_fingerprint`, the dataset, the test fraction), the device type,
+    subsets' `distill.data.fingerprint.data_fingerprint`, the dataset, the test fraction), the device type,
     the torch / timm versions and the sha256 of the code that builds and probes it (student, evaluate, probe)."""
     import timm
 
@@ -97,8 +97,8 @@ def random_init_key(recipe: Recipe, mean, std, data, kw: dict) -> dict:
 
 
 def random_init_row(recipe: Recipe, mean, std, data, kw: dict) -> dict:
-    """The probe row of ``recipe.student`` at random init (:func:`distill.evaluate.probe_random_init`), computed
-    once per :func:`random_init_key` and reused after: it never changes for the same student, data, seed and probe
+    """The probe row of ``recipe.student`` at random init (`distill.evaluate.probe_random_init`), computed
+    once per `random_init_key` and reused after: it never changes for the same student, data, seed and probe
     settings, and costs a feature extraction of every probe image (22,000 for the quickstart, about 10% of its run).
     Kept in ``distill_cache_dir() / baselines / <sha256 of the key>.json`` with its key (compared in full on
     reading; written atomically); a reused row says so (``reused``: the file). An unreadable or unwritable file is

@@ -1,10 +1,10 @@
 """``distill plan``: what a recipe will cost before it runs: parameters, FLOPs, memory, disk and time.
 
-:func:`plan_recipe` checks the recipe as ``train`` does (keys, data, teacher), reads one image, builds the teacher
+`plan_recipe` checks the recipe as ``train`` does (keys, data, teacher), reads one image, builds the teacher
 (its real weights: it runs once on one image to count its FLOPs) and the student + regressor on the meta device
 (shapes only), and estimates per process:
 
-- FLOPs per image by part (:mod:`distill.trainer.cost`: VAE, teacher to the deepest block, student and regressor
+- FLOPs per image by part (`distill.trainer.cost`: VAE, teacher to the deepest block, student and regressor
   forward + backward), and per optimizer step (``batch_size x grad_accum_steps`` images);
 - memory: the teacher's weights; the student's and regressor's weights, gradients and optimizer state (fp32:
   4 + 4 bytes per parameter, plus 8 for AdamW / LAMB's two moments or 4 for SGD's momentum); the activations the
@@ -13,8 +13,8 @@
 - disk: what ``distill extract`` would write (features: ``draws x`` every teacher feature in float16; latents:
   ``flips x (mean, std)`` in float16 for a latent teacher);
 - time per step, per epoch and for the recipe's ``steps``: step FLOPs / (peak x MFU). The peak is the GPU's dense
-  datasheet figure (:data:`distill.cost.PEAK_TFLOPS`, ``--gpu NAME``) or, on a CPU, this CPU's fp32 matmul rate
-  measured here; the MFU is assumed (:data:`DEFAULT_MFU` unless given).
+  datasheet figure (`distill.cost.PEAK_TFLOPS`, ``--gpu NAME``) or, on a CPU, this CPU's fp32 matmul rate
+  measured here; the MFU is assumed (`DEFAULT_MFU` unless given).
 
 A precision the device cannot run fast is flagged: on a CPU, a bf16 / fp16 step is timed against fp32 matmuls.
 """
@@ -77,9 +77,9 @@ def plan_recipe(recipe, processes: int = 1, gpu: Optional[str] = None, mfu: Opti
     """Estimate a run of ``recipe`` on ``processes`` processes (see the module docstring).
 
     Args:
-        gpu: a GPU name of :data:`distill.cost.PEAK_TFLOPS` (``H100``, ``A100``, ...); default: this machine's CUDA
+        gpu: a GPU name of `distill.cost.PEAK_TFLOPS` (``H100``, ``A100``, ...); default: this machine's CUDA
             device, else its CPU (rate measured).
-        mfu: the assumed model FLOPs utilisation in (0, 1] (default :data:`DEFAULT_MFU`).
+        mfu: the assumed model FLOPs utilisation in (0, 1] (default `DEFAULT_MFU`).
 
     Raises:
         ValueError: a recipe ``train`` would refuse; an unknown ``gpu``; ``processes`` < 1; ``mfu`` outside (0, 1].

@@ -1,8 +1,8 @@
 """PNG plots: the package's one plotting convention, and the selection plots (grid heatmap, label-free vs probe
 ranking, policy timestep histogram).
 
-Every plot is a matplotlib :class:`~matplotlib.figure.Figure` on an Agg canvas (object API, no pyplot state, no
-display needed): :func:`new_figure` makes one, :func:`save_figure` writes it as a PNG atomically. Each plotting
+Every plot is a matplotlib `Figure` on an Agg canvas (object API, no pyplot state, no
+display needed): `new_figure` makes one, `save_figure` writes it as a PNG atomically. Each plotting
 function writes one PNG and returns its path.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ DPI = 110
 
 
 def new_figure(w: float, h: float):
-    """A ``w x h`` inch :class:`~matplotlib.figure.Figure` on an Agg canvas (no pyplot, no display)."""
+    """A ``w x h`` inch `Figure` on an Agg canvas (no pyplot, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -273,7 +273,7 @@ def colorize(ids, palette: Sequence[Sequence[int]], ignore_index: int, void: Seq
 
 def present_classes(masks, preds, ignore_index: int, num_classes: int) -> list[int]:
     """The class ids ``0 <= id < num_classes`` that occur in ``masks`` or ``preds`` (class ids, any shape),
-    ``ignore_index`` excluded, ascending: the classes :func:`segmentation_grid`'s legend names."""
+    ``ignore_index`` excluded, ascending: the classes `segmentation_grid`'s legend names."""
     import numpy as np
 
     ids = np.union1d(np.unique(np.asarray(masks)), np.unique(np.asarray(preds))).astype(np.int64)

@@ -13,7 +13,7 @@ Beyond RepFusion, a baseline ``b`` is subtracted from the reward (``-(log pi * (
 * ``ema``: exponential moving average of past batch-mean rewards (a buffer, so it is checkpointed);
 * ``none``: RepFusion's plain REINFORCE.
 
-:func:`per_sample_grad_variance` measures what the baseline buys: the total variance (trace of the covariance) of
+`per_sample_grad_variance` measures what the baseline buys: the total variance (trace of the covariance) of
 the per-sample policy-gradient estimates with and without the baseline, on the same batch.
 """
 from __future__ import annotations

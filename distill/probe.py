@@ -6,13 +6,13 @@ everything here works on feature tensors. Protocols:
 * Linear probe (MAE-style): ``BatchNorm1d(D, affine=False) -> Linear(D, C)``, Adam lr 1e-3, cosine schedule
   over 30 epochs, cross-entropy. DDAE (Xiang et al., ICCV 2023) trains a plain ``Linear`` for 15 epochs at
   batch 128 with augmentation; here features are precomputed, so there is no augmentation and BN does the
-  standardisation. :func:`multi_linear_probe` trains a whole grid of (block, timestep) probes in one pass,
+  standardisation. `multi_linear_probe` trains a whole grid of (block, timestep) probes in one pass,
   as DDAE does for its layer/timestep search.
 * kNN probe (solo-learn / InstDisc, Wu et al. 2018): cosine similarity on L2-normalised features, k=20,
   each neighbour votes for its class with weight ``exp(sim / T)``, T=0.07.
 
 Accuracies are micro averages (``torchmetrics.Accuracy(task='multiclass')``) in percent. Everything runs on the
-``device`` it is given; :func:`eval_device` picks Accelerate's (a GPU when there is one, else the CPU).
+``device`` it is given; `eval_device` picks Accelerate's (a GPU when there is one, else the CPU).
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def extract_features(
         loader: yields ``(images, labels)``; kept in loader order.
         device: where ``fn`` runs.
         desc: progress-bar label.
-        progress: show progress (:func:`distill.logs.progress`: a bar on a terminal, plain lines in a log).
+        progress: show progress (`distill.logs.progress`: a bar on a terminal, plain lines in a log).
 
     Returns:
         ``(features, labels)``: float32 ``[N, D]`` and int64 ``[N]``, both on CPU.
@@ -134,7 +134,7 @@ def multi_linear_probe(
     """Train one linear probe per feature key, all in the same pass over the data.
 
     Every key sees the same shuffled minibatches (one seeded ``torch.Generator``) and gets the same seeded
-    init, so a key's result equals :func:`linear_probe` on that key alone. The losses are independent, so one
+    init, so a key's result equals `linear_probe` on that key alone. The losses are independent, so one
     Adam over all heads on their summed loss is the same as one Adam per head. This is how DDAE searches its
     (block, timestep) grid.
 
@@ -147,7 +147,7 @@ def multi_linear_probe(
         epochs, batch_size, lr, weight_decay: Adam with a per-step cosine schedule to 0.
         seed: shuffling and init seed.
         device: where the heads train.
-        progress: progress over epochs (:func:`distill.logs.progress`).
+        progress: progress over epochs (`distill.logs.progress`).
         return_logits: also return each key's test logits ``[M, C]`` (``'test_logits'``), e.g. for soft voting.
 
     Returns:
@@ -205,7 +205,7 @@ def multi_linear_probe(
 def ensemble_probe(train_feats: dict[str, Tensor], train_y: Tensor, test_feats: dict[str, Tensor], test_y: Tensor,
                    members: Optional[list[str]] = None, **kwargs) -> dict:
     """Soft-voting ensemble (representation-dynamics paper, section 4.1): one linear probe per member (e.g. one per
-    timestep of a block), trained as :func:`multi_linear_probe` does; the prediction averages the members' logits.
+    timestep of a block), trained as `multi_linear_probe` does; the prediction averages the members' logits.
 
     Returns:
         ``{'members': {key: {'top1', 'top5', ...}}, 'ensemble': {'top1', 'top5'}, 'best_member': key}``.
@@ -236,7 +236,7 @@ def linear_probe(
 ) -> dict:
     """Linear probe (BN without affine + Linear, Adam lr 1e-3, cosine, 30 epochs) on one feature set.
 
-    Arguments as in :func:`multi_linear_probe`, with ``[N, D]`` / ``[M, D]`` tensors instead of dicts.
+    Arguments as in `multi_linear_probe`, with ``[N, D]`` / ``[M, D]`` tensors instead of dicts.
 
     Returns:
         ``{'top1', 'top5', 'train_top1', 'epochs', 'num_train', 'dim'}``, accuracies in percent.
@@ -274,7 +274,7 @@ def knn_probe(
         num_classes: defaults to the largest label + 1.
         chunk: test rows per similarity matrix.
         device: where the similarities are computed (default: where ``train_x`` is); results come back on the CPU.
-        progress: progress over the test chunks (:func:`distill.logs.progress`).
+        progress: progress over the test chunks (`distill.logs.progress`).
 
     Returns:
         ``{'top1', 'top5', 'k'}``, accuracies in percent.

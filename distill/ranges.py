@@ -1,6 +1,6 @@
-"""The valid values of one numeric recipe field (:class:`Range`): bounds, a set of values, list lengths, words.
+"""The valid values of one numeric recipe field (`Range`): bounds, a set of values, list lengths, words.
 
-Torch-free and free of recipes: :mod:`distill.config` declares one :class:`Range` per numeric field in its
+Torch-free and free of recipes: `distill.config` declares one `Range` per numeric field in its
 ``RANGES`` table and checks a recipe against it.
 """
 from __future__ import annotations

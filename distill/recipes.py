@@ -1,12 +1,12 @@
-"""Shipped recipes by name, ``--set`` overrides (:func:`parse_overrides`), and the recipe key reference generated
-from :class:`distill.config.Recipe`.
+"""Shipped recipes by name, ``--set`` overrides (`parse_overrides`), and the recipe key reference generated
+from `distill.config.Recipe`.
 
 The recipes in the repository's ``recipes/`` ship inside the package as ``distill/shipped_recipes/`` (a symlink in
 the source tree, real files in a wheel), so ``distill train quickstart -o runs/q`` works from any install and
 ``recipes/quickstart.yaml`` keeps working in a checkout. The key reference (name, type, default, valid values, one
-line) is read from the ``Recipe`` dataclass itself: its fields, their type hints and defaults, :data:`RANGES` and the
-vocabularies of :mod:`distill.vocab`, and the comment beside each field (or :data:`_HELP` where it has none).
-``docs/recipe-keys.md`` is :func:`key_reference_markdown`'s output; a test keeps it up to date.
+line) is read from the ``Recipe`` dataclass itself: its fields, their type hints and defaults, `RANGES` and the
+vocabularies of `distill.vocab`, and the comment beside each field (or `_HELP` where it has none).
+``docs/recipe-keys.md`` is `key_reference_markdown`'s output; a test keeps it up to date.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ CHOICES = {"dataset": DATASETS, "teacher_dtype": TEACHER_DTYPES, "vae_dtype": VA
            "optimizer": OPTIMIZERS, "mixed_precision": MIXED_PRECISION, "on_nonfinite": ON_NONFINITE,
            "augment": AUGMENTS, "log_with": TRACKERS, "image_resize": IMAGE_RESIZE, "data_hash": DATA_HASH}
 
-#: One line for the fields of :class:`Recipe` that carry no comment in its source (or a better one than it).
+#: One line for the fields of `Recipe` that carry no comment in its source (or a better one than it).
 _HELP = {
     "dataset": "image source: Fashion-MNIST IDX files, an image folder (class subfolders optional), a CSV file "
                "list, or a Hugging Face dataset (README: Data)",
@@ -123,11 +123,11 @@ def resolve_recipe(name_or_path: Union[str, Path]) -> Path:
 
 
 def load_recipe(name_or_path: Union[str, Path], overrides: Optional[dict] = None) -> Recipe:
-    """:func:`distill.config.load_recipe` of a path or a shipped recipe's name (see :func:`resolve_recipe`).
+    """`distill.config.load_recipe` of a path or a shipped recipe's name (see `resolve_recipe`).
 
     Raises:
         FileNotFoundError: no such file or shipped recipe.
-        ValueError: an invalid recipe or override (see :func:`distill.config.make_recipe`).
+        ValueError: an invalid recipe or override (see `distill.config.make_recipe`).
     """
     return _load_recipe_file(resolve_recipe(name_or_path), overrides)
 
@@ -181,7 +181,7 @@ def _as_declared(value: Any, tp: Any) -> Any:
 
 
 def _source_comments() -> dict[str, str]:
-    """``{field: comment}`` from the ``# ...`` beside each field in :class:`Recipe`'s source."""
+    """``{field: comment}`` from the ``# ...`` beside each field in `Recipe`'s source."""
     src = inspect.getsource(Recipe)
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^    (\w+): [^\n#]*#\s*(.*)$", src, re.M)}
 
@@ -200,9 +200,9 @@ def _valid(name: str) -> str:
 
 
 def recipe_keys() -> list[dict]:
-    """One dict per :class:`Recipe` field, in declaration order: ``name``, ``type`` (as in the recipe errors),
+    """One dict per `Recipe` field, in declaration order: ``name``, ``type`` (as in the recipe errors),
     ``default`` (as YAML reads it back: ``null``, ``false``, ``'no'``), ``valid`` (range or choices, ``''`` when free) and ``help``
-    (one line; ``''`` when the field has neither a comment nor an entry in :data:`_HELP`)."""
+    (one line; ``''`` when the field has neither a comment nor an entry in `_HELP`)."""
     comments, types = _source_comments(), recipe_fields()
     rows = []
     for f in dataclasses.fields(Recipe):

@@ -87,7 +87,7 @@ class FeatureRegressor(nn.Module):
         student_channels: channels of the student's features, finest first (ResNet-18: 64, 128, 256, 512).
         targets: ``(channels, (H, W))`` of each teacher feature to regress.
         sources: for each target, the student level whose FPN output regresses it. ``None``: the level closest
-            in size (:func:`default_sources`), which needs ``level_sizes``.
+            in size (`default_sources`), which needs ``level_sizes``.
         width: channels of the FPN.
         use_ppm: put a pyramid pooling module on the coarsest level.
         ppm_scales: output sizes of the PPM's pooling branches.

@@ -11,8 +11,8 @@ Layout of ``RUN`` (``distill train -o RUN``)::
     RUN/policy.csv, RUN/policy_histogram.png, RUN/selection/   for ``timesteps: policy`` / ``auto-*``
 
 This module lists and chooses checkpoints, prepares or refuses a directory, writes the config and the summary, and
-reloads a trained run (:func:`load_trained`) for export and probes; the logs a run appends to as it trains
-(``metrics.csv``, ``policy.csv``, ``monitor.csv``, ``train.log``) are written by :mod:`distill.trainer.textlog`.
+reloads a trained run (`load_trained`) for export and probes; the logs a run appends to as it trains
+(``metrics.csv``, ``policy.csv``, ``monitor.csv``, ``train.log``) are written by `distill.trainer.textlog`.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def checkpoint_step(ckpt: Path) -> int:
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """The ``checkpoint-{step}`` directories of a run, oldest first, as ``(step, path)``. distill renames a
-    checkpoint into place complete, but a copy or a disk fault can damage one: :func:`newest_loadable_checkpoint`
+    checkpoint into place complete, but a copy or a disk fault can damage one: `newest_loadable_checkpoint`
     checks them."""
     out = []
     run_dir = Path(run_dir)
@@ -81,7 +81,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     """The newest ``checkpoint-{step}`` directory of ``run_dir``, or None (unchecked: to load one, use
-    :func:`newest_loadable_checkpoint`)."""
+    `newest_loadable_checkpoint`)."""
     ckpts = list_checkpoints(Path(run_dir))
     return ckpts[-1][1] if ckpts else None
 
@@ -125,7 +125,7 @@ def checkpoint_problem(ckpt: Path, model_only: bool = False, deep: bool = True) 
 
 
 def newest_loadable_checkpoint(run_dir: Path, model_only: bool = False, deep: bool = True) -> Optional[Path]:
-    """The newest checkpoint of ``run_dir`` that loads (:func:`checkpoint_problem`), or None when there is none.
+    """The newest checkpoint of ``run_dir`` that loads (`checkpoint_problem`), or None when there is none.
     Each newer damaged one is skipped with a warning naming the checkpoint, the file and the problem.
 
     Raises:
@@ -192,7 +192,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Optional[Pa
 
 
 def remove_run(run_dir: Path) -> None:
-    """Delete a run's own artefacts (:data:`RUN_ARTEFACTS`, checkpoints, temporaries), keeping its lock.
+    """Delete a run's own artefacts (`RUN_ARTEFACTS`, checkpoints, temporaries), keeping its lock.
 
     Raises:
         RunExistsError: ``run_dir`` is not provably a distill run: its ``config.yaml`` is not a distill recipe, or
@@ -236,7 +236,7 @@ def recipe_for_yaml(recipe: Recipe) -> Recipe:
 
 
 def write_config(run_dir: Path, recipe: Recipe, resolved: dict) -> None:
-    """``RUN/config.yaml``: the recipe (:func:`recipe_for_yaml`) and the values the run resolved (atomically)."""
+    """``RUN/config.yaml``: the recipe (`recipe_for_yaml`) and the values the run resolved (atomically)."""
     save_recipe(recipe_for_yaml(recipe), Path(run_dir) / CONFIG, resolved)
 
 
@@ -277,7 +277,7 @@ RESUME_RESOLVED_KEYS = ("mean", "std", "data_channels", "teacher_sha256", "data_
 
 def resume_changes(old: Recipe, old_resolved: dict, new: Recipe, new_resolved: Optional[dict] = None) -> list:
     """What a resume would change: ``[(key, old value, new value), ...]`` over the recipe's keys and, when
-    ``new_resolved`` is given, the resolved values of :data:`RESUME_RESOLVED_KEYS` that both runs recorded
+    ``new_resolved`` is given, the resolved values of `RESUME_RESOLVED_KEYS` that both runs recorded
     (a resolved key is prefixed ``_resolved.``)."""
     new = recipe_for_yaml(new)
     out = [(k, v, getattr(new, k)) for k, v in old.to_dict().items() if getattr(new, k) != v]
@@ -294,7 +294,7 @@ def _plain(v):
 
 def check_resume(run_dir: Path, start: int, recipe: Recipe, resolved: Optional[dict], allow_changes: bool) -> list:
     """The resume contract: refuse a resume whose recipe or resolved values differ from the run's, except
-    :data:`RESUME_FREE_KEYS` (and ``steps`` only upwards of the checkpoint ``start``); with ``allow_changes``
+    `RESUME_FREE_KEYS` (and ``steps`` only upwards of the checkpoint ``start``); with ``allow_changes``
     the differences are accepted and returned, to be recorded in ``config.yaml`` with the step where they took
     effect. Returns the list of changes (``[{'step', 'key', 'old', 'new'}]``).
 
@@ -345,7 +345,7 @@ def write_summary(run_dir: Path, summary: dict) -> None:
 
 
 def read_summary(path: Path) -> dict:
-    """A ``summary.json`` written by :func:`write_summary`.
+    """A ``summary.json`` written by `write_summary`.
 
     Raises:
         UnreadableFileError / OSError: missing, empty or not JSON (named). ValueError: not a JSON object.
@@ -380,7 +380,7 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
 
 def load_trained(run_dir: str, checkpoint: Optional[str] = None, map_location="cpu") -> tuple[DistillModel, Recipe, dict]:
     """Rebuild student + regressor of a run and load a checkpoint's weights (default: the newest checkpoint whose
-    weights load; newer damaged ones are skipped with a warning, see :func:`newest_loadable_checkpoint`).
+    weights load; newer damaged ones are skipped with a warning, see `newest_loadable_checkpoint`).
     ``checkpoint`` is a checkpoint directory, or the name of one in the run (``checkpoint-4``).
 
     Returns:

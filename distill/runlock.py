@@ -18,7 +18,7 @@ class RunLock:
 
     The kernel releases the lock when its process dies, so a stale lock of a killed run is recognised without
     guessing; the file holds the holder's pid, host and start time for the message a second process gets. A lock
-    file that cannot be created or written (read-only or full directory) is a :class:`~distill.errors.WriteError`.
+    file that cannot be created or written (read-only or full directory) is a `WriteError`.
 
     Several hosts: the lock is judged by the kernel that serves the file, never by a pid (the pid and host in the
     file are only shown), so a holder on another node is never taken for a dead one. On shared storage it holds

@@ -1,9 +1,9 @@
 """Stopping on a signal: SIGTERM (what schedulers send before pre-emption) and SIGINT (Ctrl-C) end a run cleanly.
 
-The first signal is remembered; the loop (``distill train``: :mod:`distill.trainer.loop`; a fine-tune:
-:mod:`distill.tune.loop`) finishes the current step, keeps what it made (a checkpoint; a result) and raises
-:class:`~distill.errors.TrainingInterrupted` (the CLI exits 143 / 130 and prints how to continue). A second
-signal aborts at once (:class:`~distill.errors.SignalStop`, a ``KeyboardInterrupt``), keeping what is already on
+The first signal is remembered; the loop (``distill train``: `distill.trainer.loop`; a fine-tune:
+`distill.tune.loop`) finishes the current step, keeps what it made (a checkpoint; a result) and raises
+`TrainingInterrupted` (the CLI exits 143 / 130 and prints how to continue). A second
+signal aborts at once (`SignalStop`, a ``KeyboardInterrupt``), keeping what is already on
 disk. With several processes, a stop seen by any process stops all of them after the same step: they agree
 through one all-reduce, made not after every step (a collective waits for the device) but about once a second of
 training, at least every 10 steps, and at every step the loop marks due (checkpoints, evaluations, the last step).

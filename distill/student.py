@@ -57,7 +57,7 @@ def fixed_input_size(name: str) -> Optional[int]:
 
 def student_model_kwargs(name: str, img_size: int, model_kwargs: Optional[Mapping[str, Any]] = None) -> dict:
     """The ``timm.create_model`` arguments of a student fed ``img_size`` px: the user's ``model_kwargs`` plus
-    ``img_size`` for a fixed-input family (:func:`fixed_input_size`) and ``dynamic_img_size=True`` for a ViT-like one.
+    ``img_size`` for a fixed-input family (`fixed_input_size`) and ``dynamic_img_size=True`` for a ViT-like one.
 
     Raises:
         ValueError: ``model_kwargs['img_size']`` differs from ``img_size`` (the model would be built for one size and
@@ -134,7 +134,7 @@ class Student(nn.Module):
             evenly spaced blocks of a ViT-like model (all blocks share one stride).
         model_kwargs: extra ``timm.create_model`` arguments (``patch_size=4``, ``drop_path_rate=0.1``...). A family
             with a fixed input size (timm's ``fixed_input_size``: ViT, DeiT, Swin, MaxViT, CoAtNet, ...) gets
-            ``img_size`` automatically, ViT-like ones also ``dynamic_img_size=True`` (:func:`student_model_kwargs`).
+            ``img_size`` automatically, ViT-like ones also ``dynamic_img_size=True`` (`student_model_kwargs`).
 
     Raises:
         ValueError: an unknown name, arguments the model does not take, a size that is not a multiple of the patch

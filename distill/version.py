@@ -1,6 +1,6 @@
 """The version of distill and its distribution name (one place: the package face, `distill --version`, every file
 written, ``pyproject.toml``'s dynamic version and every install hint read them)."""
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 #: The name distill is published under (``pip install diffusion-distill``; ``distill`` on PyPI is another project);
 #: the import name and the command stay ``distill``. ``pyproject.toml``'s ``[project] name`` is the same

@@ -10,7 +10,7 @@ from typing import Optional
 
 #: Optimizers, by timm's ``create_optimizer_v2`` names (distillation and fine-tuning alike).
 OPTIMIZERS = ("adamw", "lamb", "sgd")
-#: Augmentations (kornia, on the device): see :func:`distill.augment.build_augment`.
+#: Augmentations (kornia, on the device): see `distill.augment.build_augment`.
 AUGMENTS = ("none", "flip", "crop-flip")
 #: Accelerate's ``mixed_precision`` values.
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -28,7 +28,7 @@ ON_NONFINITE = ("error", "skip")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 #: VAE dtypes: float16 is refused, the SD VAE encoder overflows in it.
 VAE_DTYPES = ("float32", "bfloat16")
-#: ``num_workers`` words besides a number: ``auto`` = CPUs per process - 1, at most 8 (:func:`distill.build.loader_workers`).
+#: ``num_workers`` words besides a number: ``auto`` = CPUs per process - 1, at most 8 (`distill.build.loader_workers`).
 NUM_WORKERS_WORDS = ("auto",)
 #: Dataset sources a recipe or command can name.
 DATASETS = ("fashion-mnist", "image-folder", "file-list", "hf")

@@ -16,9 +16,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import math
 import tempfile
 from pathlib import Path
+
+from distill.errors import run_reporting
+from distill.logs import count
 
 
 def main(argv=None) -> int:
@@ -26,39 +31,54 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default="quickstart", help="a shipped recipe's name or a YAML file")
     p.add_argument("--data-root", default=None, help="the recipe's data (with --tiny and none: a synthetic folder)")
     p.add_argument("--steps", type=int, default=None, help="distillation steps (default: the recipe's)")
-    p.add_argument("--fraction", type=float, default=0.01, help="share of the training labels to fine-tune on")
-    p.add_argument("--finetune-steps", type=int, default=500)
+    p.add_argument("--fraction", type=float, default=None, help="share of the training labels to fine-tune on, in "
+                                                                 "(0, 1] (default 0.01; --tiny: 1)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="default 500; --tiny: 2")
     p.add_argument("--onnx", action="store_true", help='also export model.onnx (pip install "diffusion-distill[onnx]")')
     p.add_argument("-o", "--output-dir", default="runs/example-export-finetune")
     p.add_argument("--tiny", action="store_true", help="tiny data, student input and batches: a smoke run")
     args = p.parse_args(argv)
+    with contextlib.ExitStack() as stack:  # the --tiny data lives as long as the run and is removed after it
+        return run_reporting(p.prog, run, args, stack)
 
-    import timm
-    import torch
 
+def run(args, stack: contextlib.ExitStack) -> int:
+    """The four steps as ``args`` say; bad input raises the library's errors (``main`` reports them, exit 2)."""
     import distill
+    from distill.finetune import FinetuneConfig, finetune, result_line
 
     out = Path(args.output_dir)
     overrides = {} if args.steps is None else {"steps": args.steps, "checkpoint_every": args.steps}
     if args.data_root:
         overrides["data_root"] = args.data_root
-    finetune_kw = dict(fraction=args.fraction, steps=args.finetune_steps)
+    finetune_kw = dict(fraction=1.0 if args.tiny else 0.01, steps=2 if args.tiny else 500)
+    if args.tiny:
+        finetune_kw.update(batch_size=6, warmup_steps=0, eval_batch_size=12, log_every=1)
+    finetune_kw.update({k: v for k, v in (("fraction", args.fraction), ("steps", args.finetune_steps))
+                        if v is not None})  # what the user gave wins over the defaults
+    # every fine-tuning setting is checked before the distillation starts, not after it
+    finetune_cfg = FinetuneConfig(model="OUT/student", **finetune_kw)
+    finetune_cfg.validate()
     if args.tiny:
         from _tiny_data import shapes_folder
 
-        root = args.data_root or str(shapes_folder(Path(tempfile.mkdtemp(prefix="distill-example-")) / "shapes"))
-        print(f"--tiny: distilling the shipped CIFAR-10 teacher on the images in {root}")
+        root = args.data_root
+        if root is None:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="distill-example-"))
+            root = str(shapes_folder(Path(tmp) / "shapes"))
+        print(f"--tiny: the recipe's student at 32 px, batch 4, distilled from the shipped CIFAR-10 teacher "
+              f"(cifar10-ddpm-small, mid_block) on the images in {root}")
         overrides.update(dataset="image-folder", data_root=root, image_size=32, image_channels=3,
                          teacher="cifar10-ddpm-small", teacher_blocks=["mid_block"], student_size=32,
                          regressor_width=16, batch_size=4, warmup_steps=0, log_every=1, augment="flip",
                          probe_train_fraction=1.0)
-        finetune_kw.update(fraction=1.0, steps=min(args.finetune_steps, 2), batch_size=6, warmup_steps=0,
-                           eval_batch_size=12, log_every=1)
     recipe = distill.load_recipe(args.recipe, overrides)
+    import timm
+    import torch
 
     # 1. distill
     summary = distill.train(recipe, str(out / "run"), overwrite=True, progress=not args.tiny)
-    print(f"1. distilled {recipe.student} from {recipe.teacher} for {summary['steps']} steps: final losses "
+    print(f"1. distilled {recipe.student} from {recipe.teacher} for {count(summary['steps'], 'step')}: final losses "
           + ", ".join(f"{k} {v:.4f}" for k, v in summary["final_losses"].items()))
 
     # 2. export in timm's format
@@ -80,11 +100,9 @@ def main(argv=None) -> int:
 
     # 4. fine-tune with a fraction of the labels
     data_root = recipe.data_root if recipe.dataset != "fashion-mnist" else None
-    result = distill.finetune(distill.FinetuneConfig(model=str(student_dir), dataset=recipe.dataset,
-                                                     data_root=data_root, **finetune_kw),
-                              str(out / "finetune"), overwrite=True, progress=not args.tiny)
-    from distill.finetune import result_line
-
+    result = finetune(dataclasses.replace(finetune_cfg, model=str(student_dir), dataset=recipe.dataset,
+                                          data_root=data_root),
+                      str(out / "finetune"), overwrite=True, progress=not args.tiny)
     print(f"4. fine-tuned: {result_line(result)}; result in {out / 'finetune' / 'result.json'}")
     return 0 if math.isfinite(result["last_top1"]) else 1
 

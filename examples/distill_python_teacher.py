@@ -13,10 +13,14 @@ prints the final losses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import tempfile
 from pathlib import Path
+
+from distill.errors import run_reporting
+from distill.logs import count
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,37 +36,46 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=None, help="the images (with --tiny and none: a tiny synthetic folder)")
     p.add_argument("--image-size", type=int, default=32, help="images are decoded to this size; the teacher's input")
     p.add_argument("--student", default="resnet18")
-    p.add_argument("--student-size", type=int, default=64)
+    p.add_argument("--student-size", type=int, default=None, help="student input size (default 64; --tiny: 32)")
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None, help="default 64; --tiny: 4")
     p.add_argument("-o", "--output-dir", default="runs/example-python-teacher")
-    p.add_argument("--tiny", action="store_true", help="tiny teacher, student input and batch: a smoke run")
+    p.add_argument("--tiny", action="store_true", help="tiny teacher, student input and batch (where not given): a "
+                                                       "smoke run")
     args = p.parse_args(argv)
+    if args.data_root is None and not args.tiny and args.dataset != "fashion-mnist":
+        p.error("--data-root is required (or --tiny for a synthetic folder, or --dataset fashion-mnist)")
+    with contextlib.ExitStack() as stack:  # the --tiny data lives as long as the run and is removed after it
+        return run_reporting(p.prog, run, args, stack)
 
+
+def run(args, stack: contextlib.ExitStack) -> int:
+    """Distill as ``args`` say; bad input raises the library's errors (``main`` reports them, exit 2)."""
     import distill
 
     data_root = args.data_root
     if args.tiny and data_root is None:
         from _tiny_data import shapes_folder
 
-        data_root = str(shapes_folder(Path(tempfile.mkdtemp(prefix="distill-example-")) / "shapes"))
-        print(f"--tiny: wrote a synthetic image folder to {data_root}")
-    if data_root is None and args.dataset != "fashion-mnist":
-        p.error("--data-root is required (or --tiny for a synthetic folder, or --dataset fashion-mnist)")
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="distill-example-"))
+        data_root = str(shapes_folder(Path(tmp) / "shapes"))
+        print(f"--tiny: wrote a synthetic image folder to {data_root} (removed at the end)")
     channels = 1 if args.dataset == "fashion-mnist" else 3
+    student_size = args.student_size if args.student_size is not None else (32 if args.tiny else 64)
+    batch_size = args.batch_size if args.batch_size is not None else (4 if args.tiny else 64)
     recipe = distill.make_recipe(dict(
         teacher=args.teacher, teacher_kwargs={"in_channels": channels, "image_size": args.image_size,
                                               "base": 8 if args.tiny else 32},
         teacher_weights=args.teacher_weights, teacher_blocks=args.blocks, timesteps=args.timesteps,
         dataset=args.dataset, data_root=data_root, image_size=args.image_size,
-        student=args.student, student_size=32 if args.tiny else args.student_size,
-        regressor_width=16 if args.tiny else 128, steps=args.steps, batch_size=4 if args.tiny else args.batch_size,
+        student=args.student, student_size=student_size,
+        regressor_width=16 if args.tiny else 128, steps=args.steps, batch_size=batch_size,
         warmup_steps=0 if args.tiny else 100, log_every=1 if args.tiny else 50,
         checkpoint_every=args.steps, mean=[0.5] * 3, std=[0.5] * 3))
     summary = distill.train(recipe, args.output_dir, overwrite=True, progress=not args.tiny)
     losses = summary["final_losses"]
     print(f"distilled {args.student} from {args.teacher} (blocks {args.blocks}, timesteps {args.timesteps}) for "
-          f"{summary['steps']} steps into {args.output_dir}; final losses: "
+          f"{count(summary['steps'], 'step')} into {args.output_dir}; final losses: "
           + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
     if not all(math.isfinite(v) for v in losses.values()):
         print("a loss is not finite")

@@ -15,9 +15,13 @@ and ``OUT/predictions.png`` (images, ground truth, prediction, and a legend of t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import tempfile
 from pathlib import Path
+
+from distill.errors import run_reporting
+from distill.logs import count
 
 
 def main(argv=None) -> int:
@@ -25,37 +29,52 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="timm:resnet18", help="an exported student directory, or timm:NAME")
     p.add_argument("--data-root", default=None, help="CamVid (train/ + trainannot/, ...) or --layout's folders; with "
                                                      "--tiny and none: a synthetic images/masks set")
-    p.add_argument("--layout", default="camvid", help="camvid, images-masks, voc, ade20k, cityscapes")
+    p.add_argument("--layout", default=None, help="camvid (default), images-masks, voc, ade20k, cityscapes")
     p.add_argument("--num-classes", type=int, default=None, help="images-masks: class ids 0..N-1 in the masks")
     p.add_argument("--class-names", default=None, help="a file of class names, one per line")
     p.add_argument("--fraction", type=float, default=1.0, help="share of the training masks")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--size", type=int, default=None, help="input height (default: the images' own)")
     p.add_argument("-o", "--output-dir", default="runs/example-segmentation")
-    p.add_argument("--tiny", action="store_true", help="tiny data, decoder and batches: a smoke run")
+    p.add_argument("--tiny", action="store_true", help="tiny decoder and batches (and with no --data-root: a "
+                                                       "synthetic set): a smoke run")
     args = p.parse_args(argv)
-
-    from distill.segment import SegmentConfig, segment_finetune
-
-    kw = dict(layout=args.layout, num_classes=args.num_classes, class_names=args.class_names)
-    if args.tiny:
-        from _tiny_data import segmentation_folder
-
-        root = args.data_root or str(segmentation_folder(Path(tempfile.mkdtemp(prefix="distill-example-")) / "seg"))
-        print(f"--tiny: fine-tuning on the synthetic images and masks in {root}")
-        kw = dict(layout="images-masks", num_classes=4, class_names=str(Path(root) / "classes.txt"),
-                  decoder_width=16, batch_size=4, eval_batch_size=6, warmup_steps=0, log_every=1, grid_images=3)
+    synthetic = args.tiny and args.data_root is None
+    if synthetic:
+        given = [f"{flag} {v}" for flag, v in (("--layout", args.layout), ("--num-classes", args.num_classes),
+                                                ("--class-names", args.class_names)) if v is not None]
+        if given:
+            p.error(f"{', '.join(given)}: --tiny without --data-root fine-tunes on a synthetic set of its own "
+                    f"(images-masks layout, 4 classes, its classes.txt), which these do not describe. Fix: give "
+                    f"--data-root with the data they describe, or leave them out.")
     elif args.data_root is None:
         p.error("--data-root is required (CamVid: the folder holding train/ and trainannot/), or --tiny")
-    else:
-        root = args.data_root
+    with contextlib.ExitStack() as stack:  # the --tiny data lives as long as the run and is removed after it
+        return run_reporting(p.prog, run, args, stack, synthetic)
+
+
+def run(args, stack: contextlib.ExitStack, synthetic: bool) -> int:
+    """Fine-tune as ``args`` say; bad input raises the library's errors (``main`` reports them, exit 2)."""
+    from distill.segment import SegmentConfig, segment_finetune
+
+    root = args.data_root
+    kw = dict(layout=args.layout or "camvid", num_classes=args.num_classes, class_names=args.class_names)
+    if synthetic:
+        from _tiny_data import segmentation_folder
+
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="distill-example-"))
+        root = str(segmentation_folder(Path(tmp) / "seg"))
+        print(f"--tiny: fine-tuning on the synthetic images and masks in {root} (removed at the end)")
+        kw = dict(layout="images-masks", num_classes=4, class_names=str(Path(root) / "classes.txt"))
+    if args.tiny:
+        kw.update(decoder_width=16, batch_size=4, eval_batch_size=6, warmup_steps=0, log_every=1, grid_images=3)
     cfg = SegmentConfig(model=args.model, data_root=root, fraction=args.fraction, steps=args.steps, size=args.size,
                         **kw)
     r = segment_finetune(cfg, args.output_dir, overwrite=True, progress=not args.tiny)
     worst = sorted(r["per_class_iou"].items(), key=lambda kv: kv[1])[:3]
-    print(f"fine-tuned {r['label']} for segmentation on {r['train_images']} training images, {r['steps']} steps: "
-          f"mIoU {r['last_miou']:.2f}, pixel accuracy {r['last_pixel_acc']:.2f} on {r['test_images']} test images; "
-          f"lowest IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in worst))
+    print(f"fine-tuned {r['label']} for segmentation on {count(r['train_images'], 'training image')}, "
+          f"{count(r['steps'], 'step')}: mIoU {r['last_miou']:.2f}, pixel accuracy {r['last_pixel_acc']:.2f} on "
+          f"{count(r['test_images'], 'test image')}; lowest IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in worst))
     print(f"wrote {', '.join(sorted(p.name for p in Path(args.output_dir).iterdir() if not p.name.startswith('.')))} "
           f"in {args.output_dir}")
     return 0 if math.isfinite(r["last_miou"]) else 1

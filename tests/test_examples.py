@@ -1,6 +1,8 @@
 """The runnable examples (examples/*.py) on their tiny settings, each in a subprocess as a user runs it: exit 0, the
 files they say they write, finite numbers; the exported student loads in timm and gives the trained student's
-features (checked here, independently of the script's own check); the segmentation legend's classes are the set's.
+features (checked here, independently of the script's own check); the segmentation legend's classes are the set's;
+the --tiny data is removed afterwards. Bad input that passes argparse gives one line 'SCRIPT: error: ...' and exit 2,
+before any training.
 
 (a) and (b) run side by side (two cores), then (c) fine-tunes (b)'s export."""
 from __future__ import annotations
@@ -46,9 +48,14 @@ def ran(tmp_path_factory):
     procs = {"a": _start("distill_python_teacher.py", ["-o", str(a)], tmp),
              "b": _start("distill_export_finetune.py", ["-o", str(b)], tmp)}
     outs = {k: _finish(p) for k, p in procs.items()}
-    c = tmp / "c"
-    outs["c"] = _finish(_start("segmentation_finetune.py", ["-o", str(c), "--model", str(b / "student")], tmp))
-    return {"a": (outs["a"], a), "b": (outs["b"], b), "c": (outs["c"], c)}
+    c = tmp / "c"  # one step: the summary says "1 step"
+    outs["c"] = _finish(_start("segmentation_finetune.py", ["-o", str(c), "--model", str(b / "student"),
+                                                            "--steps", "1"], tmp))
+    return {"a": (outs["a"], a), "b": (outs["b"], b), "c": (outs["c"], c), "tmp": tmp}
+
+
+def test_examples_remove_the_tiny_data_they_wrote(ran):
+    assert list(ran["tmp"].glob("distill-example-*")) == []
 
 
 def test_python_teacher_example_distills_from_the_users_module(ran):
@@ -85,7 +92,57 @@ def test_segmentation_example_writes_results_and_a_legend_of_its_classes(ran):
     result = json.loads((run / "result.json").read_text())
     assert list(result["per_class_iou"]) == ["background", "square", "disc", "bar"]
     assert math.isfinite(result["last_miou"]) and 0 <= result["last_miou"] <= 100
-    assert result["test_images"] == 6 and result["steps"] == 2
+    assert result["test_images"] == 6 and result["steps"] == 1
     png = (run / "predictions.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert "mIoU" in out
+    assert "mIoU" in out and "6 training images, 1 step: mIoU" in out and "on 6 test images" in out
+
+
+def _refused(script: str, args: list, tmp: Path) -> str:
+    """Run ``script args`` (no --tiny unless given); assert exit 2 and one error line naming the script, no
+    traceback. Returns stderr."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=tmp, env=_env(tmp),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if f"{script}: error: " in line]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def test_python_teacher_example_reports_a_missing_file_in_one_line(tmp_path):
+    line = _refused("distill_python_teacher.py", ["--data-root", str(tmp_path / "no-such-folder"),
+                                                  "-o", str(tmp_path / "run")], tmp_path)
+    assert "no-such-folder" in line and "does not exist" in line
+    line = _refused("distill_python_teacher.py", ["--tiny", "--teacher-weights", str(tmp_path / "w.safetensors"),
+                                                  "-o", str(tmp_path / "run")], tmp_path)
+    assert "teacher_weights" in line and "w.safetensors" in line and "Fix:" in line
+    assert not (tmp_path / "run" / "metrics.csv").exists() and not list(tmp_path.glob("distill-example-*"))
+
+
+def test_export_finetune_example_checks_the_fraction_before_distilling(tmp_path):
+    # --tiny used to replace the given --fraction with 1 silently; out of range it is now refused before step 1
+    line = _refused("distill_export_finetune.py", ["--tiny", "--fraction", "2", "-o", str(tmp_path / "o")], tmp_path)
+    assert "--fraction 2.0 is outside (0, 1]" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_segmentation_example_refuses_settings_that_tiny_would_override(tmp_path):
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "segmentation_finetune.py"), "--tiny", "--layout", "voc",
+                           "--num-classes", "3"], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--layout voc, --num-classes 3: --tiny without --data-root" in proc.stderr and "Fix:" in proc.stderr
+
+
+def test_segmentation_example_reports_a_missing_model_in_one_line(tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from _tiny_data import segmentation_folder
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    root = segmentation_folder(tmp_path / "seg", per_split=2)
+    line = _refused("segmentation_finetune.py", ["--data-root", str(root), "--layout", "images-masks",
+                                                 "--num-classes", "4", "--model", str(tmp_path / "no-export"),
+                                                 "-o", str(tmp_path / "o")], tmp_path)
+    assert "--model" in line and "no-export" in line and "distill export" in line

@@ -1,5 +1,5 @@
-"""Tests for distill.teacher.python (``teacher: python:module:factory``) and the teacher keys around it: a small UNet
-written here (not diffusers), made importable from tmp_path, loaded by name with kwargs, weights (safetensors and .pt
+"""Tests for distill.teacher.python (``teacher: python:module:factory``) and the teacher keys around it: the small UNet
+of examples/my_teacher.py (not diffusers), copied into tmp_path and made importable there, loaded by name with kwargs, weights (safetensors and .pt
 with a prefix), its own noise schedule; trained through ``distill.train`` from a recipe and as an ``nn.Module``; its
 record in config.yaml and the resume check of its weights; ``distill select`` and the teacher probe on it.
 
@@ -13,6 +13,7 @@ import hashlib
 import re
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,65 +23,14 @@ from distill.config import make_recipe
 from distill.teacher import load_teacher
 from distill.teacher.python import parse_python_source, read_state_dict
 
-UNET_SOURCE = textwrap.dedent('''
-    """A small DDPM-style UNet: sinusoidal timestep embedding, two levels, a middle block, skip connections."""
-    import math
-
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-
-    def timestep_embedding(t, dim):
-        half = dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
-        args = t.float()[:, None] * freqs[None]
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
-
-
-    class ResBlock(nn.Module):
-        def __init__(self, cin, cout, tdim):
-            super().__init__()
-            self.norm1, self.conv1 = nn.GroupNorm(4, cin), nn.Conv2d(cin, cout, 3, padding=1)
-            self.temb = nn.Linear(tdim, cout)
-            self.norm2, self.conv2 = nn.GroupNorm(4, cout), nn.Conv2d(cout, cout, 3, padding=1)
-            self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-        def forward(self, x, emb):
-            h = self.conv1(F.silu(self.norm1(x))) + self.temb(emb)[:, :, None, None]
-            return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
-
-
-    class TinyUNet(nn.Module):
-        def __init__(self, in_channels=3, base=8, image_size=16):
-            super().__init__()
-            self.in_channels, self.image_size, self.base = in_channels, image_size, base
-            tdim = 4 * base
-            self.time_mlp = nn.Sequential(nn.Linear(base, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
-            self.inp = nn.Conv2d(in_channels, base, 3, padding=1)
-            self.down = nn.ModuleList([ResBlock(base, base, tdim), ResBlock(base, 2 * base, tdim)])
-            self.mid = ResBlock(2 * base, 2 * base, tdim)
-            self.up = nn.ModuleList([ResBlock(4 * base, base, tdim), ResBlock(2 * base, base, tdim)])
-            self.out = nn.Conv2d(base, in_channels, 3, padding=1)
-
-        def forward(self, x, t):
-            emb = self.time_mlp(timestep_embedding(t, self.base))
-            h, skips = self.inp(x), []
-            for i, block in enumerate(self.down):
-                h = block(h, emb)
-                skips.append(h)
-                if i == 0:
-                    h = F.avg_pool2d(h, 2)
-            h = self.mid(h, emb)
-            for i, block in enumerate(self.up):
-                h = block(torch.cat([h, skips.pop()], 1), emb)
-                if i == 0:
-                    h = F.interpolate(h, scale_factor=2.0)
-            return self.out(h)
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "my_teacher.py"
+# the example's UNet (examples/my_teacher.py, the file users copy), with a factory at test size by default (base 8,
+# 16 px) and one that returns no module
+UNET_SOURCE = EXAMPLE.read_text() + textwrap.dedent('''
 
 
     def make_unet(in_channels=3, base=8, image_size=16):
-        return TinyUNet(in_channels, base, image_size)
+        return TinyUNet(in_channels=in_channels, base=base, image_size=image_size)
 
 
     def not_a_module():
@@ -448,8 +398,8 @@ def test_own_functions_classes_and_class_methods_are_accepted(unet_module):
                 return cls(base=8)
     '''))
     sys.modules.pop("own", None)
-    for source in ("python:my_unet:TinyUNet", "python:own:Net", "python:own:Net.small"):
-        assert load_teacher(source, ["mid"], [11]).feature_info[0].num_chs == 16
+    for source, channels in (("python:my_unet:TinyUNet", 64), ("python:own:Net", 64), ("python:own:Net.small", 16)):
+        assert load_teacher(source, ["mid"], [11]).feature_info[0].num_chs == channels  # 2 x base (32 by default)
     with pytest.raises(ValueError, match=r"'TinyUNet' is defined in 'my_unet', not in 'own'.*Its classes and "
                                          r"functions: Net\."):
         load_teacher("python:own:TinyUNet", ["mid"], [11])

@@ -51,3 +51,4 @@ def test_result_lines_count_one_image_in_the_singular():
          "best_top1": 10.0, "best_step": 2, "top5_k": 5, "last_top5": 50.0, "seconds": 3}
     assert "(1 image)" in result_line(r)
     assert "(1,200 images)" in result_line({**r, "train_images": 1200})
+    assert "seed 0, 2 steps:" in result_line(r) and "seed 0, 1 step:" in result_line({**r, "steps": 1})

@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-from ..errors import EXIT_CODES, SignalStop, TrainingInterrupted
+from ..errors import SignalStop, TrainingInterrupted, report_error
 from ..logs import setup_logging
 from ..version import __version__
 from .common import spread_set_options
@@ -89,11 +89,10 @@ def main(argv=None) -> int:
               f"{kept(getattr(args, 'output_dir', None))}", file=sys.stderr)
         return 128 + signum
     except Exception as e:
-        for kinds, code in EXIT_CODES:
-            if isinstance(e, kinds):
-                print(f"distill {args.command}: error: {e}", file=sys.stderr)
-                return code
-        raise
+        code = report_error(f"distill {args.command}", e)
+        if code is None:
+            raise
+        return code
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)

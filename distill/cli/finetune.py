@@ -163,7 +163,7 @@ def _segment(args) -> int:
 
     def line(r: dict) -> str:
         return (f"{r['label']}: fraction {r['fraction']:g} ({count(r['train_images'], 'image')}), seed {r['seed']}, "
-                f"{r['steps']} steps: {r['eval_split']} mIoU {r['last_miou']:.2f}, pixel acc {r['last_pixel_acc']:.2f}"
+                f"{count(r['steps'], 'step')}: {r['eval_split']} mIoU {r['last_miou']:.2f}, pixel acc {r['last_pixel_acc']:.2f}"
                 f", {r['seconds']:.0f}s")
 
     return _run(args, cfg, segment_finetune, segment_sweep, line)

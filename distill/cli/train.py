@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..logs import count
 from ..recipes import load_recipe, parse_overrides
 from ..vocab import LATENT_STORAGE
 from .common import RECIPE_HELP, RECIPE_TRUST, add_output_dir, add_recipe_args, add_set, keys_epilog
@@ -51,7 +52,7 @@ def cmd_run(args) -> int:
                      progress=not args.no_progress, recipe_name=str(args.recipe), overrides=overrides)
     rows = res["rows"]
     print(f"\n{res['table']}\n\nprobe: train on {rows[0]['num_train']} {recipe.dataset} train images "
-          f"(fraction {recipe.probe_train_fraction}), {rows[0]['test']}; distillation {recipe.steps} steps "
+          f"(fraction {recipe.probe_train_fraction}), {rows[0]['test']}; distillation {count(recipe.steps, 'step')} "
           f"in {res['train_seconds']:.0f}s; total {res['total_seconds']:.0f}s on {res['machine']}")
     return 0
 

@@ -1,16 +1,16 @@
 """Datasets and the conversions that turn one image batch into what the teacher and the student need.
 
 Datasets return ``(image, label)`` with ``image`` a ``uint8`` tensor ``[C, H, W]`` and ``label`` an int (``-1`` when
-the dataset has no labels); every image of a dataset has one size. Sources (:func:`build_dataset`):
+the dataset has no labels); every image of a dataset has one size. Sources (`build_dataset`):
 
-- ``fashion-mnist`` (:mod:`.fmnist`), ``image-folder`` (:mod:`.folder`: class folders, nested, splits ``train/``
-  ``val/`` ``test/``, or flat and unlabelled), ``file-list`` (:mod:`.filelist`: CSV of ``path[,label]``), ``hf``
-  (:mod:`.hf`: Hugging Face ``datasets``);
-- one decoder for all of them, :func:`decode_image` (:mod:`.decode`: every PIL mode to 8 bits, decode-time resize);
-- batches and conversions (:mod:`.batch`), label subsets (:mod:`.subsets`), the input-file fingerprint of the
-  feature-cache key (:mod:`.fingerprint`).
-- segmentation: image + mask pairs (:mod:`.segmentation`), mask files and the mask resampler (:mod:`.masks`), sets
-  as downloaded: CamVid, VOC, ADE20K, Cityscapes (:mod:`.seglayouts`); imported from there, not from this package.
+- ``fashion-mnist`` (`fmnist`), ``image-folder`` (`folder`: class folders, nested, splits ``train/``
+  ``val/`` ``test/``, or flat and unlabelled), ``file-list`` (`filelist`: CSV of ``path[,label]``), ``hf``
+  (`hf`: Hugging Face ``datasets``);
+- one decoder for all of them, `decode_image` (`decode`: every PIL mode to 8 bits, decode-time resize);
+- batches and conversions (`batch`), label subsets (`subsets`), the input-file fingerprint of the
+  feature-cache key (`fingerprint`).
+- segmentation: image + mask pairs (`segmentation`), mask files and the mask resampler (`masks`), sets
+  as downloaded: CamVid, VOC, ADE20K, Cityscapes (`seglayouts`); imported from there, not from this package.
 """
 from ..errors import DatasetNotFoundError
 from ..vocab import DATASETS

@@ -2,7 +2,7 @@
 and the student need.
 
 Everything after decoding happens on whole batches, on the device: augmentation (``distill.augment``), then
-:func:`to_teacher` ([-1, 1], the teacher's channels and size) and :func:`to_student` (3 channels, the student's size,
+`to_teacher` ([-1, 1], the teacher's channels and size) and `to_student` (3 channels, the student's size,
 normalised with mean/std) from the *same* augmented view.
 """
 from __future__ import annotations

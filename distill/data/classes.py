@@ -3,7 +3,7 @@
 A split read on its own numbers its classes by sorting the names it finds, so a test split missing one class would
 shift every later label by one and a probe would score its images against the wrong classes (position, not name).
 Readers of a second split pass the training split's class list (``build_dataset(..., classes=train.classes)``), and
-:func:`class_index` maps that split's names onto it: a class the split lacks is named in a warning (it is simply not
+`class_index` maps that split's names onto it: a class the split lacks is named in a warning (it is simply not
 scored), a class the training split lacks is an error (nothing was trained to recognise it).
 """
 from __future__ import annotations

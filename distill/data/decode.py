@@ -1,6 +1,6 @@
 """Decode one image file into 8-bit pixels: every PIL mode handled explicitly, an optional decode-time resize.
 
-:func:`decode_image` is the one image decoder of the package (image folders, file lists, Hugging Face datasets, and
+`decode_image` is the one image decoder of the package (image folders, file lists, Hugging Face datasets, and
 image+mask readers call it). It returns a ``uint8`` numpy array ``[H, W, C]`` with ``C`` = 1 or 3, whatever the
 file holds:
 
@@ -10,7 +10,7 @@ PIL mode                      conversion to 8 bits
 ``1``                         0 -> 0, 1 -> 255
 ``L``, ``RGB``                as stored
 ``P`` / ``PA``                palette looked up; with a transparency entry or alpha, composited like ``RGBA``
-``LA``, ``RGBA``, ``RGBa``    composited over :data:`ALPHA_BACKGROUND` (white, as image viewers and ImageMagick's
+``LA``, ``RGBA``, ``RGBa``    composited over `ALPHA_BACKGROUND` (white, as image viewers and ImageMagick's
                               ``-flatten`` show it): ``round(c * a / 255 + bg * (1 - a / 255))``
 ``CMYK``, ``YCbCr``, ``LAB``,  PIL's conversion to RGB
 ``HSV``
@@ -47,7 +47,7 @@ Source = Union[str, bytes, os.PathLike, BinaryIO]
 
 
 def _composite(rgba: np.ndarray) -> np.ndarray:
-    """``[H, W, C+1]`` uint8 with alpha last -> ``[H, W, C]`` composited over :data:`ALPHA_BACKGROUND`."""
+    """``[H, W, C+1]`` uint8 with alpha last -> ``[H, W, C]`` composited over `ALPHA_BACKGROUND`."""
     color, alpha = rgba[..., :-1].astype(np.float32), rgba[..., -1:].astype(np.float32) / 255.0
     out = color * alpha + ALPHA_BACKGROUND * (1.0 - alpha)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
@@ -145,7 +145,7 @@ def decode_image(source: Source, channels: int = 3, size=None, resize: str = "ce
             file object.
         channels: 1 (gray; colour images by ITU-R 601 luma) or 3 (RGB; gray images replicated).
         size: None (native size), an int (square) or ``(H, W)``: the image is brought to this size at decode
-            time (``resize``: ``'center-crop'`` or ``'squash'``, see :func:`fit`). JPEGs are decoded at a reduced
+            time (``resize``: ``'center-crop'`` or ``'squash'``, see `fit`). JPEGs are decoded at a reduced
             scale first when that is still at least ``size`` (PIL ``draft``), so an 8000 px scan costs little.
         min_side: an image whose file is below this many pixels on its shorter side is refused (degenerate: a 1x1
             thumbnail); the file's stored size counts, not ``size`` or a JPEG draft.

@@ -45,7 +45,7 @@ def read_file_list(path: str, classes: Optional[Sequence[str]] = None) -> tuple[
                                                                               tuple[str, ...]]:
     """``([(absolute path, label)], classes)`` of a CSV file list (see the module doc). ``classes``: the training
     split's class names; named labels are then numbered by their position in it
-    (:func:`~distill.data.classes.class_index`), not by this CSV's own sorted names.
+    (`class_index`), not by this CSV's own sorted names.
 
     Raises:
         ValueError: a row with more than two fields, an empty path, or integer and named labels mixed (names the
@@ -93,8 +93,8 @@ class FileList(DecodedImages):
 
     Args:
         path: the CSV.
-        channels, size, resize, min_side, on_error: see :class:`~distill.data.images.DecodedImages`.
-        classes: the training split's class names (see :func:`read_file_list`).
+        channels, size, resize, min_side, on_error: see `DecodedImages`.
+        classes: the training split's class names (see `read_file_list`).
     """
 
     def __init__(self, path: str, channels: int = 3, on_error: str = "skip", size=None, resize: str = "center-crop",
@@ -106,7 +106,7 @@ class FileList(DecodedImages):
         self._setup(channels, size, resize, min_side, on_error)
 
     def source(self, i: int):
-        """``(path, path)``: the file of image ``i``, read by :func:`decode_image` and named in messages."""
+        """``(path, path)``: the file of image ``i``, read by `decode_image` and named in messages."""
         path = self.files[i][0]
         return path, path
 

@@ -1,7 +1,7 @@
 """Image folders as downloaded: ``root/[train|val|test/]<class>[/<subclass>...]/<image>``, or flat (unlabelled).
 
 Only regular files are listed (a named pipe, socket or device with an image extension is skipped, never opened),
-directories are walked with :func:`os.scandir` (symlinked folders followed once), and names are kept as Python
+directories are walked with `os.scandir` (symlinked folders followed once), and names are kept as Python
 ``str`` paths (bytes that are not UTF-8 survive as surrogate escapes, so any name the OS allows opens).
 """
 from __future__ import annotations
@@ -62,10 +62,10 @@ def list_images(root: str, labelled: bool = True, classes: Optional[Sequence[str
     ``labelled`` and ``root`` has subfolders: a class is every folder below ``root`` that holds images directly
     (named by its path relative to ``root``, ``'animals/cat'``) or is empty (keeps its label, with a warning);
     classes sorted by name, or, when ``classes`` (the training split's list) is given, labelled by their position in
-    it (:func:`~distill.data.classes.class_index`: a class missing here is named in a warning, one missing there is
+    it (`class_index`: a class missing here is named in a warning, one missing there is
     an error). Images directly in ``root`` beside class folders are left out (with a warning).
     Otherwise (flat folder, or ``labelled=False``): every image under ``root``, recursively, with label ``-1``.
-    Entries that are skipped (see :func:`_scan`) are appended to ``left_out``, one line each.
+    Entries that are skipped (see `_scan`) are appended to ``left_out``, one line each.
 
     Raises:
         ValueError: ``classes`` is given and ``root`` holds a class folder with images that it lacks.
@@ -136,10 +136,10 @@ class ImageFolder(DecodedImages):
     """Images in ``root/<class>/.../*.jpg`` (labelled, classes sorted by name) or flat in ``root`` (label -1).
 
     Args:
-        root: the folder (one split; see :func:`split_folder` for a folder of splits).
-        channels, size, resize, min_side, on_error: see :class:`~distill.data.images.DecodedImages`.
+        root: the folder (one split; see `split_folder` for a folder of splits).
+        channels, size, resize, min_side, on_error: see `DecodedImages`.
         labelled: False reads class folders as unlabelled images (label -1), e.g. for distillation only.
-        classes: the training split's class list: labels are positions in it, by name (see :func:`list_images`);
+        classes: the training split's class list: labels are positions in it, by name (see `list_images`);
             default: this folder's own classes, sorted.
 
     Attributes:
@@ -155,9 +155,11 @@ class ImageFolder(DecodedImages):
         root_p = Path(root).expanduser()
         if not root_p.is_dir():
             raise DatasetNotFoundError(
-                f"image folder '{root}' does not exist. For the CIFAR-10 JPEGs shipped beside the project run "
-                f"`mkdir -p ~/.cache/distill && tar -xzf ../shared/data/cifar10-jpg.tar.gz -C ~/.cache/distill` "
-                f"and point `data_root` at ~/.cache/distill/cifar10-jpg/train (or test)."
+                f"image folder '{root}' does not exist. Fix: point `data_root` (`--data-root`) at a folder of "
+                f"class folders, ROOT/<class>/*.jpg (or ROOT/train/<class>/ and ROOT/test/<class>/). For the "
+                f"CIFAR-10 recipes: download CIFAR-10 from https://www.cs.toronto.edu/~kriz/cifar.html and write "
+                f"its images as ~/.cache/distill/cifar10-jpg/{{train,test}}/<class>/NNNNN.jpg (the documentation's "
+                f"Data page, 'Getting the data', has the script)."
             )
         if channels not in (1, 3):
             raise ValueError(f"channels={channels!r} is not valid; use 1 (grayscale) or 3 (RGB).")
@@ -172,7 +174,7 @@ class ImageFolder(DecodedImages):
         self._setup(channels, size, resize, min_side, on_error)
 
     def source(self, i: int):
-        """``(path, path)``: the file of image ``i``, read by :func:`decode_image` and named in messages."""
+        """``(path, path)``: the file of image ``i``, read by `decode_image` and named in messages."""
         path = self.files[i][0]
         return path, path
 

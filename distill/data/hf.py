@@ -5,7 +5,7 @@
 Why ``datasets`` directly rather than timm's ``create_dataset('hfds/...')``: timm's readers hand back PIL images
 already ``convert('RGB')``-ed (a 16-bit image is clipped there) and read only hub names through ``load_dataset``,
 not a ``save_to_disk`` folder. Here the image column is read undecoded (``Image(decode=False)``: the file's bytes)
-and decoded by :func:`~distill.data.decode.decode_image`, so every PIL mode and size is handled as for files.
+and decoded by `decode_image`, so every PIL mode and size is handled as for files.
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def tar_problem(path: str) -> Optional[str]:
 
 
 def shard_problems(root: str) -> list[str]:
-    """One line per webdataset ``.tar`` shard under the folder ``root`` that is not whole (:func:`tar_problem`),
+    """One line per webdataset ``.tar`` shard under the folder ``root`` that is not whole (`tar_problem`),
     naming the shard, the cause and the fix; ``[]`` for other sources."""
     r = Path(root).expanduser()
     if not r.is_dir():
@@ -120,19 +120,19 @@ class HFImages(DecodedImages):
     """Images (and labels, when there is a label column) of one split of a Hugging Face dataset.
 
     Args:
-        root: see :func:`load_hf_split`. split: ``train``, ``val`` or ``test``.
+        root: see `load_hf_split`. split: ``train``, ``val`` or ``test``.
         image_column: default: the first column of feature type ``Image``.
         label_column: default: the first ``ClassLabel`` column, else an integer column named ``label``, ``labels``
             or ``cls`` (webdataset's ``.cls`` files); none: unlabelled (``-1``).
-        channels, size, resize, min_side, on_error: see :class:`~distill.data.images.DecodedImages`.
+        channels, size, resize, min_side, on_error: see `DecodedImages`.
         classes: the training split's class names: when this split's ``ClassLabel`` names differ, its labels are
-            renumbered by name (:func:`~distill.data.classes.class_index`).
+            renumbered by name (`class_index`).
 
     Raises:
-        DatasetNotFoundError: see :func:`load_hf_split`. ValueError: no image column, a named column is absent, or
+        DatasetNotFoundError: see `load_hf_split`. ValueError: no image column, a named column is absent, or
             (with ``classes``) this split holds a class the training split lacks.
-        UnreadableFileError: with ``on_error='raise'``, a webdataset shard that is cut short (:func:`shard_problems`;
-            with ``'skip'`` a warning names it and :meth:`left_out` says how many images were read).
+        UnreadableFileError: with ``on_error='raise'``, a webdataset shard that is cut short (`shard_problems`;
+            with ``'skip'`` a warning names it and `left_out` says how many images were read).
     """
 
     def __init__(self, root: str, split: str = "train", channels: int = 3, on_error: str = "skip", size=None,
@@ -178,7 +178,7 @@ class HFImages(DecodedImages):
         self._setup(channels, size, resize, min_side, on_error)
 
     def source(self, i: int):
-        """``(source, name)`` of row ``i``: its encoded bytes or file path for :func:`decode_image`, and
+        """``(source, name)`` of row ``i``: its encoded bytes or file path for `decode_image`, and
         ``"ROOT[split] row i (path)"`` for messages."""
         item = self.data[int(i)][self.image_column]
         if isinstance(item, dict):

@@ -1,7 +1,7 @@
 """Datasets of encoded images, decoded on access: the part image folders, file lists and Hugging Face datasets share.
 
-A :class:`DecodedImages` returns ``(uint8 [C, H, W], label)`` (label ``-1`` when unlabelled) with every image at one
-size: ``size`` when given (decode-time resize, :func:`distill.data.decode.fit`), else the size of the dataset's first
+A `DecodedImages` returns ``(uint8 [C, H, W], label)`` (label ``-1`` when unlabelled) with every image at one
+size: ``size`` when given (decode-time resize, `distill.data.decode.fit`), else the size of the dataset's first
 readable image (images of another size are brought to it the same way), so any mix of image sizes stacks into a
 batch. The teacher and the student then get their own sizes from that batch, on the device.
 """
@@ -22,10 +22,10 @@ _logger = logging.getLogger(__name__)
 
 class DecodedImages(Dataset):
     """Base of the file-backed datasets. Subclasses set ``self.labels`` (int64 ``[N]``), ``self.classes`` and
-    implement :meth:`source` (what :func:`decode_image` reads for item ``i``, and its name in messages).
+    implement `source` (what `decode_image` reads for item ``i``, and its name in messages).
 
     Args:
-        channels: 1 or 3 (see :func:`decode_image`).
+        channels: 1 or 3 (see `decode_image`).
         size: None, an int (square) or ``(H, W)``: the decode size (see the module doc).
         resize: ``'center-crop'`` or ``'squash'``.
         min_side: images with a shorter side below this (px) are degenerate: skipped or refused like unreadable ones.
@@ -36,7 +36,7 @@ class DecodedImages(Dataset):
     labels: torch.Tensor
     classes: tuple = ()
     #: what the source lists but the dataset cannot read, found when it is listed (a truncated shard, a symlink
-    #: loop): one line each, naming the file and the cause (:meth:`left_out`)
+    #: loop): one line each, naming the file and the cause (`left_out`)
     left_out_lines: tuple = ()
 
     def _setup(self, channels: int, size, resize: str, min_side: int, on_error: str) -> None:
@@ -78,7 +78,7 @@ class DecodedImages(Dataset):
                 f"{'; '.join(self.left_out_lines)}")
 
     def source(self, i: int):
-        """``(source, name)``: a path or bytes :func:`decode_image` reads, and how messages name it."""
+        """``(source, name)``: a path or bytes `decode_image` reads, and how messages name it."""
         raise NotImplementedError
 
     def __len__(self) -> int:

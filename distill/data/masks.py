@@ -1,6 +1,6 @@
 """Segmentation masks: one file -> class ids per pixel, and the one mask resampler.
 
-:func:`read_mask` reads what people store masks as:
+`read_mask` reads what people store masks as:
 
 =====================================  ==============================================================================
 file                                   read as
@@ -17,10 +17,10 @@ colour-coded RGB                       refused, with the fix (map each colour to
 =====================================  ==============================================================================
 
 An ``id_map`` (a lookup table, e.g. Cityscapes' labelId -> trainId, ADE20K's ``0 -> ignore, k -> k - 1``) then maps
-the stored values to training ids. EXIF orientation is applied as for images (:func:`~distill.data.decode.decode_image`),
+the stored values to training ids. EXIF orientation is applied as for images (`decode_image`),
 so a mask stays aligned with its upright image.
 
-:func:`resize_mask` is the one mask resampler: ``nearest-exact`` (the source pixel whose centre is nearest the
+`resize_mask` is the one mask resampler: ``nearest-exact`` (the source pixel whose centre is nearest the
 target pixel's centre, ``src = floor((dst + 0.5) * in / out)``, as PIL's ``NEAREST`` and OpenCV's ``INTER_NEAREST_EXACT``).
 torch's legacy ``nearest`` (``src = floor(dst * in / out)``) shifts the mask by ``(in / out - 1) / 2`` px against an
 image resized with centred bilinear sampling: +0.33..0.375 px at downscale 3-4.

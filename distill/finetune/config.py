@@ -1,5 +1,5 @@
-"""The settings of one classification fine-tune, :class:`FinetuneConfig`: the shared settings of
-:class:`distill.tune.TuneConfig` plus what classification alone reads."""
+"""The settings of one classification fine-tune, `FinetuneConfig`: the shared settings of
+`distill.tune.TuneConfig` plus what classification alone reads."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ class FinetuneConfig(TuneConfig):
     eval_train: bool = False  # also report accuracy on the (unaugmented) labelled subset at the end
 
     def validate(self) -> None:
-        """:meth:`TuneConfig.validate`, then the classification fields; raises ``ValueError`` naming the option."""
+        """`TuneConfig.validate`, then the classification fields; raises ``ValueError`` naming the option."""
         super().validate()
         if self.layer_decay is not None and (isinstance(self.layer_decay, bool) or not 0 < self.layer_decay <= 1):
             raise ValueError(f"--layer-decay {self.layer_decay!r} is outside (0, 1]: give e.g. 0.75 (each layer below "

@@ -1,5 +1,5 @@
 """The data of a fine-tuning run: a seeded stratified label subset and the full test split, batches drawn for a
-fixed number of steps (augmentation: :mod:`distill.augment`)."""
+fixed number of steps (augmentation: `distill.augment`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,5 +1,5 @@
-"""Classification fine-tuning: :class:`ClassificationTask` on the one loop (:func:`distill.tune.fit`) and
-:func:`finetune`, one run; :func:`evaluate` gives top-1/top-5 on a loader.
+"""Classification fine-tuning: `ClassificationTask` on the one loop (`distill.tune.fit`) and
+`finetune`, one run; `evaluate` gives top-1/top-5 on a loader.
 
 Cross-entropy (label smoothing), kornia augmentation on its own RNG stream, ``to_student`` (size, mean/std), the
 optimizer's layer decay and backbone lr factor; top-1/top-5 on the full test split every ``eval_every`` steps and
@@ -146,7 +146,7 @@ class ClassificationTask(Task):
 
         classes = self.data.classes or FASHION_MNIST_CLASSES
         desc = (f"{result['label']} fine-tuned by distill on {result['dataset']} ({result['fraction']:g} of the "
-                f"labels, {count(result['train_images'], 'image')}, seed {result['seed']}, {result['steps']} steps).")
+                f"labels, {count(result['train_images'], 'image')}, seed {result['seed']}, {count(result['steps'], 'step')}).")
         model_config = {"pretrained_cfg": {"tag": f"{MODEL_TAG}{result['dataset']}", "description": desc}}
         if len(classes) == result["num_classes"]:
             model_config["label_names"] = list(classes)
@@ -160,14 +160,14 @@ class ClassificationTask(Task):
 
 def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, accelerator=None,
              progress: bool = True, callback: Optional[Callable[[dict], None]] = None) -> dict:
-    """Fine-tune ``cfg.model`` on ``cfg.dataset`` (:class:`ClassificationTask` on :func:`distill.tune.fit`); writes
+    """Fine-tune ``cfg.model`` on ``cfg.dataset`` (`ClassificationTask` on `distill.tune.fit`); writes
     ``result.json`` and ``train_log.csv`` to ``output_dir``. Returns the result dict.
 
     ``callback`` (tests, custom logging) is called before every update with ``{'step', 'inputs', 'labels',
     'lr'}`` (``inputs``: the augmented, normalised batch the model sees).
 
     Raises:
-        ValueError: a bad setting (:meth:`FinetuneConfig.validate`), unknown timm model, unlabelled data, or a batch
+        ValueError: a bad setting (`FinetuneConfig.validate`), unknown timm model, unlabelled data, or a batch
             size not divisible by the processes.
         FileNotFoundError: ``--model`` / ``--like`` is not an export, or the dataset is missing.
         FileExistsError: ``output_dir`` already holds a result and ``overwrite`` is False, or holds a
@@ -176,7 +176,7 @@ def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, acce
         UnreadableFileError: the export's config.json or weights are damaged (named in the message).
         WriteError: an output could not be written (disk full, read-only, ...); ``result.json`` is kept when the
             model write fails.
-        NonFiniteLossError: the loss became NaN or Inf (:mod:`distill.errors`).
+        NonFiniteLossError: the loss became NaN or Inf (`distill.errors`).
         TrainingInterrupted: SIGTERM / SIGINT, after ``result.json`` (marked ``stopped``) was written.
     """
     return fit(ClassificationTask(cfg), output_dir, overwrite=overwrite, accelerator=accelerator, progress=progress,
@@ -185,6 +185,6 @@ def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, acce
 
 def result_line(r: dict) -> str:
     """One line summing up a result dict: label, fraction, seed, steps, last and best top-1, top-k, seconds."""
-    return (f"{r['label']}: fraction {r['fraction']:g} ({count(r['train_images'], 'image')}), seed {r['seed']}, {r['steps']} "
-            f"steps: last top-1 {r['last_top1']:.2f} (best {r['best_top1']:.2f} at step {r['best_step']}), "
+    return (f"{r['label']}: fraction {r['fraction']:g} ({count(r['train_images'], 'image')}), seed {r['seed']}, "
+            f"{count(r['steps'], 'step')}: last top-1 {r['last_top1']:.2f} (best {r['best_top1']:.2f} at step {r['best_step']}), "
             f"top-{r['top5_k']} {r['last_top5']:.2f}, {r['seconds']:.0f}s")

@@ -1,5 +1,5 @@
 """Many classification fine-tunes: one per (fraction, seed), each in ``OUT/frac{F}-seed{S}/``, all checked before the
-first (:func:`distill.tune.sweep`)."""
+first (`distill.tune.sweep`)."""
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
@@ -12,6 +12,6 @@ from .run import finetune
 def finetune_sweep(cfg: FinetuneConfig, output_dir: str, fractions: Sequence[float], seeds: Sequence[int],
                    overwrite: bool = False, skip_existing: bool = False, progress: bool = True,
                    on_result: Optional[Callable[[dict], None]] = None) -> list[dict]:
-    """:func:`distill.finetune.finetune` per (fraction, seed); see :func:`distill.tune.sweep`."""
+    """`distill.finetune.finetune` per (fraction, seed); see `distill.tune.sweep`."""
     return sweep(cfg, output_dir, fractions, seeds, finetune, overwrite=overwrite, skip_existing=skip_existing,
                  progress=progress, on_result=on_result)

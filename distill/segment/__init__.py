@@ -2,14 +2,14 @@
 light FPN decoder on a seeded fraction of the training masks, or probe a frozen backbone (a student or a diffusion
 teacher's own features) with one 1x1 conv: the dense linear probe.
 
-One run (:class:`.run.SegmentationTask` on the one fine-tuning loop, :func:`distill.tune.fit`): :func:`.data.seg_data`
+One run (`run.SegmentationTask` on the one fine-tuning loop, `distill.tune.fit`): `data.seg_data`
 (image + mask pairs, checked; a seeded fraction of the training *images* keeps its masks) -> batches from
-:class:`distill.tune.StepBatchSampler` (a fixed number of steps) -> joint scale + crop + flip on its own RNG stream
--> :class:`.model.SegModel` -> cross-entropy with ``ignore_index`` -> the shared optimizer and warmup + cosine
-schedule -> mIoU, per-class IoU and pixel accuracy (:class:`.metrics.SegMetrics`) on the whole
+`distill.tune.StepBatchSampler` (a fixed number of steps) -> joint scale + crop + flip on its own RNG stream
+-> `model.SegModel` -> cross-entropy with ``ignore_index`` -> the shared optimizer and warmup + cosine
+schedule -> mIoU, per-class IoU and pixel accuracy (`metrics.SegMetrics`) on the whole
 evaluation split. ``result.json``, ``train_log.csv``, ``predictions.png`` and, with ``save_model``, ``model/``.
 
-Modules: :mod:`.config`, :mod:`.data`, :mod:`.model`, :mod:`.metrics`, :mod:`.run`, :mod:`.sweep`.
+Modules: `config`, `data`, `model`, `metrics`, `run`, `sweep`.
 """
 from ..augment import JointAugment
 from ..tune import GRID_FILE

@@ -1,5 +1,5 @@
-"""The settings of one segmentation run, :class:`SegmentConfig` (torch-free): the shared fine-tuning settings
-(:class:`distill.tune.TuneConfig`) plus the segmentation ones."""
+"""The settings of one segmentation run, `SegmentConfig` (torch-free): the shared fine-tuning settings
+(`distill.tune.TuneConfig`) plus the segmentation ones."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ from ..vocab import SEG_DECODERS, SEG_LAYOUT_CLASSES, SEG_LAYOUTS
 
 def layout_classes(layout: str, num_classes: Optional[int], ignore_index: Optional[int],
                    mask_threshold: Optional[int] = None) -> tuple[int, int]:
-    """``(num_classes, ignore_index)``: the given ones, else the layout's (:data:`distill.vocab.SEG_LAYOUT_CLASSES`);
+    """``(num_classes, ignore_index)``: the given ones, else the layout's (`distill.vocab.SEG_LAYOUT_CLASSES`);
     binary masks (``mask_threshold``) have 2 classes.
 
     Raises:
@@ -34,8 +34,8 @@ class SegmentConfig(TuneConfig):
     features, frozen: the dense probe of a teacher). ``augment``: ``crop-flip`` = random scale (area ``scale_min``
     to 1) + crop back to the input size + flip, applied to image and mask alike; ``flip``; ``none``. ``size``:
     resize every image (bilinear) and mask (nearest-exact) to this height, keeping the aspect; default the data's own
-    (one size for all). ``num_classes`` / ``ignore_index`` None: the layout's (:data:`distill.vocab.SEG_LAYOUT_CLASSES`;
-    2 classes with ``mask_threshold``), filled in by :meth:`validate`. ``mask_threshold``: binary masks (8-bit grey or
+    (one size for all). ``num_classes`` / ``ignore_index`` None: the layout's (`distill.vocab.SEG_LAYOUT_CLASSES`;
+    2 classes with ``mask_threshold``), filled in by `validate`. ``mask_threshold``: binary masks (8-bit grey or
     JPEG), grey ``>= T`` is class 1.
     """
 
@@ -60,7 +60,7 @@ class SegmentConfig(TuneConfig):
     eval_batch_size: int = 16
 
     def validate(self) -> None:
-        """:meth:`TuneConfig.validate`, then the segmentation fields; raises ``ValueError`` naming the option."""
+        """`TuneConfig.validate`, then the segmentation fields; raises ``ValueError`` naming the option."""
         super().validate()
         if self.data_root is None:
             raise ValueError("--data-root is required for --task segmentation: a folder with train/ + trainannot/ "

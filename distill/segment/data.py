@@ -1,6 +1,6 @@
 """Segmentation data of a run: the labelled training subset and the evaluation split, read through the data package
-(:mod:`distill.data.segmentation`: the pairs, checked; :mod:`distill.data.seglayouts`: the layouts as downloaded,
-with their classes, palettes and id tables; :mod:`distill.data.masks`: mask files and the mask resampler), seeded
+(`distill.data.segmentation`: the pairs, checked; `distill.data.seglayouts`: the layouts as downloaded,
+with their classes, palettes and id tables; `distill.data.masks`: mask files and the mask resampler), seeded
 label fractions and the joint augmentation.
 
 The readers' names stay importable from here (``SegmentationFolder``, ``read_mask``, ``CAMVID_CLASSES``, ...).
@@ -67,7 +67,7 @@ class SegData:
 
     ``train``: the labelled subset; ``test``: the whole evaluation split (``eval_split``: the one read, after a
     ``test`` -> ``val`` fallback); ``train_size``: the ``(H, W)`` training batches have (the first training image's,
-    after ``--size``); ``collate_train``: brings pairs of other sizes to it (:class:`CropPadCollate`).
+    after ``--size``); ``collate_train``: brings pairs of other sizes to it (`CropPadCollate`).
     """
 
     train: Dataset  # the labelled subset
@@ -85,7 +85,7 @@ class SegData:
         return size_batches(self.test.sizes, batch_size)
 
     def grid_pairs(self, n: int):
-        """The first ``n`` evaluation pairs, padded to one size (:func:`pad_pairs`)."""
+        """The first ``n`` evaluation pairs, padded to one size (`pad_pairs`)."""
         return pad_pairs([self.test[i] for i in range(min(n, len(self.test)))], self.ignore_index)
 
 
@@ -97,7 +97,7 @@ def seg_data(root: str, layout: str, fraction: float, seed: int, num_classes: Op
 
     ``eval_split='test'`` falls back to ``val`` where there is no labelled test split (logged; never to ``train``).
     A layout's class names and palette are used unless ``class_names`` is given (or the class count differs);
-    ``num_classes`` / ``ignore_index`` None take the layout's (:func:`.config.layout_classes`). Without ``size``, images of
+    ``num_classes`` / ``ignore_index`` None take the layout's (`config.layout_classes`). Without ``size``, images of
     different sizes (in either split) are refused, naming two files.
     """
     num_classes, ignore_index = layout_classes(layout, num_classes, ignore_index, mask_threshold)

@@ -12,7 +12,7 @@ import torch
 
 
 class SegMetrics:
-    """Accumulate predictions; :meth:`compute` gives percentages.
+    """Accumulate predictions; `compute` gives percentages.
 
     ``update(logits [B, K, H, W] or predicted ids [B, H, W], target ids [B, H, W])``.
     """

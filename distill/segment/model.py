@@ -91,8 +91,8 @@ class TimmBackbone(nn.Module):
     With ``drop_stem`` a CNN's stride-2 stem level is dropped (levels at strides 4..32, as FPN segmentation heads
     take them); pass False for a model built with explicit ``out_indices``. Maps a model gives channels-last (timm's
     ``output_fmt`` NHWC: Swin, MaxViT's ``features_only``) are permuted to NCHW. A plain ViT (every level at one
-    stride, timm's ``forward_intermediates``) gives its last map through :class:`SimplePyramid` (strides 4..32 for
-    patch 16). ``pad_multiple``: the input side must be a multiple of it (ViT patch, Swin's 32; :class:`SegModel`
+    stride, timm's ``forward_intermediates``) gives its last map through `SimplePyramid` (strides 4..32 for
+    patch 16). ``pad_multiple``: the input side must be a multiple of it (ViT patch, Swin's 32; `SegModel`
     pads); ``fixed_size``: a model that takes one input size only gets its input resized to it.
     """
 
@@ -129,7 +129,7 @@ class TimmBackbone(nn.Module):
 
 class TeacherBackbone(nn.Module):
     """A frozen diffusion teacher's block features (one map per block x timestep, fresh noise each call) as levels,
-    ordered finest first. Input [0, 1] is turned into the teacher's input (:func:`distill.data.to_teacher`)."""
+    ordered finest first. Input [0, 1] is turned into the teacher's input (`distill.data.to_teacher`)."""
 
     def __init__(self, teacher: nn.Module):
         super().__init__()
@@ -187,10 +187,10 @@ class SegModel(nn.Module):
 
 
 def build_decoder(name: str, channels: Sequence[int], num_classes: int, width: int = 128) -> nn.Module:
-    """``'fpn'`` (:class:`FPNDecoder`) or ``'linear'`` (:class:`LinearDecoder`).
+    """``'fpn'`` (`FPNDecoder`) or ``'linear'`` (`LinearDecoder`).
 
     Raises:
-        ValueError: an unknown ``name`` (valid: :data:`distill.vocab.SEG_DECODERS`).
+        ValueError: an unknown ``name`` (valid: `distill.vocab.SEG_DECODERS`).
     """
     if name == "fpn":
         return FPNDecoder(channels, num_classes, width)
@@ -209,11 +209,11 @@ def _architecture(source, like_config: Optional[dict]) -> tuple[str, bool, dict]
 
 def timm_features(source, levels: Optional[Sequence[int]], like_config: Optional[dict] = None,
                   img_size: Optional[int] = None) -> nn.Module:
-    """A timm ``features_only`` model of a :class:`distill.finetune.ModelSource`: the export's weights, or random
+    """A timm ``features_only`` model of a `distill.finetune.ModelSource`: the export's weights, or random
     init (call under a seeded RNG) with ``--like``'s model arguments when the architecture matches.
 
-    ``levels``: timm ``out_indices``; default all levels (:class:`TimmBackbone` drops a CNN's stride-2 one).
-    ``img_size``: a fixed-input family (ViT, Swin, ...: :func:`distill.student.fixed_input_size`) is built for this
+    ``levels``: timm ``out_indices``; default all levels (`TimmBackbone` drops a CNN's stride-2 one).
+    ``img_size``: a fixed-input family (ViT, Swin, ...: `distill.student.fixed_input_size`) is built for this
     side (scratch; an export keeps the size it was trained at) with ``dynamic_img_size=True`` where timm offers it,
     so any input size (a multiple of its patch / window grid) runs.
     """
@@ -246,8 +246,8 @@ def timm_features(source, levels: Optional[Sequence[int]], like_config: Optional
 
 
 def fixed_family(arch: str) -> bool:
-    """Whether timm builds ``arch`` for one input size (``img_size``): :func:`distill.student.fixed_input_size` or
-    a ViT-like family (:data:`distill.student.VIT_PREFIXES`)."""
+    """Whether timm builds ``arch`` for one input size (``img_size``): `distill.student.fixed_input_size` or
+    a ViT-like family (`distill.student.VIT_PREFIXES`)."""
     import timm
 
     from ..student import VIT_PREFIXES, fixed_input_size
@@ -257,7 +257,7 @@ def fixed_family(arch: str) -> bool:
 
 def timm_backbone(source, levels: Optional[Sequence[int]], like_config: Optional[dict], mean: Sequence[float],
                   std: Sequence[float], img_size: Optional[int] = None) -> TimmBackbone:
-    """:class:`TimmBackbone` of :func:`timm_features`, with the input grid a patch-embedding model needs: a multiple
+    """`TimmBackbone` of `timm_features`, with the input grid a patch-embedding model needs: a multiple
     of its largest stride when its patch embedding takes any size (timm ``strict_img_size=False``, set by
     ``dynamic_img_size``), else its one built size (the input is resized to it)."""
     model = timm_features(source, levels, like_config, img_size)

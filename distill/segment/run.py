@@ -1,11 +1,11 @@
-"""Segmentation fine-tuning: :class:`SegmentationTask` on the one loop (:func:`distill.tune.fit`) and
-:func:`segment_finetune`, one run: a backbone + decoder trained for a fixed number of steps on a seeded fraction of
+"""Segmentation fine-tuning: `SegmentationTask` on the one loop (`distill.tune.fit`) and
+`segment_finetune`, one run: a backbone + decoder trained for a fixed number of steps on a seeded fraction of
 the training masks; ``result.json`` (mIoU, per-class IoU, pixel accuracy on the whole evaluation split),
 ``train_log.csv``, ``predictions.png`` and, with ``save_model``, ``model/``.
 
-The loop's pieces are shared with classification (:mod:`distill.tune`: the step sampler, so 10% and 100% of the
+The loop's pieces are shared with classification (`distill.tune`: the step sampler, so 10% and 100% of the
 masks get the same budget and a distilled run and its scratch baseline seeded alike see the same images in the same
-order; the optimizer and schedule; the output directory), and so is the model source (:mod:`distill.finetune.model`:
+order; the optimizer and schedule; the output directory), and so is the model source (`distill.finetune.model`:
 an export, ``timm:NAME`` with ``--like``). Joint image + mask augmentation on its own RNG stream (the same crops and
 flips for both arms); cross-entropy ignores ``ignore_index`` pixels.
 """
@@ -22,6 +22,7 @@ from ..atomic import atomic_dir, atomic_write_json
 from ..augment import SeededAugment, build_joint_augment
 from ..data import to_unit
 from ..finetune.model import default_label, parse_model_source, read_export_config
+from ..logs import count
 from ..plots import segmentation_grid
 from ..tune import GRID_FILE, MODEL_TAG, Task, fit
 from .config import SegmentConfig
@@ -32,7 +33,7 @@ from .model import SegModel, TeacherBackbone, build_decoder, timm_backbone
 
 def resize_pair(images: torch.Tensor, masks: torch.Tensor, height: Optional[int]):
     """Resize a batch to ``height`` px high, keeping the aspect: images bilinear (antialiased), masks nearest-exact
-    (:mod:`distill.data.masks`). ``images [B, C, H, W]`` float, ``masks [B, H, W]`` int64; ``height=None`` returns
+    (`distill.data.masks`). ``images [B, C, H, W]`` float, ``masks [B, H, W]`` int64; ``height=None`` returns
     them unchanged."""
     if height is None or images.shape[-2] == height:
         return images, masks
@@ -68,7 +69,7 @@ def _build_model(cfg: SegmentConfig, like_config: Optional[dict], num_classes: i
 @torch.no_grad()
 def evaluate_segmentation(model: nn.Module, loader, num_classes: int, ignore_index: int, height: Optional[int] = None,
                           accelerator=None) -> dict:
-    """mIoU, per-class IoU and pixel accuracy (:class:`SegMetrics`) of ``model`` on every batch of ``loader``
+    """mIoU, per-class IoU and pixel accuracy (`SegMetrics`) of ``model`` on every batch of ``loader``
     (``(uint8 images, int64 masks)``); the masks are compared at ``height`` (default: their own size). With several
     processes each one scores its own batches (batches of different image sizes cannot be gathered) and the
     confusion matrices, class presence and counts are summed over processes."""
@@ -181,14 +182,14 @@ class SegmentationTask(Task):
 def segment_finetune(cfg: SegmentConfig, output_dir: str, overwrite: bool = False, accelerator=None,
                      progress: bool = True, callback: Optional[Callable[[dict], None]] = None) -> dict:
     """Train ``cfg.model`` + a decoder on a seeded ``cfg.fraction`` of the training masks for ``cfg.steps`` steps;
-    evaluate on the whole ``cfg.eval_split`` (:class:`SegmentationTask` on :func:`distill.tune.fit`). Returns the
+    evaluate on the whole ``cfg.eval_split`` (`SegmentationTask` on `distill.tune.fit`). Returns the
     result dict (also written to ``OUT/result.json``).
 
     ``callback`` is called before every update with ``{'step', 'inputs' [B, 3, H, W] in [0, 1], 'masks' [B, H, W],
     'lr'}`` (tests: the same batches and augmentation for two models).
 
     Raises:
-        ValueError: a bad setting (:meth:`SegmentConfig.validate`), bad data (an unpaired, colour, out-of-range or
+        ValueError: a bad setting (`SegmentConfig.validate`), bad data (an unpaired, colour, out-of-range or
             wrongly sized mask, named), an unknown timm model.
         FileNotFoundError: the data, ``--model`` or ``--like`` is missing.
         FileExistsError: ``output_dir`` holds a result and ``overwrite`` is False, or files distill did not write;
@@ -220,7 +221,7 @@ def _save_model(model: nn.Module, path: Path, result: dict, palette) -> None:
     config = {"pretrained_cfg": {"tag": f"{MODEL_TAG}segmentation",
                                  "description": f"{result['label']} fine-tuned for segmentation by distill "
                                                 f"({result['fraction']:g} of the masks, seed {result['seed']}, "
-                                                f"{result['steps']} steps)."},
+                                                f"{count(result['steps'], 'step')})."},
               "segmentation": {k: result[k] for k in ("model", "architecture", "like", "decoder", "decoder_width",
                                                       "num_classes", "ignore_index", "classes", "input_size", "mean",
                                                       "std", "backbone")},

@@ -1,12 +1,12 @@
 """Choosing the teacher's block and timestep (DDAE, Xiang et al. ICCV 2023): procedures that return results.
 
-- :mod:`.grid`: linear probes of the teacher's pooled features over blocks x timesteps, one teacher forward per
+- `grid`: linear probes of the teacher's pooled features over blocks x timesteps, one teacher forward per
   batch (``grid_probe``), with its memory estimate; ``pooled_teacher_features``.
-- :mod:`.label_free`: alignment + uniformity of two noisings, no labels (``label_free_scores``).
-- :mod:`.auto`: ``distill select`` (``run_selection``) and a recipe's ``timesteps: auto-grid | auto-label-free``
+- `label_free`: alignment + uniformity of two noisings, no labels (``label_free_scores``).
+- `auto`: ``distill select`` (``run_selection``) and a recipe's ``timesteps: auto-grid | auto-label-free``
   (``auto_select_timestep``).
-- :mod:`.outputs`: the files a selection writes and its Markdown summary.
-- :mod:`.teacher_probe`: ``distill probe teacher:NAME`` (``probe_teacher``).
+- `outputs`: the files a selection writes and its Markdown summary.
+- `teacher_probe`: ``distill probe teacher:NAME`` (``probe_teacher``).
 """
 from .auto import auto_select_timestep, check_candidates, per_timestep, run_selection, selection_split
 from .grid import (available_memory_gb, check_grid_memory, estimate_grid_memory, grid_probe,

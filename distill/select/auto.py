@@ -1,5 +1,5 @@
-"""Selection runs: ``distill select`` (:func:`run_selection`) and a recipe's ``timesteps: auto-grid | auto-label-free``
-(:func:`auto_select_timestep`), built on the grid probe (:mod:`.grid`) and the label-free scores (:mod:`.label_free`).
+"""Selection runs: ``distill select`` (`run_selection`) and a recipe's ``timesteps: auto-grid | auto-label-free``
+(`auto_select_timestep`), built on the grid probe (`grid`) and the label-free scores (`label_free`).
 
 Both score candidates on the TRAIN split only (the grid on held-out training images) unless asked otherwise, so a
 pick never leaks the test set that reports accuracy.
@@ -85,7 +85,7 @@ def auto_select_timestep(recipe: Recipe, dataset, channels: int, out_dir, progre
     probe's held-out accuracy (auto-grid) or of the label-free score (auto-label-free). Writes the selection's files
     to ``out_dir`` and returns ``{'timestep', 'method', 'teacher_forwards', 'image_forwards', 'scores', ...}``
     (also written to ``out_dir/selection.json``). The teacher and the probes run on ``device`` (default
-    :func:`distill.probe.eval_device`: Accelerate's, a GPU when there is one), recorded as ``'device'``.
+    `distill.probe.eval_device`: Accelerate's, a GPU when there is one), recorded as ``'device'``.
 
     Raises:
         ValueError: ``recipe.timesteps`` is neither mode, or the candidates are out of the teacher's range.
@@ -130,17 +130,17 @@ def run_selection(out_dir, *, recipe: Optional[Recipe] = None, teacher=None, blo
                   device=None) -> SelectionResult:
     """Grid probe and/or label-free selection over blocks x timesteps (``distill select``); files in ``out_dir``.
 
-    Every argument left None comes from ``recipe`` (default: the :class:`~distill.config.Recipe` defaults).
+    Every argument left None comes from ``recipe`` (default: the `Recipe` defaults).
 
     Args:
-        out_dir: output directory (created): the files of :func:`write_grid_outputs` and
-            :func:`write_label_free_outputs`, and ``select.json`` (the returned ``report``).
+        out_dir: output directory (created): the files of `write_grid_outputs` and
+            `write_label_free_outputs`, and ``select.json`` (the returned ``report``).
         recipe: base recipe (teacher, data, ``teacher_blocks``, ``timestep_candidates``, ``select_*``, seed).
         teacher: packaged name, directory, hub id or config (recipe key ``teacher``).
         blocks: candidate blocks (``teacher_blocks``).
         timesteps: candidate timesteps (``timestep_candidates``), integers in ``[0, T)``.
         dataset, data_root: the data (its TRAIN split is scored, except with ``score_on='test'``).
-        method: one of :data:`distill.vocab.SELECT_METHODS` (``both`` = grid, then label-free ranked against it).
+        method: one of `distill.vocab.SELECT_METHODS` (``both`` = grid, then label-free ranked against it).
         images, val_images: grid: train images the probes fit on / held-out train images they are scored on
             (``select_images``, ``select_val_images``).
         epochs: grid: passes over ``images``, fresh noise every step (``select_epochs``).
@@ -148,16 +148,16 @@ def run_selection(out_dir, *, recipe: Optional[Recipe] = None, teacher=None, blo
         seed: subset, noise and probe seed.
         score_on: grid: ``'val'`` (held-out train images) or ``'test'`` (the test split, as DDAE's table).
         batch_size: images per teacher forward (a forward holds ``batch_size x K`` images).
-        augment: grid: one of :data:`distill.vocab.AUGMENTS`, on train images.
+        augment: grid: one of `distill.vocab.AUGMENTS`, on train images.
         max_memory_gb: grid: refuse to start above this estimated step memory (default: the free memory).
         compare: label-free only: a ``grid.csv`` to rank against.
-        progress: progress bars (:func:`distill.logs.progress`: plain lines when stderr is a file).
+        progress: progress bars (`distill.logs.progress`: plain lines when stderr is a file).
         timesteps_name: how errors name the candidate list (the CLI passes ``'--timesteps'``).
-        device: where the teacher and the probes run (default :func:`distill.probe.eval_device`: Accelerate's, a GPU
+        device: where the teacher and the probes run (default `distill.probe.eval_device`: Accelerate's, a GPU
             when there is one); recorded in ``report['device']``.
 
     Returns:
-        a :class:`SelectionResult`; :func:`distill.select.format_selection` renders it as Markdown.
+        a `SelectionResult`; `distill.select.format_selection` renders it as Markdown.
 
     Raises:
         ValueError: unknown ``method``, a bad recipe value, candidates outside the teacher's range, too many images.

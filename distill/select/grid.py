@@ -6,7 +6,7 @@ takes an Adam step on the same batch. So the grid costs ``epochs x ceil(N_train 
 forwards however many probes it trains, and noise is fresh at every step as in DDAE (which also augments with
 crop + flip; ``augment`` picks the same kornia views the trainer uses).
 
-Before starting, :func:`estimate_grid_memory` predicts the peak memory of one step; a grid that would not fit in
+Before starting, `estimate_grid_memory` predicts the peak memory of one step; a grid that would not fit in
 ``max_memory_gb`` stops with the estimate and the batch size that fits.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def pooled_teacher_features(teacher: DiffusionTeacher, dataset, batch_size: int 
     """``{key: [N, C]}`` globally pooled features of every (block, timestep), and the labels ``[N]``.
 
     One noise draw per image (seeded); used to score the grid's probes, by the offline teacher probe and by
-    :func:`distill.select.probe_teacher` (``distill probe teacher:NAME``, ensembles included).
+    `distill.select.probe_teacher` (``distill probe teacher:NAME``, ensembles included).
     """
     g = torch.Generator(device=teacher.device).manual_seed(seed)
     feats: dict[str, list] = {}
@@ -128,13 +128,13 @@ def grid_probe(teacher: DiffusionTeacher, data: ProbeData, epochs: int = 2, batc
 
     Args:
         teacher: wraps the candidate blocks and timesteps (``teacher.blocks`` x ``teacher.timesteps``).
-        data: labelled train and test splits (images as the datasets of :mod:`distill.data` give them).
+        data: labelled train and test splits (images as the datasets of `distill.data` give them).
         epochs: passes over ``data.train``; each pass sees new noise (and new augmented views).
         batch_size: images per step; a teacher forward holds ``batch_size x K`` images.
         lr: Adam learning rate of the probes (cosine to 0 over all steps); probes are BN (no affine) + Linear.
             1e-2, not the offline probe's 1e-3: an online grid takes few steps (on the Fashion-MNIST teacher, 2,000
             images x 2 epochs at batch 64: 1e-3 reached 43.6% on the best cell, 1e-2 73.7%).
-        augment: one of :data:`distill.vocab.AUGMENTS` (kornia, as in the trainer), applied to train images only.
+        augment: one of `distill.vocab.AUGMENTS` (kornia, as in the trainer), applied to train images only.
         seed: shuffling, noise, augmentation and probe-init seed.
         max_memory_gb: refuse to start when the step's estimated memory exceeds it (default: the free memory).
 
@@ -207,8 +207,8 @@ def teacher_grid_probe(teacher: DiffusionTeacher, data: ProbeData, batch_size: i
                        seed: int = 0, progress: bool = True, protocol: str = "online", **kwargs) -> list[dict]:
     """Linear-probe rows of every (block, timestep) of ``teacher``, best first (``tools/probe_teacher.py``).
 
-    ``protocol='online'``: :func:`grid_probe` (fresh noise every step, few epochs, lr 1e-2).
-    ``protocol='offline'``: the probe students get (:func:`distill.probe.multi_linear_probe`, Adam lr 1e-3, cosine,
+    ``protocol='online'``: `grid_probe` (fresh noise every step, few epochs, lr 1e-2).
+    ``protocol='offline'``: the probe students get (`distill.probe.multi_linear_probe`, Adam lr 1e-3, cosine,
     ``epochs`` over features pooled once, one seeded noise draw per image), so a teacher's and a student's numbers
     compare like for like.
     """

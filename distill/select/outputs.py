@@ -20,13 +20,13 @@ from .label_free import rank_correlation
 
 @dataclass
 class SelectionResult:
-    """What :func:`distill.select.run_selection` returns.
+    """What `distill.select.run_selection` returns.
 
     Attributes:
         report: the content of ``select.json`` (teacher, blocks, timesteps, dataset, and per method its summary).
         out_dir: the directory holding the files.
         methods: the methods run, in order (``'grid'``, ``'label-free'``).
-        grid: :func:`distill.select.grid_probe`'s result (rows best first, plus ``scored_on``), or None.
+        grid: `distill.select.grid_probe`'s result (rows best first, plus ``scored_on``), or None.
         label_free: the label-free rows, best first (with ``rank`` and, ranked against a grid, ``probe_top1``),
             or None.
     """

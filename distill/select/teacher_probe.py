@@ -1,9 +1,9 @@
 """Linear probes of a diffusion teacher's own pooled features (``distill probe teacher:NAME`` or
 ``teacher:RECIPE.yaml``).
 
-One probe per (block, timestep), trained as students' probes are (:func:`distill.probe.multi_linear_probe` on
+One probe per (block, timestep), trained as students' probes are (`distill.probe.multi_linear_probe` on
 features pooled once, one seeded noise draw per image); with ``ensemble`` the timesteps of each block also
-soft-vote (averaged logits; :func:`distill.probe.ensemble_probe`).
+soft-vote (averaged logits; `distill.probe.ensemble_probe`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def probe_teacher(source, blocks: Sequence[str], timesteps: Optional[Sequence[in
 
     Args:
         source: the teacher (packaged name, directory, hub id or ``python:module:factory``; as
-            :func:`distill.teacher.load_teacher` takes), or a recipe file (``.yaml``) whose teacher and ``teacher_*``
+            `distill.teacher.load_teacher` takes), or a recipe file (``.yaml``) whose teacher and ``teacher_*``
             keys are used, with its ``teacher_blocks``, dataset and data root as defaults.
         blocks: the teacher blocks to probe.
         timesteps: the timesteps (default ``[11]``); ``ensemble`` needs two or more.
@@ -36,15 +36,15 @@ def probe_teacher(source, blocks: Sequence[str], timesteps: Optional[Sequence[in
             ``train_fraction`` of it) to fit, test split (a seeded stratified ``test_fraction`` of it) to score.
         epochs, seed: of the probes (and the noise: train features draw with ``seed``, test with ``seed + 1``).
         ensemble: add one row per block that soft-votes its timesteps.
-        progress: progress bars (:func:`distill.logs.progress`: plain lines when stderr is a file).
-        device: where the teacher and the probes run (default :func:`distill.probe.eval_device`: Accelerate's, a
+        progress: progress bars (`distill.logs.progress`: plain lines when stderr is a file).
+        device: where the teacher and the probes run (default `distill.probe.eval_device`: Accelerate's, a
             GPU when there is one); returned as ``'device'``.
-        teacher_options: more :func:`distill.teacher.load_teacher` arguments (``teacher_kwargs``, ``weights``,
+        teacher_options: more `distill.teacher.load_teacher` arguments (``teacher_kwargs``, ``weights``,
             ``noise_schedule``, ``resolution``, ``in_channels`` ... of a ``python:module:factory`` teacher).
 
     Returns:
         ``{'rows', 'dataset', 'train_images', 'test_images', 'tested', 'device'}`` (``tested``: the line of
-        :func:`distill.evaluate.tested_on`); each row is ``{'block', 'timestep',
+        `distill.evaluate.tested_on`); each row is ``{'block', 'timestep',
         'linear_top1', 'linear_top5'}`` (per block: its timesteps in order, then with ``ensemble`` a row whose ``timestep`` is
         ``'ensemble'`` with ``members`` and ``best_member``).
 
@@ -93,7 +93,7 @@ def probe_teacher(source, blocks: Sequence[str], timesteps: Optional[Sequence[in
 
 
 def format_teacher_probe(result: dict) -> str:
-    """The Markdown table ``distill probe teacher:NAME`` prints for :func:`probe_teacher`'s result."""
+    """The Markdown table ``distill probe teacher:NAME`` prints for `probe_teacher`'s result."""
     lines = ["| block | timestep(s) | linear top-1 | linear top-5 |\n|---|---|---|---|"]
     for r in result["rows"]:
         if r["timestep"] == "ensemble":

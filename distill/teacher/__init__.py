@@ -1,13 +1,13 @@
 """Frozen diffusion teachers that return features of named blocks at chosen timesteps.
 
-- :mod:`.base`: :class:`DiffusionTeacher` (pixel-space model: noising, batched timesteps, hooks, early exit),
-  :class:`TeacherFeatureInfo` and the feature keys ``'<block>@t<t>'`` (:func:`feature_key`, :func:`parse_feature_key`).
-- :mod:`.latent`: :class:`LatentDiffusionTeacher` (VAE + Stable Diffusion UNet) and :class:`DiTTeacher`.
-- :mod:`.prompt`: the prompt embedding of a Stable Diffusion teacher (user-given or empty-prompt, cached).
-- :mod:`.loading`: :func:`load_teacher` and :func:`inspect_teacher` (packaged name, directory, hub id, config dict,
+- `base`: `DiffusionTeacher` (pixel-space model: noising, batched timesteps, hooks, early exit),
+  `TeacherFeatureInfo` and the feature keys ``'<block>@t<t>'`` (`feature_key`, `parse_feature_key`).
+- `latent`: `LatentDiffusionTeacher` (VAE + Stable Diffusion UNet) and `DiTTeacher`.
+- `prompt`: the prompt embedding of a Stable Diffusion teacher (user-given or empty-prompt, cached).
+- `loading`: `load_teacher` and `inspect_teacher` (packaged name, directory, hub id, config dict,
   ``python:module:factory``, module); the shipped teachers are in ``packaged/<name>/``.
-- :mod:`.python`: a teacher built by the user's factory (``python:module:factory``) and its weight file.
-- :mod:`.schedule`: a noise schedule given in a recipe (``teacher_scheduler``).
+- `python`: a teacher built by the user's factory (``python:module:factory``) and its weight file.
+- `schedule`: a noise schedule given in a recipe (``teacher_scheduler``).
 """
 from ..errors import MissingDependencyError
 from .base import DiffusionTeacher, TeacherFeatureInfo, candidate_blocks, feature_key, parse_feature_key

@@ -6,8 +6,8 @@ forward hooks and stops the forward right after the deepest requested block (ear
 ``feature_info``, it reports the channels and stride of every (block, timestep) feature, found by a dry run.
 
 It wraps a diffusers ``UNet2DModel`` or any module whose forward takes ``(noisy_image, timestep)``; the latent
-teachers (:mod:`distill.teacher.latent`) subclass it. A teacher is never given to ``accelerator.prepare``: move it
-with ``.to()``. :func:`feature_key` / :func:`parse_feature_key` are the one place feature keys are built and read.
+teachers (`distill.teacher.latent`) subclass it. A teacher is never given to ``accelerator.prepare``: move it
+with ``.to()``. `feature_key` / `parse_feature_key` are the one place feature keys are built and read.
 """
 from __future__ import annotations
 
@@ -35,19 +35,19 @@ class TeacherFeatureInfo:
 
     @property
     def key(self) -> str:
-        """The feature's key in the teacher's output dict, ``'<block>@t<t>'`` (:func:`feature_key`)."""
+        """The feature's key in the teacher's output dict, ``'<block>@t<t>'`` (`feature_key`)."""
         return feature_key(self.block, self.timestep)
 
 
 def feature_key(block: str, timestep: Optional[int]) -> str:
-    """Key of a teacher feature in the dict returned by :class:`DiffusionTeacher`: ``'up_blocks.1@t11'``, or
+    """Key of a teacher feature in the dict returned by `DiffusionTeacher`: ``'up_blocks.1@t11'``, or
     ``'up_blocks.1@t*'`` for ``timestep=None`` (each image at its own, per-image timestep). The one place keys are
-    built; :func:`parse_feature_key` is its inverse."""
+    built; `parse_feature_key` is its inverse."""
     return f"{block}@t{'*' if timestep is None else int(timestep)}"
 
 
 def parse_feature_key(key: str) -> tuple[str, Optional[int]]:
-    """Inverse of :func:`feature_key`: ``'up_blocks.1@t11'`` -> ``('up_blocks.1', 11)``, ``'mid_block@t*'`` ->
+    """Inverse of `feature_key`: ``'up_blocks.1@t11'`` -> ``('up_blocks.1', 11)``, ``'mid_block@t*'`` ->
     ``('mid_block', None)``.
 
     Raises:
@@ -103,7 +103,7 @@ class DiffusionTeacher(nn.Module):
         timesteps: default timesteps, each in ``[0, T)``; ``forward`` can override them.
         scheduler: a diffusers noise scheduler with ``add_noise``; default ``DDPMScheduler(1000)``.
         in_channels, sample_size: the model's input; read from ``model.config`` when it has one. A given
-            ``sample_size`` (the recipe's ``teacher_resolution``) must be a multiple of :func:`input_multiple`.
+            ``sample_size`` (the recipe's ``teacher_resolution``) must be a multiple of `input_multiple`.
         forward_kwargs: extra keyword arguments for every forward (e.g. ``encoder_hidden_states``).
 
     Raises:
@@ -114,7 +114,7 @@ class DiffusionTeacher(nn.Module):
 
     #: pixels per model-input pixel (a latent teacher's VAE downsampling factor); 1 for a pixel-space model.
     latent_scale: int = 1
-    #: what :func:`~distill.teacher.loading.load_teacher` built (kind, class, factory, weights and their sha256)
+    #: what `load_teacher` built (kind, class, factory, weights and their sha256)
     source_info: Optional[dict] = None
 
     def __init__(
@@ -187,7 +187,7 @@ class DiffusionTeacher(nn.Module):
 
     def _check_resolution(self, model: nn.Module, resolution: int, default: int) -> int:
         """The model-space size of images of ``resolution`` px; raises ValueError unless ``resolution`` is a
-        multiple of ``latent_scale`` x :func:`input_multiple` (``default``: the model's own size, for the fix)."""
+        multiple of ``latent_scale`` x `input_multiple` (``default``: the model's own size, for the fix)."""
         multiple, why = input_multiple(model)
         step = self.latent_scale * multiple
         if resolution >= step and resolution % step == 0:
@@ -362,9 +362,9 @@ class DiffusionTeacher(nn.Module):
         timesteps: Union[None, Sequence[int], torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
     ) -> dict[str, torch.Tensor]:
-        """Features of the model's clean input ``x0`` ``[B, C_model, S_model, S_model]`` (what :meth:`encode` gives:
+        """Features of the model's clean input ``x0`` ``[B, C_model, S_model, S_model]`` (what `encode` gives:
         the images themselves for a pixel teacher, the scaled VAE latents for a latent one), noised here with fresh
-        noise; arguments and return value as :meth:`forward`. A latent cache (:mod:`distill.latent_cache`) calls
+        noise; arguments and return value as `forward`. A latent cache (`distill.latent_cache`) calls
         this with latents it read, so the VAE never runs while training.
 
         Raises:

@@ -2,7 +2,7 @@
 
 Without this check, diffusers and huggingface_hub retry every file (model index, config, weights, each subfolder)
 with growing back-off: about 79 s of doubled warnings ending in a misleading "no file named config.json". One request
-with a short timeout (:data:`HUB_TIMEOUT_S`) to the hub's endpoint (``HF_ENDPOINT``, through huggingface_hub's own
+with a short timeout (`HUB_TIMEOUT_S`) to the hub's endpoint (``HF_ENDPOINT``, through huggingface_hub's own
 HTTP session, so proxies apply) tells first; in offline mode (``HF_HUB_OFFLINE=1``) the hub cache is checked instead.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def check_hub_reachable(repo: str, timeout: Optional[float] = None) -> None:
     """Raise at once, with the fix, when a hub teacher cannot be loaded for want of network.
 
     Offline mode (``HF_HUB_OFFLINE=1``): fine when the hub cache holds ``repo``, else an error. Online: one HEAD
-    request to the endpoint with ``timeout`` seconds (default :data:`HUB_TIMEOUT_S`, env ``DISTILL_HUB_TIMEOUT``).
+    request to the endpoint with ``timeout`` seconds (default `HUB_TIMEOUT_S`, env ``DISTILL_HUB_TIMEOUT``).
 
     Raises:
         ValueError: the hub is unreachable (naming the endpoint and the network error, and whether the repo is in

@@ -1,7 +1,7 @@
 """Latent teachers: a diffusion model fed with images through a VAE (Stable Diffusion's ``UNet2DConditionModel``)
 and a class-conditional DiT used with its null class, whose tokens are returned as maps.
 
-Both run exactly as :class:`~distill.teacher.base.DiffusionTeacher` does on pixels (batched timesteps, hooks, early
+Both run exactly as `DiffusionTeacher` does on pixels (batched timesteps, hooks, early
 exit); sizes and feature strides are given in pixels.
 """
 from __future__ import annotations
@@ -77,8 +77,8 @@ class LatentDiffusionTeacher(DiffusionTeacher):
     Each call encodes the images ``[B, 3, S, S]`` (in [-1, 1]) once with the VAE,
     ``z0 = vae.encode(x).latent_dist.mean * scaling_factor`` (the posterior mean: deterministic; normalised as
     diffusers' pipelines do, with ``shift_factor`` or ``latents_mean`` / ``latents_std`` where the VAE config has
-    them: :func:`normalize_latents`), then noises ``z0`` in latent space and runs the model exactly
-    as :class:`DiffusionTeacher` does on pixels (batched timesteps, hooks, early exit). ``conditioning`` tensors
+    them: `normalize_latents`), then noises ``z0`` in latent space and runs the model exactly
+    as `DiffusionTeacher` does on pixels (batched timesteps, hooks, early exit). ``conditioning`` tensors
     (``[1, ...]``, e.g. ``encoder_hidden_states``: the empty-prompt embedding ``[1, 77, D]``) are expanded to the
     batch of every forward (``B*K`` when K timesteps are batched).
 
@@ -87,12 +87,12 @@ class LatentDiffusionTeacher(DiffusionTeacher):
 
     Args:
         model: the latent model, called as ``model(z_t, t, **conditioning)``.
-        blocks, timesteps, scheduler, forward_kwargs, name: as :class:`DiffusionTeacher`.
+        blocks, timesteps, scheduler, forward_kwargs, name: as `DiffusionTeacher`.
         vae: an ``AutoencoderKL`` (frozen here), or ``None``.
         vae_dtype: ``'float32'`` or ``'bfloat16'``; float16 is refused (the VAE overflows).
         conditioning: ``{keyword: tensor [1, ...]}`` passed to every forward, expanded to its batch.
         sample_size: image resolution in pixels (default: the model's ``sample_size`` x the VAE factor); a multiple
-            of the VAE factor x :func:`~distill.teacher.base.input_multiple` (the DiT's patch size), else ValueError.
+            of the VAE factor x `input_multiple` (the DiT's patch size), else ValueError.
     """
 
     def __init__(
@@ -152,7 +152,7 @@ class LatentDiffusionTeacher(DiffusionTeacher):
         return dist.mean.float(), dist.std.float()
 
     def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents -> model input with this teacher's VAE config (:func:`normalize_latents`)."""
+        """Raw latents -> model input with this teacher's VAE config (`normalize_latents`)."""
         return z.float() if self.vae_config is None else normalize_latents(z, self.vae_config)
 
     def conditioning(self, key: str) -> torch.Tensor:
@@ -176,7 +176,7 @@ class DiTTeacher(LatentDiffusionTeacher):
     Blocks are ``transformer_blocks.N`` (or modules inside them); their tokens ``[B, N, C]``, row-major over the
     patch grid as ``PatchEmbed`` flattens them, are returned as maps ``[B, C, H/p, W/p]`` (``H`` the latent size,
     ``p`` the patch size). The forward stops after the deepest requested block. Other arguments as
-    :class:`LatentDiffusionTeacher` (a real DiT pipeline has a VAE: ``facebook/DiT-XL-2-256``).
+    `LatentDiffusionTeacher` (a real DiT pipeline has a VAE: ``facebook/DiT-XL-2-256``).
     """
 
     def __init__(

@@ -1,11 +1,11 @@
 """Loading a teacher by name: a packaged teacher, a local diffusers directory, a hub id, a config dict or a module.
 
-:func:`inspect_teacher` tells from the config alone which kind of model ``source`` is; :func:`load_teacher` loads it
-and wraps it in :class:`~distill.teacher.base.DiffusionTeacher` (``UNet2DModel``),
-:class:`~distill.teacher.latent.LatentDiffusionTeacher` (``UNet2DConditionModel``, with its empty-prompt embedding)
-or :class:`~distill.teacher.latent.DiTTeacher`. The packaged teachers live in ``distill/teacher/packaged/<name>/``.
+`inspect_teacher` tells from the config alone which kind of model ``source`` is; `load_teacher` loads it
+and wraps it in `DiffusionTeacher` (``UNet2DModel``),
+`LatentDiffusionTeacher` (``UNet2DConditionModel``, with its empty-prompt embedding)
+or `DiTTeacher`. The packaged teachers live in ``distill/teacher/packaged/<name>/``.
 
-A local teacher directory is checked before diffusers reads it (:mod:`distill.teacher.model_dir`): a config that is
+A local teacher directory is checked before diffusers reads it (`distill.teacher.model_dir`): a config that is
 not JSON or holds wrongly typed values, missing, empty, truncated or partial weights are reported naming the directory
 and the file, with the fix (re-save with ``save_pretrained``), instead of a traceback from inside diffusers.
 """
@@ -48,7 +48,7 @@ def _resolve_source(source: str) -> str:
 def load_unet(source: Union[str, Mapping[str, Any], nn.Module], torch_dtype: Optional[torch.dtype] = None):
     """Load a diffusers ``UNet2DModel`` and its scheduler.
 
-    ``source`` is a packaged teacher name (see :func:`packaged_teachers`), a local directory (a pipeline with
+    ``source`` is a packaged teacher name (see `packaged_teachers`), a local directory (a pipeline with
     ``unet/`` and ``scheduler/`` or a bare model directory), a hub id such as ``google/ddpm-cifar10-32``, a
     config dict (random weights, for tests) or a module (used as is).
     """
@@ -219,7 +219,7 @@ def load_latent_model(source: Union[str, Mapping[str, Any], nn.Module], info: Ma
                       torch_dtype: Optional[torch.dtype] = None, vae_dtype: Union[str, torch.dtype] = "float32"):
     """Load the model (``UNet2DConditionModel`` or ``DiTTransformer2DModel``), its ``AutoencoderKL`` (or None) and a
     ``DDPMScheduler`` built from the pipeline's scheduler config (SD ships PNDM/DDIM configs: same betas, and
-    ``add_noise`` is the DDPM one), as :func:`inspect_teacher` described ``source``.
+    ``add_noise`` is the DDPM one), as `inspect_teacher` described ``source``.
 
     Config dicts (random weights, for tests): the model's config with ``_class_name``, plus optionally
     ``vae`` (an ``AutoencoderKL`` config dict) and ``num_train_timesteps``.
@@ -276,24 +276,24 @@ def load_teacher(
     noise_schedule: Union[None, str, Path, Mapping[str, Any]] = None,
     **kwargs,
 ) -> DiffusionTeacher:
-    """Load a teacher and wrap it in the class its config calls for (see :func:`inspect_teacher`).
+    """Load a teacher and wrap it in the class its config calls for (see `inspect_teacher`).
 
     - ``UNet2DModel`` (packaged name, DDPM pipeline or model directory, hub id such as ``google/ddpm-cifar10-32``,
-      config dict without ``_class_name``): :class:`DiffusionTeacher` on pixels (see :func:`load_unet`).
+      config dict without ``_class_name``): `DiffusionTeacher` on pixels (see `load_unet`).
     - ``UNet2DConditionModel`` (Stable Diffusion 1.x/2.x pipeline directory with ``unet/ vae/ scheduler/
       text_encoder/ tokenizer/``, or hub id such as ``runwayml/stable-diffusion-v1-5``):
-      :class:`LatentDiffusionTeacher` conditioned on the empty-prompt embedding (:func:`empty_prompt_embedding`).
+      `LatentDiffusionTeacher` conditioned on the empty-prompt embedding (`empty_prompt_embedding`).
     - ``DiTTransformer2DModel`` (DiT pipeline with ``transformer/ vae/ scheduler/``, e.g. ``facebook/DiT-XL-2-256``):
-      :class:`DiTTeacher` with the null class.
+      `DiTTeacher` with the null class.
     - ``'python:package.module:factory'`` (or ``python:/path/file.py:factory``): ``factory(**teacher_kwargs)``, the
-      user's network called as ``model(noisy_image, timestep)`` (:mod:`distill.teacher.python`), and an
-      ``nn.Module`` given as is: :class:`DiffusionTeacher` on pixels. Their input channels and size come from
+      user's network called as ``model(noisy_image, timestep)`` (`distill.teacher.python`), and an
+      ``nn.Module`` given as is: `DiffusionTeacher` on pixels. Their input channels and size come from
       ``in_channels=`` / ``resolution``, else from the model's ``in_channels`` and ``sample_size`` / ``image_size`` /
       ``img_resolution`` attributes.
 
     The returned teacher's ``source_info`` says what was built: ``{'kind', 'class', 'factory', 'weights',
     'weights_sha256'}``, and for a ``python:`` teacher ``'code'`` and ``'code_sha256'`` (its source:
-    :func:`distill.teacher.python.code_record`); what a run's ``config.yaml`` records and ``--resume`` compares.
+    `distill.teacher.python.code_record`); what a run's ``config.yaml`` records and ``--resume`` compares.
 
     Args:
         torch_dtype: dtype of the UNet/DiT (``from_pretrained(torch_dtype=...)``).
@@ -303,18 +303,18 @@ def load_teacher(
         resolution: pixel size the teacher sees; default the model's ``sample_size`` (x the VAE factor).
         teacher_kwargs: ``python:`` teachers only: the factory's keyword arguments.
         weights: ``python:`` teachers and modules: a ``.safetensors`` or ``.pt``/``.pth`` state dict loaded strictly
-            (``torch.load(weights_only=True)``; see :func:`distill.teacher.python.load_weights`).
+            (``torch.load(weights_only=True)``; see `distill.teacher.python.load_weights`).
         weights_prefix: key prefix stripped from ``weights`` (e.g. ``'module.'``).
         noise_schedule: pixel teachers: a scheduler config path or a mapping of DDPMScheduler arguments
-            (:func:`distill.teacher.schedule.build_noise_schedule`) replacing the teacher's own (default for a
+            (`distill.teacher.schedule.build_noise_schedule`) replacing the teacher's own (default for a
             ``python:`` teacher or a module: DDPM's linear schedule, 1000 steps).
         kwargs: passed to the teacher class (e.g. ``in_channels``, ``forward_kwargs`` for a pixel module).
 
     Raises:
         ValueError: a hub id while the hub cannot be reached (at once, with the fix: a local directory or
-            ``HF_HUB_OFFLINE=1``; :func:`distill.teacher.hub.check_hub_reachable`), ``teacher_kwargs`` / ``weights``
+            ``HF_HUB_OFFLINE=1``; `distill.teacher.hub.check_hub_reachable`), ``teacher_kwargs`` / ``weights``
             for a diffusers teacher, ``noise_schedule`` for a latent one,
-            or a bad value of any of them (see :mod:`distill.teacher.python`); the message names the fix.
+            or a bad value of any of them (see `distill.teacher.python`); the message names the fix.
     """
     vae_dt = resolve_vae_dtype(vae_dtype)  # checked for every teacher: a wrong recipe value fails early
     if is_hub_id(source) and not Path(source).expanduser().exists():

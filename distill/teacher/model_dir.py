@@ -90,12 +90,12 @@ def check_model_dir(model_dir: Path, cls) -> None:
 
 
 def from_local(cls, root: Path, subfolder: Optional[str], **kwargs):
-    """``cls.from_pretrained`` of a local directory (``root/subfolder``), checked first (:func:`check_model_dir`);
+    """``cls.from_pretrained`` of a local directory (``root/subfolder``), checked first (`check_model_dir`);
     partial weights (tensors the config describes but the file lacks) and any diffusers error are reported
     naming the directory.
 
     Raises:
-        FileNotFoundError, UnreadableFileError: see :func:`check_model_dir`; partial or mismatched weights.
+        FileNotFoundError, UnreadableFileError: see `check_model_dir`; partial or mismatched weights.
     """
     model_dir = root / subfolder if subfolder else root
     check_model_dir(model_dir, cls)

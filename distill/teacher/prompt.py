@@ -1,6 +1,6 @@
 """The text conditioning of a Stable Diffusion teacher: a user-given prompt embedding, or the pipeline's
 empty-prompt embedding, computed once with its CLIP text encoder and cached (in the teacher's directory, else in
-:func:`distill_cache_dir`).
+`distill_cache_dir`).
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def _encode_empty_prompt(src: str, source: str, local: Optional[Path]) -> torch.
 def empty_prompt_embedding(source: str, src: Optional[str] = None, local: Optional[Path] = None) -> torch.Tensor:
     """The empty-prompt text embedding ``[1, 77, D]`` of a Stable Diffusion pipeline, computed once and cached.
 
-    Read from the first of :func:`embedding_cache_files` that exists (a cache whose recorded text-encoder config
+    Read from the first of `embedding_cache_files` that exists (a cache whose recorded text-encoder config
     no longer matches the directory's is recomputed); otherwise computed with the pipeline's tokenizer and CLIP
     text encoder (``transformers``, the ``sd`` extra) and written to the first writable location.
 

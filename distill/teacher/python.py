@@ -16,7 +16,7 @@ its top-level code, then the factory is called. Only a class (an ``nn.Module`` s
 the named module or file is accepted, checked before anything is called: ``python:os:system``, a builtin, a name
 the module imported from elsewhere (``from subprocess import run``) and any standard-library module are refused, so
 a recipe cannot reach a shell through a callable that happens to exist. The code is part of the teacher: its sha256
-(:func:`code_record`: the module file, or every ``.py`` file of its top-level package) is in the run's
+(`code_record`: the module file, or every ``.py`` file of its top-level package) is in the run's
 ``config.yaml`` and the feature cache's key, so an edited teacher is never mistaken for the old one.
 """
 from __future__ import annotations
@@ -143,7 +143,7 @@ def code_record(source: str) -> dict:
     """What code a ``python:`` teacher runs and its sha256: ``{'code': path, 'code_sha256': hex}``. For a ``.py``
     file, that file; for a module, its file, or every ``.py`` file (sorted by path relative to the package, each
     path and content hashed) of its top-level package when it is one, since a factory may use any module of its
-    package. Call after :func:`import_factory` (the module is then imported; it is not run again)."""
+    package. Call after `import_factory` (the module is then imported; it is not run again)."""
     module, _ = parse_python_source(source)
     if module.endswith(".py"):
         path = Path(module).expanduser().resolve()
@@ -189,17 +189,17 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-#: The remembered sha256 of weight files, in :func:`distill.teacher.prompt.distill_cache_dir`.
+#: The remembered sha256 of weight files, in `distill.teacher.prompt.distill_cache_dir`.
 SHA256_CACHE = "weights-sha256.json"
 
 
 def cached_file_sha256(path) -> str:
-    """:func:`file_sha256` of a weight file, computed once per file: remembered in ``distill_cache_dir() /
+    """`file_sha256` of a weight file, computed once per file: remembered in ``distill_cache_dir() /
     weights-sha256.json`` under the file's absolute path with its size and ``st_mtime_ns``, and used while both are
     unchanged (the test ``make`` and git's index make); a file rewritten or touched is hashed again. A file modified
     less than 2 s before it was hashed is not remembered (its next write may keep the same mtime: git's "racily
     clean" case). A cache that cannot be read or written is ignored: the hash is computed, nothing fails.
-    Written with :func:`distill.atomic.atomic_write_json` (never half-written); concurrent writers lose entries,
+    Written with `distill.atomic.atomic_write_json` (never half-written); concurrent writers lose entries,
     never correctness."""
     import json
     import os
@@ -284,7 +284,7 @@ def load_weights(model: nn.Module, path, prefix: Optional[str] = None) -> str:
 
     Args:
         model: the freshly built teacher network.
-        path: see :func:`read_state_dict`.
+        path: see `read_state_dict`.
         prefix: strip this key prefix (e.g. ``'module.'`` of a DDP save, ``'ema_model.'``); keys without it are
             dropped (another network in the same file).
 

@@ -45,7 +45,7 @@ def _read_config(spec: Union[str, Path]) -> dict:
 
 
 def check_schedule_args(cfg: Mapping[str, Any], source: str = "teacher_scheduler") -> dict:
-    """Check a mapping of ``DDPMScheduler`` arguments: known keys, ``beta_schedule`` one of :data:`BETA_SCHEDULES`,
+    """Check a mapping of ``DDPMScheduler`` arguments: known keys, ``beta_schedule`` one of `BETA_SCHEDULES`,
     ``0 < beta_start < beta_end < 1``, ``num_train_timesteps`` an integer >= 2.
 
     Raises:
@@ -78,12 +78,12 @@ def check_schedule_args(cfg: Mapping[str, Any], source: str = "teacher_scheduler
 
 def build_noise_schedule(spec: Union[str, Path, Mapping[str, Any]]):
     """A ``DDPMScheduler`` from a scheduler config path/directory or a mapping of its arguments (checked by
-    :func:`check_schedule_args`; a file's keys that DDPMScheduler does not take, such as PNDM's ``skip_prk_steps``,
+    `check_schedule_args`; a file's keys that DDPMScheduler does not take, such as PNDM's ``skip_prk_steps``,
     are dropped).
 
     Raises:
         FileNotFoundError: a path that holds no scheduler config.
-        ValueError: a bad value (see :func:`check_schedule_args`), or ``spec`` of another type.
+        ValueError: a bad value (see `check_schedule_args`), or ``spec`` of another type.
     """
     from diffusers import DDPMScheduler
 

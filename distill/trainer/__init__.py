@@ -1,4 +1,4 @@
-"""The distillation loop (:func:`train`) and its parts: target sources, the step, checkpoints, the policy log.
+"""The distillation loop (`train`) and its parts: target sources, the step, checkpoints, the policy log.
 
 ``distill.trainer`` was one module; the names imported from it before stay importable here.
 """

@@ -1,10 +1,10 @@
 """Training checkpoints: Accelerate's full state (model, optimizers, RNG), written complete or not at all.
 
-A checkpoint is ``RUN/checkpoint-{step}/`` (see :mod:`distill.rundir`). Every process writes its part into one
+A checkpoint is ``RUN/checkpoint-{step}/`` (see `distill.rundir`). Every process writes its part into one
 temporary directory; the main process settles it (umask modes, every file and the directory fsync'd) and renames it
-into place (:func:`distill.atomic.commit_dir`), so resume never sees a half-written checkpoint. A write that fails
-(disk full, read-only, ...) removes the temporary directory and raises :class:`~distill.errors.WriteError` with the
-space the checkpoint needs. On load, the checkpoint is checked first (:func:`distill.rundir.checkpoint_problem`:
+into place (`distill.atomic.commit_dir`), so resume never sees a half-written checkpoint. A write that fails
+(disk full, read-only, ...) removes the temporary directory and raises `WriteError` with the
+space the checkpoint needs. On load, the checkpoint is checked first (`distill.rundir.checkpoint_problem`:
 a damaged file is named) and every pickle is read with ``weights_only=True``.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def state_bytes(accelerator) -> int:
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, model=None, ema=None) -> Path:
     """Write ``RUN/checkpoint-{step}`` and keep the newest ``keep`` checkpoints that are whole (older ones, and
-    older damaged ones, are deleted). Call on every process. ``ema`` (a :class:`~distill.trainer.ema.StudentEma`)
+    older damaged ones, are deleted). Call on every process. ``ema`` (a `StudentEma`)
     is written by the main process as ``ema.safetensors`` in the same checkpoint.
 
     With several processes, BN running statistics are averaged first (``model`` given): DDP broadcasts buffers
@@ -113,7 +113,7 @@ def prune_checkpoints(run_dir: Path, step: int, keep: int) -> None:
 
 def load_checkpoint(accelerator, ckpt: Path) -> int:
     """Restore model, optimizer and RNG states from ``ckpt``; returns its step. The checkpoint is checked first
-    (:func:`distill.rundir.checkpoint_problem`) and every pickle is read with ``torch.load(weights_only=True)``.
+    (`distill.rundir.checkpoint_problem`) and every pickle is read with ``torch.load(weights_only=True)``.
 
     Raises:
         UntrustedCheckpointError: a file would import or call code when unpickled.

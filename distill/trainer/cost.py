@@ -5,9 +5,9 @@ Parts (per training image): ``vae`` (the live VAE's encode; 0 from a latent or f
 UNet/DiT to its deepest requested block, every timestep; 0 from a feature cache), ``student`` and ``regressor``
 (forward + backward). The teacher parts are counted on one real image (the frozen teacher in eval mode, its noise
 drawn on a forked RNG so the run's stream is unchanged); the student and regressor on meta-device copies
-(:func:`distill.cost.student_step_flops`). ``achieved TFLOP/s = img/s x FLOPs per image / 1e12`` (all processes);
-``MFU = achieved / (peak x processes)`` with the peak of :data:`distill.cost.PEAK_TFLOPS` at
-:func:`distill.cost.step_precision`.
+(`distill.cost.student_step_flops`). ``achieved TFLOP/s = img/s x FLOPs per image / 1e12`` (all processes);
+``MFU = achieved / (peak x processes)`` with the peak of `distill.cost.PEAK_TFLOPS` at
+`distill.cost.step_precision`.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def measure_cost(teacher, model, recipe, accelerator, teacher_live: bool) -> Run
 
     Args:
         teacher: the run's teacher (on its device when ``teacher_live``).
-        model: the unwrapped :class:`distill.student.DistillModel`.
+        model: the unwrapped `distill.student.DistillModel`.
         teacher_live: whether the teacher runs during training (False with a feature cache).
     """
     flops = teacher_flops(teacher, teacher_live)

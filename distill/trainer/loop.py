@@ -1,8 +1,8 @@
 """Feature distillation on Accelerate: teacher features -> student + regressor, MSE on whitened targets + AT.
 
-:func:`train` reads in one screen: :func:`setup` builds the run's pieces (through :mod:`distill.build`) and a
-target source, :func:`optimizer_step` makes one update of ``grad_accum_steps`` micro-batches, and the run
-directory's files are written through :mod:`distill.rundir`.
+`train` reads in one screen: `setup` builds the run's pieces (through `distill.build`) and a
+target source, `optimizer_step` makes one update of ``grad_accum_steps`` micro-batches, and the run
+directory's files are written through `distill.rundir`.
 """
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ def resume_from(s: Session, ckpt: Optional[Path]) -> int:
 
 def optimizer_step(s: Session, batches, step: int, policy_log: Optional[PolicyLog]) -> tuple:
     """One optimizer update from ``grad_accum_steps`` micro-batches, checked for non-finite values once (one host
-    synchronisation per update; log steps add theirs in :func:`log_step`). Returns ``(summed loss terms, or {} when
+    synchronisation per update; log steps add theirs in `log_step`). Returns ``(summed loss terms, or {} when
     the update was skipped; grad norm or None; the last micro-batch's StepInput)``.
 
     Raises:
@@ -286,7 +286,7 @@ def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool
 
 def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, progress: bool,
            allow_changes: bool) -> dict:
-    """:func:`train` in its locked run directory."""
+    """`train` in its locked run directory."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 

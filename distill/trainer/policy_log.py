@@ -34,7 +34,7 @@ class PolicyLog:
 
     def write(self, step: int, pol: TimestepPolicy, inputs, terms: dict, ew: float) -> None:
         """One row: the counts since the last row (summed over processes) and the gradient variances measured on
-        the last micro-batch ``inputs`` (a :class:`~distill.trainer.step.StepInput` of the policy source)."""
+        the last micro-batch ``inputs`` (a `StepInput` of the policy source)."""
         counts = self.counts.clone()
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.reduce(counts, "sum")

@@ -1,7 +1,7 @@
 """One training step: the student regresses the targets of a micro-batch, then one guarded optimizer update.
 
-The targets come from a target source (:mod:`distill.trainer.targets`: the live teacher, the per-image policy,
-or the feature cache) as a :class:`StepInput`; the step itself does not know which.
+The targets come from a target source (`distill.trainer.targets`: the live teacher, the per-image policy,
+or the feature cache) as a `StepInput`; the step itself does not know which.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def train_step(model, inputs: StepInput, loss_fn: Callable, accelerator, policy=
                entropy_weight: float = 0.0) -> dict:
     """Forward + backward of one micro-batch; returns the loss terms (not yet synchronised).
 
-    ``loss_fn(preds, targets)`` returns ``{..., 'total'}`` (:func:`distill.build.build_loss`). With a ``policy``
+    ``loss_fn(preds, targets)`` returns ``{..., 'total'}`` (`distill.build.build_loss`). With a ``policy``
     (RepFusion), the policy and its reward head get their own backward from ``inputs.actions``/``pooled``/
     ``labels``, and their terms are added to the returned dict.
     """
@@ -84,8 +84,8 @@ def nonfinite_terms(sums: dict, grad_norm: Optional[torch.Tensor], accelerator) 
 
 
 def nonfinite_error(step: int, bad: list, sums: dict, micro_batches: int, run_dir, last_checkpoint):
-    """The :class:`~distill.errors.NonFiniteLossError` of ``on_nonfinite: error``: the step, the terms named by
-    :func:`nonfinite_terms`, every term's mean over the update's micro-batches, and the checkpoint that is kept."""
+    """The `NonFiniteLossError` of ``on_nonfinite: error``: the step, the terms named by
+    `nonfinite_terms`, every term's mean over the update's micro-batches, and the checkpoint that is kept."""
     values = ", ".join(f"{k}={float(v) / micro_batches:.4g}" for k, v in sums.items())
     return NonFiniteLossError(
         f"non-finite loss at step {step}: {', '.join(bad)} ({values}, mean of {micro_batches} micro-batch(es)); no "
@@ -96,7 +96,7 @@ def nonfinite_error(step: int, bad: list, sums: dict, micro_batches: int, run_di
 def clip_gradients(model, accelerator, grad_clip: float) -> Optional[torch.Tensor]:
     """Clip the gradient norm to ``grad_clip`` when gradients are synchronised (the last micro-batch); returns the
     norm before clipping (a 0-dim tensor, not synchronised to the host), or None when nothing was clipped. Clipping
-    non-finite gradients leaves them non-finite: :func:`nonfinite_terms` then names ``'grad_norm'`` and the update
+    non-finite gradients leaves them non-finite: `nonfinite_terms` then names ``'grad_norm'`` and the update
     is skipped."""
     if not (accelerator.sync_gradients and grad_clip > 0):
         return None

@@ -1,12 +1,12 @@
 """Target sources: where a training step's regression targets come from, behind one small interface.
 
 A target source is called with one collated batch ``(images uint8 (B, C, H, W), labels (B,)[, indices (B,)])``
-and the global micro-batch index, and returns a :class:`~distill.trainer.step.StepInput`:
+and the global micro-batch index, and returns a `StepInput`:
 
-- :class:`LiveTeacherTargets`: one augmented view per batch; the frozen teacher's features of it at the fixed
+- `LiveTeacherTargets`: one augmented view per batch; the frozen teacher's features of it at the fixed
   timesteps (fresh noise each call).
-- :class:`PolicyTargets`: the same, but each image's timestep is sampled by the RepFusion policy.
-- :class:`CacheTargets`: no teacher; the features of each image of the batch read from a ``distill extract``
+- `PolicyTargets`: the same, but each image's timestep is sampled by the RepFusion policy.
+- `CacheTargets`: no teacher; the features of each image of the batch read from a ``distill extract``
   cache, at a noise draw chosen by (seed, micro-batch, image index).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ class LiveTeacherTargets:
     """Targets from the live teacher at its fixed timesteps.
 
     Args:
-        teacher: a :class:`distill.teacher.DiffusionTeacher` on the training device.
+        teacher: a `distill.teacher.DiffusionTeacher` on the training device.
         groups: the target layout's key groups (``TargetLayout.groups``).
         augment: the batch augmentation (one view shared by teacher and student).
         student_size, mean, std: the student's input size (px) and normalisation ([0, 1] units, 3 values each).
@@ -75,7 +75,7 @@ class CacheTargets:
 
 
 class LatentCacheTargets:
-    """Targets from the live UNet/DiT on latents read from a latent cache (:mod:`distill.latent_cache`): the VAE
+    """Targets from the live UNet/DiT on latents read from a latent cache (`distill.latent_cache`): the VAE
     never runs. Per step: each image's view (its horizontal flip with probability 1/2 when ``flip``, from the
     process's RNG), that view's posterior ``(mean, std)`` from the cache, ``z = mean + std * eps`` (``sample``) or
     ``mean``, scaled as diffusers does (``teacher.normalize_latents``), then fresh noise and the teacher's forward

@@ -6,8 +6,8 @@ belongs on a terminal; in a file it is either nothing (``--no-progress``) or eve
 lines to ``train.log`` in the run directory always, and to stdout too when there is no bar to watch (stderr is not a
 terminal, or progress is off). A resumed run appends to the file after a ``resumed`` line.
 
-Every open, append and flush goes through :func:`distill.atomic.writing`: a full, read-only or quota-bound run
-directory gives :class:`~distill.errors.WriteError` naming the file and the cause (exit 2 from the CLI), not a raw
+Every open, append and flush goes through `distill.atomic.writing`: a full, read-only or quota-bound run
+directory gives `WriteError` naming the file and the cause (exit 2 from the CLI), not a raw
 ``OSError``.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def format_line(step: int, steps: int, terms: dict, lr: float, img_per_s: float,
         img_per_s: training images per second since the run (or resume) started, all processes together.
         data_share: share of wall time since the previous line spent waiting for the next batch, in [0, 1].
         tflops: achieved TFLOP/s (all processes); mfu: its fraction of the device's peak
-            (:mod:`distill.trainer.cost`).
+            (`distill.trainer.cost`).
     """
     order = sorted(terms, key=lambda k: (k != "total", k))
     losses = " ".join(f"{k} {terms[k]:.4g}" for k in order)

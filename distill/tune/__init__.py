@@ -1,10 +1,10 @@
-"""Supervised fine-tuning: one loop (:func:`fit`) with tasks on top (:class:`Task`; classification in
-:mod:`distill.finetune`, segmentation in :mod:`distill.segment`).
+"""Supervised fine-tuning: one loop (`fit`) with tasks on top (`Task`; classification in
+`distill.finetune`, segmentation in `distill.segment`).
 
-Modules: :mod:`.config` (:class:`TuneConfig`, the settings every task reads), :mod:`.task` (the contract),
-:mod:`.loop` (:func:`fit`), :mod:`.sampler` (:class:`StepBatchSampler`), :mod:`.outdir` (the output directory:
-file names, checks, overwrite rules, run lock, reading ``result.json``), :mod:`.trainlog` (``train_log.csv`` and the
-tracker), :mod:`.progress` (bars and plain lines), :mod:`.sweep` (one run per fraction and seed).
+Modules: `config` (`TuneConfig`, the settings every task reads), `task` (the contract),
+`loop` (`fit`), `sampler` (`StepBatchSampler`), `outdir` (the output directory:
+file names, checks, overwrite rules, run lock, reading ``result.json``), `trainlog` (``train_log.csv`` and the
+tracker), `progress` (bars and plain lines), `sweep` (one run per fraction and seed).
 """
 from .config import TuneConfig
 from .loop import fit, is_main_process, machine_description, make_accelerator

@@ -1,5 +1,5 @@
-"""The settings every supervised fine-tune reads, :class:`TuneConfig`; each task's config
-(:class:`distill.finetune.FinetuneConfig`, :class:`distill.segment.SegmentConfig`) adds only what that task reads."""
+"""The settings every supervised fine-tune reads, `TuneConfig`; each task's config
+(`distill.finetune.FinetuneConfig`, `distill.segment.SegmentConfig`) adds only what that task reads."""
 from __future__ import annotations
 
 from dataclasses import dataclass

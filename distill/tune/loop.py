@@ -1,16 +1,16 @@
-"""The one supervised fine-tuning loop, :func:`fit`: a :class:`~distill.tune.task.Task` on top supplies the data,
+"""The one supervised fine-tuning loop, `fit`: a `Task` on top supplies the data,
 model, inputs, loss, evaluation and result keys.
 
-A fixed number of optimizer steps from an endless seeded shuffle (:class:`StepBatchSampler`: 1% and 100% of the
+A fixed number of optimizer steps from an endless seeded shuffle (`StepBatchSampler`: 1% and 100% of the
 labels get the same budget, and a distilled run and its scratch baseline seeded alike see the same images in the
 same order with the same augmentation draws), the shared optimizer and warmup + cosine schedule
-(:mod:`distill.optim`), evaluation every ``eval_every`` steps and at the end, ``train_log.csv``, an Accelerate
-tracker (``log_with``), and ``result.json`` written by the main process only (:mod:`.outdir`).
+(`distill.optim`), evaluation every ``eval_every`` steps and at the end, ``train_log.csv``, an Accelerate
+tracker (``log_with``), and ``result.json`` written by the main process only (`outdir`).
 
 Several processes (``accelerate launch``) are data-parallel: each takes its share ``batch[rank::world]`` of every
 global batch, the logged loss is the mean over all counted targets of all processes, and each evaluation image is
 counted once. SIGTERM / Ctrl-C finish the step, write ``result.json`` with what was evaluated (marked ``stopped``)
-and raise :class:`~distill.errors.TrainingInterrupted`.
+and raise `TrainingInterrupted`.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def is_main_process() -> bool:
 
 def make_accelerator(cfg, out: Path):
     """An Accelerator for a fine-tune (precision, tracker). AcceleratorState is reset first (as
-    :func:`distill.trainer.accelerator.make_accelerator` does), keeping the process group.
+    `distill.trainer.accelerator.make_accelerator` does), keeping the process group.
 
     Raises:
         ValueError / MissingDependencyError: ``cfg.log_with`` is unknown or its package is not installed.
@@ -83,7 +83,7 @@ def fit(task: Task, output_dir, overwrite: bool = False, accelerator=None, progr
 
     Raises:
         FileExistsError: ``output_dir`` holds a result and ``overwrite`` is False, or files distill did not write
-            (:func:`.outdir.check_output_dir`). RunLockedError: another fine-tune runs in ``output_dir``.
+            (`outdir.check_output_dir`). RunLockedError: another fine-tune runs in ``output_dir``.
         ValueError: bad data (the task's checks) or a batch size not divisible by the processes.
         WriteError: an output could not be written; a failed model write keeps ``result.json``.
         NonFiniteLossError: the loss became NaN or Inf. TrainingInterrupted: SIGTERM / SIGINT (after the result).
@@ -106,7 +106,7 @@ def fit(task: Task, output_dir, overwrite: bool = False, accelerator=None, progr
 
 
 def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: float) -> dict:
-    """:func:`fit` in its locked, prepared output directory."""
+    """`fit` in its locked, prepared output directory."""
     from tqdm.auto import tqdm
 
     cfg, device = task.cfg, accelerator.device
@@ -227,7 +227,7 @@ def _update(task: Task, batch, model, optimizer, accelerator, step: int, lr: flo
 
 
 def _result(task: Task, history: list, last, train_seconds: float, world: int, params: int, trainable: int) -> dict:
-    """The ``result.json`` dict: the loop's keys, the task's (:meth:`Task.result`) and every evaluation."""
+    """The ``result.json`` dict: the loop's keys, the task's (`Task.result`) and every evaluation."""
     cfg = task.cfg
     best = max(history, key=lambda r: (r[task.score], -r["step"])) if history else None
     return {"task": task.name, "label": task.label, "model": cfg.model, "like": cfg.like,

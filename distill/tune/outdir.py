@@ -1,10 +1,10 @@
 """The fine-tune output directory, owned here: the names of its files, what makes each valid, the overwrite rules
 (delete only what a fine-tune provably wrote), the run lock, and reading ``result.json`` for ``distill report``.
 
-``OUT/result.json`` (everything needed for a results table; :func:`read_result`), ``OUT/train_log.csv`` (training
+``OUT/result.json`` (everything needed for a results table; `read_result`), ``OUT/train_log.csv`` (training
 loss per ``log_every`` steps), ``OUT/predictions.png`` (segmentation: a few evaluation images), ``OUT/model/``
 (``--save-model``: a directory whose ``config.json`` carries a ``pretrained_cfg`` tag starting with
-:data:`MODEL_TAG`) and, while a fine-tune runs, ``OUT/.lock`` (:class:`distill.runlock.RunLock`: a second fine-tune
+`MODEL_TAG`) and, while a fine-tune runs, ``OUT/.lock`` (`distill.runlock.RunLock`: a second fine-tune
 into the directory is refused, naming the holder).
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def write_result(out: Path, result: dict) -> None:
 
 def saved_model_problem(path: Path) -> Optional[str]:
     """Why ``path`` is not a model saved by ``distill finetune --save-model`` (None when it is): a directory of
-    ``config.json`` and ``model.safetensors`` whose pretrained_cfg tag starts with :data:`MODEL_TAG`."""
+    ``config.json`` and ``model.safetensors`` whose pretrained_cfg tag starts with `MODEL_TAG`."""
     if path.is_symlink() or not path.is_dir():
         return "it is a file, not a directory"
     foreign = sorted(p.name for p in path.iterdir() if p.name not in MODEL_FILES)
@@ -119,11 +119,11 @@ def check_output_dir(out: Path, overwrite: bool, save_model: bool = False) -> No
 
 
 def prepare_output_dir(out: Path, overwrite: bool, save_model: bool = False) -> None:
-    """Create ``out`` for a run (:func:`check_output_dir` first); with ``overwrite`` the earlier result and the
+    """Create ``out`` for a run (`check_output_dir` first); with ``overwrite`` the earlier result and the
     model saved beside it are removed (a ``model/`` that distill finetune did not write is left alone).
 
     Raises:
-        FileExistsError: see :func:`check_output_dir`.
+        FileExistsError: see `check_output_dir`.
         WriteError: ``out`` cannot be created (read-only, a file in the path, ...).
     """
     out = Path(out)
@@ -138,7 +138,7 @@ def prepare_output_dir(out: Path, overwrite: bool, save_model: bool = False) -> 
 
 def lock_output_dir(out: Path) -> RunLock:
     """The run lock of ``out`` (enter it on the main process before anything is written; a second fine-tune into
-    ``out`` gets :class:`distill.errors.RunLockedError` naming the holder's pid, host and start time).
+    ``out`` gets `distill.errors.RunLockedError` naming the holder's pid, host and start time).
 
     Raises (on enter):
         WriteError: ``out`` cannot be created (a file in the path, read-only, ...).
@@ -148,7 +148,7 @@ def lock_output_dir(out: Path) -> RunLock:
 
 
 class _WritingLock(RunLock):
-    """:class:`RunLock` whose failure to create the directory is a :class:`WriteError` naming it."""
+    """`RunLock` whose failure to create the directory is a `WriteError` naming it."""
 
     what, mixes = "fine-tuning output directory", "result.json, train_log.csv and model"
 

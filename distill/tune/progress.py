@@ -1,5 +1,5 @@
 """Progress of a fine-tune: a tqdm bar on a terminal, plain occasional lines in a redirected log (as ``distill
-train`` does, :func:`distill.logs.show_progress_bar`), nothing with progress off or on other processes."""
+train`` does, `distill.logs.show_progress_bar`), nothing with progress off or on other processes."""
 from __future__ import annotations
 
 import time

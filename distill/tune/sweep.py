@@ -21,7 +21,7 @@ def sweep(cfg: TuneConfig, output_dir: str, fractions: Sequence[float], seeds: S
           on_result: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """One run per (fraction, seed) in ``output_dir/frac{F}-seed{S}/``; everything is checked before the first
     run, so a bad fraction or an existing result fails at once instead of after hours. ``run``: the function of one
-    run (:func:`distill.finetune.finetune`, :func:`distill.segment.segment_finetune`).
+    run (`distill.finetune.finetune`, `distill.segment.segment_finetune`).
 
     Raises:
         ValueError: no fractions or seeds, duplicates, or a setting ``validate`` refuses.
@@ -65,7 +65,7 @@ def seed_stats(values: Sequence[float]) -> dict:
 
 def group_by_label_fraction(results: Sequence[dict]) -> dict[tuple, list[dict]]:
     """The results of a sweep grouped by ``(label, fraction)`` (the seeds of one setting), each group sorted by
-    seed, in the order the groups first appear. ``results`` are ``result.json`` dicts (:func:`read_result`)."""
+    seed, in the order the groups first appear. ``results`` are ``result.json`` dicts (`read_result`)."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["label"], float(r["fraction"])), []).append(r)

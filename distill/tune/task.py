@@ -1,7 +1,7 @@
-"""What a supervised fine-tuning task adds to the one loop (:func:`distill.tune.fit`): :class:`Task`.
+"""What a supervised fine-tuning task adds to the one loop (`distill.tune.fit`): `Task`.
 
 As timm's ``TrainingTask.forward -> {'loss', ...}`` and LightlyTrain's ``TrainModel.training_step``, and as
-:mod:`distill.trainer.targets` does for distillation: the loop owns the Accelerator, the step sampler, the optimizer
+`distill.trainer.targets` does for distillation: the loop owns the Accelerator, the step sampler, the optimizer
 and schedule, logging, evaluation times, signals, the run lock and the files; a task owns its data, its model, how a
 batch becomes inputs and targets, its loss, its evaluation and its result keys. A new task is a subclass, never a
 copy of the loop.
@@ -20,7 +20,7 @@ from .config import TuneConfig
 
 
 class Task(ABC):
-    """The contract between :func:`distill.tune.fit` and a task. Subclasses set the class attributes and implement
+    """The contract between `distill.tune.fit` and a task. Subclasses set the class attributes and implement
     every abstract method (a subclass that misses one cannot be built: ``TypeError`` naming it).
 
     Attributes:
@@ -56,15 +56,15 @@ class Task(ABC):
         """Stack dataset items into ``(uint8 images [B, C, H, W], targets)``."""
         raise NotImplementedError
 
-    #: True when :meth:`eval_loader_options` gives each process its own share of the evaluation batches and
-    #: :meth:`evaluate` sums the metrics over processes itself (batches of unequal shapes cannot be gathered); False:
+    #: True when `eval_loader_options` gives each process its own share of the evaluation batches and
+    #: `evaluate` sums the metrics over processes itself (batches of unequal shapes cannot be gathered); False:
     #: the loop shards the loader with Accelerate and the task gathers with ``gather_for_metrics``.
     shards_evaluation = False
 
     def eval_loader_options(self, rank: int = 0, world: int = 1) -> dict:
         """How the evaluation ``DataLoader`` batches ``self.test`` (its keyword arguments besides the dataset and
-        workers): by default ``cfg.eval_batch_size`` items in order, stacked by :meth:`collate` (``rank`` / ``world``
-        are used only by a task that :attr:`shards_evaluation`)."""
+        workers): by default ``cfg.eval_batch_size`` items in order, stacked by `collate` (``rank`` / ``world``
+        are used only by a task that `shards_evaluation`)."""
         return {"batch_size": self.cfg.eval_batch_size, "shuffle": False, "collate_fn": self.collate}
 
     @abstractmethod
@@ -73,13 +73,13 @@ class Task(ABC):
         raise NotImplementedError
 
     def optimizer_options(self) -> dict:
-        """Extra keyword arguments of :func:`distill.optim.build_optimizer` (e.g. ``layer_decay``)."""
+        """Extra keyword arguments of `distill.optim.build_optimizer` (e.g. ``layer_decay``)."""
         return {}
 
     @abstractmethod
     def make_augment(self, device: torch.device) -> None:
-        """Build the training augmentation on ``device`` (on its own RNG stream, :class:`distill.augment.
-        SeededAugment`), once the first image is known."""
+        """Build the training augmentation on ``device`` (on its own RNG stream,
+        `distill.augment.SeededAugment`), once the first image is known."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- one step
