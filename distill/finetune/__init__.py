@@ -16,6 +16,9 @@ what classification adds. Modules: `config` (`FinetuneConfig`), `model` (what is
 its preprocessing), `data` (label subset), `run` (`ClassificationTask`, one run, evaluation),
 `sweep` (one run per fraction and seed).
 """
+import sys
+import types
+
 from .config import FinetuneConfig
 from ..export import export_data_root
 from ..augment import SeededAugment
@@ -29,3 +32,21 @@ __all__ = ["FinetuneConfig", "ClassificationTask", "finetune", "finetune_sweep",
            "evaluate", "StepBatchSampler", "SeededAugment", "run_dir_name",
            "FinetuneData", "export_data_root", "ModelSource", "check_timm_name", "resolve_preprocessing",
            "LOG_FILE", "RESULT_FILE", "machine_description", "prepare_output_dir", "result_line"]
+
+
+class _CallableFinetuneModule(types.ModuleType):
+    """This subpackage, callable as the function `finetune`.
+
+    ``distill.finetune`` is the documented function (``distill.finetune(cfg, output_dir)``) and also the name of
+    this subpackage. Python's import system binds a subpackage to its parent's attribute of the same name once the
+    subpackage is imported (``from distill import FinetuneConfig``, ``import distill.finetune.run``), so
+    ``from distill import FinetuneConfig, finetune`` gave this module, and calling it raised "'module' object is
+    not callable". Calling the module calls the function instead, whichever object the name holds; submodule
+    imports (``import distill.finetune.run as r``) and dotted paths keep working.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return finetune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableFinetuneModule
