@@ -34,7 +34,7 @@ from .teacher import feature_key
 from .plots import pct, plot_fraction, plot_loss_curves, plot_monitor, plot_probes
 from .segment.report import segmentation_section
 from .tune import RESULT_FILE, read_result
-from .tune.sweep import group_by_label_fraction, seed_stats
+from .tune.sweep import budget_label, group_by_label_fraction, seed_stats
 
 _logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def summarize_finetune(results: list[dict]) -> list[dict]:
             "architecture": rs[0].get("architecture"), "seeds": [r["seed"] for r in rs],
             "train_images": sorted({r.get("train_images") for r in rs}, key=str),
             "steps": sorted({r.get("steps") for r in rs}, key=str),
-            "budget": sorted({_budget(r) for r in rs}),
+            "budget": sorted({budget_label(r) for r in rs}),
             "last_top1": seed_stats([r["last_top1"] for r in rs]),
             "best_top1": seed_stats([r["best_top1"] for r in rs]),
             "last_top5": seed_stats([r.get("last_top5", math.nan) for r in rs]),
@@ -205,16 +205,10 @@ def summarize_finetune(results: list[dict]) -> list[dict]:
     return rows
 
 
-def _budget(r: dict) -> str:
-    """What must match for a fair comparison: steps, batch, input size, augmentation, optimizer, lr."""
-    return (f"{r.get('steps')} steps x {r.get('batch_size')}, {r.get('input_size')}px, {r.get('augment')}, "
-            f"{r.get('optimizer')} lr {r.get('lr')}")
-
-
 def budget_warnings(results: list[dict]) -> list[str]:
     by_frac: dict[float, set] = {}
     for r in results:
-        by_frac.setdefault(float(r["fraction"]), set()).add(_budget(r))
+        by_frac.setdefault(float(r["fraction"]), set()).add(budget_label(r))
     return [f"label fraction {pct(f)}: runs differ in budget ({'; '.join(sorted(b))}), so they are not compared"
             for f, b in sorted(by_frac.items()) if len(b) > 1]
 
@@ -359,7 +353,7 @@ def write_report(paths: Sequence[str], out: str, teacher_probe: Optional[str] = 
         md += [f"Note: {w}." for w in warn] + ([""] if warn else [])
         if plots["finetune_fraction"]:
             md += ["![accuracy vs label fraction](finetune_fraction.png)", ""]
-        budgets = sorted({_budget(r) for r in results})
+        budgets = sorted({budget_label(r) for r in results})
         md += [f"Budget: {'; '.join(budgets)}.", "", "### Runs", "", finetune_runs_table(results), ""]
     seg_md, seg_plots, seg_rows = segmentation_section(seg_results, out_p) if seg_results else ([], {}, [])
     md, plots = md + seg_md, {**plots, **seg_plots}

@@ -52,3 +52,12 @@ def test_result_lines_count_one_image_in_the_singular():
     assert "(1 image)" in result_line(r)
     assert "(1,200 images)" in result_line({**r, "train_images": 1200})
     assert "seed 0, 2 steps:" in result_line(r) and "seed 0, 1 step:" in result_line({**r, "steps": 1})
+
+
+def test_the_budget_label_counts_one_step_in_the_singular_and_names_the_decoder_for_segmentation():
+    from distill.tune.sweep import budget_label
+
+    r = {"steps": 1, "batch_size": 8, "input_size": 90, "augment": "crop-flip", "optimizer": "adamw", "lr": 0.001,
+         "decoder": "fpn"}
+    assert budget_label(r) == "1 step x 8, 90px, crop-flip, adamw lr 0.001"
+    assert budget_label({**r, "steps": 300}, with_decoder=True) == "300 steps x 8, 90px, crop-flip, adamw lr 0.001, fpn decoder"

@@ -7,14 +7,7 @@ import statistics
 from pathlib import Path
 
 from ..plots import pct, plot_fraction
-from ..tune.sweep import group_by_label_fraction, seed_stats
-
-
-
-def _budget(r: dict) -> str:
-    """What must match for a fair comparison: steps, batch, input size, augmentation, optimizer, lr, decoder."""
-    return (f"{r.get('steps')} steps x {r.get('batch_size')}, {r.get('input_size')}px, {r.get('augment')}, "
-            f"{r.get('optimizer')} lr {r.get('lr')}, {r.get('decoder')} decoder")
+from ..tune.sweep import budget_label, group_by_label_fraction, seed_stats
 
 
 def summarize_segmentation(results: list[dict]) -> list[dict]:
@@ -25,7 +18,7 @@ def summarize_segmentation(results: list[dict]) -> list[dict]:
         classes = list(rs[0].get("per_class_iou", {}))
         rows.append({"label": label, "fraction": frac, "model_kind": rs[0].get("model_kind"),
                      "seeds": [r["seed"] for r in rs], "train_images": sorted({r.get("train_images") for r in rs}),
-                     "budget": sorted({_budget(r) for r in rs}), "eval_split": rs[0].get("eval_split"),
+                     "budget": sorted({budget_label(r, with_decoder=True) for r in rs}), "eval_split": rs[0].get("eval_split"),
                      "last_miou": seed_stats([r["last_miou"] for r in rs]),
                      "last_pixel_acc": seed_stats([r["last_pixel_acc"] for r in rs]),
                      "per_class_iou": {c: round(statistics.fmean(r["per_class_iou"][c] for r in rs), 2)
@@ -66,7 +59,7 @@ def segmentation_section(results: list[dict], out: Path) -> tuple[list[str], dic
                                                                       for c in classes) + " |" for r in rows]
     if plot:
         md += ["", "![mIoU vs fraction of masks](segmentation_fraction.png)"]
-    md += ["", "Budget: " + "; ".join(sorted({_budget(r) for r in results})) + ".", "", "Prediction grids (test "
+    md += ["", "Budget: " + "; ".join(sorted({budget_label(r, with_decoder=True) for r in results})) + ".", "", "Prediction grids (test "
            "images, ground truth, prediction in the dataset's palette): " + ", ".join(
                f"`{Path(r['_dir']) / 'predictions.png'}`" for r in results
                if (Path(r['_dir']) / 'predictions.png').is_file()) + ".", ""]

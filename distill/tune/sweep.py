@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ..logs import count
 from .config import TuneConfig
 from .outdir import RESULT_FILE, read_result
 
@@ -50,6 +51,17 @@ def sweep(cfg: TuneConfig, output_dir: str, fractions: Sequence[float], seeds: S
         if on_result:
             on_result(r)
     return results
+
+
+def budget_label(r: dict, with_decoder: bool = False) -> str:
+    """What must match for a fair comparison of two fine-tunes, from a ``result.json`` dict: steps, batch, input
+    size (px), augmentation, optimizer, lr and, for segmentation, the decoder; e.g. ``"1 step x 8, 90px, crop-flip,
+    adamw lr 0.001"``."""
+    steps = r.get("steps")
+    steps = count(steps, "step") if isinstance(steps, int) else f"{steps} steps"
+    text = (f"{steps} x {r.get('batch_size')}, {r.get('input_size')}px, {r.get('augment')}, "
+            f"{r.get('optimizer')} lr {r.get('lr')}")
+    return text + (f", {r.get('decoder')} decoder" if with_decoder else "")
 
 
 def seed_stats(values: Sequence[float]) -> dict:
