@@ -55,13 +55,16 @@ def require_lightly():
     """``(NTXentLoss, SimCLRProjectionHead)`` from lightly.
 
     Raises:
-        SystemExit: lightly is not installed; the message names the ``ssl`` extra that installs it.
+        MissingDependencyError: lightly is not installed; the message names the ``ssl`` extra that installs it
+            (exit 2 from the command line, as ``distill`` reports a missing extra).
     """
+    from distill.errors import MissingDependencyError
+
     try:
         from lightly.loss import NTXentLoss
         from lightly.models.modules import SimCLRProjectionHead
     except ImportError:
-        raise SystemExit(MISSING_LIGHTLY) from None
+        raise MissingDependencyError(MISSING_LIGHTLY) from None
     return NTXentLoss, SimCLRProjectionHead
 
 
@@ -189,6 +192,9 @@ def export_ssl(backbone: nn.Module, out: Path, recipe, mean, std, channels: int,
                       "student_size": S, "data_channels": channels, "steps": steps, "batch_size": recipe.batch_size,
                       "weights": "live", **meta}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    from distill.atomic import fsync_tree
+
+    fsync_tree(out)  # the umask's mode, as distill export (safetensors writes 0600) and fsync'd
     return out
 
 
@@ -208,8 +214,16 @@ def _positive(kind):
 
 def main(argv=None) -> int:
     """Command line (see the module docstring). Returns 0; bad input exits 2 with one message (argparse's format),
-    before any work and without writing ``--output-dir``."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    before any work and without writing ``--output-dir``; a missing extra or dataset is one line, exit 2; Ctrl-C or
+    SIGTERM stop at once (exit 130 / 143), removing the half-written ``--output-dir``
+    (`distill.errors.run_reporting`, as ``distill`` does)."""
+    from distill.errors import run_reporting
+
+    return run_reporting("ssl_baseline.py", _main, argv)
+
+
+def _main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="ssl_baseline.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="quickstart",
                     help="a shipped recipe's name or a recipe file: data, student, batch, optimizer, seed "
                          "(default: quickstart)")
@@ -262,6 +276,7 @@ def train(args, recipe, out: Path, at_start: dict, NTXentLoss, SimCLRProjectionH
     """The SimCLR training loop, the export to ``out/student`` and the figures (``--json``)."""
     from distill.build import build_loader, build_train_data, resolve_mean_std
     from distill.student import Student
+    from distill.trainer.batches import shutdown_workers
 
     torch.manual_seed(recipe.seed)
     ds, channels = build_train_data(recipe)
@@ -276,30 +291,33 @@ def train(args, recipe, out: Path, at_start: dict, NTXentLoss, SimCLRProjectionH
     loader = build_loader(ds, recipe, g)
     out.mkdir(parents=True)
     log = open(out / "log.csv", "w")
-    log.write("step,seconds,loss,lr\n")
-    step_fn = ssl_step_fn(model, loss_fn, opt, augment, recipe, mean, std)
-    model.train()
-    step, seen, epoch, t0, loss, used_w = 0, 0, 0, time.time(), None, 0.0
-    done = False
-    while not done:
-        g.manual_seed(recipe.seed * 100003 + epoch)
-        for images, _ in loader:
-            used = (time.time() - t0) / args.seconds if args.seconds else step / args.steps
-            if used >= 1.0 or (args.max_steps and step >= args.max_steps):
-                done = True
-                break
-            step += 1
-            if step == recipe.warmup_steps + 1:
-                used_w = used
-            progress = budget_progress(step, used, used_w, args.steps, recipe.warmup_steps)
-            loss = step_fn(images, lr_at(step, progress, recipe.lr, recipe.warmup_steps))
-            seen += images.shape[0]
-            if step % 20 == 0 or step == 1:
-                log.write(f"{step},{time.time() - t0:.1f},{loss:.4f},{opt.param_groups[0]['lr']:.3g}\n")
-                log.flush()
-        epoch += 1
-    elapsed = time.time() - t0
-    log.close()
+    try:
+        log.write("step,seconds,loss,lr\n")
+        step_fn = ssl_step_fn(model, loss_fn, opt, augment, recipe, mean, std)
+        model.train()
+        step, seen, epoch, t0, loss, used_w = 0, 0, 0, time.time(), None, 0.0
+        done = False
+        while not done:
+            g.manual_seed(recipe.seed * 100003 + epoch)
+            for images, _ in loader:
+                used = (time.time() - t0) / args.seconds if args.seconds else step / args.steps
+                if used >= 1.0 or (args.max_steps and step >= args.max_steps):
+                    done = True
+                    break
+                step += 1
+                if step == recipe.warmup_steps + 1:
+                    used_w = used
+                progress = budget_progress(step, used, used_w, args.steps, recipe.warmup_steps)
+                loss = step_fn(images, lr_at(step, progress, recipe.lr, recipe.warmup_steps))
+                seen += images.shape[0]
+                if step % 20 == 0 or step == 1:
+                    log.write(f"{step},{time.time() - t0:.1f},{loss:.4f},{opt.param_groups[0]['lr']:.3g}\n")
+                    log.flush()
+            epoch += 1
+        elapsed = time.time() - t0
+    finally:
+        log.close()
+        shutdown_workers(loader)  # its workers ignore SIGINT/SIGTERM (distill's loader): stop them now, not at exit
     export_ssl(model.backbone, out / "student", recipe, mean, std, channels, step,
                {"seconds": round(elapsed, 1), "images_seen": seen})
     res = {"method": "SimCLR (lightly NTXentLoss T=0.5, SimCLRProjectionHead 512-512-128)", "recipe": args.recipe,

@@ -26,19 +26,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import interleave, library_step, machine, paired, quickstart_setup, save  # noqa: E402
 
 
-def step_fn(recipe_name: str, overrides: dict):
-    """``(step(i), recipe)``: one ``distill train`` step of the recipe with ``overrides`` on batch ``i`` of its own
-    loader (seeded, so both arms of a ratio see the same images when their data keys agree)."""
+def step_fn(recipe_name: str, overrides: dict, n_batches: int):
+    """``(step(i), recipe)``: one ``distill train`` step of the recipe with ``overrides`` on batch ``i`` (of
+    ``n_batches`` read beforehand from its own seeded loader, so loading is not timed and both arms see the same
+    images when their data keys agree)."""
     from distill.build import build_loader
+    from distill.trainer.batches import shutdown_workers
 
     recipe, ds, mean, std, teacher, keys, model = quickstart_setup(recipe_name, overrides)
     step = library_step(recipe, teacher, keys, model, mean, std, ds[0][0].shape[-1])
-    batches = []
-    loader = iter(build_loader(ds, recipe, torch.Generator().manual_seed(0)))
+    loader = build_loader(ds, recipe, torch.Generator().manual_seed(0))
+    try:
+        batches = [b[0] for _, b in zip(range(n_batches), loader)]
+    finally:
+        shutdown_workers(loader)  # its workers ignore SIGINT/SIGTERM: stop them now, not at exit
 
     def run(i: int) -> dict:
-        while len(batches) <= i:
-            batches.append(next(loader)[0])
         step(batches[i], i)
         return {}
 
@@ -46,8 +49,15 @@ def step_fn(recipe_name: str, overrides: dict):
 
 
 def main(argv=None) -> int:
-    """Command line; prints and (``--json``) saves the ratio. Returns 0."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Command line; prints and (``--json``) saves the ratio. Returns 0; a missing dataset is one line, exit 2;
+    Ctrl-C / SIGTERM stop at once (130 / 143) without a traceback (`distill.errors.run_reporting`)."""
+    from distill.errors import run_reporting
+
+    return run_reporting("step_ratio.py", _main, argv)
+
+
+def _main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="step_ratio.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("recipe", help="a shipped recipe's name or a recipe file")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for both arms")
     ap.add_argument("--variant", nargs="+", required=True, metavar="KEY=VALUE",
@@ -59,15 +69,20 @@ def main(argv=None) -> int:
         ap.error(f"--rounds {args.rounds} must be >= 1 (e.g. 6)")
     from distill.recipes import load_recipe, parse_overrides
 
+    for flag, items in (("--set", args.set), ("--variant", args.variant)):
+        try:
+            parse_overrides(items)
+        except ValueError as e:
+            ap.error(f"{flag}: {str(e).replace('--set ', flag + ' ')}")
+    base = parse_overrides(args.set)
+    variant = {**base, **parse_overrides(args.variant)}
     try:
-        base = parse_overrides(args.set)
-        variant = {**base, **parse_overrides(args.variant)}
         load_recipe(args.recipe, variant)
     except (ValueError, FileNotFoundError) as e:
-        ap.error(f"{args.recipe!r} / --set / --variant: {e}")
+        ap.error(f"recipe {args.recipe!r} with --set / --variant: {e}")
     at_start = machine()
-    recipe_step, _ = step_fn(args.recipe, base)
-    variant_step, _ = step_fn(args.recipe, variant)
+    recipe_step, _ = step_fn(args.recipe, base, args.rounds + 1)
+    variant_step, _ = step_fn(args.recipe, variant, args.rounds + 1)
     a, b = interleave([variant_step, recipe_step], repeats=args.rounds, warmup=1)
     res = {"recipe": args.recipe, "set": args.set, "variant": args.variant, "rounds": args.rounds,
            "variant_over_recipe": paired(a, b)}

@@ -6,7 +6,9 @@ exit code 2 and a refused or diverged run to exit code 3 (`EXIT_CODES`).
 """
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from typing import Callable, Optional
 
 
@@ -112,14 +114,51 @@ def report_error(prog: str, error: BaseException) -> Optional[int]:
     return None
 
 
-def run_reporting(prog: str, fn: Callable[..., int], *args, **kwargs) -> int:
-    """``fn(*args, **kwargs)``'s exit code, as the ``distill`` command reports errors: bad input prints one line
-    ``PROG: error: MESSAGE`` (`report_error`) and gives exit code 2 instead of a traceback. For scripts built on
-    distill (``examples/*.py``): ``raise SystemExit(run_reporting(parser.prog, run, args))``."""
+def stop_at_once(signum, frame) -> None:
+    """SIGTERM handler outside the training loop's step (start-up, export, probe, a script's own loop): end at once,
+    as Ctrl-C does, instead of the default's silent kill, so ``finally`` blocks and atomic writes clean up.
+
+    Raises:
+        SignalStop: always.
+    """
+    raise SignalStop(signum)
+
+
+def run_reporting(prog: str, fn: Callable[..., int], *args, note: Optional[Callable[[BaseException], str]] = None,
+                  **kwargs) -> int:
+    """``fn(*args, **kwargs)``'s exit code, as the ``distill`` command reports errors and signals; the ``distill``
+    command itself and scripts built on distill (``examples/*.py``, ``bench/*.py``) run through it:
+    ``raise SystemExit(run_reporting(parser.prog, run, args))``.
+
+    - bad input: one line ``PROG: error: MESSAGE`` (`report_error`), exit 2 (3 for a refused or diverged run);
+    - training stopped by a signal after its checkpoint (`TrainingInterrupted`): one line, exit 130 / 143;
+    - SIGTERM (handled here as `SignalStop` while ``fn`` runs, in the main thread) or Ctrl-C elsewhere: one line
+      ``PROG: stopped by SIGINT``, exit 128 + the signal number, no traceback;
+    - ``note(error)``: more words for the two signal cases (e.g. the command that continues, or what was kept).
+
+    Any other exception is a bug and propagates with its traceback.
+    """
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, stop_at_once) if main_thread else None
     try:
         return fn(*args, **kwargs)
+    except TrainingInterrupted as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        extra = note(e) if note else ""
+        if extra:
+            print(f"{prog}: {extra}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt as e:  # a signal before training started, after it, or a second one: no traceback
+        signum = getattr(e, "signum", signal.SIGINT)
+        extra = note(e) if note else ""
+        print(f"{prog}: stopped by {signal.Signals(signum).name}" + (f"; {extra}" if extra else ""),
+              file=sys.stderr)
+        return 128 + signum
     except Exception as e:
         code = report_error(prog, e)
         if code is None:
             raise
         return code
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)

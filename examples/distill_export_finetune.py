@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-steps", type=int, default=None, help="default 500; --tiny: 2")
     p.add_argument("--onnx", action="store_true", help='also export model.onnx (pip install "diffusion-distill[onnx]")')
     p.add_argument("-o", "--output-dir", default="runs/example-export-finetune")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run this script wrote before in --output-dir (never a folder of other files)")
     p.add_argument("--tiny", action="store_true", help="tiny data, student input and batches: a smoke run")
     args = p.parse_args(argv)
     with contextlib.ExitStack() as stack:  # the --tiny data lives as long as the run and is removed after it
@@ -77,12 +79,13 @@ def run(args, stack: contextlib.ExitStack) -> int:
     import torch
 
     # 1. distill
-    summary = distill.train(recipe, str(out / "run"), overwrite=True, progress=not args.tiny)
+    summary = distill.train(recipe, str(out / "run"), overwrite=args.overwrite, progress=not args.tiny)
     print(f"1. distilled {recipe.student} from {recipe.teacher} for {count(summary['steps'], 'step')}: final losses "
           + ", ".join(f"{k} {v:.4f}" for k, v in summary["final_losses"].items()))
 
     # 2. export in timm's format
-    student_dir = distill.export_student(str(out / "run"), str(out / "student"), overwrite=True, onnx=args.onnx)
+    student_dir = distill.export_student(str(out / "run"), str(out / "student"), overwrite=args.overwrite,
+                                         onnx=args.onnx)
     print(f"2. exported to {student_dir}: {', '.join(sorted(p.name for p in student_dir.iterdir()))}")
 
     # 3. load it in timm; same features as the trained student on the same images
@@ -102,7 +105,7 @@ def run(args, stack: contextlib.ExitStack) -> int:
     data_root = recipe.data_root if recipe.dataset != "fashion-mnist" else None
     result = finetune(dataclasses.replace(finetune_cfg, model=str(student_dir), dataset=recipe.dataset,
                                           data_root=data_root),
-                      str(out / "finetune"), overwrite=True, progress=not args.tiny)
+                      str(out / "finetune"), overwrite=args.overwrite, progress=not args.tiny)
     print(f"4. fine-tuned: {result_line(result)}; result in {out / 'finetune' / 'result.json'}")
     return 0 if math.isfinite(result["last_top1"]) else 1
 

@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--size", type=int, default=None, help="input height (default: the images' own)")
     p.add_argument("-o", "--output-dir", default="runs/example-segmentation")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run this script wrote before in --output-dir (never a folder of other files)")
     p.add_argument("--tiny", action="store_true", help="tiny decoder and batches (and with no --data-root: a "
                                                        "synthetic set): a smoke run")
     args = p.parse_args(argv)
@@ -70,13 +72,13 @@ def run(args, stack: contextlib.ExitStack, synthetic: bool) -> int:
         kw.update(decoder_width=16, batch_size=4, eval_batch_size=6, warmup_steps=0, log_every=1, grid_images=3)
     cfg = SegmentConfig(model=args.model, data_root=root, fraction=args.fraction, steps=args.steps, size=args.size,
                         **kw)
-    r = segment_finetune(cfg, args.output_dir, overwrite=True, progress=not args.tiny)
+    r = segment_finetune(cfg, args.output_dir, overwrite=args.overwrite, progress=not args.tiny)
     worst = sorted(r["per_class_iou"].items(), key=lambda kv: kv[1])[:3]
     print(f"fine-tuned {r['label']} for segmentation on {count(r['train_images'], 'training image')}, "
           f"{count(r['steps'], 'step')}: mIoU {r['last_miou']:.2f}, pixel accuracy {r['last_pixel_acc']:.2f} on "
           f"{count(r['test_images'], 'test image')}; lowest IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in worst))
-    print(f"wrote {', '.join(sorted(p.name for p in Path(args.output_dir).iterdir() if not p.name.startswith('.')))} "
-          f"in {args.output_dir}")
+    mine = ("result.json", "train_log.csv", "predictions.png", "model")  # what segment_finetune writes, nothing else
+    print(f"wrote {', '.join(n for n in mine if (Path(args.output_dir) / n).exists())} in {args.output_dir}")
     return 0 if math.isfinite(r["last_miou"]) else 1
 
 

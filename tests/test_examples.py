@@ -146,3 +146,18 @@ def test_segmentation_example_reports_a_missing_model_in_one_line(tmp_path):
                                                  "--num-classes", "4", "--model", str(tmp_path / "no-export"),
                                                  "-o", str(tmp_path / "o")], tmp_path)
     assert "--model" in line and "no-export" in line and "distill export" in line
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused_without_overwrite(ran):
+    """The examples replaced an earlier run silently (overwrite was hard-coded): now one line, exit 2, the earlier
+    run untouched, unless --overwrite is given."""
+    a = ran["a"][1]
+
+    def files():  # the run's files (its .lock is opened by every command that checks for a live holder)
+        return {p.name: p.stat().st_mtime_ns for p in a.iterdir() if p.name != ".lock"}
+    before = files()
+    proc = _start("distill_python_teacher.py", ["-o", str(a)], ran["tmp"])
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 2, text[-2000:]
+    assert "error:" in text and "Traceback" not in text and "overwrite" in text
+    assert files() == before

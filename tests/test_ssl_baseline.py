@@ -15,17 +15,20 @@ from bench import ssl_baseline as sb
 def test_missing_lightly_names_the_ssl_extra(monkeypatch):
     for name in ("lightly", "lightly.loss", "lightly.models", "lightly.models.modules"):
         monkeypatch.setitem(sys.modules, name, None)  # import of a None entry raises ImportError
-    with pytest.raises(SystemExit) as e:
+    from distill.errors import MissingDependencyError
+
+    with pytest.raises(MissingDependencyError) as e:
         sb.require_lightly()
     assert "diffusion-distill[ssl]" in str(e.value) and "lightly" in str(e.value)
 
 
-def test_missing_lightly_fails_before_any_work(monkeypatch, tmp_path):
+def test_missing_lightly_fails_before_any_work(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "lightly", None)
     monkeypatch.setitem(sys.modules, "lightly.loss", None)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=r"distill\[ssl\]"):
-        sb.main(["--steps", "2", "-o", str(out)])
+    assert sb.main(["--steps", "2", "-o", str(out)]) == 2  # one line, as distill reports a missing extra
+    err = capsys.readouterr().err
+    assert "distill[ssl]" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 
@@ -189,3 +192,41 @@ def test_a_run_that_fails_leaves_no_half_directory_and_set_reaches_the_recipe(tm
         sb.main(["--steps", "3", "--set", "student_size=32", "batch_size=16", "-o", str(out)])
     assert not out.exists()
     assert seen["recipe"].student_size == 32 and seen["recipe"].batch_size == 16
+
+
+def test_a_missing_dataset_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+    pytest.importorskip("lightly")
+    out = tmp_path / "run"
+    assert sb.main(["--steps", "3", "--set", f"data_root={tmp_path / 'none'}", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ssl_baseline.py: error:") and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_ctrl_c_during_training_stops_at_once_removes_the_half_run_and_its_loader_workers(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """The loader's workers ignore SIGINT/SIGTERM (distill's loader): left to exit they kept the process alive after
+    a Ctrl-C. Now: exit 130, one line, the half-written directory removed, no worker process left."""
+    pytest.importorskip("lightly")
+    import multiprocessing
+
+    real = sb.ssl_step_fn
+
+    def interrupted_after_one(*a, **k):
+        step, calls = real(*a, **k), []
+
+        def s(images, lr):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return step(images, lr)
+        return s
+
+    monkeypatch.setattr(sb, "ssl_step_fn", interrupted_after_one)
+    out = tmp_path / "run"
+    code = sb.main(["--steps", "5", "--set", "student_size=32", "batch_size=4", "num_workers=1", "-o", str(out)])
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "stopped by SIGINT" in err and "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]

@@ -8,7 +8,8 @@ from bench import step_ratio as sr
 
 
 @pytest.mark.parametrize("args, named", [
-    (["quickstart", "--variant", "stepz=3"], "stepz"),
+    (["quickstart", "--variant", "stepz=3"], "--variant 'stepz=3'"),
+    (["quickstart", "--set", "stepz=3", "--variant", "steps=3"], "--set 'stepz=3'"),
     (["no-such-recipe", "--variant", "student_size=32"], "no-such-recipe"),
     (["quickstart", "--variant", "student_size=32", "--rounds", "0"], "--rounds"),
 ])
@@ -21,7 +22,7 @@ def test_bad_input_is_one_error_exit_2(args, named, capsys):
 def test_the_variant_arm_trains_the_variant_and_the_ratio_is_of_both_arms(monkeypatch, tmp_path):
     built = []
 
-    def fake_step_fn(name, overrides):
+    def fake_step_fn(name, overrides, n_batches):
         built.append(overrides)
         return (lambda i: {}), None
 
@@ -52,3 +53,10 @@ def test_the_variant_arm_trains_the_variant_and_the_ratio_is_of_both_arms(monkey
     import json
     res = json.loads(out.read_text())["variant_over_recipe"]
     assert res["ratio_of_medians"] == pytest.approx(2.0) and len(res["step_s"]["a"]) == 3
+
+
+def test_a_missing_dataset_is_one_line_and_exit_2(capsys, tmp_path):
+    assert sr.main(["quickstart", "--variant", "student_size=32", "--set", f"data_root={tmp_path / 'none'}",
+                    "--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("step_ratio.py: error:") and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -324,3 +324,26 @@ def test_a_task_missing_part_of_the_contract_cannot_be_built(rgb_folder):
     with pytest.raises(TypeError, match="abstract method.*build_model"):
         Partial(_cls("timm:resnet10t", rgb_folder))
     assert isinstance(ClassificationTask(_cls("timm:resnet10t", rgb_folder)), Task)
+
+
+@pytest.mark.parametrize("name", ["train_log.csv", "predictions.png"])
+def test_a_folder_holding_a_users_file_of_a_fine_tunes_name_is_refused_and_kept(tmp_path, name):
+    """A fine-tune writes train_log.csv and predictions.png: in a user's folder without a fine-tune's result.json or
+    .lock, those files are the user's and would be replaced (was: replaced silently). Refused, nothing written; the
+    same folder after a fine-tune's own crash (its .lock left) or with its result (and --overwrite) is accepted."""
+    from distill.tune.outdir import check_output_dir
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / name).write_text("the user's own")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=name):
+        check_output_dir(out, overwrite=True)
+    assert (out / name).read_text() == "the user's own" and sorted(p.name for p in out.iterdir()) == sorted(
+        [name, "notes.txt"])
+    (out / ".lock").write_text("")  # what a fine-tune killed with SIGKILL leaves
+    check_output_dir(out, overwrite=True)
+    only_notes = tmp_path / "notes-only"
+    only_notes.mkdir()
+    (only_notes / "notes.txt").write_text("mine")
+    check_output_dir(only_notes, overwrite=False)  # nothing of a fine-tune's names: files are added beside it

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import signal
 import sys
-import threading
 from pathlib import Path
 
-from ..errors import SignalStop, TrainingInterrupted, report_error
+from ..errors import TrainingInterrupted, run_reporting
 from ..logs import setup_logging
 from ..version import __version__
 from .common import spread_set_options
@@ -35,12 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
                 add_extract_parser, add_finetune_parser, add_report_parser, add_recipes_parser, add_plan_parser):
         add(sub)
     return p
-
-
-def _stop_at_once(signum, frame) -> None:
-    """SIGTERM outside the training loop (start-up, export, probe, ...): end at once, as Ctrl-C does, instead of the
-    default's silent kill; atomic writes remove their temporaries on the way out."""
-    raise SignalStop(signum)
 
 
 def kept(output_dir) -> str:
@@ -73,26 +65,11 @@ def main(argv=None) -> int:
     if getattr(args, "_output_dir_parser", None) is not None and args.output_dir is None:
         args._output_dir_parser.error("the following arguments are required: -o/--output-dir")
     setup_logging(args.verbose)
-    main_thread = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, _stop_at_once) if main_thread else None
-    try:
-        return args.func(args)
-    except TrainingInterrupted as e:
-        print(f"distill {args.command}: {e}", file=sys.stderr)
-        again = resume_command(args)
-        if again:
-            print(f"distill {args.command}: to continue: {again}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt as e:  # a signal before training started, after it, or a second one: no traceback
-        signum = getattr(e, "signum", signal.SIGINT)
-        print(f"distill {args.command}: stopped by {signal.Signals(signum).name}; "
-              f"{kept(getattr(args, 'output_dir', None))}", file=sys.stderr)
-        return 128 + signum
-    except Exception as e:
-        code = report_error(f"distill {args.command}", e)
-        if code is None:
-            raise
-        return code
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+
+    def note(error: BaseException) -> str:
+        if isinstance(error, TrainingInterrupted):
+            again = resume_command(args)
+            return f"to continue: {again}" if again else ""
+        return kept(getattr(args, "output_dir", None))
+
+    return run_reporting(f"distill {args.command}", args.func, args, note=note)

@@ -92,9 +92,10 @@ def check_output_dir(out: Path, overwrite: bool, save_model: bool = False) -> No
     Raises:
         FileExistsError: ``out`` is a ``distill train`` run directory; or holds a ``result.json`` and ``overwrite`` is
             False; or a ``result.json`` (with ``overwrite``) or a ``model/`` (with ``save_model``) that distill
-            finetune did not write.
+            finetune did not write; or a ``train_log.csv`` / ``predictions.png`` beside neither a fine-tune's
+            ``result.json`` nor its ``.lock`` (a user's own files, which a run would replace).
     """
-    from ..rundir import is_run  # the run directory's owner knows what a training run holds
+    from ..rundir import LOCK, is_run  # the run directory's owner knows what a training run holds (and the lock)
 
     out = Path(out)
     result, model = out / RESULT_FILE, out / MODEL_DIR
@@ -103,6 +104,11 @@ def check_output_dir(out: Path, overwrite: bool, save_model: bool = False) -> No
         raise FileExistsError(f"'{out}' is a distill train run directory (config.yaml, checkpoints): a fine-tune there "
                               f"would mix its files into the run. Nothing was written. Fix: choose another "
                               f"--output-dir, e.g. '{out / 'finetune'}'.")
+    written = [name for name in (LOG_FILE, GRID_FILE) if (out / name).exists()]
+    if written and not result.exists() and not (out / LOCK).exists():
+        raise FileExistsError(f"'{out}' holds {', '.join(written)} that distill finetune did not write (no "
+                              f"{RESULT_FILE}, no {LOCK} of a fine-tune): a run would replace them. Nothing was "
+                              f"written. Fix: choose another --output-dir, or move those files away.")
     if result.exists():
         if not overwrite:
             raise FileExistsError(f"'{out}' already holds a fine-tuning result ({RESULT_FILE}); pass --overwrite to "
