@@ -41,6 +41,8 @@ elif order == "submodule-first":
     assert run_mod.finetune is importlib.import_module("distill.finetune.run").finetune
 else:
     from distill import finetune, FinetuneConfig
+import inspect
+assert list(inspect.signature(finetune).parameters)[:3] == ["cfg", "output_dir", "overwrite"], inspect.signature(finetune)
 try:
     finetune(FinetuneConfig(model="timm:resnet18", dataset="fashion-mnist", steps=0), sys.argv[2])
 except ValueError as e:

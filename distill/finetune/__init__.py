@@ -16,6 +16,7 @@ what classification adds. Modules: `config` (`FinetuneConfig`), `model` (what is
 its preprocessing), `data` (label subset), `run` (`ClassificationTask`, one run, evaluation),
 `sweep` (one run per fraction and seed).
 """
+import inspect
 import sys
 import types
 
@@ -50,3 +51,4 @@ class _CallableFinetuneModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableFinetuneModule
+__signature__ = inspect.signature(finetune)  # inspect / IDEs / Jupyter show the function's parameters
