@@ -65,7 +65,8 @@ def test_offline_mode_without_a_cached_copy(unreachable_hub, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match=r"HF_HUB_OFFLINE is set and the hub cache .* has no copy of it. Fix: "
-                                         r"download it"):
+                                         r"download it.*'owner/not-downloaded' was meant as a local folder, it does "
+                                         r"not exist here"):
         load_teacher("owner/not-downloaded", ["mid_block"], [11])
     _cache_repo(unreachable_hub, "owner/cached")
     check_hub_reachable("owner/cached")  # offline with a copy: nothing to check, diffusers reads the cache

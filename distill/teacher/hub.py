@@ -31,7 +31,9 @@ def in_hub_cache(repo: str) -> bool:
 
 def _download_hint(repo: str) -> str:
     return (f"download it on a machine with network (`hf download {repo} --local-dir DIR`, or "
-            f"DDPMPipeline.from_pretrained('{repo}').save_pretrained('DIR')), copy DIR here and set teacher: DIR")
+            f"DDPMPipeline.from_pretrained('{repo}').save_pretrained('DIR')), copy DIR here and set teacher: DIR; if "
+            f"'{repo}' was meant as a local folder, it does not exist here (a teacher you train: "
+            f"tools/train_teacher.py --out {repo} in a source checkout)")
 
 
 def check_hub_reachable(repo: str, timeout: Optional[float] = None) -> None:
