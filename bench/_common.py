@@ -57,6 +57,14 @@ def med(rows: list[dict], key: str = "total") -> float:
     return statistics.median(r[key] for r in rows)
 
 
+def emit(data: dict, path: "str | None", machine_at_start: dict) -> int:
+    """Print ``data`` as JSON and, with ``path``, `save` it; returns 0 (a bench script's exit code)."""
+    print(json.dumps(data, indent=2))
+    if path:
+        save(path, data, machine_at_start)
+    return 0
+
+
 def save(path: str, data: dict, machine_at_start: dict) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

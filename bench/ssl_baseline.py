@@ -45,7 +45,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill.version import install_hint  # noqa: E402
-from bench._common import interleave, library_step, machine, paired, quickstart_setup, save  # noqa: E402
+from bench._common import emit, interleave, library_step, machine, paired, quickstart_setup  # noqa: E402
 
 MISSING_LIGHTLY = ("bench/ssl_baseline.py needs the optional 'ssl' extra (lightly, for SimCLR's loss and projection "
                    f"head): {install_hint('ssl')} (or pip install lightly==1.6.0), then run it again.")
@@ -258,10 +258,7 @@ def _main(argv=None) -> int:
     at_start = machine()
     if args.ratio:
         res = step_time_ratio(args.recipe, args.ratio, overrides)
-        print(json.dumps(res, indent=2))
-        if args.json:
-            save(args.json, res, at_start)
-        return 0
+        return emit(res, args.json, at_start)
     try:
         return train(args, recipe, out, at_start, NTXentLoss, SimCLRProjectionHead)
     except BaseException:
@@ -331,10 +328,7 @@ def train(args, recipe, out: Path, at_start: dict, NTXentLoss, SimCLRProjectionH
         res["distill"] = {"run": args.distill_run, "seconds": s["seconds"], "steps": s["steps"],
                           "images_seen": s["steps"] * recipe.batch_size, "img_per_s": s["img_per_s"],
                           "cost": cost}
-    print(json.dumps(res, indent=2))
-    if args.json:
-        save(args.json, res, at_start)
-    return 0
+    return emit(res, args.json, at_start)
 
 
 if __name__ == "__main__":

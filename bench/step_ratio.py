@@ -16,14 +16,13 @@ Bad input (an unknown recipe or key, rounds < 1) is one argparse error, exit 2, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import interleave, library_step, machine, paired, quickstart_setup, save  # noqa: E402
+from bench._common import emit, interleave, library_step, machine, paired, quickstart_setup  # noqa: E402
 
 
 def step_fn(recipe_name: str, overrides: dict, n_batches: int):
@@ -86,10 +85,7 @@ def _main(argv=None) -> int:
     a, b = interleave([variant_step, recipe_step], repeats=args.rounds, warmup=1)
     res = {"recipe": args.recipe, "set": args.set, "variant": args.variant, "rounds": args.rounds,
            "variant_over_recipe": paired(a, b)}
-    print(json.dumps(res, indent=2))
-    if args.json:
-        save(args.json, res, at_start)
-    return 0
+    return emit(res, args.json, at_start)
 
 
 if __name__ == "__main__":
