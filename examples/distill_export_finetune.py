@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-steps", type=int, default=None, help="default 500; --tiny: 2")
     p.add_argument("--onnx", action="store_true", help='also export model.onnx (pip install "diffusion-distill[onnx]")')
     p.add_argument("-o", "--output-dir", default="runs/example-export-finetune")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the distillation stopped in --output-dir (the same arguments; not with --tiny, "
+                        "whose data is gone)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run this script wrote before in --output-dir (never a folder of other files)")
     p.add_argument("--tiny", action="store_true", help="tiny data, student input and batches: a smoke run")
@@ -79,7 +82,7 @@ def run(args, stack: contextlib.ExitStack) -> int:
     import torch
 
     # 1. distill
-    summary = distill.train(recipe, str(out / "run"), overwrite=args.overwrite, progress=not args.tiny)
+    summary = distill.train(recipe, str(out / "run"), resume=args.resume, overwrite=args.overwrite, progress=not args.tiny)
     print(f"1. distilled {recipe.student} from {recipe.teacher} for {count(summary['steps'], 'step')}: final losses "
           + ", ".join(f"{k} {v:.4f}" for k, v in summary["final_losses"].items()))
 

@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=None, help="default 64; --tiny: 4")
     p.add_argument("-o", "--output-dir", default="runs/example-python-teacher")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the distillation stopped in --output-dir (the same arguments; not with --tiny, "
+                        "whose data is gone)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run this script wrote before in --output-dir (never a folder of other files)")
     p.add_argument("--tiny", action="store_true", help="tiny teacher, student input and batch (where not given): a "
@@ -74,7 +77,7 @@ def run(args, stack: contextlib.ExitStack) -> int:
         regressor_width=16 if args.tiny else 128, steps=args.steps, batch_size=batch_size,
         warmup_steps=0 if args.tiny else 100, log_every=1 if args.tiny else 50,
         checkpoint_every=args.steps, mean=[0.5] * 3, std=[0.5] * 3))
-    summary = distill.train(recipe, args.output_dir, overwrite=args.overwrite, progress=not args.tiny)
+    summary = distill.train(recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.tiny)
     losses = summary["final_losses"]
     print(f"distilled {args.student} from {args.teacher} (blocks {args.blocks}, timesteps {args.timesteps}) for "
           f"{count(summary['steps'], 'step')} into {args.output_dir}; final losses: "

@@ -161,3 +161,10 @@ def test_a_second_run_into_the_same_output_dir_is_refused_without_overwrite(ran)
     assert proc.returncode == 2, text[-2000:]
     assert "error:" in text and "Traceback" not in text and "overwrite" in text
     assert files() == before
+    # every option the message suggests is one the script has (it named --resume, which the script lacked)
+    import re
+
+    helptext = subprocess.run([sys.executable, str(EXAMPLES / "distill_python_teacher.py"), "--help"],
+                              env=_env(ran["tmp"]), capture_output=True, text=True, timeout=120).stdout
+    suggested = set(re.findall(r"--[a-z][a-z-]+", text.split("error:", 1)[1]))
+    assert suggested and all(opt in helptext for opt in suggested), (suggested, helptext)
