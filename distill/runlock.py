@@ -34,7 +34,12 @@ class RunLock:
         self.path, self.fd = Path(run_dir) / LOCK, None
 
     def __enter__(self) -> "RunLock":
-        self.created = not self.path.parent.exists()
+        self.made = []  # the folders this lock creates (the run directory and missing parents), deepest first
+        folder = self.path.parent
+        while not folder.exists() and folder != folder.parent:
+            self.made.append(folder)
+            folder = folder.parent
+        self.created = bool(self.made)
         self.lock_existed = self.path.exists()
         with writing(f"the run lock {LOCK}", self.path):  # a read-only or full run directory: WriteError, exit 2
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,10 +49,9 @@ class RunLock:
         except OSError as e:
             if not isinstance(e, BlockingIOError):  # ENOLCK, ENOSYS, EOPNOTSUPP: this file system has no locks
                 os.close(fd)
-                if not self.lock_existed:  # leave nothing behind: the .lock, and the directory if it made it
+                if not self.lock_existed:  # leave nothing behind: the .lock, and the directories it made
                     self.path.unlink(missing_ok=True)
-                    if self.created:
-                        self.path.parent.rmdir()
+                    self._remove_made_folders()
                 raise WriteError(
                     f"cannot lock {self.what} '{self.path.parent}': the file system refuses file locks "
                     f"(flock: {e.strerror or errno.errorcode.get(e.errno, e.errno)}), and without the lock a second "
@@ -70,12 +74,21 @@ class RunLock:
             raise
         return self
 
+    def _remove_made_folders(self) -> None:
+        """Remove the folders `__enter__` created, deepest first, each only while it is empty (another process may
+        have written into a parent since)."""
+        for folder in self.made:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (someone else's files now), or gone: keep what is there
+                return
+
     def __exit__(self, *exc) -> None:
         if self.fd is None:
             return
         if self.created and [p.name for p in self.path.parent.iterdir()] == [LOCK]:
-            self.path.unlink()  # a run that wrote nothing leaves no directory behind
-            self.path.parent.rmdir()
+            self.path.unlink()  # a run that wrote nothing leaves no directory behind, nor the parents it made
+            self._remove_made_folders()
         elif not self.lock_existed and not (self.path.parent / CONFIG).is_file():
             self.path.unlink()  # a refused or failed command leaves no .lock in someone else's folder
         fcntl.flock(self.fd, fcntl.LOCK_UN)

@@ -114,6 +114,18 @@ def test_lock_of_a_run_that_wrote_nothing_leaves_no_directory(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_a_run_that_wrote_nothing_leaves_none_of_the_parent_folders_it_made(tmp_path):
+    """-o a/b/run on a refused run (bad data root, ...) left an empty a/b behind: the lock made them, and now removes
+    them again, deepest first, each only while empty; a parent that existed before, or that another process wrote
+    into meanwhile, is kept."""
+    with RunLock(tmp_path / "a" / "b" / "run"):
+        assert (tmp_path / "a" / "b" / "run" / ".lock").exists()
+    assert list(tmp_path.iterdir()) == []
+    with RunLock(tmp_path / "x" / "y" / "run"):
+        (tmp_path / "x" / "someone-else.txt").write_text("theirs")
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["someone-else.txt"]
+
+
 # ----------------------------------------------------------------------------------------------- resume contract
 @pytest.fixture(scope="module")
 def four_steps(tmp_path_factory, rgb_folder):
