@@ -239,7 +239,6 @@ def _main(argv=None) -> int:
     ap.add_argument("--distill-run", default=None, help="distillation run measured beside it: its figures are copied")
     ap.add_argument("--max-steps", type=_positive(int), default=None, help="stop earlier (smoke tests)")
     args = ap.parse_args(argv)
-    NTXentLoss, SimCLRProjectionHead = require_lightly()
     from distill.recipes import load_recipe, parse_overrides
 
     try:
@@ -255,6 +254,8 @@ def _main(argv=None) -> int:
     if args.distill_run and not (Path(args.distill_run) / "summary.json").is_file():
         ap.error(f"--distill-run {args.distill_run}: no summary.json there; give a finished distill train run "
                  f"directory, or leave --distill-run out.")
+    # the extra is checked after the arguments: bad input is named as such whether or not lightly is installed
+    NTXentLoss, SimCLRProjectionHead = require_lightly()
     at_start = machine()
     if args.ratio:
         res = step_time_ratio(args.recipe, args.ratio, overrides)
