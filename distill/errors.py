@@ -6,10 +6,13 @@ exit code 2 and a refused or diverged run to exit code 3 (`EXIT_CODES`).
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import contextvars
 import signal
 import sys
 import threading
-from typing import Callable, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 
 class RunExistsError(FileExistsError):
@@ -95,6 +98,64 @@ class HubUploadError(ConnectionError):
     repository, the cause and the fix, and the local export is unchanged."""
 
 
+#: How the caller spells a setting in error messages: ``fn(name, flag) -> str`` (`option`).
+Spelling = Callable[[str, bool], str]
+
+
+def python_spelling(name: str, flag: bool = False) -> str:
+    """A setting as a Python caller names it: the field or keyword itself (``fraction``), ``overwrite=True`` for a
+    flag. The spelling outside `spelled_as` (``distill.finetune(FinetuneConfig(fraction=1.5), ...)`` reports
+    ``fraction 1.5 is outside (0, 1]``)."""
+    return f"{name}=True" if flag else name
+
+
+_SPELLING: "contextvars.ContextVar[Spelling]" = contextvars.ContextVar("distill_spelling", default=python_spelling)
+
+
+def option(name: str, flag: bool = False) -> str:
+    """The setting ``name`` (a config field or keyword: ``fraction``, ``data_root``, ``overwrite``) as the caller
+    spells it, for an error message: ``--fraction`` under ``distill finetune``, ``MODEL`` for its positional, the
+    script's own option in ``examples/*.py`` (each front end sets its `parser_spelling` with `spelled_as`), and
+    ``fraction`` / ``overwrite=True`` (``flag``: a boolean switch) from Python. So a message never names an option
+    the caller does not have, e.g. ``--steps`` for a script whose option is ``--finetune-steps``."""
+    return _SPELLING.get()(name, flag)
+
+
+def parser_spelling(parser: argparse.ArgumentParser, rename: Optional[Mapping[str, str]] = None) -> Spelling:
+    """The spelling of ``parser``'s command line: a setting is the option whose ``dest`` it is (its longest
+    ``--`` string: ``--data-root``), a positional its metavar or upper-cased dest (``MODEL``); ``rename`` maps
+    settings to this parser's dests where they differ (``{"steps": "finetune_steps"}``). A setting the parser
+    lacks is spelled as distill's commands would (``--data-root``)."""
+    rename = dict(rename or {})
+    by_dest: dict[str, str] = {}
+    stack = [parser]
+    while stack:  # subparsers' options count too (a script with sub-commands)
+        p = stack.pop()
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                stack.extend(a.choices.values())
+            elif a.dest and a.dest != argparse.SUPPRESS and a.help != argparse.SUPPRESS:
+                longs = [s for s in a.option_strings if s.startswith("--")]
+                spelled = (max(longs, key=len) if longs else a.option_strings[0] if a.option_strings else
+                           (a.metavar if isinstance(a.metavar, str) else a.dest.upper()))
+                by_dest.setdefault(a.dest, spelled)
+
+    def spell(name: str, flag: bool = False) -> str:
+        dest = rename.get(name, name)
+        return by_dest.get(dest, "--" + dest.replace("_", "-"))
+    return spell
+
+
+@contextlib.contextmanager
+def spelled_as(spelling: Spelling) -> Iterator[None]:
+    """Within the block, `option` spells settings with ``spelling`` (e.g. ``parser_spelling(parser)``)."""
+    token = _SPELLING.set(spelling)
+    try:
+        yield
+    finally:
+        _SPELLING.reset(token)
+
+
 #: CLI exit code per exception kind: 2 for bad input, 3 for a run that was refused or stopped, 1 for a failed upload.
 EXIT_CODES = (
     ((NonFiniteLossError, UntrustedCheckpointError, ExportMismatchError), 3),
@@ -125,7 +186,7 @@ def stop_at_once(signum, frame) -> None:
 
 
 def run_reporting(prog: str, fn: Callable[..., int], *args, note: Optional[Callable[[BaseException], str]] = None,
-                  **kwargs) -> int:
+                  spelling: Optional[Spelling] = None, **kwargs) -> int:
     """``fn(*args, **kwargs)``'s exit code, as the ``distill`` command reports errors and signals; the ``distill``
     command itself and scripts built on distill (``examples/*.py``, ``bench/*.py``) run through it:
     ``raise SystemExit(run_reporting(parser.prog, run, args))``.
@@ -135,13 +196,16 @@ def run_reporting(prog: str, fn: Callable[..., int], *args, note: Optional[Calla
     - SIGTERM (handled here as `SignalStop` while ``fn`` runs, in the main thread) or Ctrl-C elsewhere: one line
       ``PROG: stopped by SIGINT``, exit 128 + the signal number, no traceback;
     - ``note(error)``: more words for the two signal cases (e.g. the command that continues, or what was kept).
+    - ``spelling``: how messages raised inside ``fn`` name settings (`option`; e.g. ``parser_spelling(parser)``,
+      so they name the caller's own options); default: as from Python.
 
     Any other exception is a bug and propagates with its traceback.
     """
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, stop_at_once) if main_thread else None
     try:
-        return fn(*args, **kwargs)
+        with spelled_as(spelling) if spelling is not None else contextlib.nullcontext():
+            return fn(*args, **kwargs)
     except TrainingInterrupted as e:
         print(f"{prog}: {e}", file=sys.stderr)
         extra = note(e) if note else ""

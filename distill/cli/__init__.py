@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..errors import TrainingInterrupted, run_reporting
+from ..errors import TrainingInterrupted, parser_spelling, run_reporting
 from ..logs import setup_logging
 from ..version import __version__
 from .common import spread_set_options
@@ -72,4 +72,5 @@ def main(argv=None) -> int:
             return f"to continue: {again}" if again else ""
         return kept(getattr(args, "output_dir", None))
 
-    return run_reporting(f"distill {args.command}", args.func, args, note=note)
+    command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    return run_reporting(f"distill {args.command}", args.func, args, note=note, spelling=parser_spelling(command))
