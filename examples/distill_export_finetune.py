@@ -22,7 +22,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from distill.errors import run_reporting
+from distill.errors import parser_spelling, run_reporting
 from distill.logs import count
 
 
@@ -43,8 +43,11 @@ def main(argv=None) -> int:
                    help="replace a run this script wrote before in --output-dir (never a folder of other files)")
     p.add_argument("--tiny", action="store_true", help="tiny data, student input and batches: a smoke run")
     args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:  # before --tiny builds its data
+        p.error(f"--steps must be an integer >= 1 (distillation steps); got {args.steps}.")
     with contextlib.ExitStack() as stack:  # the --tiny data lives as long as the run and is removed after it
-        return run_reporting(p.prog, run, args, stack)
+        # the library's messages name this script's options: the fine-tune's steps are --finetune-steps here
+        return run_reporting(p.prog, run, args, stack, spelling=parser_spelling(p, {"steps": "finetune_steps"}))
 
 
 def run(args, stack: contextlib.ExitStack) -> int:

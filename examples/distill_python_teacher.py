@@ -19,7 +19,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from distill.errors import run_reporting
+from distill.errors import parser_spelling, run_reporting
 from distill.logs import count
 
 HERE = Path(__file__).resolve().parent
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     if args.data_root is None and not args.tiny and args.dataset != "fashion-mnist":
         p.error("--data-root is required (or --tiny for a synthetic folder, or --dataset fashion-mnist)")
     with contextlib.ExitStack() as stack:  # the --tiny data lives as long as the run and is removed after it
-        return run_reporting(p.prog, run, args, stack)
+        return run_reporting(p.prog, run, args, stack, spelling=parser_spelling(p))  # messages name its options
 
 
 def run(args, stack: contextlib.ExitStack) -> int:

@@ -20,7 +20,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from distill.errors import run_reporting
+from distill.errors import parser_spelling, run_reporting
 from distill.logs import count
 
 
@@ -32,6 +32,11 @@ def main(argv=None) -> int:
     p.add_argument("--layout", default=None, help="camvid (default), images-masks, voc, ade20k, cityscapes")
     p.add_argument("--num-classes", type=int, default=None, help="images-masks: class ids 0..N-1 in the masks")
     p.add_argument("--class-names", default=None, help="a file of class names, one per line")
+    p.add_argument("--mask-threshold", type=int, default=None, metavar="T",
+                   help="binary masks (8-bit grey or JPEG): grey value >= T is class 1, else 0 (e.g. 128)")
+    p.add_argument("--ignore-index", type=int, default=None,
+                   help="id of unlabelled pixels (default: camvid 11, others 255)")
+    p.add_argument("--eval-split", default="test", help="split evaluated at the end: test or val")
     p.add_argument("--fraction", type=float, default=1.0, help="share of the training masks")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--size", type=int, default=None, help="input height (default: the images' own)")
@@ -44,7 +49,9 @@ def main(argv=None) -> int:
     synthetic = args.tiny and args.data_root is None
     if synthetic:
         given = [f"{flag} {v}" for flag, v in (("--layout", args.layout), ("--num-classes", args.num_classes),
-                                                ("--class-names", args.class_names)) if v is not None]
+                                                ("--class-names", args.class_names),
+                                                ("--mask-threshold", args.mask_threshold),
+                                                ("--ignore-index", args.ignore_index)) if v is not None]
         if given:
             p.error(f"{', '.join(given)}: --tiny without --data-root fine-tunes on a synthetic set of its own "
                     f"(images-masks layout, 4 classes, its classes.txt), which these do not describe. Fix: give "
@@ -52,7 +59,8 @@ def main(argv=None) -> int:
     elif args.data_root is None:
         p.error("--data-root is required (CamVid: the folder holding train/ and trainannot/), or --tiny")
     with contextlib.ExitStack() as stack:  # the --tiny data lives as long as the run and is removed after it
-        return run_reporting(p.prog, run, args, stack, synthetic)
+        # the library's messages name this script's options (--model, --steps, ...), not distill finetune's
+        return run_reporting(p.prog, run, args, stack, synthetic, spelling=parser_spelling(p))
 
 
 def run(args, stack: contextlib.ExitStack, synthetic: bool) -> int:
@@ -60,18 +68,20 @@ def run(args, stack: contextlib.ExitStack, synthetic: bool) -> int:
     from distill.segment import SegmentConfig, segment_finetune
 
     root = args.data_root
-    kw = dict(layout=args.layout or "camvid", num_classes=args.num_classes, class_names=args.class_names)
+    kw = dict(layout=args.layout or "camvid", num_classes=args.num_classes, class_names=args.class_names,
+              mask_threshold=args.mask_threshold, ignore_index=args.ignore_index)
     if synthetic:
         from _tiny_data import segmentation_folder
 
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="distill-example-"))
         root = str(segmentation_folder(Path(tmp) / "seg"))
         print(f"--tiny: fine-tuning on the synthetic images and masks in {root} (removed at the end)")
-        kw = dict(layout="images-masks", num_classes=4, class_names=str(Path(root) / "classes.txt"))
+        kw = dict(layout="images-masks", num_classes=4, class_names=str(Path(root) / "classes.txt"),
+                  mask_threshold=None, ignore_index=None)
     if args.tiny:
         kw.update(decoder_width=16, batch_size=4, eval_batch_size=6, warmup_steps=0, log_every=1, grid_images=3)
     cfg = SegmentConfig(model=args.model, data_root=root, fraction=args.fraction, steps=args.steps, size=args.size,
-                        **kw)
+                        eval_split=args.eval_split, **kw)
     r = segment_finetune(cfg, args.output_dir, overwrite=args.overwrite, progress=not args.tiny)
     worst = sorted(r["per_class_iou"].items(), key=lambda kv: kv[1])[:3]
     print(f"fine-tuned {r['label']} for segmentation on {count(r['train_images'], 'training image')}, "

@@ -112,7 +112,7 @@ def test_cityscapes_nested_cities_and_label_ids_to_train_ids(tmp_path):
 
 def test_no_split_falls_back_to_train(tmp_path):
     root = write_shapes(tmp_path / "d", {"train": 2})  # camvid layout, train only
-    with pytest.raises(DatasetNotFoundError, match=r"split 'test' .*does not exist.*--eval-split val"):
+    with pytest.raises(DatasetNotFoundError, match=r"split 'test' .*does not exist.*eval_split val"):
         resolve_split(root, "test", "camvid")
     with pytest.raises(DatasetNotFoundError, match=r"split 'val' .*does not exist"):
         seg_data(str(root), "camvid", 1.0, 0, 3, 3, eval_split="val")
@@ -124,7 +124,7 @@ def test_no_split_falls_back_to_train(tmp_path):
 def test_a_data_root_that_does_not_exist_is_named_as_such(tmp_path):
     """It was reported as "split 'test' ... does not exist" (new-user review)."""
     for layout in SEG_LAYOUTS:
-        with pytest.raises(DatasetNotFoundError, match=r"--data-root '.*nowhere' does not exist \(or is not a folder\)"):
+        with pytest.raises(DatasetNotFoundError, match=r"data_root '.*nowhere' does not exist \(or is not a folder\)"):
             resolve_split(tmp_path / "nowhere", "test", layout)
 
 
@@ -142,7 +142,7 @@ def test_missing_camvid_says_where_to_download_it(tmp_path):
 def test_missing_split_folder_names_the_layout(tmp_path):
     root = write_shapes(tmp_path / "shapes", {"train": 2, "test": 1})
     with pytest.raises(DatasetNotFoundError,
-                       match=r"split 'val' of --data-root '.*shapes' does not exist; layout 'camvid' expects ROOT/val/"):
+                       match=r"split 'val' of data_root '.*shapes' does not exist; layout 'camvid' expects ROOT/val/"):
         SegmentationFolder(root, "val", 3, 3)
     with pytest.raises(DatasetNotFoundError, match=r"is not Pascal VOC.*VOCdevkit"):
         SegmentationFolder(root, "train", 21, 255, "voc")

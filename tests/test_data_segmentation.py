@@ -68,7 +68,7 @@ def test_unreadable_image_is_named_when_the_split_is_built(shapes, bad, monkeypa
 def test_size_resizes_each_pair_and_a_lower_resolution_mask_with_its_image(shapes):
     mask = np.array(Image.open(shapes / "trainannot" / "im002.png"))
     Image.fromarray(mask[::2, ::2]).save(shapes / "trainannot" / "im002.png")  # 20x16: the image's aspect
-    with pytest.raises(ValueError, match=r"im002\.png' is 20x16 px but its image .* is 40x32\. Fix: pass --size H"):
+    with pytest.raises(ValueError, match=r"im002\.png' is 20x16 px but its image .* is 40x32\. Fix: pass size H"):
         SegmentationFolder(shapes, "train", NUM_CLASSES, IGNORE)
     Image.fromarray(mask[:, :30]).save(shapes / "trainannot" / "im001.png")  # another aspect: refused even so
     with pytest.raises(ValueError, match=r"im001\.png' is 30x32 px .* is 40x32\. Fix: resize the mask with nearest"):
@@ -87,7 +87,7 @@ def test_mixed_sizes_are_refused_without_size_naming_two_files(tmp_path):
     Image.fromarray(img).save(root / "test" / "im000.png")
     Image.fromarray(np.zeros((20, 40), np.uint8)).save(root / "testannot" / "im000.png")
     with pytest.raises(ValueError, match=r"different sizes: '.*train/im000\.png' is 40x32 px and '.*test/im000\.png' "
-                                         r"is 40x20\. Fix: pass --size H"):
+                                         r"is 40x20\. Fix: pass size H"):
         seg_data(str(root), "camvid", 1.0, 0, NUM_CLASSES, IGNORE)
     data = seg_data(str(root), "camvid", 1.0, 0, NUM_CLASSES, IGNORE, size=16)
     assert data.test.sizes == [(16, 32)] and data.train_size == (16, 20)

@@ -148,6 +148,43 @@ def test_segmentation_example_reports_a_missing_model_in_one_line(tmp_path):
     assert "--model" in line and "no-export" in line and "distill export" in line
 
 
+def _suggests_only_its_own_options(script: str, line: str, tmp: Path) -> None:
+    import re
+
+    helptext = subprocess.run([sys.executable, str(EXAMPLES / script), "--help"], env=_env(tmp), capture_output=True,
+                              text=True, timeout=120).stdout
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", line.split("error:", 1)[1])) - {"--depth"}  # git clone's
+    assert all(opt in helptext for opt in named), (named, line)
+
+
+def test_library_messages_name_the_scripts_own_options(tmp_path):
+    """The library's checks name the option of the script that was run: the fine-tune's steps are --finetune-steps
+    in distill_export_finetune.py (the message said --steps, the script's distillation steps); the segmentation
+    example's messages suggested --mask-threshold, which it lacked, and a missing --class-names file was a bare
+    Errno line."""
+    line = _refused("distill_export_finetune.py", ["--tiny", "--finetune-steps", "0", "-o", str(tmp_path / "o")],
+                    tmp_path)
+    assert "--finetune-steps must be an integer >= 1; got 0" in line
+    _suggests_only_its_own_options("distill_export_finetune.py", line, tmp_path)
+    line = _refused("distill_export_finetune.py", ["--tiny", "--steps", "0", "-o", str(tmp_path / "o")], tmp_path)
+    assert "--steps must be an integer >= 1 (distillation steps)" in line and not (tmp_path / "o").exists()
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from _tiny_data import segmentation_folder
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    root = segmentation_folder(tmp_path / "seg", per_split=2)
+    common = ["--data-root", str(root), "--layout", "images-masks", "-o", str(tmp_path / "s")]
+    line = _refused("segmentation_finetune.py", common, tmp_path)
+    assert "--layout images-masks needs --num-classes N" in line and "--mask-threshold T" in line
+    _suggests_only_its_own_options("segmentation_finetune.py", line, tmp_path)
+    line = _refused("segmentation_finetune.py", common + ["--num-classes", "4", "--class-names",
+                                                          str(tmp_path / "missing.txt")], tmp_path)
+    assert f"--class-names '{tmp_path / 'missing.txt'}' is not a file" in line and "Errno" not in line
+    _suggests_only_its_own_options("segmentation_finetune.py", line, tmp_path)
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_second_run_into_the_same_output_dir_is_refused_without_overwrite(ran):
     """The examples replaced an earlier run silently (overwrite was hard-coded): now one line, exit 2, the earlier
     run untouched, unless --overwrite is given."""

@@ -147,7 +147,8 @@ def test_bad_models_and_datasets_exit_2(exported, rgb_folder, tmp_path, capsys):
         assert main(["finetune", *args, "-o", str(tmp_path / "o"), "--no-progress"]) == 2
         return capsys.readouterr().err
 
-    assert "--model '/nonexistent/student' does not exist" in err("/nonexistent/student")
+    e = err("/nonexistent/student")  # the positional MODEL: named as in `distill finetune --help`, not as --model
+    assert "MODEL '/nonexistent/student' does not exist" in e and "--model" not in e
     e = err("timm:resnet181", "--data-root", str(rgb_folder))
     assert "timm has no model 'resnet181'" in e and "resnet18" in e.split("Closest timm names:")[1]
     run_dir = tmp_path / "run"
@@ -161,6 +162,40 @@ def test_bad_models_and_datasets_exit_2(exported, rgb_folder, tmp_path, capsys):
     for src in sorted((rgb_folder / "train" / "cat").iterdir())[:2]:
         (flat / src.name).write_bytes(src.read_bytes())
     assert "has no labels" in err(str(exported), "--data-root", str(tmp_path / "flat"))
+
+
+def test_python_callers_are_told_the_setting_names_they_use_not_command_line_options(exported, rgb_folder, tmp_path):
+    """The same checks as the CLI's (above), called from Python: the message names the FinetuneConfig field or the
+    keyword (``fraction``, ``model``, ``overwrite=True``), never an option of a command the caller did not run."""
+    def refused(kind, cfg, out=tmp_path / "o", **kw):
+        with pytest.raises(kind) as e:
+            finetune(cfg, str(out), progress=False, **kw)
+        assert "--" not in str(e.value), str(e.value)
+        return str(e.value)
+
+    assert refused(ValueError, FinetuneConfig(model=str(exported), data_root=str(rgb_folder), fraction=1.5)) \
+        .startswith("fraction 1.5 is outside (0, 1]")
+    assert refused(ValueError, FinetuneConfig(model=str(exported), data_root=str(rgb_folder), steps=0)) \
+        .startswith("steps must be an integer >= 1; got 0")
+    assert refused(FileNotFoundError, FinetuneConfig(model=str(tmp_path / "none"))) \
+        .startswith(f"model '{tmp_path / 'none'}' does not exist")
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "result.json").write_text("{}")
+    e = refused(FileExistsError, FinetuneConfig(model=str(exported), data_root=str(rgb_folder)), out=done)
+    assert "pass overwrite=True to replace it or choose another output_dir" in e
+    assert (done / "result.json").read_text() == "{}"
+
+
+def test_a_model_path_where_the_settings_go_is_one_type_error_naming_the_fix(tmp_path):
+    from distill.segment import SegmentConfig, segment_finetune
+
+    with pytest.raises(TypeError, match=r"distill\.finetune\(\) takes a FinetuneConfig as its first argument; got "
+                                        r"str 'runs/a/student'\. Fix: distill\.finetune\(FinetuneConfig\(model="):
+        finetune("runs/a/student", str(tmp_path / "o"))
+    with pytest.raises(TypeError, match=r"segment_finetune\(\) takes a SegmentConfig .* got FinetuneConfig"):
+        segment_finetune(FinetuneConfig(model="timm:resnet18"), str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------------------------- what a run may replace
@@ -189,7 +224,7 @@ def test_save_model_refuses_a_model_folder_finetune_did_not_write(exported, rgb_
     before = _tree(out)
     for overwrite in (False, True):
         with pytest.raises(FileExistsError, match=r"model' is not a model saved by distill finetune .its "
-                                                  r"pretrained_cfg tag is ''.*--save-model would replace it"):
+                                                  r"pretrained_cfg tag is ''.*save_model=True would replace it"):
             finetune(_cfg(exported, rgb_folder, save_model=True), out, overwrite=overwrite, progress=False)
     assert _tree(out) == before
 
@@ -222,7 +257,7 @@ def test_a_truncated_export_exits_2_naming_the_file(exported, rgb_folder, tmp_pa
         assert "Traceback" not in err
     (bad / "config.json").write_text('{"architecture": ')
     assert main(["finetune", str(bad), "--data-root", str(rgb_folder), "-o", str(tmp_path / "o"), "--no-progress"]) == 2
-    assert f"--model config '{bad / 'config.json'}' is not valid JSON" in capsys.readouterr().err
+    assert f"MODEL config '{bad / 'config.json'}' is not valid JSON" in capsys.readouterr().err
 
 
 def test_an_output_dir_under_a_file_exits_2_naming_the_file(exported, rgb_folder, tmp_path, capsys):

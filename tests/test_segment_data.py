@@ -78,13 +78,13 @@ def test_image_subset_is_seeded_and_sized():
     assert len(a) == round(36.7) and a.indices == b.indices and a.indices != c.indices
     assert len(set(a.indices)) == len(a.indices) and image_subset(ds, 1.0, 0) is ds
     assert len(image_subset(ds, 1e-4, 0)) == 1
-    with pytest.raises(ValueError, match=r"--fraction 0 is outside \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"fraction 0 is outside \(0, 1\]"):
         image_subset(ds, 0, 0)
 
 
 def test_class_names_file_must_have_one_name_per_class(tmp_path):
     (tmp_path / "names.txt").write_text("bg\nsquare\n")
-    with pytest.raises(ValueError, match=r"lists 2 names but --num-classes is 3"):
+    with pytest.raises(ValueError, match=r"lists 2 names but num_classes is 3"):
         read_class_names(str(tmp_path / "names.txt"), 3)
 
 

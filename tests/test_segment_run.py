@@ -93,7 +93,7 @@ def test_save_model_and_overwrite_safety(shapes, tmp_path):
     saved = load_file(str(out / "model" / "model.safetensors"))
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["segmentation"]["num_classes"] == NUM_CLASSES and "decoder.classifier.weight" in saved
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="pass overwrite=True to replace it"):
         segment_finetune(cfg, str(out), progress=False)
     segment_finetune(cfg, str(out), overwrite=True, progress=False)
     (out / "result.json").write_text('{"not": "ours"}')

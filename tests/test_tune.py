@@ -140,7 +140,7 @@ def _kill_at(step: int, sig=signal.SIGTERM):
 
 def test_sigterm_finishes_the_step_and_keeps_what_was_evaluated(shapes, rgb_folder, tmp_path, capsys):
     out = tmp_path / "cls"
-    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM after step 3 of 6.*--overwrite") as e:
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM after step 3 of 6.*run it again with overwrite=True") as e:
         finetune(_cls("timm:resnet10t", rgb_folder, steps=6), str(out), progress=False, callback=_kill_at(3))
     assert e.value.exit_code == 143
     r = read_result(out)  # the owner accepts a stopped result ...

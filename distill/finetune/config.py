@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..errors import option
 from ..tune.config import TuneConfig
 
 
@@ -22,8 +23,9 @@ class FinetuneConfig(TuneConfig):
         """`TuneConfig.validate`, then the classification fields; raises ``ValueError`` naming the option."""
         super().validate()
         if self.layer_decay is not None and (isinstance(self.layer_decay, bool) or not 0 < self.layer_decay <= 1):
-            raise ValueError(f"--layer-decay {self.layer_decay!r} is outside (0, 1]: give e.g. 0.75 (each layer below "
-                             f"the head learns at 0.75x the rate of the layer above), or leave it out.")
+            raise ValueError(f"{option('layer_decay')} {self.layer_decay!r} is outside (0, 1]: give e.g. 0.75 (each "
+                             "layer below the head learns at 0.75x the rate of the layer above), or leave it out.")
         if isinstance(self.backbone_lr_mult, bool) or not self.backbone_lr_mult > 0:
-            raise ValueError(f"--backbone-lr-mult {self.backbone_lr_mult!r} must be > 0: give e.g. 0.1 (the backbone "
-                             f"learns at a tenth of --lr, the new head at --lr), or 1 for the same rate.")
+            raise ValueError(f"{option('backbone_lr_mult')} {self.backbone_lr_mult!r} must be > 0: give e.g. 0.1 (the "
+                             f"backbone learns at a tenth of {option('lr')}, the new head at {option('lr')}), or 1 for "
+                             "the same rate.")

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from ..augment import SeededAugment  # noqa: F401 (its home is distill.augment; imported from here before)
 from ..data import build_dataset, dataset_labels, label_subset
+from ..errors import option
 from ..tune.sampler import StepBatchSampler  # noqa: F401 (its home is distill.tune; imported from here before)
 
 
@@ -38,8 +39,8 @@ def finetune_data(dataset: str, data_root: Optional[str], fraction: float, seed:
     if dataset == "image-folder":
         if Path(test.root).resolve() == Path(full.root).resolve():
             raise ValueError(
-                f"--data-root '{data_root}' has no test/ split, so the test images would be the training images; "
-                f"give a folder with train/ and test/ class folders, or --test-root.")
+                f"{option('data_root')} '{data_root}' has no test/ split, so the test images would be the training "
+                f"images; give a folder with train/ and test/ class folders, or {option('test_root')}.")
         if tuple(test.classes) != tuple(full.classes):
             raise ValueError(f"test classes {list(test.classes)} differ from train classes {list(full.classes)}; "
                              f"the class folders of train/ and test/ must have the same names.")

@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from ..data import dataset_mean_std
+from ..errors import option
 from ..export import load_exported, read_export
 from ..student import student_model_kwargs
 from .config import FinetuneConfig
@@ -25,18 +26,19 @@ class ModelSource:
     config: dict = field(default_factory=dict)  # the export's config.json
 
 
-def read_export_config(path: Path, arg: str) -> dict:
-    """The ``config.json`` of a directory written by ``distill export``; ``arg`` (``--model``, ``--like``) names the
-    option in the errors.
+def read_export_config(path: Path, setting: str) -> dict:
+    """The ``config.json`` of a directory written by ``distill export``; ``setting`` (``"model"``, ``"like"``) is
+    the setting that gave ``path``, named in the errors as the caller spells it (`distill.errors.option`).
 
     Raises:
         FileNotFoundError: ``path`` is missing, is not an export (a hint for a run directory), or has no weights.
         UnreadableFileError: its config.json or model.safetensors is damaged (named, with the fix).
     """
+    arg = option(setting)
     if not path.exists():
         raise FileNotFoundError(
             f"{arg} '{path}' does not exist; give a directory written by `distill export` (config.json + "
-            f"model.safetensors){' or timm:NAME for a random-init baseline' if arg == '--model' else ''}.")
+            f"model.safetensors){' or timm:NAME for a random-init baseline' if setting == 'model' else ''}.")
     if not (path / "config.json").is_file():
         hint = ""
         if (path / "student" / "config.json").is_file():
@@ -55,8 +57,8 @@ def check_timm_name(name: str) -> None:
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f" Closest timm names: {', '.join(close)}." if close else ""
-    raise ValueError(f"--model timm:{name}: timm has no model {name!r}.{hint} List them with "
-                     f"`timm.list_models('resnet*')`.")
+    raise ValueError(f"{option('model')} timm:{name}: timm has no model {name!r}.{hint} List them with "
+                     "`timm.list_models('resnet*')`.")
 
 
 def parse_model_source(model: str) -> ModelSource:
@@ -66,7 +68,7 @@ def parse_model_source(model: str) -> ModelSource:
         check_timm_name(name)
         return ModelSource("timm", name)
     path = Path(model).expanduser()
-    cfg = read_export_config(path, "--model")
+    cfg = read_export_config(path, "model")
     return ModelSource("exported", cfg.get("architecture", "?"), path, cfg)
 
 

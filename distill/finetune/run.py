@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from ..atomic import atomic_dir
 from ..augment import SeededAugment, build_augment
 from ..data import FASHION_MNIST_CLASSES, collate, to_student, to_unit
+from ..errors import option
 from ..export import export_data_root
 from ..logs import count
 from ..tune import LOG_FILE, MODEL_DIR, MODEL_TAG, RESULT_FILE, Task, fit, machine_description  # noqa: F401
@@ -63,16 +64,18 @@ class ClassificationTask(Task):
     mean/std), a seeded stratified label subset, cross-entropy, top-1/top-5."""
 
     name, target, train_metric, score = "classification", "labels", "batch_top1", "top1"
+    config_class, entry = FinetuneConfig, "distill.finetune"
 
     def __init__(self, cfg: FinetuneConfig):
         super().__init__(cfg)
         self.source = parse_model_source(cfg.model)
-        like = read_export_config(Path(cfg.like).expanduser(), "--like") if cfg.like else None
+        like = read_export_config(Path(cfg.like).expanduser(), "like") if cfg.like else None
         if like and self.source.kind == "exported":
-            _logger.warning("--like is for timm:NAME runs; %s keeps its own input size and mean/std", cfg.model)
+            _logger.warning(f"{option('like')} is for timm:NAME runs; %s keeps its own input size and mean/std",
+                            cfg.model)
         if like and self.source.kind == "timm" and like.get("architecture") != self.source.name:
-            _logger.warning("--like %s is a %s, not %s: only its input size and mean/std are copied", cfg.like,
-                            like.get("architecture"), self.source.name)
+            _logger.warning(f"{option('like')} %s is a %s, not %s: only its input size and mean/std are copied",
+                            cfg.like, like.get("architecture"), self.source.name)
         self.like_config = like
         d = (self.source.config if self.source.kind == "exported" else (like or {})).get("distill", {})
         self.dataset = cfg.dataset or d.get("dataset") or "fashion-mnist"
@@ -146,7 +149,8 @@ class ClassificationTask(Task):
 
         classes = self.data.classes or FASHION_MNIST_CLASSES
         desc = (f"{result['label']} fine-tuned by distill on {result['dataset']} ({result['fraction']:g} of the "
-                f"labels, {count(result['train_images'], 'image')}, seed {result['seed']}, {count(result['steps'], 'step')}).")
+                f"labels, {count(result['train_images'], 'image')}, seed {result['seed']}, "
+                f"{count(result['steps'], 'step')}).")
         model_config = {"pretrained_cfg": {"tag": f"{MODEL_TAG}{result['dataset']}", "description": desc}}
         if len(classes) == result["num_classes"]:
             model_config["label_names"] = list(classes)
@@ -186,5 +190,6 @@ def finetune(cfg: FinetuneConfig, output_dir: str, overwrite: bool = False, acce
 def result_line(r: dict) -> str:
     """One line summing up a result dict: label, fraction, seed, steps, last and best top-1, top-k, seconds."""
     return (f"{r['label']}: fraction {r['fraction']:g} ({count(r['train_images'], 'image')}), seed {r['seed']}, "
-            f"{count(r['steps'], 'step')}: last top-1 {r['last_top1']:.2f} (best {r['best_top1']:.2f} at step {r['best_step']}), "
+            f"{count(r['steps'], 'step')}: last top-1 {r['last_top1']:.2f} (best {r['best_top1']:.2f} at step "
+            f"{r['best_step']}), "
             f"top-{r['top5_k']} {r['last_top5']:.2f}, {r['seconds']:.0f}s")

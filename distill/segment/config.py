@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from ..errors import option
 from ..tune.config import TuneConfig
 from ..vocab import SEG_DECODERS, SEG_LAYOUT_CLASSES, SEG_LAYOUTS
 
@@ -21,8 +22,8 @@ def layout_classes(layout: str, num_classes: Optional[int], ignore_index: Option
     if num_classes is None:
         num_classes = 2 if mask_threshold is not None else default_classes
         if num_classes is None:
-            raise ValueError(f"--layout {layout} needs --num-classes N (class ids 0..N-1 in the masks), or "
-                             f"--mask-threshold T for binary masks (2 classes).")
+            raise ValueError(f"{option('layout')} {layout} needs {option('num_classes')} N (class ids 0..N-1 in the "
+                             f"masks), or {option('mask_threshold')} T for binary masks (2 classes).")
     return num_classes, default_ignore if ignore_index is None else ignore_index
 
 
@@ -63,31 +64,33 @@ class SegmentConfig(TuneConfig):
         """`TuneConfig.validate`, then the segmentation fields; raises ``ValueError`` naming the option."""
         super().validate()
         if self.data_root is None:
-            raise ValueError("--data-root is required for --task segmentation: a folder with train/ + trainannot/ "
-                             "(CamVid layout) or train/images/ + train/masks/ (--layout images-masks), and the same "
-                             "for the evaluation split; or VOCdevkit, ADEChallengeData2016 or a Cityscapes folder as "
-                             "downloaded (--layout voc, ade20k, cityscapes).")
+            raise ValueError(f"{option('data_root')} is required for segmentation: a folder with train/ + trainannot/ "
+                             f"(CamVid layout) or train/images/ + train/masks/ ({option('layout')} images-masks), and "
+                             "the same for the evaluation split; or VOCdevkit, ADEChallengeData2016 or a Cityscapes "
+                             f"folder as downloaded ({option('layout')} voc, ade20k, cityscapes).")
         if self.layout not in SEG_LAYOUTS:
-            raise ValueError(f"--layout {self.layout!r} is not valid; valid: {', '.join(SEG_LAYOUTS)}.")
+            raise ValueError(f"{option('layout')} {self.layout!r} is not valid; valid: {', '.join(SEG_LAYOUTS)}.")
         if self.decoder not in SEG_DECODERS:
-            raise ValueError(f"--decoder {self.decoder!r} is not valid; valid: {', '.join(SEG_DECODERS)}.")
+            raise ValueError(f"{option('decoder')} {self.decoder!r} is not valid; valid: {', '.join(SEG_DECODERS)}.")
         mt = self.mask_threshold
         if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or not 1 <= mt <= 65535):
-            raise ValueError(f"--mask-threshold must be an integer grey value in 1..65535 (e.g. 128 for 8-bit masks: "
-                             f"value >= 128 is class 1); got {mt!r}.")
+            raise ValueError(f"{option('mask_threshold')} must be an integer grey value in 1..65535 (e.g. 128 for "
+                             f"8-bit masks: value >= 128 is class 1); got {mt!r}.")
         self.num_classes, self.ignore_index = layout_classes(self.layout, self.num_classes, self.ignore_index, mt)
         for name, lo in (("num_classes", 2), ("decoder_width", 1), ("grid_images", 0), ("ignore_index", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {lo}; got {v!r}.")
+                raise ValueError(f"{option(name)} must be an integer >= {lo}; got {v!r}.")
         if 0 <= self.ignore_index < self.num_classes:
-            raise ValueError(f"--ignore-index {self.ignore_index} is a class id (--num-classes {self.num_classes}); "
-                             f"give the id of unlabelled pixels, >= the number of classes (CamVid: 11, or 255).")
+            raise ValueError(f"{option('ignore_index')} {self.ignore_index} is a class id ({option('num_classes')} "
+                             f"{self.num_classes}); give the id of unlabelled pixels, >= the number of classes "
+                             "(CamVid: 11, or 255).")
         if not 0 < self.scale_min <= 1:
-            raise ValueError(f"--scale-min must be in (0, 1]; got {self.scale_min!r}.")
+            raise ValueError(f"{option('scale_min')} must be in (0, 1]; got {self.scale_min!r}.")
         if (self.blocks or self.timesteps) and not self.model.startswith("teacher:"):
-            raise ValueError(f"--blocks/--timesteps choose a teacher's features; --model {self.model!r} is not "
-                             f"teacher:NAME.")
+            raise ValueError(f"{option('blocks')}/{option('timesteps')} choose a teacher's features; {option('model')} "
+                             f"{self.model!r} is not teacher:NAME.")
         if self.model.startswith("teacher:") and not self.blocks:
-            raise ValueError("teacher:NAME needs --blocks (e.g. --blocks up_blocks.1 up_blocks.2); its features are "
-                             "probed frozen (use --decoder linear --freeze-backbone for the dense linear probe).")
+            raise ValueError(f"teacher:NAME needs {option('blocks')} (e.g. {option('blocks')} up_blocks.1 "
+                             f"up_blocks.2); its features are probed frozen (use {option('decoder')} linear "
+                             f"{option('freeze_backbone', flag=True)} for the dense linear probe).")

@@ -21,6 +21,7 @@ from ..data.segmentation import (CropPadCollate, SegmentationFolder, check_one_s
 from ..data.seglayouts import (ADE20K_CLASSES, CAMVID_CLASSES, CAMVID_IGNORE_INDEX, CAMVID_PALETTE,  # noqa: F401
                                CITYSCAPES_CLASSES, CITYSCAPES_TRAIN_ID, VOC_CLASSES, layout_info, resolve_split,
                                seeded_palette)
+from ..errors import UnreadableFileError, option
 from .config import layout_classes
 
 
@@ -32,8 +33,8 @@ def image_subset(ds: Dataset, fraction: float, seed: int = 0) -> Dataset:
         ValueError: ``fraction`` outside (0, 1].
     """
     if not (0.0 < float(fraction) <= 1.0):
-        raise ValueError(f"--fraction {fraction!r} is outside (0, 1]; give the share of training masks to use, "
-                         f"e.g. 0.1 for 10% or 1.0 for all.")
+        raise ValueError(f"{option('fraction')} {fraction!r} is outside (0, 1]; give the share of training masks to "
+                         "use, e.g. 0.1 for 10% or 1.0 for all.")
     if float(fraction) == 1.0:
         return ds
     n = max(1, round(float(fraction) * len(ds)))
@@ -46,13 +47,24 @@ def read_class_names(path: Optional[str], num_classes: int) -> tuple[str, ...]:
 
     Raises:
         ValueError: the file holds a different number of names.
+        FileNotFoundError: ``path`` is not a file.
+        UnreadableFileError: it cannot be read as UTF-8 text.
     """
     if path is None:
         return tuple(f"class{i}" for i in range(num_classes))
-    names = tuple(line.strip() for line in Path(path).expanduser().read_text().splitlines() if line.strip())
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{option('class_names')} '{path}' is not a file. Fix: give a text file with one class "
+                                f"name per line ({num_classes} lines), or leave it out for class0, class1, ...")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UnreadableFileError(f"{option('class_names')} '{path}' could not be read as UTF-8 text ({e}). Fix: give "
+                                  "a text file with one class name per line.", file) from e
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
     if len(names) != num_classes:
-        raise ValueError(f"--class-names '{path}' lists {len(names)} names but --num-classes is {num_classes}; give "
-                         f"one name per line, one line per class (not the ignore index).")
+        raise ValueError(f"{option('class_names')} '{path}' lists {len(names)} names but {option('num_classes')} is "
+                         f"{num_classes}; give one name per line, one line per class (not the ignore index).")
     return names
 
 

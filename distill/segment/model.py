@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import to_teacher
+from ..errors import option
 from ..vocab import SEG_DECODERS
 
 
@@ -196,7 +197,7 @@ def build_decoder(name: str, channels: Sequence[int], num_classes: int, width: i
         return FPNDecoder(channels, num_classes, width)
     if name == "linear":
         return LinearDecoder(channels, num_classes)
-    raise ValueError(f"--decoder {name!r} is not valid; valid: {', '.join(SEG_DECODERS)}.")
+    raise ValueError(f"{option('decoder')} {name!r} is not valid; valid: {', '.join(SEG_DECODERS)}.")
 
 
 def _architecture(source, like_config: Optional[dict]) -> tuple[str, bool, dict]:
@@ -223,7 +224,7 @@ def timm_features(source, levels: Optional[Sequence[int]], like_config: Optional
     from ..student import VIT_PREFIXES
 
     if source.kind == "exported":
-        read_export(str(source.path), "--model")
+        read_export(str(source.path), option("model"))
     name, pretrained, model_args = _architecture(source, like_config)
     kwargs = {"features_only": True}
     kwargs.update({k: v for k, v in model_args.items() if k not in ("num_classes", "global_pool")})

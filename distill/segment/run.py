@@ -95,10 +95,11 @@ class SegmentationTask(Task):
     evaluation split."""
 
     name, target, train_metric, score = "segmentation", "masks", "pixel_acc", "miou"
+    config_class, entry = SegmentConfig, "distill.segment.segment_finetune"
 
     def __init__(self, cfg: SegmentConfig):
         super().__init__(cfg)
-        self.like_config = read_export_config(Path(cfg.like).expanduser(), "--like") if cfg.like else None
+        self.like_config = read_export_config(Path(cfg.like).expanduser(), "like") if cfg.like else None
 
     def load_data(self) -> None:
         cfg = self.cfg

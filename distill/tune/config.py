@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from ..errors import option
 from ..vocab import AUGMENTS, MIXED_PRECISION, OPTIMIZERS, TRACKERS
 
 
@@ -40,36 +41,38 @@ class TuneConfig:
     log_with: Optional[str] = None  # an Accelerate tracker (distill.vocab.TRACKERS), as distill train's log_with
 
     def validate(self) -> None:
-        """Check every shared field; raises ``ValueError`` naming the command-line option (``--fraction``, ...)."""
+        """Check every shared field; raises ``ValueError`` naming the setting as the caller spells it
+        (`distill.errors.option`: ``--fraction`` on the command line, ``fraction`` from Python)."""
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or \
                 not (0.0 < float(self.fraction) <= 1.0):
-            raise ValueError(f"--fraction {self.fraction!r} is outside (0, 1]: give the share of training labels "
-                             f"to use, e.g. 0.01 for 1%, 0.1 for 10% or 1.0 for all.")
+            raise ValueError(f"{option('fraction')} {self.fraction!r} is outside (0, 1]: give the share of training "
+                             "labels to use, e.g. 0.01 for 1%, 0.1 for 10% or 1.0 for all.")
         for name, lo in (("steps", 1), ("batch_size", 1), ("eval_batch_size", 1), ("log_every", 1),
                          ("warmup_steps", 0), ("eval_every", 0), ("num_workers", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {lo}; got {v!r}.")
+                raise ValueError(f"{option(name)} must be an integer >= {lo}; got {v!r}.")
         if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0; got {self.lr!r}.")
+            raise ValueError(f"{option('lr')} must be > 0; got {self.lr!r}.")
         if self.weight_decay < 0 or self.grad_clip < 0 or not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"--weight-decay and --grad-clip must be >= 0 and --label-smoothing in [0, 1); got "
-                             f"{self.weight_decay}, {self.grad_clip}, {self.label_smoothing}.")
+            raise ValueError(f"{option('weight_decay')} and {option('grad_clip')} must be >= 0 and "
+                             f"{option('label_smoothing')} in [0, 1); got {self.weight_decay}, {self.grad_clip}, "
+                             f"{self.label_smoothing}.")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer {self.optimizer!r} is not valid; valid: {', '.join(OPTIMIZERS)}.")
+            raise ValueError(f"{option('optimizer')} {self.optimizer!r} is not valid; valid: {', '.join(OPTIMIZERS)}.")
         if self.augment not in AUGMENTS:
-            raise ValueError(f"--augment {self.augment!r} is not valid; valid: {', '.join(AUGMENTS)}.")
+            raise ValueError(f"{option('augment')} {self.augment!r} is not valid; valid: {', '.join(AUGMENTS)}.")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"--mixed-precision {self.mixed_precision!r} is not valid; valid: "
+            raise ValueError(f"{option('mixed_precision')} {self.mixed_precision!r} is not valid; valid: "
                              f"{', '.join(MIXED_PRECISION)}.")
         if self.log_with is not None and self.log_with not in TRACKERS:
-            raise ValueError(f"--log-with {self.log_with!r} is not valid; valid: {', '.join(TRACKERS)} (or leave it "
-                             f"out for train_log.csv only).")
+            raise ValueError(f"{option('log_with')} {self.log_with!r} is not valid; valid: {', '.join(TRACKERS)} (or "
+                             "leave it out for train_log.csv only).")
         if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 8):
-            raise ValueError(f"--size must be an integer >= 8; got {self.size!r}.")
+            raise ValueError(f"{option('size')} must be an integer >= 8; got {self.size!r}.")
         for name in ("mean", "std"):
             v = getattr(self, name)
             if v is not None and len(v) not in (1, 3):
-                raise ValueError(f"--{name} takes 1 or 3 values (the model sees RGB); got {list(v)}.")
+                raise ValueError(f"{option(name)} takes 1 or 3 values (the model sees RGB); got {list(v)}.")
         if self.std is not None and any(float(s) <= 0 for s in self.std):
-            raise ValueError(f"--std values must be > 0; got {list(self.std)}.")
+            raise ValueError(f"{option('std')} values must be > 0; got {list(self.std)}.")

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from ..errors import NonFiniteLossError, TrainingInterrupted, WriteError
+from ..errors import NonFiniteLossError, TrainingInterrupted, WriteError, option
 from ..logs import check_tracker, start_trackers
 from ..optim import build_optimizer, build_scheduler
 from ..signals import StopOnSignal
@@ -95,8 +95,8 @@ def fit(task: Task, output_dir, overwrite: bool = False, accelerator=None, progr
     if accelerator is None:
         accelerator = make_accelerator(cfg, out)
     if cfg.batch_size % accelerator.num_processes:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {accelerator.num_processes} "
-                         f"processes.")
+        raise ValueError(f"{option('batch_size')} {cfg.batch_size} is not divisible by the {accelerator.num_processes} "
+                         "processes.")
     lock = lock_output_dir(out) if accelerator.is_main_process else contextlib.nullcontext()
     with lock:  # one fine-tune per output directory
         if accelerator.is_main_process:
@@ -193,8 +193,8 @@ def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: 
     if stopped is not None:
         raise TrainingInterrupted(
             f"stopped by {result['stopped']} after step {step} of {cfg.steps}; '{out / RESULT_FILE}' holds the "
-            f"{len(history)} evaluation(s) done so far, marked 'stopped' (distill report leaves it out). A "
-            f"fine-tune does not resume: to train the whole budget, run the same command again with --overwrite.",
+            f"{len(history)} evaluation(s) done so far, marked 'stopped' (distill report leaves it out). A fine-tune "
+            f"does not resume: to train the whole budget, run it again with {option('overwrite', flag=True)}.",
             stopped)
     return result
 
@@ -212,7 +212,7 @@ def _update(task: Task, batch, model, optimizer, accelerator, step: int, lr: flo
     logits = model(x).float()
     loss = task.loss(logits, y)
     if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"non-finite {task.name} loss at step {step} ({loss.item()}); lower --lr.")
+        raise NonFiniteLossError(f"non-finite {task.name} loss at step {step} ({loss.item()}); lower {option('lr')}.")
     accelerator.backward(loss)
     if task.cfg.grad_clip > 0:
         accelerator.clip_grad_norm_(model.parameters(), task.cfg.grad_clip)

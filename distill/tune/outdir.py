@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..atomic import atomic_write_json, writing
+from ..errors import option
 from ..export import EXPORT_FILES
 from ..integrity import error_text, read_json
 from ..runlock import RunLock
@@ -99,29 +100,30 @@ def check_output_dir(out: Path, overwrite: bool, save_model: bool = False) -> No
 
     out = Path(out)
     result, model = out / RESULT_FILE, out / MODEL_DIR
-    refused = "Nothing was deleted. Fix: choose another --output-dir, or move it away."
+    refused = f"Nothing was deleted. Fix: choose another {option('output_dir')}, or move it away."
     if is_run(out):
         raise FileExistsError(f"'{out}' is a distill train run directory (config.yaml, checkpoints): a fine-tune there "
-                              f"would mix its files into the run. Nothing was written. Fix: choose another "
-                              f"--output-dir, e.g. '{out / 'finetune'}'.")
+                              "would mix its files into the run. Nothing was written. Fix: choose another "
+                              f"{option('output_dir')}, e.g. '{out / 'finetune'}'.")
     written = [name for name in (LOG_FILE, GRID_FILE) if (out / name).exists()]
     if written and not result.exists() and not (out / LOCK).exists():
         raise FileExistsError(f"'{out}' holds {', '.join(written)} that distill finetune did not write (no "
                               f"{RESULT_FILE}, no {LOCK} of a fine-tune): a run would replace them. Nothing was "
-                              f"written. Fix: choose another --output-dir, or move those files away.")
+                              f"written. Fix: choose another {option('output_dir')}, or move those files away.")
     if result.exists():
         if not overwrite:
-            raise FileExistsError(f"'{out}' already holds a fine-tuning result ({RESULT_FILE}); pass --overwrite to "
-                                  f"replace it or choose another --output-dir.")
+            raise FileExistsError(f"'{out}' already holds a fine-tuning result ({RESULT_FILE}); pass "
+                                  f"{option('overwrite', flag=True)} to replace it or choose another "
+                                  f"{option('output_dir')}.")
         problem = file_problem(result)
         if problem:
-            raise FileExistsError(f"--overwrite refused: '{result}' is not a distill finetune result ({problem}). "
-                                  f"{refused}")
+            raise FileExistsError(f"{option('overwrite', flag=True)} refused: '{result}' is not a distill finetune "
+                                  f"result ({problem}). {refused}")
     if save_model and (model.exists() or model.is_symlink()):
         problem = saved_model_problem(model)
         if problem:
-            raise FileExistsError(f"'{model}' is not a model saved by distill finetune ({problem}); --save-model "
-                                  f"would replace it. {refused}")
+            raise FileExistsError(f"'{model}' is not a model saved by distill finetune ({problem}); "
+                                  f"{option('save_model', flag=True)} would replace it. {refused}")
 
 
 def prepare_output_dir(out: Path, overwrite: bool, save_model: bool = False) -> None:

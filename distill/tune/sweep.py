@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ..errors import option
 from ..logs import count
 from .config import TuneConfig
 from .outdir import RESULT_FILE, read_result
@@ -29,17 +30,19 @@ def sweep(cfg: TuneConfig, output_dir: str, fractions: Sequence[float], seeds: S
         FileExistsError: results exist and neither ``overwrite`` nor ``skip_existing`` is set.
     """
     if not fractions or not seeds:
-        raise ValueError("--fractions and --seeds need at least one value each.")
+        raise ValueError(f"{option('fractions')} and {option('seeds')} need at least one value each.")
     runs = [(f, s) for f in fractions for s in seeds]
     for f, s in runs:
         dataclasses.replace(cfg, fraction=f, seed=s).validate()
     if len(set(map(lambda r: run_dir_name(*r), runs))) != len(runs):
-        raise ValueError(f"--fractions {list(fractions)} / --seeds {list(seeds)} contain duplicates.")
+        raise ValueError(f"{option('fractions')} {list(fractions)} / {option('seeds')} {list(seeds)} contain "
+                         "duplicates.")
     out = Path(output_dir)
     existing = [run_dir_name(f, s) for f, s in runs if (out / run_dir_name(f, s) / RESULT_FILE).exists()]
     if existing and not (overwrite or skip_existing):
-        raise FileExistsError(f"'{out}' already holds results for {', '.join(existing)}; pass --overwrite to replace "
-                              f"them, --skip-existing to run only the missing ones, or choose another --output-dir.")
+        raise FileExistsError(f"'{out}' already holds results for {', '.join(existing)}; pass "
+                              f"{option('overwrite', flag=True)} to replace them, {option('skip_existing', flag=True)} "
+                              f"to run only the missing ones, or choose another {option('output_dir')}.")
     results = []
     for f, s in runs:
         sub = out / run_dir_name(f, s)

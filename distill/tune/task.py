@@ -29,14 +29,26 @@ class Task(ABC):
         train_metric: the ``train_log.csv`` column of the training accuracy (``'batch_top1'``, ``'pixel_acc'``).
         score: the history key that picks the best evaluation (``'top1'``, ``'miou'``).
         cfg: the run's settings; ``label``: the run's name in reports.
+        config_class: the settings' class this task reads (`TuneConfig` or a subclass).
+        entry: the public function that runs the task, named in the type error (``'distill.finetune'``).
     """
 
     name = ""
     target = ""
     train_metric = ""
     score = ""
+    config_class: type = TuneConfig
+    entry = "distill.tune.fit"
 
     def __init__(self, cfg: TuneConfig):
+        """Raises:
+            TypeError: ``cfg`` is not a ``config_class`` (e.g. a model path given where the settings go).
+            ValueError: a setting ``cfg.validate`` refuses.
+        """
+        if not isinstance(cfg, self.config_class):
+            name = self.config_class.__name__
+            raise TypeError(f"{self.entry}() takes a {name} as its first argument; got {type(cfg).__name__} "
+                            f"{cfg!r:.80}. Fix: {self.entry}({name}(model=..., ...), output_dir).")
         cfg.validate()
         self.cfg = cfg
         self.label = cfg.label or ""
