@@ -72,6 +72,22 @@ def test_offline_mode_without_a_cached_copy(unreachable_hub, monkeypatch):
     check_hub_reachable("owner/cached")  # offline with a copy: nothing to check, diffusers reads the cache
 
 
+def test_a_missing_local_folder_read_as_a_hub_id_says_so_first(unreachable_hub, tmp_path, monkeypatch):
+    """``teacher: runs/teacher`` with ``runs/`` present but no ``teacher`` in it is most likely a wrong local path:
+    the message opens with that (and how to train one), then the hub error; a real hub id keeps the hub error first."""
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as e:
+        check_hub_reachable("runs/teacher", timeout=2)
+    msg = str(e.value)
+    assert msg.startswith("teacher 'runs/teacher' is not a folder here: 'runs/' exists but holds no 'teacher'")
+    assert "tools/train_teacher.py --dataset DATASET --data-root DIR --out runs/teacher" in msg
+    assert "Read as a hub id instead: teacher 'runs/teacher' is a hub id but the hub" in msg
+    with pytest.raises(ValueError) as e:
+        check_hub_reachable("owner/model", timeout=2)  # no owner/ folder here: the hub error alone
+    assert str(e.value).startswith("teacher 'owner/model' is a hub id but the hub")
+
+
 def test_cli_exits_2_without_a_traceback(tmp_path):
     env = dict(os.environ, HF_ENDPOINT=CLOSED, HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
     env.pop("HF_HUB_OFFLINE", None)

@@ -8,6 +8,7 @@ HTTP session, so proxies apply) tells first; in offline mode (``HF_HUB_OFFLINE=1
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional
 
 #: seconds the one reachability request may take
@@ -33,7 +34,18 @@ def _download_hint(repo: str) -> str:
     return (f"download it on a machine with network (`hf download {repo} --local-dir DIR`, or "
             f"DDPMPipeline.from_pretrained('{repo}').save_pretrained('DIR')), copy DIR here and set teacher: DIR; if "
             f"'{repo}' was meant as a local folder, it does not exist here (a teacher you train: "
-            f"tools/train_teacher.py --out {repo} in a source checkout)")
+            f"tools/train_teacher.py --dataset DATASET --data-root DIR --out {repo} in a source checkout)")
+
+
+def _local_folder_lead(repo: str) -> str:
+    """When ``repo``'s owner part is a folder here (``runs/teacher`` with ``runs/`` present), the likelier cause
+    first: a local teacher folder that does not exist (a typo, or not trained yet), before the hub error."""
+    owner, name = repo.split("/")
+    if not Path(owner).expanduser().is_dir():
+        return ""
+    return (f"teacher {repo!r} is not a folder here: '{owner}/' exists but holds no '{name}' (check the path, or "
+            f"train it first: tools/train_teacher.py --dataset DATASET --data-root DIR --out {repo}). Read as a "
+            f"hub id instead: ")
 
 
 def check_hub_reachable(repo: str, timeout: Optional[float] = None) -> None:
@@ -51,8 +63,8 @@ def check_hub_reachable(repo: str, timeout: Optional[float] = None) -> None:
 
     if constants.HF_HUB_OFFLINE:
         if not in_hub_cache(repo):
-            raise ValueError(f"teacher {repo!r} is a hub id, HF_HUB_OFFLINE is set and the hub cache "
-                             f"({constants.HF_HUB_CACHE}) has no copy of it. Fix: {_download_hint(repo)}; or unset "
+            raise ValueError(f"{_local_folder_lead(repo)}teacher {repo!r} is a hub id, HF_HUB_OFFLINE is set and the "
+                             f"hub cache ({constants.HF_HUB_CACHE}) has no copy of it. Fix: {_download_hint(repo)}; or unset "
                              f"HF_HUB_OFFLINE on a machine that can reach {constants.ENDPOINT}.")
         return
     from huggingface_hub.utils import get_session
@@ -66,5 +78,6 @@ def check_hub_reachable(repo: str, timeout: Optional[float] = None) -> None:
         fix = (f"it is in the hub cache ({constants.HF_HUB_CACHE}): set HF_HUB_OFFLINE=1 to load it from there; or "
                f"{_download_hint(repo)}" if cached else f"{_download_hint(repo)}; or, if it was downloaded to the hub "
                f"cache, set HF_HUB_CACHE to that cache and HF_HUB_OFFLINE=1")
-        raise ValueError(f"teacher {repo!r} is a hub id but the hub ({constants.ENDPOINT}) cannot be reached within "
+        raise ValueError(f"{_local_folder_lead(repo)}teacher {repo!r} is a hub id but the hub ({constants.ENDPOINT}) "
+                         f"cannot be reached within "
                          f"{timeout:g} s ({type(e).__name__}: {why}). Fix: {fix}.") from None
