@@ -25,15 +25,18 @@ _now = time.monotonic  # the clock that spaces the checks of several processes (
 
 class StopOnSignal:
     """Context manager installing the handlers (main thread only; elsewhere it does nothing). ``after``: what the
-    run does after the step, said when the first signal arrives. With several processes, `requested` agrees
+    run does after the step, said when the first signal arrives; ``processes``: how many run (the message says how
+    many steps later several stop). With several processes, `requested` agrees
     on a stop every ``every`` steps at most and, where steps take longer than ``seconds / every``, about every
     ``seconds`` of training."""
 
-    def __init__(self, after: str = "writing a checkpoint", every: int = 10, seconds: float = 1.0):
+    def __init__(self, after: str = "writing a checkpoint", every: int = 10, seconds: float = 1.0,
+                 processes: int = 1):
         self.signum, self.after, self.every, self.seconds = None, after, every, seconds
         self._old: dict = {}
         self._checked: "tuple[int, float] | None" = None  # (step, clock) of the last all-reduce
         self._next = 0  # the next step that all-reduces (the first call does)
+        self.processes = processes  # the first signal's message says how late (`requested` keeps it current)
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():
@@ -51,8 +54,16 @@ class StopOnSignal:
             self.__exit__()
             raise SignalStop(signum)
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this step and {self.after} "
-              f"(send it again to abort at once).", file=sys.stderr, flush=True)
+        print(f"\n{signal.Signals(signum).name} received: {self.when()} and {self.after} (send it again to abort at "
+              f"once).", file=sys.stderr, flush=True)
+
+    def when(self) -> str:
+        """When the run stops, in words: after this step with one process; with several, after the step where
+        they next agree (about ``seconds`` of training, at most ``every - 1`` more steps)."""
+        if self.processes == 1:
+            return "finishing this step"
+        return (f"finishing the steps until all {self.processes} processes agree to stop (about {self.seconds:g} s "
+                f"of training, at most {self.every - 1} more steps)")
 
     def requested(self, accelerator, step: int, due: bool = False) -> bool:
         """Whether to stop after ``step``: a process got a signal.
@@ -64,6 +75,7 @@ class StopOnSignal:
         process plans the same step): ``seconds`` of training ahead, at least 1 and at most ``every`` steps. Every
         process must call with the same ``step`` and ``due`` sequence.
         """
+        self.processes = accelerator.num_processes
         if accelerator.num_processes == 1:
             return self.signum is not None
         if not due and step < self._next:

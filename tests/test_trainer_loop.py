@@ -314,6 +314,28 @@ def test_several_processes_agree_on_a_stop_without_a_collective_every_step(monke
     assert stopped == {0: (stop, signal.SIGTERM), 1: (stop, signal.SIGTERM)}
 
 
+def test_the_signal_message_says_how_late_several_processes_stop():
+    """One process stops after this step; several after the step where they next agree, which may be up to 9
+    steps later (the message said 'finishing this step' there too)."""
+    from distill.signals import StopOnSignal
+
+    class Acc:
+        device = torch.device("cpu")
+
+        def __init__(self, n):
+            self.num_processes = n
+
+        def reduce(self, t, op):
+            return t
+
+    one, two = StopOnSignal(), StopOnSignal(every=10, seconds=1.0)
+    one.requested(Acc(1), 1)
+    two.requested(Acc(2), 1)
+    assert one.when() == "finishing this step"
+    assert two.when() == ("finishing the steps until all 2 processes agree to stop (about 1 s of training, at most "
+                          "9 more steps)")
+
+
 # ----------------------------------------------------------------------------------------------- knobs
 def _final(run):
     return load_file(str(run / "checkpoint-2" / "model.safetensors"))

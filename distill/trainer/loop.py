@@ -328,7 +328,7 @@ def _train(recipe: Recipe, run_dir: Path, acc, resume: bool, overwrite: bool, pr
     s.t0 = time.time()
     s.mark = (s.t0, 0.0)
     try:
-        with StopOnSignal() as stop:
+        with StopOnSignal(processes=s.accelerator.num_processes) as stop:
             for step in range(start + 1, recipe.steps + 1):
                 sums, grad_norm, inputs = optimizer_step(s, batches, step, s.policy_log)
                 s.scheduler.step()

@@ -152,7 +152,7 @@ def _fit(task: Task, out: Path, accelerator, show: Progress, callback, t_start: 
     torch.manual_seed(cfg.seed * 1009 + rank + 1)
     eval_loss, eval_steps, last, step, stopped = 0.0, 0, None, 0, None
     try:
-        with StopOnSignal(after="writing the result") as stop:
+        with StopOnSignal(after="writing the result", processes=accelerator.num_processes) as stop:
             for step, batch in enumerate(train_loader, start=1):
                 lr = scheduler.get_last_lr()[0]  # the rate this update uses
                 loss, correct, counted = _update(task, batch, model, optimizer, accelerator, step, lr, callback)
