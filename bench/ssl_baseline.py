@@ -172,7 +172,8 @@ def step_time_ratio(recipe_path: str, rounds: int, overrides: dict | None = None
 
 def export_ssl(backbone: nn.Module, out: Path, recipe, mean, std, channels: int, steps: int, meta: dict) -> Path:
     """Write ``backbone`` in timm format (``timm.models.save_for_hf``) with the ``distill`` block that
-    ``distill probe`` reads (dataset, data channels, input size, weights), as ``distill export`` writes one."""
+    ``distill probe`` reads (dataset, data channels, input size, weights) and a model card (``README.md``,
+    `distill.card.model_card` for ``method: simclr``), as ``distill export`` writes one."""
     import timm.models
 
     from distill.export import INHERITED_PROVENANCE
@@ -193,6 +194,9 @@ def export_ssl(backbone: nn.Module, out: Path, recipe, mean, std, channels: int,
                       "weights": "live", **meta}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     from distill.atomic import fsync_tree
+    from distill.card import write_model_card
+
+    write_model_card(out)  # README.md: what it is (SimCLR, not distilled), how it was made, how to load it
 
     fsync_tree(out)  # the umask's mode, as distill export (safetensors writes 0600) and fsync'd
     return out

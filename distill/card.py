@@ -19,6 +19,8 @@ from .integrity import read_json
 
 #: the method the student was trained with (pretrained_cfg ``paper_ids`` / ``paper_name`` of an export)
 METHOD_PAPER = ("arXiv:2307.07487", "DreamTeacher: Pretraining Image Backbones with Deep Generative Models")
+#: the self-supervised baseline's method (``bench/ssl_baseline.py`` exports, ``distill.method == 'simclr'``)
+SIMCLR_PAPER = ("arXiv:2002.05709", "A Simple Framework for Contrastive Learning of Visual Representations")
 #: characters `md_text` escapes: Markdown syntax (emphasis, code, links, images, HTML, tables, headings,
 #: strikethrough, math on the Hub) and the ``:`` / ``@`` that start GFM's bare-URL and e-mail autolinks
 MD_SPECIAL = set("\\`*_[]()<>|!&~#{}$:@")
@@ -56,27 +58,40 @@ def model_card(cfg: dict, probe_rows: Optional[list] = None, monitor: Optional[d
     size = p.get("input_size", [3, d.get("student_size", "?"), d.get("student_size", "?")])
     size = size[-1] if isinstance(size, (list, tuple)) and size else size
     ema = d.get("weights") == "ema"
+    if d.get("method") == "simclr":  # bench/ssl_baseline.py: the self-supervised baseline, no teacher
+        tags, title = ["- self-supervised", "- simclr"], f"# {t(arch)} pretrained with SimCLR"
+        intro = (f"A [timm](https://github.com/huggingface/pytorch-image-models) {c(arch, False)} backbone trained "
+                 f"with SimCLR ({SIMCLR_PAPER[0]}; lightly's NT-Xent loss and projection head) by distill's "
+                 f"`bench/ssl_baseline.py`, the self-supervised baseline its distilled students are compared with "
+                 f"at the same compute. It is a feature extractor (`num_classes=0`): no classifier was trained. It "
+                 f"is not timm's supervised {c(arch, False)}; none of those weights were used.")
+        seconds = d.get("seconds")
+        made = [f"| method | SimCLR, two augmented views per image"
+                f"{', ' + t(round(float(seconds))) + ' s of training' if isinstance(seconds, (int, float)) else ''} |"]
+        licence = "check the dataset's terms"
+    else:
+        tags, title = ["- distill", "- knowledge-distillation"], f"# {t(arch)} distilled from a diffusion model"
+        intro = (f"A [timm](https://github.com/huggingface/pytorch-image-models) {c(arch, False)} backbone whose "
+                 f"weights were trained by distill {t(d.get('version', '?'))} to regress the features of the "
+                 f"diffusion model {c(d.get('teacher'), False)} (DreamTeacher-style feature distillation, "
+                 f"{METHOD_PAPER[0]}). It is a feature extractor (`num_classes=0`): no classifier was trained. It is "
+                 f"not timm's supervised {c(arch, False)}; none of those weights were used.")
+        made = [f"| teacher | {c(d.get('teacher'))} (sha256 of its weights {c(str(d.get('teacher_sha256'))[:16])}...) |",
+                f"| teacher blocks, timesteps | {t(d.get('teacher_blocks'))}, {t(d.get('timesteps'))} |"]
+        licence = "check the teacher's and the dataset's terms"
     lines = ["---", "library_name: timm", "license: other", "tags:", "- image-feature-extraction", "- timm",
-             "- distill", "- knowledge-distillation", "---", "",
-             f"# {t(arch)} distilled from a diffusion model", "",
-             f"A [timm](https://github.com/huggingface/pytorch-image-models) {c(arch, False)} backbone whose weights "
-             f"were trained by distill {t(d.get('version', '?'))} to regress the features of the "
-             f"diffusion model {c(d.get('teacher'), False)} (DreamTeacher-style feature distillation, "
-             f"{METHOD_PAPER[0]}). It is a feature extractor (`num_classes=0`): no classifier was trained. It is "
-             f"not timm's supervised {c(arch, False)}; none of those weights were used.", "",
+             *tags, "---", "", title, "", intro, "",
              "## How it was made", "",
-             "| | |", "|---|---|",
-             f"| teacher | {c(d.get('teacher'))} (sha256 of its weights {c(str(d.get('teacher_sha256'))[:16])}...) |",
-             f"| teacher blocks, timesteps | {t(d.get('teacher_blocks'))}, {t(d.get('timesteps'))} |",
-             f"| data | {c(d.get('dataset'))} (images only, labels unused; sha256 "
-             f"{c(str(d.get('data_sha256'))[:16])}...) |",
+             "| | |", "|---|---|", *made,
+             f"| data | {c(d.get('dataset'))} (images only, labels unused"
+             f"{'; sha256 ' + c(str(d.get('data_sha256'))[:16]) + '...' if d.get('data_sha256') else ''}) |",
              f"| steps x batch x processes | {t(d.get('steps'))} x {t(d.get('batch_size'))} x "
-             f"{t(d.get('num_processes'))} |",
-             f"| weights | {'EMA (decay ' + t(d.get('ema_decay')) + ')' if ema else 'live (not EMA)'} "
-             f"of checkpoint {c(Path(str(d.get('checkpoint'))).name)} |",
+             f"{t(d.get('num_processes', 1))} |",
+             f"| weights | {'EMA (decay ' + t(d.get('ema_decay')) + ')' if ema else 'live (not EMA)'}"
+             f"{' of checkpoint ' + c(Path(str(d.get('checkpoint'))).name) if d.get('checkpoint') else ''} |",
              f"| input | {t(size)} px RGB, mean {t(list(p.get('mean', [])))}, std {t(list(p.get('std', [])))} "
              f"{'(grayscale images replicated to 3 channels) ' if d.get('data_channels') == 1 else ''}|",
-             f"| license | {t(p.get('license'))}: check the teacher's and the dataset's terms |", "",
+             f"| license | {t(p.get('license'))}: {licence} |", "",
              "## Load it in timm", "", "```python", "import timm", "",
              "model = timm.create_model('hf-hub:USER/REPO', pretrained=True, num_classes=0)  # or 'local-dir:PATH'",
              "cfg = timm.data.resolve_model_data_config(model)   # input size and mean/std used in training",

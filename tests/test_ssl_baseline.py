@@ -90,6 +90,10 @@ def test_export_is_probed_like_a_distilled_student(tmp_path):
     want = backbone_fn(backbone, 32, [0.3] * 3, [0.35] * 3)(images)
     torch.testing.assert_close(got, want)
     assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["tag"] == "simclr"
+    card = (out / "README.md").read_text()  # a card as distill export writes, saying what it is: not distilled
+    assert "# resnet18 pretrained with SimCLR" in card and "distilled from" not in card and "teacher" not in card
+    assert "| method | SimCLR, two augmented views per image, 1 s of training |" in card
+    assert "| data | `fashion-mnist` (images only, labels unused) |" in card and "| steps x batch x processes | 7 x" in card
 
 
 def test_export_refuses_an_existing_directory(tmp_path):
