@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .atomic import atomic_dir, atomic_write_json, remove_stale_temps
 from .build import build_teacher, build_train_data, loader_workers
 from .data import base_dataset, collate, data_fingerprint, to_teacher, to_unit
-from .errors import CacheMismatchError, IncompleteCacheError
+from .errors import CacheMismatchError, IncompleteCacheError, option
 from .logs import progress as progress_bar
 from .teacher import DiffusionTeacher, TeacherFeatureInfo
 from .version import __version__
@@ -274,17 +274,17 @@ def check_output_dir(out: Path, overwrite: bool, fmt: str = FORMAT) -> None:
         FileExistsError: naming the directory and the fix.
     """
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"'{out}' is a file; give a directory for the cache (-o/--output-dir).")
+        raise FileExistsError(f"'{out}' is a file; give a directory for the cache ({option('output_dir')}).")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"'{out}' already exists; pass --overwrite (overwrite=True) to replace it, or "
-                                  f"choose another -o/--output-dir.")
+            raise FileExistsError(f"'{out}' already exists; pass {option('overwrite', flag=True)} to replace it, or "
+                                  f"choose another {option('output_dir')}.")
         if not is_feature_cache(out, fmt):
             raise FileExistsError(f"'{out}' exists and is not a {fmt.removeprefix('distill-').replace('-', ' ')} made "
                                   f"by distill extract (no distill "
                                   f"manifest.json, or it holds other files: "
                                   f"{', '.join(sorted(p.name for p in out.iterdir())[:8])}); refusing to replace it. "
-                                  f"Nothing was deleted. Choose another -o/--output-dir.")
+                                  f"Nothing was deleted. Choose another {option('output_dir')}.")
 
 
 def check_free_space(out: Path, nbytes: int, num_images: int, fix: str) -> None:
@@ -298,7 +298,7 @@ def check_free_space(out: Path, nbytes: int, num_images: int, fix: str) -> None:
     if nbytes > 0.98 * free:
         raise ValueError(f"the cache needs {nbytes / 2**30:.2f} GiB ({nbytes // max(num_images, 1)} bytes per image) "
                          f"but '{out.parent}' has {free / 2**30:.2f} GiB free; {fix}, or choose another "
-                         f"-o/--output-dir.")
+                         f"{option('output_dir')}.")
 
 
 def extract_inputs(recipe, max_images: Optional[int], timesteps: Sequence[int]) -> tuple[Dataset, int, DiffusionTeacher]:
@@ -367,7 +367,7 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
     N = len(ds)
     shapes = {f.key: [N, num_draws, f.num_chs, *f.size] for f in info}
     nbytes = sum(int(np.prod(s)) * 2 for s in shapes.values())
-    check_free_space(out, nbytes, N, "lower --draws, use --max-images")
+    check_free_space(out, nbytes, N, f"lower {option('draws')}, use {option('max_images')}")
     remove_stale_temps(out)
     # atomic: `out` is the old cache or the complete new one, never half of one (replacing a cache was allowed above)
     with atomic_dir(out, replace=True) as tmp:

@@ -14,7 +14,7 @@ import importlib.util
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import MissingDependencyError
+from .errors import MissingDependencyError, option
 from .version import install_hint
 
 #: the file ``distill export --onnx`` writes next to the timm export (and, for a model above 2 GB, its weights
@@ -35,12 +35,14 @@ ONNX_ATOL = 1e-4
 _PROTOBUF_LIMIT = 2 * 1024 ** 3
 
 
-def require_onnx(what: str = "--onnx", runtime: bool = False) -> None:
+def require_onnx(what: Optional[str] = None, runtime: bool = False) -> None:
     """Check that the ONNX exporter (onnx, onnxscript) and, with ``runtime``, onnxruntime are importable.
+    ``what``: what needs them, in the message (default: the ``onnx`` switch as the caller spells it, `option`).
 
     Raises:
         MissingDependencyError: a package is missing; the message names it, ``what`` needed it and the pip extra.
     """
+    what = what or option("onnx", flag=True)
     needed = ["onnx", "onnxscript"] + (["onnxruntime"] if runtime else [])
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
@@ -85,8 +87,9 @@ def export_onnx(model, path, input_size: Sequence[int], opset: int = ONNX_OPSET,
     if written != int(opset):
         for f in (Path(path), Path(f"{path}.data")):
             f.unlink(missing_ok=True)
-        raise ValueError(f"--opset {opset}: torch's exporter wrote opset {written} instead (it cannot convert this "
-                         f"model down to {opset}). Fix: --opset {ONNX_OPSETS.start} to {ONNX_OPSETS.stop - 1} "
+        name = option("opset")
+        raise ValueError(f"{name} {opset}: torch's exporter wrote opset {written} instead (it cannot convert this "
+                         f"model down to {opset}). Fix: {name} {ONNX_OPSETS.start} to {ONNX_OPSETS.stop - 1} "
                          f"(default {ONNX_OPSET}).")
     return Path(path)
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .atomic import atomic_write_json
 from .data import build_dataset, collate, dataset_mean_std, label_subset, to_student, to_unit
+from .errors import option
 from .export import export_data_root, load_exported, read_export
 from .integrity import read_json
 from .probe import eval_device, extract_features, knn_probe, linear_probe
@@ -47,8 +48,8 @@ def probe_data(dataset: str, data_root: Optional[str], channels: int, train_frac
         ValueError: a fraction outside (0, 1]; the test split holds a class the training split lacks.
         DatasetNotFoundError: missing files or split.
     """
-    for name, value, key in (("train", train_fraction, "--train-fraction / probe_train_fraction"),
-                             ("test", test_fraction, "--test-fraction / probe_test_fraction")):
+    for name, value in (("train", train_fraction), ("test", test_fraction)):
+        key = f"{option(f'{name}_fraction')} / probe_{name}_fraction"
         if not 0.0 < float(value) <= 1.0:
             raise ValueError(f"{name} fraction {value!r} ({key}) is outside (0, 1]; use e.g. 0.2 for a fifth of the "
                              f"{name} split, or 1.0 for all of it.")

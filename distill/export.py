@@ -22,7 +22,7 @@ from typing import Optional
 
 from .atomic import atomic_dir, atomic_write_json
 from .card import METHOD_PAPER, model_card, write_model_card  # noqa: F401 - the card's names, importable from here
-from .errors import ExportMismatchError, HubUploadError, RunExistsError, UnreadableFileError
+from .errors import ExportMismatchError, HubUploadError, RunExistsError, UnreadableFileError, option
 from .deploy import (ONNX_ATOL, ONNX_DATA_FILE, ONNX_FILE, ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT, export_onnx,
                      onnx_max_abs_diff, require_onnx)
 from .integrity import error_text, read_json, safetensors_problem
@@ -83,7 +83,7 @@ def check_export_target(run_dir: str, out: str, overwrite: bool) -> None:
             names what is in it. Nothing is deleted.
     """
     run, target = Path(run_dir).resolve(), Path(out).resolve()
-    fix = f"Fix: choose another -o/--output-dir, e.g. {Path(run_dir) / 'student'}."
+    fix = f"Fix: choose another {option('output_dir')}, e.g. {Path(run_dir) / 'student'}."
     if target == run or target in run.parents:
         where = "is the run directory" if target == run else f"holds the run directory '{run_dir}'"
         raise RunExistsError(f"export target '{out}' {where}; exporting there would replace the run (checkpoints, "
@@ -95,12 +95,12 @@ def check_export_target(run_dir: str, out: str, overwrite: bool) -> None:
                              f"replaces a run. Nothing was deleted. {fix}")
     if not overwrite:
         what = _listing(target) if target.is_dir() else "a file"
-        raise FileExistsError(f"export target '{out}' already exists ({what}); pass --overwrite to replace an "
-                              f"earlier export, or choose another -o/--output-dir.")
+        raise FileExistsError(f"export target '{out}' already exists ({what}); pass {option('overwrite', flag=True)} "
+                              f"to replace an earlier export, or choose another {option('output_dir')}.")
     problem = export_problem(target)
     if problem:
-        raise FileExistsError(f"--overwrite refused: export target '{out}' is not an export written by distill: "
-                              f"{problem}. Nothing was deleted. {fix}")
+        raise FileExistsError(f"{option('overwrite', flag=True)} refused: export target '{out}' is not an export "
+                              f"written by distill: {problem}. Nothing was deleted. {fix}")
 
 
 def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, overwrite: bool = False,
@@ -126,7 +126,7 @@ def export_student(run_dir: str, out: str, checkpoint: Optional[str] = None, ove
     import timm.models
 
     if onnx:
-        require_onnx("distill export --onnx", runtime=True)
+        require_onnx(runtime=True)
     check_export_target(run_dir, out, overwrite)
     out_p = Path(out)
     model, recipe, resolved = load_trained(run_dir, checkpoint)
@@ -188,7 +188,7 @@ def _write_onnx(export_dir: Path, size: int, opset: int) -> dict:
     if not diff <= ONNX_ATOL:
         raise ExportMismatchError(f"the ONNX export differs from the timm model by up to {diff:.3g} (more than "
                                   f"{ONNX_ATOL:g}) on the same input; nothing was written. Fix: try another opset "
-                                  f"(--opset), or report the model's name to distill.")
+                                  f"({option('opset')}), or report the model's name to distill.")
     _logger.info("wrote %s (opset %d), max |onnxruntime - torch| = %.3g", ONNX_FILE, opset, diff)
     return {"file": ONNX_FILE, "opset": int(opset), "input": ONNX_INPUT, "output": ONNX_OUTPUT,
             "input_shape": ["batch", 3, size, size], "output_shape": ["batch", model.num_features],
@@ -219,20 +219,20 @@ def _load_ema(backbone, ckpt: Path, trained_with_ema: bool) -> None:
     """
     from safetensors.torch import load_file
 
-    path = ckpt / EMA_FILE
+    path, ema = ckpt / EMA_FILE, option("ema", flag=True)
     if not path.is_file():
         why = ("the run was trained without an EMA (recipe ema: false)" if not trained_with_ema else
                "the checkpoint holds none (written before ema was turned on?)")
-        raise FileNotFoundError(f"--ema: checkpoint '{ckpt}' has no {EMA_FILE}: {why}. Fix: export without --ema "
+        raise FileNotFoundError(f"{ema}: checkpoint '{ckpt}' has no {EMA_FILE}: {why}. Fix: export without {ema} "
                                 f"(the live weights), or train with --set ema=true.")
     problem = safetensors_problem(path)
     if problem:
-        raise UnreadableFileError(f"--ema: '{path}' is {problem}. Fix: export another --checkpoint, or without "
-                                  f"--ema.", path)
+        raise UnreadableFileError(f"{ema}: '{path}' is {problem}. Fix: export another {option('checkpoint')}, or "
+                                  f"without {ema}.", path)
     try:
         backbone.load_state_dict(load_file(str(path)), strict=True)
     except (RuntimeError, KeyError) as e:
-        raise UnreadableFileError(f"--ema: '{path}' does not fit the student: {error_text(e, 300)}", path) from e
+        raise UnreadableFileError(f"{ema}: '{path}' does not fit the student: {error_text(e, 300)}", path) from e
 
 
 def _run_monitor(run_dir: Path) -> Optional[dict]:
@@ -278,8 +278,8 @@ def push_to_hub(export_dir: str, repo_id: str, private: bool = False, token: Opt
     from huggingface_hub import HfApi
 
     if not REPO_ID_RE.match(repo_id or "") or ".." in repo_id:
-        raise ValueError(f"--push-to-hub {repo_id!r} is not a Hub repository id; valid: NAMESPACE/NAME (letters, "
-                         f"digits, '-', '_', '.'), e.g. your-user/resnet18-distill-fmnist.")
+        raise ValueError(f"{option('push_to_hub')} {repo_id!r} is not a Hub repository id; valid: NAMESPACE/NAME "
+                         f"(letters, digits, '-', '_', '.'), e.g. your-user/resnet18-distill-fmnist.")
     read_export(export_dir, "export")
     if not (Path(export_dir) / "README.md").is_file():  # an export of an older distill: give it its card
         write_model_card(export_dir)
@@ -289,23 +289,26 @@ def push_to_hub(export_dir: str, repo_id: str, private: bool = False, token: Opt
     try:
         public = (private or make_private) and _is_public(api, repo_id)
     except Exception as e:  # noqa: BLE001 - huggingface_hub's HTTP and connection errors, named here
-        raise HubUploadError(f"--push-to-hub {repo_id}: cannot read the repository's visibility "
+        raise HubUploadError(f"{option('push_to_hub')} {repo_id}: cannot read the repository's visibility "
                              f"({error_text(e, 300)}); nothing was uploaded. {fix}") from e
     if public and not make_private:
-        raise ValueError(f"--push-to-hub {repo_id} --private: the repository already exists and is public, and the "
-                         f"Hub keeps an existing repository's visibility, so the upload would publish the model. "
-                         f"Nothing was uploaded. Fix: add --make-private to make it private first, push to a new "
-                         f"repository, or drop --private to publish it.")
+        private_ = option("private", flag=True)
+        raise ValueError(f"{option('push_to_hub')} {repo_id} {private_}: the repository already exists and is "
+                         f"public, and the Hub keeps an existing repository's visibility, so the upload would publish "
+                         f"the model. Nothing was uploaded. Fix: add {option('make_private', flag=True)} to make it "
+                         f"private first, push to a new repository, or drop {private_} to publish it.")
     try:
         if public:
             api.update_repo_settings(repo_id, private=True, repo_type="model")
-            _logger.warning("--make-private: repository %s was public; it is private now", repo_id)
+            _logger.warning("%s: repository %s was public; it is private now", option("make_private", flag=True),
+                            repo_id)
         url = api.create_repo(repo_id, repo_type="model", private=private or make_private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(export_dir),
                           allow_patterns=list(EXPORT_FILES),
                           commit_message=commit_message or f"distill {__version__} export")
     except Exception as e:  # noqa: BLE001 - huggingface_hub's HTTP and connection errors, named here
-        raise HubUploadError(f"--push-to-hub {repo_id}: the upload failed ({error_text(e, 300)}). {fix}") from e
+        raise HubUploadError(f"{option('push_to_hub')} {repo_id}: the upload failed ({error_text(e, 300)}). "
+                             f"{fix}") from e
     return str(url)
 
 

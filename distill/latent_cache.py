@@ -41,7 +41,7 @@ from .build import loader_workers
 from .cache import (MANIFEST, FeatureCache, _jsonable, check_free_space, check_output_dir, data_key, extract_inputs,
                     shard_record, state_dict_sha256)
 from .data import collate, to_teacher, to_unit
-from .errors import CacheMismatchError
+from .errors import CacheMismatchError, option
 from .teacher import DiffusionTeacher
 from .version import __version__
 from .vocab import LATENT_AUGMENTS, LATENT_STORAGE
@@ -134,7 +134,7 @@ def extract_latent_cache(recipe, out_dir: Union[str, Path], batch_size: Optional
     teacher.vae.to(device)
     N, shape = len(ds), [len(ds), flips, *key["latent_shape"]]
     nbytes = 2 * int(np.prod(shape)) * np.dtype(storage).itemsize
-    check_free_space(out, nbytes, N, "use --max-images")
+    check_free_space(out, nbytes, N, f"use {option('max_images')}")
     remove_stale_temps(out)
     limit = float(np.finfo(storage).max)
     with atomic_dir(out, replace=True) as tmp:

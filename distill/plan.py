@@ -27,6 +27,7 @@ import torch
 
 from .build import build_model, build_teacher, build_train_data, target_layout
 from .cost import cpu_rate, peak_tflops, step_precision, student_step_flops
+from .errors import option
 from .latent_cache import num_flips
 from .trainer.cost import teacher_flops
 
@@ -85,10 +86,10 @@ def plan_recipe(recipe, processes: int = 1, gpu: Optional[str] = None, mfu: Opti
         ValueError: a recipe ``train`` would refuse; an unknown ``gpu``; ``processes`` < 1; ``mfu`` outside (0, 1].
     """
     if processes < 1:
-        raise ValueError(f"--processes {processes} must be >= 1.")
+        raise ValueError(f"{option('processes')} {processes} must be >= 1.")
     mfu = DEFAULT_MFU if mfu is None else float(mfu)
     if not 0 < mfu <= 1:
-        raise ValueError(f"--mfu {mfu} must be in (0, 1] (a fraction of the peak, e.g. 0.4).")
+        raise ValueError(f"{option('mfu')} {mfu} must be in (0, 1] (a fraction of the peak, e.g. 0.4).")
     precision = step_precision(recipe.mixed_precision, recipe.teacher_dtype)
     if gpu is None and torch.cuda.is_available():
         gpu = torch.cuda.get_device_name()
@@ -96,8 +97,8 @@ def plan_recipe(recipe, processes: int = 1, gpu: Optional[str] = None, mfu: Opti
     if gpu is not None:
         peak = peak_tflops(gpu if gpu.upper().startswith("NVIDIA") else f"NVIDIA {gpu}", precision)
         if peak is None:
-            raise ValueError(f"--gpu {gpu!r} has no known peak; valid: H100, H100 PCIe, H100 NVL, H200, H200 NVL, "
-                             f"A100, L40S, L4, RTX 4090 (or leave it out to time this machine's CPU).")
+            raise ValueError(f"{option('gpu')} {gpu!r} has no known peak; valid: H100, H100 PCIe, H100 NVL, H200, "
+                             f"H200 NVL, A100, L40S, L4, RTX 4090 (or leave it out to time this machine's CPU).")
     base_rss = _rss()
     ds, channels = build_train_data(recipe)
     ds[0]  # one image read and decoded, as training reads them

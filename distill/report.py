@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .atomic import atomic_write_json, atomic_write_text, writing
+from .errors import option
 from .evaluate import RESULTS_FILE, read_results
 from .integrity import error_text, read_json
 from .rundir import METRICS, MONITOR, SUMMARY, read_metrics, read_summary
@@ -153,9 +154,9 @@ def load_teacher_probe(path: str) -> list[dict]:
     a ``results.json`` (``{'results': [...]}``) or a ``distill probe --json`` list."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"--teacher-probe '{p}' does not exist (e.g. "
+        raise FileNotFoundError(f"{option('teacher_probe')} '{p}' does not exist (e.g. "
                                 f"distill/teacher/packaged/fashion-mnist-ddpm/probe.json).")
-    data = read_json(p, "--teacher-probe")
+    data = read_json(p, option("teacher_probe"))
     if isinstance(data, dict) and "trained" in data:
         teacher = data.get("teacher", p.parent.name)
         rows = []
@@ -171,7 +172,7 @@ def load_teacher_probe(path: str) -> list[dict]:
         return rows
     rows = data.get("results", []) if isinstance(data, dict) else data
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "linear_top1" in r for r in rows):
-        raise ValueError(f"--teacher-probe '{p}' is not a probe JSON: expected 'trained' rows "
+        raise ValueError(f"{option('teacher_probe')} '{p}' is not a probe JSON: expected 'trained' rows "
                          f"(tools/probe_teacher.py), a results.json or a `distill probe --json` list.")
     return [{**r, "name": r.get("name", "teacher"), "source": str(p)} for r in rows]
 

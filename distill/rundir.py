@@ -30,7 +30,7 @@ import yaml
 from .atomic import atomic_write_json
 from .build import build_student
 from .config import Recipe, make_recipe, save_recipe, yaml_load
-from .errors import RunExistsError, UnreadableFileError
+from .errors import RunExistsError, UnreadableFileError, option
 from .integrity import error_text, read_json, safetensors_problem, torch_file_problem
 from .regressor import FeatureRegressor
 from .student import DistillModel
@@ -146,7 +146,7 @@ def newest_loadable_checkpoint(run_dir: Path, model_only: bool = False, deep: bo
         listed = "; ".join(f"{name}: {why}" for name, why in skipped)
         raise UnreadableFileError(
             f"no checkpoint of '{run_dir}' can be loaded ({listed}). Fix: restore the run from a copy, or start it "
-            f"again (--overwrite).", run_dir)
+            f"again ({option('overwrite', flag=True)}).", run_dir)
     return None
 
 
@@ -168,24 +168,24 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Optional[Pa
         for stale in run_dir.glob(".tmp-checkpoint-*") if run_dir.is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)  # a checkpoint write that was killed: never a checkpoint
         if list_checkpoints(run_dir) and not (run_dir / CONFIG).is_file():
-            raise RunExistsError(f"--resume: '{run_dir}' has checkpoint folders but no config.yaml, so it is not a "
-                                 f"distill run (distill writes config.yaml before any checkpoint). Fix: give the "
-                                 f"--output-dir of a distill run.")
+            raise RunExistsError(f"{option('resume', flag=True)}: '{run_dir}' has checkpoint folders but no "
+                                 f"config.yaml, so it is not a distill run (distill writes config.yaml before any "
+                                 f"checkpoint). Fix: give the {option('output_dir')} of a distill run.")
         ckpt = newest_loadable_checkpoint(run_dir)  # a damaged newest one is skipped with a warning
         if ckpt is None:
-            _logger.warning("--resume: no checkpoint in '%s'; starting from step 0", run_dir)
+            _logger.warning("%s: no checkpoint in '%s'; starting from step 0", option("resume", flag=True), run_dir)
         return ckpt
     others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
     if others and not is_run(run_dir):
         raise RunExistsError(
             f"output directory '{run_dir}' is not empty and holds no distill run ({', '.join(others[:8])}"
             f"{' ...' if len(others) > 8 else ''}); a run written there would mix with those files. Fix: choose a new "
-            f"or empty --output-dir.")
+            f"or empty {option('output_dir')}.")
     if is_run(run_dir):
         if not overwrite:
             raise RunExistsError(
-                f"output directory '{run_dir}' already holds a run; pass --resume to continue it, --overwrite to "
-                f"replace it, or choose another --output-dir."
+                f"output directory '{run_dir}' already holds a run; pass {option('resume', flag=True)} to continue "
+                f"it, {option('overwrite', flag=True)} to replace it, or choose another {option('output_dir')}."
             )
         remove_run(run_dir)
     return None
@@ -216,8 +216,9 @@ def remove_run(run_dir: Path) -> None:
         except (ValueError, TypeError, AttributeError, yaml.YAMLError) as e:
             reason, foreign = f"its config.yaml is not a distill recipe ({str(e)[:200]})", [CONFIG]
     if foreign:
-        raise RunExistsError(f"--overwrite refused: '{run_dir}' is not provably a distill run: {reason}. Nothing was "
-                             f"deleted. Fix: choose another --output-dir, or move those files away first.")
+        raise RunExistsError(f"{option('overwrite', flag=True)} refused: '{run_dir}' is not provably a distill run: "
+                             f"{reason}. Nothing was deleted. Fix: choose another {option('output_dir')}, or move "
+                             f"those files away first.")
     for p in run_dir.iterdir():
         if p.name == LOCK:
             continue
@@ -249,7 +250,8 @@ def read_config(run_dir: Path) -> tuple[Recipe, dict]:
     """
     run, path = Path(run_dir), Path(run_dir) / CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"'{run}' is not a run directory (no config.yaml); give the --output-dir of `distill train`.")
+        raise FileNotFoundError(f"'{run}' is not a run directory (no config.yaml); give the output directory of a "
+                                f"`distill train` run.")
     try:
         data = yaml_load(path.read_text(encoding="utf-8"), source=f"run config '{path}'")
         problem = None if isinstance(data, dict) else f"run config '{path}' is not a mapping of recipe keys"
@@ -259,7 +261,7 @@ def read_config(run_dir: Path) -> tuple[Recipe, dict]:
         problem = str(e).split(" Fix: ")[0].removesuffix(".")
     if problem:
         raise UnreadableFileError(f"{problem}. Fix: restore it (distill train writes it; it is not edited by hand), "
-                                  f"or train into a new --output-dir.", path)
+                                  f"or train into a new {option('output_dir')}.", path)
     resolved = data.pop("_resolved", {})
     return make_recipe(data, source=f"'{path}'", warn=False), resolved
 
@@ -310,20 +312,22 @@ def check_resume(run_dir: Path, start: int, recipe: Recipe, resolved: Optional[d
     if recipe.steps <= start:
         also = f" (and the recipe differs: {'; '.join(f'{k}: {_short(a)} -> {_short(b)}' for k, a, b in blocking)})" \
             if blocking else ""
-        raise ValueError(f"--resume: steps={recipe.steps} but the run's newest checkpoint is at step {start}; give "
-                         f"steps > {start} (--set steps=N) to train on, or use the run as it is{also}.")
+        raise ValueError(f"{option('resume', flag=True)}: steps={recipe.steps} but the run's newest checkpoint is at "
+                         f"step {start}; give steps > {start} (--set steps=N) to train on, or use the run as it "
+                         f"is{also}.")
     if blocking and not allow_changes:
         listed = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in blocking)
         raise ValueError(
-            f"--resume of '{run_dir}' with settings that differ from the run's config.yaml ({listed}). A resumed "
-            f"run must be the run its directory describes. Fix: resume with the run's own recipe (its config.yaml), "
-            f"start a new --output-dir, or pass --allow-changes to continue with the new values (recorded in "
-            f"config.yaml with step {start}).")
+            f"{option('resume', flag=True)} of '{run_dir}' with settings that differ from the run's config.yaml "
+            f"({listed}). A resumed run must be the run its directory describes. Fix: resume with the run's own "
+            f"recipe (its config.yaml), start a new {option('output_dir')}, or pass "
+            f"{option('allow_changes', flag=True)} to continue with the new values (recorded in config.yaml with "
+            f"step {start}).")
     for k, a, b in changes:
         if k == "steps":  # free, but the warmup + cosine schedule is stretched or squeezed from here on
-            _logger.warning("--resume: steps %s -> %s (the recipe given now); the learning-rate schedule follows the "
-                            "new length from step %d on. To continue the run as it was planned, pass --set steps=%s.",
-                            a, b, start, a)
+            _logger.warning("%s: steps %s -> %s (the recipe given now); the learning-rate schedule follows the new "
+                            "length from step %d on. To continue the run as it was planned, pass --set steps=%s.",
+                            option("resume", flag=True), a, b, start, a)
     return [{"step": start, "key": k, "old": _plain(a), "new": _plain(b)} for k, a, b in changes]
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .atomic import writing
-from .errors import RunLockedError, WriteError
+from .errors import RunLockedError, WriteError, option
 from .rundir import CONFIG, LOCK
 
 
@@ -62,7 +62,7 @@ class RunLock:
             os.close(fd)
             raise RunLockedError(
                 f"{self.what} '{self.path.parent}' is in use by {holder}; a second process would mix its "
-                f"{self.mixes}. Fix: wait for that run to end (or stop it), or choose another --output-dir.")
+                f"{self.mixes}. Fix: wait for that run to end (or stop it), or choose another {option('output_dir')}.")
         self.fd = fd
         try:
             with writing(f"the run lock {LOCK}", self.path):

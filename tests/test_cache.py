@@ -247,7 +247,7 @@ def test_overwrite_protection_and_stale_tmp(cache_dir, tmp_path, fmnist_dir, tin
     shutil.copytree(cache_dir, out)
     before = (out / MANIFEST).read_text()
     r = _recipe(fmnist_dir, tiny_pipeline_dir)
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="pass overwrite=True to replace"):
         extract_features_cache(r, out, num_draws=1, max_images=8, progress=False)
     assert (out / MANIFEST).read_text() == before  # untouched
     # a stale temporary directory of a dead writer is cleaned up by the next extraction

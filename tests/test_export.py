@@ -42,7 +42,7 @@ def test_export_roundtrip_gives_same_features(trained_run, tmp_path):
     # a head for fine-tuning, with the distilled backbone underneath
     head = load_exported(str(out), num_classes=7)
     assert head(x).shape == (2, 7)
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="pass overwrite=True to replace"):
         export_student(str(run), str(out))
 
 

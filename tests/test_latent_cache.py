@@ -152,7 +152,7 @@ def test_views_crops_and_modes_are_checked(tmp_path, pipelines, rgb_folder):
     with pytest.raises(ValueError, match="both feature_cache and latent_cache"):
         open_for_recipe(_recipe(pipelines, rgb_folder, augment="none", feature_cache=str(tmp_path)), ds, teacher,
                         channels, tmp_path / "c")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="pass overwrite=True to replace"):
         extract_latent_cache(recipe, tmp_path / "c", progress=False)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")

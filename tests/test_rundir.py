@@ -24,7 +24,7 @@ def _yaml(tmp_path, recipe):
 
 def test_existing_run_is_refused(trained_run, fmnist_dir):
     run, _ = trained_run
-    with pytest.raises(RunExistsError, match="--resume .* --overwrite"):
+    with pytest.raises(RunExistsError, match=r"pass resume=True .* overwrite=True .* output_dir\."):
         train(fmnist_recipe(fmnist_dir), str(run), progress=False)
 
 
@@ -152,7 +152,7 @@ def test_resume_with_another_recipe_is_refused_and_writes_nothing(four_steps, tm
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match="differ from the run's config.yaml") as e:
         train(rgb_recipe(rgb_folder, steps=6, **change), str(run), resume=True, progress=False)
-    assert listed in str(e.value) and "--allow-changes" in str(e.value)
+    assert listed in str(e.value) and "allow_changes=True" in str(e.value) and "--" not in str(e.value)
     after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == {k: v for k, v in before.items() if k.name != ".lock"}
 
@@ -173,7 +173,7 @@ def test_resume_may_extend_steps_and_changes_are_recorded(four_steps, tmp_path, 
     with caplog.at_level("WARNING", logger="distill.rundir"):
         train(rgb_recipe(rgb_folder, steps=6), str(run), resume=True, progress=False)
     # a changed length is allowed but said: the schedule is stretched from the checkpoint on
-    assert "--resume: steps 4 -> 6" in caplog.text and "--set steps=4" in caplog.text
+    assert "resume=True: steps 4 -> 6" in caplog.text and "--set steps=4" in caplog.text
     changes = yaml.safe_load((run / "config.yaml").read_text())["_resolved"]["changes"]
     assert changes == [{"step": 4, "key": "steps", "old": 4, "new": 6}]
     with pytest.raises(ValueError, match="steps=6 but the run's newest checkpoint is at step 6"):

@@ -77,7 +77,7 @@ def test_grid_memory_estimate_scales_and_refuses_before_starting(rgb_folder):
     assert estimate_grid_memory(teacher3, 1)["activations"] == pytest.approx(1.5 * e1["activations"])
     calls = _count_forwards(teacher)
     limit_gb = (e1["weights"] + e1["probes"] + 3.5 * (e1["bytes"] - e1["weights"] - e1["probes"])) / 1024 ** 3
-    with pytest.raises(MemoryError, match=r"needs about .* GiB .* Fix: --batch-size 3 "):
+    with pytest.raises(MemoryError, match=r"needs about .* GiB .* Fix: batch_size 3 .*raise max_memory_gb "):
         grid_probe(teacher, _rgb_data(rgb_folder), batch_size=64, max_memory_gb=limit_gb, progress=False)
     assert calls == [1]  # refused after the one-image dry run of the estimate, before any batch
     assert check_grid_memory(teacher, 3, limit_gb)["bytes"] <= limit_gb * 1024 ** 3

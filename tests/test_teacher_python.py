@@ -243,7 +243,7 @@ def test_recipe_teacher_trains_and_config_records_it(unet_module, rgb_folder, tm
         "code_sha256": hashlib.sha256(unet_module.read_bytes()).hexdigest()}
     # resume with other weights in the same file: refused, naming the changed hash
     _saved_weights(w, "module.", seed=2)
-    with pytest.raises(ValueError, match=r"--resume .*teacher_sha256.*teacher_source"):
+    with pytest.raises(ValueError, match=r"resume=True .*teacher_sha256.*teacher_source"):
         train(make_recipe({**recipe.to_dict(), "steps": 3}), str(tmp_path / "run"), resume=True, progress=False)
 
 
@@ -486,7 +486,7 @@ def test_an_edited_teacher_source_is_refused_by_resume_and_by_the_cache(unet_mod
     after = expected_key(recipe, ds, build_teacher(recipe, channels), channels)
     assert {k for k in before if before[k] != after[k]} == {"teacher_code_sha256"}
     config = (tmp_path / "run" / "config.yaml").read_text()
-    with pytest.raises(ValueError, match=r"--resume .*teacher_source.*teacher_settings"):
+    with pytest.raises(ValueError, match=r"resume=True .*teacher_source.*teacher_settings"):
         train(make_recipe({**recipe.to_dict(), "steps": 3}), str(tmp_path / "run"), resume=True, progress=False)
     assert (tmp_path / "run" / "config.yaml").read_text() == config and not (tmp_path / "run" / "checkpoint-3").exists()
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import DatasetNotFoundError
+from ..errors import DatasetNotFoundError, option
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -50,7 +50,8 @@ def _find_idx(root: Path, stem: str) -> Path:
     raise DatasetNotFoundError(
         f"Fashion-MNIST file '{stem}[.gz]' not found in '{root}'. Install the Debian package with "
         f"`apt-get update && apt-get install -y dataset-fashion-mnist` (it puts the four IDX files in "
-        f"{FASHION_MNIST_DIR}), or set `data_root` / `--data-root` to a directory holding "
+        f"{FASHION_MNIST_DIR}), or set `data_root` in the recipe (or pass {option('data_root')}) to a directory "
+        f"holding "
         f"{', '.join(s for pair in _FMNIST_FILES.values() for s in pair)} (gzipped or not)."
     )
 

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import DatasetNotFoundError
+from ..errors import DatasetNotFoundError, option
 from ..vocab import SPLITS
 from .classes import class_index
 from .images import DecodedImages
@@ -155,7 +155,8 @@ class ImageFolder(DecodedImages):
         root_p = Path(root).expanduser()
         if not root_p.is_dir():
             raise DatasetNotFoundError(
-                f"image folder '{root}' does not exist. Fix: point `data_root` (`--data-root`) at a folder of "
+                f"image folder '{root}' does not exist. Fix: set the recipe's `data_root` (or pass "
+                f"{option('data_root')}) to a folder of "
                 f"class folders, ROOT/<class>/*.jpg (or ROOT/train/<class>/ and ROOT/test/<class>/). For the "
                 f"CIFAR-10 recipes: download CIFAR-10 from https://www.cs.toronto.edu/~kriz/cifar.html and write "
                 f"its images as ~/.cache/distill/cifar10-jpg/{{train,test}}/<class>/NNNNN.jpg (the documentation's "

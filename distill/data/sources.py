@@ -5,6 +5,7 @@ from typing import Optional, Sequence
 
 from torch.utils.data import Dataset
 
+from ..errors import option
 from ..vocab import DATASETS
 from .filelist import FileList, split_csv
 from .fmnist import FashionMNIST
@@ -41,8 +42,8 @@ def build_dataset(name: str, root: Optional[str] = None, split: str = "train", c
         raise ValueError(f"unknown dataset {name!r}; valid: {list(DATASETS)}.")
     if root is None:
         raise ValueError(f"dataset {name!r} needs a data root (a folder of images or of class folders, a CSV file "
-                         f"list, or a Hugging Face dataset): set `data_root` in the recipe, or pass --data-root on "
-                         f"the command line.")
+                         f"list, or a Hugging Face dataset): set `data_root` in the recipe, or pass "
+                         f"{option('data_root')}.")
     kw = dict(channels=channels, size=size, resize=resize, min_side=min_side, on_error=on_error,
               classes=tuple(classes) if classes else None)
     if name == "image-folder":

@@ -17,6 +17,7 @@ from ..atomic import atomic_write_json
 from ..build import build_teacher, build_train_data
 from ..config import Recipe, make_recipe
 from ..data import dataset_labels, stratified_indices
+from ..errors import option
 from ..evaluate import ProbeData, probe_data
 from ..probe import eval_device
 from ..vocab import SELECT_METHODS
@@ -126,7 +127,7 @@ def run_selection(out_dir, *, recipe: Optional[Recipe] = None, teacher=None, blo
                   val_images: Optional[int] = None, epochs: Optional[int] = None,
                   label_free_images: Optional[int] = None, seed: Optional[int] = None, score_on: str = "val",
                   batch_size: int = 64, augment: str = "flip", max_memory_gb: Optional[float] = None,
-                  compare=None, progress: bool = True, timesteps_name: str = "timesteps",
+                  compare=None, progress: bool = True, timesteps_name: Optional[str] = None,
                   device=None) -> SelectionResult:
     """Grid probe and/or label-free selection over blocks x timesteps (``distill select``); files in ``out_dir``.
 
@@ -152,7 +153,8 @@ def run_selection(out_dir, *, recipe: Optional[Recipe] = None, teacher=None, blo
         max_memory_gb: grid: refuse to start above this estimated step memory (default: the free memory).
         compare: label-free only: a ``grid.csv`` to rank against.
         progress: progress bars (`distill.logs.progress`: plain lines when stderr is a file).
-        timesteps_name: how errors name the candidate list (the CLI passes ``'--timesteps'``).
+        timesteps_name: how errors name the candidate list (default: ``timesteps`` as the caller spells it,
+            `distill.errors.option`: ``--timesteps`` under ``distill select``).
         device: where the teacher and the probes run (default `distill.probe.eval_device`: Accelerate's, a GPU
             when there is one); recorded in ``report['device']``.
 
@@ -177,7 +179,8 @@ def run_selection(out_dir, *, recipe: Optional[Recipe] = None, teacher=None, blo
     recipe = make_recipe(values, source="distill select")
     ds, channels = build_train_data(recipe)
     tea = build_teacher(recipe, channels, timesteps=[0]).to(eval_device(device))
-    tea.set_timesteps(check_candidates(recipe.timestep_candidates, tea.num_train_timesteps, timesteps_name))
+    tea.set_timesteps(check_candidates(recipe.timestep_candidates, tea.num_train_timesteps,
+                                      timesteps_name or option("timesteps")))
     name = _teacher_name(recipe)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

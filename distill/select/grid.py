@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from ..augment import build_augment
 from ..data import collate, dataset_labels, to_teacher, to_unit
+from ..errors import option
 from ..evaluate import ProbeData
 from ..logs import progress as progress_bar
 from ..probe import _accuracy, _probe_head, multi_linear_probe
@@ -109,13 +110,13 @@ def check_grid_memory(teacher: DiffusionTeacher, batch_size: int, max_memory_gb:
         fixed = est["weights"] + est["probes"]
         per_sample = (est["bytes"] - fixed) / batch_size  # activations + pooled features per image
         fits = int((limit * GiB - fixed) // max(per_sample, 1))
-        fix = (f"--batch-size {fits} (fits the estimate)" if fits >= 1 else
+        fix = (f"{option('batch_size')} {fits} (fits the estimate)" if fits >= 1 else
                "fewer timesteps or blocks (even batch size 1 does not fit)")
         raise MemoryError(
             f"the grid of {len(teacher.blocks)} blocks x {K} timesteps needs about {need:.2f} GiB per step "
             f"(teacher weights {est['weights'] / GiB:.2f} GiB + activations of {batch_size} images x {K} timesteps "
             f"= {est['images_per_forward']} images per forward, {est['activations'] / GiB:.2f} GiB) but "
-            f"max_memory_gb is {limit:.2f} GiB. Fix: {fix}, or raise --max-memory-gb if more memory is free."
+            f"max_memory_gb is {limit:.2f} GiB. Fix: {fix}, or raise {option('max_memory_gb')} if more memory is free."
         )
     est["limit_gb"] = limit
     return est

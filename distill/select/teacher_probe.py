@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from ..build import build_teacher
 from ..config import load_recipe
+from ..errors import option
 from ..evaluate import probe_data, tested_on
 from ..probe import ensemble_probe, eval_device
 from ..teacher import feature_key, load_teacher
@@ -57,11 +58,13 @@ def probe_teacher(source, blocks: Sequence[str], timesteps: Optional[Sequence[in
         blocks, dataset = blocks or recipe.teacher_blocks, dataset or recipe.dataset
         data_root = data_root or (recipe.data_root if dataset == recipe.dataset else None)
     if not blocks:
-        raise ValueError("probing a teacher needs --blocks, e.g. --blocks mid_block (see `distill select`).")
+        raise ValueError(f"probing a teacher needs {option('blocks')}, e.g. {option('blocks')} mid_block (see "
+                         f"`distill select`).")
     timesteps = list(timesteps or [11])
     if ensemble and len(timesteps) < 2:
-        raise ValueError(f"--ensemble needs two or more --timesteps (one probe each), got {timesteps}; e.g. "
-                         f"--timesteps 1 5 11 25 50 (the best t, two finer, two coarser).")
+        raise ValueError(f"{option('ensemble', flag=True)} needs two or more {option('timesteps')} (one probe each), "
+                         f"got {timesteps}; e.g. {option('timesteps')} 1 5 11 25 50 (the best t, two finer, two "
+                         f"coarser).")
     dataset = dataset or "fashion-mnist"
     channels = dataset_channels(dataset, recipe.image_channels if recipe is not None else None)
     if recipe is not None:

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from ..atomic import commit_dir, temp_path, writing
-from ..errors import UnreadableFileError, UntrustedCheckpointError
+from ..errors import UnreadableFileError, UntrustedCheckpointError, option
 from ..integrity import error_text
 from ..rundir import checkpoint_dir, checkpoint_problem, checkpoint_step, list_checkpoints
 
@@ -130,7 +130,8 @@ def load_checkpoint(accelerator, ckpt: Path) -> int:
     problem = checkpoint_problem(ckpt)
     if problem:
         raise UnreadableFileError(f"cannot resume from checkpoint '{ckpt}': {problem}. Fix: delete or restore that "
-                                  f"checkpoint; --resume then continues from the newest one that loads.", ckpt)
+                                  f"checkpoint; {option('resume', flag=True)} then continues from the newest one "
+                                  f"that loads.", ckpt)
     try:
         accelerator.load_state(str(ckpt))  # weights_only=True for optimizer.bin and random_states_*.pkl
     except pickle.UnpicklingError as e:

@@ -21,7 +21,7 @@ from ..build import (build_loss, build_model, build_optimizer, build_policy, bui
                      build_train_data, resolve_mean_std, target_layout)
 from ..config import Recipe
 from ..data import IndexedDataset
-from ..errors import TrainingInterrupted
+from ..errors import TrainingInterrupted, option
 from ..policy import entropy_weight
 from ..cache import data_fingerprint, teacher_settings, teacher_sha256
 from ..rundir import (MONITOR, check_resume, checkpoint_step, latest_checkpoint, newest_loadable_checkpoint,
@@ -398,8 +398,8 @@ def interrupted(signum: int, step: int, run_dir: Path) -> TrainingInterrupted:
 
     return TrainingInterrupted(
         f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint written to "
-        f"{run_dir / f'checkpoint-{step}'}. Continue with the same command (the same recipe and --set values) "
-        f"plus --resume: distill train RECIPE -o {run_dir} --resume [--set ...].", signum)
+        f"{run_dir / f'checkpoint-{step}'}. Continue with the same recipe plus {option('resume', flag=True)} (on "
+        f"the command line: distill train RECIPE -o {run_dir} --resume [--set ...]).", signum)
 
 
 def finish(s: Session) -> dict:
