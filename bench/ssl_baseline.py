@@ -221,12 +221,14 @@ def main(argv=None) -> int:
     before any work and without writing ``--output-dir``; a missing extra or dataset is one line, exit 2; Ctrl-C or
     SIGTERM stop at once (exit 130 / 143), removing the half-written ``--output-dir``
     (`distill.errors.run_reporting`, as ``distill`` does)."""
-    from distill.errors import run_reporting
+    from distill.errors import parser_spelling, run_reporting, set_spelling
 
-    return run_reporting("ssl_baseline.py", _main, argv)
+    ap = build_parser()  # the library's messages name this script's options: -o, --set data_root=VALUE
+    return run_reporting("ssl_baseline.py", _main, ap, argv, spelling=parser_spelling(ap, fallback=set_spelling))
 
 
-def _main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's command line."""
     ap = argparse.ArgumentParser(prog="ssl_baseline.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="quickstart",
                     help="a shipped recipe's name or a recipe file: data, student, batch, optimizer, seed "
@@ -242,6 +244,10 @@ def _main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the figures here (small JSON, e.g. under bench/results/)")
     ap.add_argument("--distill-run", default=None, help="distillation run measured beside it: its figures are copied")
     ap.add_argument("--max-steps", type=_positive(int), default=None, help="stop earlier (smoke tests)")
+    return ap
+
+
+def _main(ap: argparse.ArgumentParser, argv=None) -> int:
     args = ap.parse_args(argv)
     from distill.recipes import load_recipe, parse_overrides
 

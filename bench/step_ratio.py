@@ -50,12 +50,14 @@ def step_fn(recipe_name: str, overrides: dict, n_batches: int):
 def main(argv=None) -> int:
     """Command line; prints and (``--json``) saves the ratio. Returns 0; a missing dataset is one line, exit 2;
     Ctrl-C / SIGTERM stop at once (130 / 143) without a traceback (`distill.errors.run_reporting`)."""
-    from distill.errors import run_reporting
+    from distill.errors import parser_spelling, run_reporting, set_spelling
 
-    return run_reporting("step_ratio.py", _main, argv)
+    ap = build_parser()  # the library's messages name this script's options: -o, --set data_root=VALUE
+    return run_reporting("step_ratio.py", _main, ap, argv, spelling=parser_spelling(ap, fallback=set_spelling))
 
 
-def _main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's command line."""
     ap = argparse.ArgumentParser(prog="step_ratio.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("recipe", help="a shipped recipe's name or a recipe file")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for both arms")
@@ -63,6 +65,10 @@ def _main(argv=None) -> int:
                     help="overrides of the variant arm only (e.g. student_size=32)")
     ap.add_argument("--rounds", type=int, default=6, help="timed rounds (>= 1), after one untimed warm-up round")
     ap.add_argument("--json", default=None, help="write the figures here (e.g. under bench/results/)")
+    return ap
+
+
+def _main(ap: argparse.ArgumentParser, argv=None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error(f"--rounds {args.rounds} must be >= 1 (e.g. 6)")

@@ -121,11 +121,13 @@ def option(name: str, flag: bool = False) -> str:
     return _SPELLING.get()(name, flag)
 
 
-def parser_spelling(parser: argparse.ArgumentParser, rename: Optional[Mapping[str, str]] = None) -> Spelling:
+def parser_spelling(parser: argparse.ArgumentParser, rename: Optional[Mapping[str, str]] = None,
+                    fallback: Optional[Spelling] = None) -> Spelling:
     """The spelling of ``parser``'s command line: a setting is the option whose ``dest`` it is (its longest
     ``--`` string: ``--data-root``), a positional its metavar or upper-cased dest (``MODEL``); ``rename`` maps
     settings to this parser's dests where they differ (``{"steps": "finetune_steps"}``). A setting the parser
-    lacks is spelled as distill's commands would (``--data-root``)."""
+    lacks is spelled by ``fallback`` (e.g. ``--set data_root=VALUE`` for a script that takes recipe keys with
+    ``--set``), by default as distill's commands would (``--data-root``)."""
     rename = dict(rename or {})
     by_dest: dict[str, str] = {}
     stack = [parser]
@@ -142,8 +144,16 @@ def parser_spelling(parser: argparse.ArgumentParser, rename: Optional[Mapping[st
 
     def spell(name: str, flag: bool = False) -> str:
         dest = rename.get(name, name)
-        return by_dest.get(dest, "--" + dest.replace("_", "-"))
+        if dest in by_dest:
+            return by_dest[dest]
+        return fallback(name, flag) if fallback is not None else "--" + dest.replace("_", "-")
     return spell
+
+
+def set_spelling(name: str, flag: bool = False) -> str:
+    """A recipe key as ``--set`` gives it (``--set data_root=VALUE``): the fallback of `parser_spelling` for scripts
+    whose only way to a setting is ``--set KEY=VALUE`` (``bench/*.py``)."""
+    return f"--set {name}={'true' if flag else 'VALUE'}"
 
 
 @contextlib.contextmanager

@@ -174,3 +174,26 @@ def test_a_missing_data_root_names_the_keyword():
 
     with pytest.raises(ValueError, match=r"set `data_root` in the recipe, or pass data_root\.$"):
         build_dataset("image-folder", None, "train", 3)
+
+
+def test_a_missing_data_root_under_a_command_without_data_root_names_set(tmp_path, capsys):
+    """`distill train` has no --data-root: its recipe keys come through --set, so a message naming data_root says
+    `--set data_root=VALUE` (it said 'pass --data-root on the command line', an option train lacks); `distill probe`
+    has --data-root and keeps it; a script with --set (bench/ssl_baseline.py) gets the same as train."""
+    from distill.errors import set_spelling
+
+    assert main(["train", "quickstart", "--set", "dataset=image-folder", "-o", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("set `data_root` in the recipe, or pass --set data_root=VALUE.") and "--data-root" \
+        not in err
+    assert not (tmp_path / "run").exists()
+    probe = build_parser()._subparsers._group_actions[0].choices["probe"]
+    assert parser_spelling(probe, fallback=set_spelling)("data_root") == "--data-root"
+    assert set_spelling("data_root") == "--set data_root=VALUE" and set_spelling("ema", flag=True) == "--set ema=true"
+    pytest.importorskip("lightly")
+    from bench import ssl_baseline as sb
+
+    assert sb.main(["--steps", "2", "--set", "dataset=image-folder", f"data_root={tmp_path / 'none'}",
+                    "-o", str(tmp_path / "ssl")]) == 2
+    err = capsys.readouterr().err
+    assert "(or pass --set data_root=VALUE)" in err and not (tmp_path / "ssl").exists()

@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..errors import TrainingInterrupted, parser_spelling, run_reporting
+from ..errors import TrainingInterrupted, parser_spelling, run_reporting, set_spelling
 from ..logs import setup_logging
 from ..version import __version__
 from .common import spread_set_options
@@ -73,4 +73,7 @@ def main(argv=None) -> int:
         return kept(getattr(args, "output_dir", None))
 
     command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
-    return run_reporting(f"distill {args.command}", args.func, args, note=note, spelling=parser_spelling(command))
+    # messages name this command's options; a recipe key it has no option for is `--set KEY=VALUE` where it takes one
+    takes_set = any(a.dest == "set" for a in command._actions)
+    spelling = parser_spelling(command, fallback=set_spelling if takes_set else None)
+    return run_reporting(f"distill {args.command}", args.func, args, note=note, spelling=spelling)
