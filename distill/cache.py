@@ -347,7 +347,7 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
     t0 = time.time()
     out = Path(out_dir).expanduser()
     if int(num_draws) < 1:
-        raise ValueError(f"num_draws={num_draws} must be >= 1 (noise draws per image).")
+        raise ValueError(f"{option('num_draws')} {num_draws} must be >= 1 (noise draws per image).")
     num_draws = int(num_draws)
     check_output_dir(out, overwrite)
     seed = recipe.seed if seed is None else int(seed)
@@ -367,7 +367,7 @@ def extract_features_cache(recipe, out_dir: Union[str, Path], num_draws: int = 2
     N = len(ds)
     shapes = {f.key: [N, num_draws, f.num_chs, *f.size] for f in info}
     nbytes = sum(int(np.prod(s)) * 2 for s in shapes.values())
-    check_free_space(out, nbytes, N, f"lower {option('draws')}, use {option('max_images')}")
+    check_free_space(out, nbytes, N, f"lower {option('num_draws')}, use {option('max_images')}")
     remove_stale_temps(out)
     # atomic: `out` is the old cache or the complete new one, never half of one (replacing a cache was allowed above)
     with atomic_dir(out, replace=True) as tmp:

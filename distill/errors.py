@@ -12,7 +12,7 @@ import contextvars
 import signal
 import sys
 import threading
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, NoReturn, Optional
 
 
 class RunExistsError(FileExistsError):
@@ -164,6 +164,25 @@ def spelled_as(spelling: Spelling) -> Iterator[None]:
         yield
     finally:
         _SPELLING.reset(token)
+
+
+@contextlib.contextmanager
+def renamed(names: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, setting ``a`` is named as the current spelling names ``names[a]``: a check made on one
+    item of a list setting names the list (a sweep's run checks ``fraction``; the caller gave ``fractions``)."""
+    outer = _SPELLING.get()
+    with spelled_as(lambda name, flag=False: outer(names.get(name, name), flag)):
+        yield
+
+
+def refuse(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Bad input found after parsing, reported as `run_reporting` reports the library's: one line ``PROG: error:
+    MESSAGE`` on stderr, exit 2 (``parser.error`` would print the whole usage block first).
+
+    Raises:
+        SystemExit: always, with code 2.
+    """
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
 #: CLI exit code per exception kind: 2 for bad input, 3 for a run that was refused or stopped, 1 for a failed upload.

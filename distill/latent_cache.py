@@ -153,7 +153,7 @@ def extract_latent_cache(recipe, out_dir: Union[str, Path], batch_size: Optional
                     peak = v.abs().max().item()
                     if not peak <= limit:
                         raise ValueError(f"latent {k} reaches |z|={peak:.4g} (or is not finite) in images {start}-"
-                                         f"{start + B - 1}, beyond {storage}'s range; use --latent-dtype float32.")
+                                         f"{start + B - 1}, beyond {storage}'s range; use {option('storage')} float32.")
                     arrays[k][start:start + B] = v.cpu().numpy().astype(storage)
                 start += B
         for a in arrays.values():

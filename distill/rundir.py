@@ -156,12 +156,22 @@ def is_run(run_dir: Path) -> bool:
     return run_dir.is_dir() and ((run_dir / CONFIG).exists() or bool(list_checkpoints(run_dir)))
 
 
+def _other_files(run_dir: Path) -> list:
+    """The names in ``run_dir`` other than its lock (none when it does not exist)."""
+    return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
+
+
+def _listed(names: list) -> str:
+    return ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Optional[Path]:
     """Refuse to mix runs: an existing run is resumed (``resume``: returns its newest checkpoint, or None),
     replaced (``overwrite``) or an error.
 
     Raises:
-        RunExistsError: ``run_dir`` holds a run and neither ``resume`` nor ``overwrite`` is set.
+        RunExistsError: ``run_dir`` holds a run and neither ``resume`` nor ``overwrite`` is set; or it holds files
+            that are not a run (with ``resume`` too: nothing to continue there, and a new run would mix with them).
     """
     run_dir = Path(run_dir)
     if resume:
@@ -173,14 +183,19 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Optional[Pa
                                  f"checkpoint). Fix: give the {option('output_dir')} of a distill run.")
         ckpt = newest_loadable_checkpoint(run_dir)  # a damaged newest one is skipped with a warning
         if ckpt is None:
+            others = _other_files(run_dir)
+            if others and not is_run(run_dir):  # nothing to continue, and the files are not a run's: never mix
+                raise RunExistsError(
+                    f"{option('resume', flag=True)}: output directory '{run_dir}' holds no distill run to continue "
+                    f"({_listed(others)}); a run started there would mix with those files. Nothing was written. Fix: "
+                    f"give the {option('output_dir')} of a distill run, or a new or empty one.")
             _logger.warning("%s: no checkpoint in '%s'; starting from step 0", option("resume", flag=True), run_dir)
         return ckpt
-    others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
+    others = _other_files(run_dir)
     if others and not is_run(run_dir):
         raise RunExistsError(
-            f"output directory '{run_dir}' is not empty and holds no distill run ({', '.join(others[:8])}"
-            f"{' ...' if len(others) > 8 else ''}); a run written there would mix with those files. Fix: choose a new "
-            f"or empty {option('output_dir')}.")
+            f"output directory '{run_dir}' is not empty and holds no distill run ({_listed(others)}); a run written "
+            f"there would mix with those files. Fix: choose a new or empty {option('output_dir')}.")
     if is_run(run_dir):
         if not overwrite:
             raise RunExistsError(

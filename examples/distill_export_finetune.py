@@ -22,7 +22,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from distill.errors import parser_spelling, run_reporting
+from distill.errors import parser_spelling, refuse, run_reporting
 from distill.logs import count
 
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny data, student input and batches: a smoke run")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:  # before --tiny builds its data
-        p.error(f"--steps must be an integer >= 1 (distillation steps); got {args.steps}.")
+        refuse(p, f"--steps must be an integer >= 1 (distillation steps); got {args.steps}.")
     with contextlib.ExitStack() as stack:  # the --tiny data lives as long as the run and is removed after it
         # the library's messages name this script's options: the fine-tune's steps are --finetune-steps here
         return run_reporting(p.prog, run, args, stack, spelling=parser_spelling(p, {"steps": "finetune_steps"}))

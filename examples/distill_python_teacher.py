@@ -19,7 +19,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from distill.errors import parser_spelling, run_reporting
+from distill.errors import parser_spelling, refuse, run_reporting
 from distill.logs import count
 
 HERE = Path(__file__).resolve().parent
@@ -48,8 +48,10 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny teacher, student input and batch (where not given): a "
                                                        "smoke run")
     args = p.parse_args(argv)
+    if args.steps < 1:  # before --tiny builds its data (the recipe would name its key, steps, not this option)
+        refuse(p, f"--steps must be an integer >= 1 (distillation steps); got {args.steps}.")
     if args.data_root is None and not args.tiny and args.dataset != "fashion-mnist":
-        p.error("--data-root is required (or --tiny for a synthetic folder, or --dataset fashion-mnist)")
+        refuse(p, "--data-root is required (or --tiny for a synthetic folder, or --dataset fashion-mnist)")
     with contextlib.ExitStack() as stack:  # the --tiny data lives as long as the run and is removed after it
         return run_reporting(p.prog, run, args, stack, spelling=parser_spelling(p))  # messages name its options
 

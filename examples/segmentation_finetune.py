@@ -20,7 +20,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from distill.errors import parser_spelling, run_reporting
+from distill.errors import parser_spelling, refuse, run_reporting
 from distill.logs import count
 
 
@@ -53,11 +53,11 @@ def main(argv=None) -> int:
                                                 ("--mask-threshold", args.mask_threshold),
                                                 ("--ignore-index", args.ignore_index)) if v is not None]
         if given:
-            p.error(f"{', '.join(given)}: --tiny without --data-root fine-tunes on a synthetic set of its own "
+            refuse(p, f"{', '.join(given)}: --tiny without --data-root fine-tunes on a synthetic set of its own "
                     f"(images-masks layout, 4 classes, its classes.txt), which these do not describe. Fix: give "
                     f"--data-root with the data they describe, or leave them out.")
     elif args.data_root is None:
-        p.error("--data-root is required (CamVid: the folder holding train/ and trainannot/), or --tiny")
+        refuse(p, "--data-root is required (CamVid: the folder holding train/ and trainannot/), or --tiny")
     with contextlib.ExitStack() as stack:  # the --tiny data lives as long as the run and is removed after it
         # the library's messages name this script's options (--model, --steps, ...), not distill finetune's
         return run_reporting(p.prog, run, args, stack, synthetic, spelling=parser_spelling(p))

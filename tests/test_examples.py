@@ -131,7 +131,7 @@ def test_segmentation_example_refuses_settings_that_tiny_would_override(tmp_path
     proc = subprocess.run([sys.executable, str(EXAMPLES / "segmentation_finetune.py"), "--tiny", "--layout", "voc",
                            "--num-classes", "3"], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert "--layout voc, --num-classes 3: --tiny without --data-root" in proc.stderr and "Fix:" in proc.stderr
 
 
@@ -166,8 +166,9 @@ def test_library_messages_name_the_scripts_own_options(tmp_path):
                     tmp_path)
     assert "--finetune-steps must be an integer >= 1; got 0" in line
     _suggests_only_its_own_options("distill_export_finetune.py", line, tmp_path)
-    line = _refused("distill_export_finetune.py", ["--tiny", "--steps", "0", "-o", str(tmp_path / "o")], tmp_path)
-    assert "--steps must be an integer >= 1 (distillation steps)" in line and not (tmp_path / "o").exists()
+    for script in ("distill_export_finetune.py", "distill_python_teacher.py"):  # one line (no usage block), the
+        line = _refused(script, ["--tiny", "--steps", "0", "-o", str(tmp_path / "o")], tmp_path)  # option's name
+        assert "--steps must be an integer >= 1 (distillation steps)" in line and not (tmp_path / "o").exists()
     sys.path.insert(0, str(EXAMPLES))
     try:
         from _tiny_data import segmentation_folder

@@ -126,7 +126,7 @@ def test_export_data_root_is_the_default_and_a_missing_one_asks_for_data_root(rg
 @pytest.mark.parametrize("extra,expected", [
     (["--fraction", "0"], "--fraction 0.0 is outside (0, 1]"),
     (["--fraction", "1.5"], "--fraction 1.5 is outside (0, 1]"),
-    (["--fractions", "0.1", "2"], "--fraction 2.0 is outside (0, 1]"),
+    (["--fractions", "0.1", "2"], "--fractions 2.0 is outside (0, 1]"),
     (["--steps", "0"], "--steps must be an integer >= 1"),
     (["--optimizer", "adam"], f"--optimizer 'adam' is not valid; valid: {', '.join(OPTIMIZERS)}"),
     (["--augment", "mixup"], "--augment 'mixup' is not valid"),

@@ -172,7 +172,7 @@ def test_probe_and_report_inputs_name_the_keywords(tmp_path):
 def test_a_missing_data_root_names_the_keyword():
     from distill.data import build_dataset
 
-    with pytest.raises(ValueError, match=r"set `data_root` in the recipe, or pass data_root\.$"):
+    with pytest.raises(ValueError, match=r"a Hugging Face dataset\); give it as data_root\.$"):
         build_dataset("image-folder", None, "train", 3)
 
 
@@ -184,7 +184,7 @@ def test_a_missing_data_root_under_a_command_without_data_root_names_set(tmp_pat
 
     assert main(["train", "quickstart", "--set", "dataset=image-folder", "-o", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert err.rstrip().endswith("set `data_root` in the recipe, or pass --set data_root=VALUE.") and "--data-root" \
+    assert err.rstrip().endswith("give it as --set data_root=VALUE.") and "--data-root" \
         not in err
     assert not (tmp_path / "run").exists()
     probe = build_parser()._subparsers._group_actions[0].choices["probe"]
@@ -196,4 +196,26 @@ def test_a_missing_data_root_under_a_command_without_data_root_names_set(tmp_pat
     assert sb.main(["--steps", "2", "--set", "dataset=image-folder", f"data_root={tmp_path / 'none'}",
                     "-o", str(tmp_path / "ssl")]) == 2
     err = capsys.readouterr().err
-    assert "(or pass --set data_root=VALUE)" in err and not (tmp_path / "ssl").exists()
+    assert "give a folder of class folders as --set data_root=VALUE: ROOT/" in err and not (tmp_path / "ssl").exists()
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["select", "--method", "grid", "--images", "0"], "distill select: error: --images must be an integer >= 1; got 0."),
+    (["select", "--method", "grid", "--epochs", "0"], "distill select: error: --epochs must be an integer >= 1; got 0."),
+    (["extract", "quickstart", "--draws", "0"], "distill extract: error: --draws 0 must be >= 1 (noise draws per image)."),
+])
+def test_arguments_whose_setting_has_another_name_are_named_by_their_option(argv, named, tmp_path, capsys):
+    """distill select checked --images as the recipe key select_images, behind a doubled 'distill select:' prefix;
+    distill extract named --draws by its keyword num_draws=0 (its dest is now the keyword, so the spelling maps)."""
+    assert main([*argv, "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(named) and err.count("distill ") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_binary_mask_threshold_with_other_than_two_classes_is_refused():
+    from distill.segment.config import layout_classes
+
+    with pytest.raises(ValueError, match=r"^mask_threshold 128 makes every mask binary .* but num_classes is 3"):
+        layout_classes("images-masks", 3, None, 128)
+    assert layout_classes("images-masks", None, None, 128) == (2, 255) == layout_classes("images-masks", 2, None, 128)

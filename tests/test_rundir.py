@@ -67,6 +67,14 @@ def test_a_non_empty_folder_that_is_not_a_run_is_refused(rgb_folder, tmp_path):
     with pytest.raises(RunExistsError, match="not empty and holds no distill run.*notes.txt"):
         train(rgb_recipe(rgb_folder, steps=2), str(misc), progress=False)
     assert sorted(p.name for p in misc.iterdir()) == ["notes.txt"]
+    with pytest.raises(ValueError, match=r"allow_changes=True applies to a resume only .* add resume=True"):
+        train(rgb_recipe(rgb_folder, steps=2), str(tmp_path / "new"), allow_changes=True, progress=False)
+    assert not (tmp_path / "new").exists()
+    # resume: nothing to continue there; it trained from step 0 into the folder, beside notes.txt
+    with pytest.raises(RunExistsError, match=r"resume=True: output directory .* holds no distill run to continue "
+                                             r"\(notes.txt\); a run started there would mix"):
+        train(rgb_recipe(rgb_folder, steps=2), str(misc), resume=True, progress=False)
+    assert sorted(p.name for p in misc.iterdir()) == ["notes.txt"]
 
 
 def test_overwrite_replaces_a_run_by_its_own_files(rgb_folder, tmp_path):

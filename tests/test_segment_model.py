@@ -157,3 +157,13 @@ def test_exported_swin_and_vit_students_segment_at_another_size(tmp_path, arch, 
     assert all(any(v.shape == w.shape and torch.equal(v, w) for w in saved) for v in loaded.values())
     out = SegModel(bb, build_decoder("fpn", bb.channels, 3, width=8))(torch.rand(1, 3, 48, 72))
     assert out.shape == (1, 3, 48, 72) and bb.reductions == [4, 8, 16, 32]
+
+
+def test_a_level_the_backbone_lacks_is_one_error_naming_its_levels():
+    """--levels 9 on a ResNet (5 levels) was an IndexError traceback from timm's feature_info, exit 1."""
+    from distill.finetune.model import parse_model_source
+    from distill.segment.model import timm_features
+
+    with pytest.raises(ValueError, match=r"^levels 9: resnet18 has 5 feature levels, 0\.\.4 \(timm out_indices"):
+        timm_features(parse_model_source("timm:resnet18"), [9])
+    assert len(timm_features(parse_model_source("timm:resnet18"), [3, 4]).feature_info.channels()) == 2

@@ -49,7 +49,7 @@ def test_unreachable_hub_fails_fast_with_the_fix(unreachable_hub):
         load_teacher("google/ddpm-cifar10-32", ["mid_block"], [11])
     assert time.monotonic() - t0 < 30  # one refused connection, not retries per file (79 s before)
     msg = str(e.value)
-    assert msg.startswith(f"teacher 'google/ddpm-cifar10-32' is a hub id but the hub ({CLOSED}) cannot be reached")
+    assert msg.startswith(f"teacher 'google/ddpm-cifar10-32' is a hub id: the hub ({CLOSED}) cannot be reached")
     assert "set teacher: DIR" in msg and "HF_HUB_OFFLINE=1" in msg and "\n" not in msg
 
 
@@ -82,10 +82,12 @@ def test_a_missing_local_folder_read_as_a_hub_id_says_so_first(unreachable_hub, 
     msg = str(e.value)
     assert msg.startswith("teacher 'runs/teacher' is not a folder here: 'runs/' exists but holds no 'teacher'")
     assert "tools/train_teacher.py --dataset DATASET --data-root DIR --out runs/teacher" in msg
-    assert "Read as a hub id instead: teacher 'runs/teacher' is a hub id but the hub" in msg
+    assert "). As a hub id it cannot be loaded either: the hub (" in msg
+    assert msg.count("train_teacher.py") == 1 and "was meant as a local folder" not in msg  # said once, first
     with pytest.raises(ValueError) as e:
         check_hub_reachable("owner/model", timeout=2)  # no owner/ folder here: the hub error alone
-    assert str(e.value).startswith("teacher 'owner/model' is a hub id but the hub")
+    assert str(e.value).startswith("teacher 'owner/model' is a hub id: the hub")
+    assert "was meant as a local folder, it does not exist here" in str(e.value)
 
 
 def test_cli_exits_2_without_a_traceback(tmp_path):

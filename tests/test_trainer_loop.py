@@ -226,6 +226,7 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_continue
     assert "Traceback" not in err and "--resume" in err
     # the exact command to continue, with this run's recipe file and directory (not a generic RECIPE placeholder)
     assert f"to continue: distill train {path} -o {tmp_path / 'run'} --resume" in err, err[-2000:]
+    assert "RECIPE" not in err and err.count("--resume") == 2  # the stop line says --resume, the next the command
     last = int((tmp_path / "run" / "metrics.csv").read_text().splitlines()[-1].split(",")[0])
     assert 3 <= last < 60 and latest_checkpoint(tmp_path / "run").name == f"checkpoint-{last}"
     if sig == signal.SIGTERM:  # resuming the interrupted run gives the uninterrupted run's weights

@@ -120,14 +120,15 @@ def add_extract_parser(sub) -> None:
                        description=RECIPE_TRUST, formatter_class=argparse.RawDescriptionHelpFormatter)
     x.add_argument("recipe", help=RECIPE_HELP)
     add_output_dir(x, "cache directory (written atomically; manifest.json + one .npy per teacher feature)")
-    x.add_argument("--draws", type=int, default=2, help="noise draws per image (training picks one per step)")
+    x.add_argument("--draws", dest="num_draws", type=int, default=2,  # dest: extract_features_cache's keyword
+                   help="noise draws per image (training picks one per step)")
     x.add_argument("--batch-size", type=int, default=None, help="images per teacher forward (default: the recipe's)")
     x.add_argument("--max-images", type=int, default=None, help="cache only the first N training images")
     x.add_argument("--latents", action="store_true",
                    help="latent teachers (SD, DiT): cache the VAE posterior (mean, std) of every image, and of its "
                         "flip unless augment: none, instead of features; train with --set latent_cache=DIR (fresh "
                         "noise every step, the VAE never runs)")
-    x.add_argument("--latent-dtype", default="float16", choices=LATENT_STORAGE,
+    x.add_argument("--latent-dtype", dest="storage", default="float16", choices=LATENT_STORAGE,  # the keyword
                    help="with --latents: storage dtype (default float16)")
     add_set(x)
     x.add_argument("--overwrite", action="store_true", help="replace an existing cache in --output-dir")
@@ -144,13 +145,13 @@ def cmd_extract(args) -> int:
         from ..latent_cache import extract_latent_cache
 
         res = extract_latent_cache(recipe, args.output_dir, batch_size=args.batch_size, overwrite=args.overwrite,
-                                   progress=not args.no_progress, max_images=args.max_images, storage=args.latent_dtype)
-        print(f"wrote the VAE posterior (mean, std; {args.latent_dtype}) of {res['num_images']} images x {res['flips']} "
+                                   progress=not args.no_progress, max_images=args.max_images, storage=args.storage)
+        print(f"wrote the VAE posterior (mean, std; {args.storage}) of {res['num_images']} images x {res['flips']} "
               f"view(s) to {res['path']}: {res['bytes'] / 2**20:.1f} MiB, {res['bytes_per_image'] / 1024:.1f} KiB per "
               f"image, {res['seconds']:.1f} s")
         print(f"train from it with: --set latent_cache={res['path']}")
         return 0
-    res = extract_features_cache(recipe, args.output_dir, num_draws=args.draws, batch_size=args.batch_size,
+    res = extract_features_cache(recipe, args.output_dir, num_draws=args.num_draws, batch_size=args.batch_size,
                                  overwrite=args.overwrite, progress=not args.no_progress, max_images=args.max_images)
     mib = res["bytes"] / 2**20
     print(f"wrote {res['num_images']} images x {res['num_draws']} draws of {', '.join(res['keys'])} (float16) to "

@@ -50,8 +50,7 @@ def _find_idx(root: Path, stem: str) -> Path:
     raise DatasetNotFoundError(
         f"Fashion-MNIST file '{stem}[.gz]' not found in '{root}'. Install the Debian package with "
         f"`apt-get update && apt-get install -y dataset-fashion-mnist` (it puts the four IDX files in "
-        f"{FASHION_MNIST_DIR}), or set `data_root` in the recipe (or pass {option('data_root')}) to a directory "
-        f"holding "
+        f"{FASHION_MNIST_DIR}), or give a directory holding them as {option('data_root')}: "
         f"{', '.join(s for pair in _FMNIST_FILES.values() for s in pair)} (gzipped or not)."
     )
 

@@ -155,9 +155,8 @@ class ImageFolder(DecodedImages):
         root_p = Path(root).expanduser()
         if not root_p.is_dir():
             raise DatasetNotFoundError(
-                f"image folder '{root}' does not exist. Fix: set the recipe's `data_root` (or pass "
-                f"{option('data_root')}) to a folder of "
-                f"class folders, ROOT/<class>/*.jpg (or ROOT/train/<class>/ and ROOT/test/<class>/). For the "
+                f"image folder '{root}' does not exist. Fix: give a folder of class folders as "
+                f"{option('data_root')}: ROOT/<class>/*.jpg (or ROOT/train/<class>/ and ROOT/test/<class>/). For the "
                 f"CIFAR-10 recipes: download CIFAR-10 from https://www.cs.toronto.edu/~kriz/cifar.html and write "
                 f"its images as ~/.cache/distill/cifar10-jpg/{{train,test}}/<class>/NNNNN.jpg (the documentation's "
                 f"Data page, 'Getting the data', has the script)."

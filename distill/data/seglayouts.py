@@ -182,7 +182,7 @@ def resolve_split(root: str | Path, split: str, layout: str) -> str:
     """
     if not Path(root).expanduser().is_dir():
         raise DatasetNotFoundError(f"{option('data_root')} '{root}' does not exist (or is not a folder). Fix: give the "
-                                   f"dataset folder as downloaded ({option('layout')} {layout}: "
+                                   f"dataset folder as downloaded ({option('layout')} {layout}; layouts: "
                                    f"{', '.join(SEG_LAYOUTS)}).{_download_hint(layout)}")
     if has_split(root, split, layout):
         return split

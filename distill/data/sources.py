@@ -42,8 +42,7 @@ def build_dataset(name: str, root: Optional[str] = None, split: str = "train", c
         raise ValueError(f"unknown dataset {name!r}; valid: {list(DATASETS)}.")
     if root is None:
         raise ValueError(f"dataset {name!r} needs a data root (a folder of images or of class folders, a CSV file "
-                         f"list, or a Hugging Face dataset): set `data_root` in the recipe, or pass "
-                         f"{option('data_root')}.")
+                         f"list, or a Hugging Face dataset); give it as {option('data_root')}.")
     kw = dict(channels=channels, size=size, resize=resize, min_side=min_side, on_error=on_error,
               classes=tuple(classes) if classes else None)
     if name == "image-folder":

@@ -16,9 +16,14 @@ def layout_classes(layout: str, num_classes: Optional[int], ignore_index: Option
     binary masks (``mask_threshold``) have 2 classes.
 
     Raises:
-        ValueError: ``images-masks`` without ``--num-classes`` or ``--mask-threshold``.
+        ValueError: ``images-masks`` without ``--num-classes`` or ``--mask-threshold``; a ``--mask-threshold``
+            (binary masks) with ``--num-classes`` other than 2.
     """
     default_classes, default_ignore = SEG_LAYOUT_CLASSES[layout]
+    if mask_threshold is not None and num_classes is not None and num_classes != 2:
+        raise ValueError(f"{option('mask_threshold')} {mask_threshold} makes every mask binary (class 0 below it, 1 "
+                         f"from it on), but {option('num_classes')} is {num_classes}; leave {option('num_classes')} "
+                         f"out (2), or leave {option('mask_threshold')} out for masks that hold class ids.")
     if num_classes is None:
         num_classes = 2 if mask_threshold is not None else default_classes
         if num_classes is None:

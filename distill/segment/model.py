@@ -213,7 +213,8 @@ def timm_features(source, levels: Optional[Sequence[int]], like_config: Optional
     """A timm ``features_only`` model of a `distill.finetune.ModelSource`: the export's weights, or random
     init (call under a seeded RNG) with ``--like``'s model arguments when the architecture matches.
 
-    ``levels``: timm ``out_indices``; default all levels (`TimmBackbone` drops a CNN's stride-2 one).
+    ``levels``: timm ``out_indices``; default all levels (`TimmBackbone` drops a CNN's stride-2 one); an index
+    the model does not have is a ``ValueError`` naming its levels.
     ``img_size``: a fixed-input family (ViT, Swin, ...: `distill.student.fixed_input_size`) is built for this
     side (scratch; an export keeps the size it was trained at) with ``dynamic_img_size=True`` where timm offers it,
     so any input size (a multiple of its patch / window grid) runs.
@@ -237,13 +238,25 @@ def timm_features(source, levels: Optional[Sequence[int]], like_config: Optional
         kwargs["out_indices"] = tuple(levels)
     elif arch.startswith(VIT_PREFIXES):
         kwargs["out_indices"] = 1  # a plain ViT: its last block (forward_intermediates' last-n), for SimplePyramid
+
+    def create(kw: dict) -> nn.Module:
+        try:
+            return timm.create_model(name, pretrained=pretrained, **kw)
+        except TypeError as e:
+            if "dynamic_img_size" not in str(e) or "dynamic_img_size" in model_args:
+                raise
+            kw = {k: v for k, v in kw.items() if k != "dynamic_img_size"}  # a fixed family without it: input
+            return timm.create_model(name, pretrained=pretrained, **kw)  # resized to its size (TimmBackbone)
+
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as e:
-        if "dynamic_img_size" not in str(e) or "dynamic_img_size" in model_args:
+        return create(kwargs)
+    except (IndexError, AssertionError) as e:  # timm's feature_info lookup of an out_indices entry out of range
+        if levels is None:
             raise
-        kwargs.pop("dynamic_img_size")  # a fixed family without it: input resized to its size (TimmBackbone)
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        n = len(create({k: v for k, v in kwargs.items() if k != "out_indices"}).feature_info)
+        raise ValueError(f"{option('levels')} {' '.join(map(str, levels))}: {arch or name} has {n} feature levels, "
+                         f"0..{n - 1} (timm out_indices, stride 2 at 0 for CNNs); e.g. "
+                         f"{' '.join(map(str, range(max(n - 4, 0), n)))}, or leave it out for strides 4..32.") from e
 
 
 def fixed_family(arch: str) -> bool:

@@ -15,7 +15,7 @@ from torch.utils.data import Subset
 
 from ..atomic import atomic_write_json
 from ..build import build_teacher, build_train_data
-from ..config import Recipe, make_recipe
+from ..config import RANGES, Recipe, make_recipe
 from ..data import dataset_labels, stratified_indices
 from ..errors import option
 from ..evaluate import ProbeData, probe_data
@@ -167,6 +167,13 @@ def run_selection(out_dir, *, recipe: Optional[Recipe] = None, teacher=None, blo
     """
     if method not in SELECT_METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(SELECT_METHODS)}.")
+    for name, key, arg in (("images", "select_images", images), ("val_images", "select_val_images", val_images),
+                           ("epochs", "select_epochs", epochs), ("label_free_images", "select_label_free_images",
+                                                                 label_free_images)):
+        rng = RANGES[key]  # the argument is checked as itself (--images under distill select), not as its recipe key
+        if arg is not None and not rng.contains(arg):
+            raise ValueError(f"{option(name)} must be an integer {rng.describe()}; got {arg!r}. Fix: e.g. "
+                             f"{getattr(Recipe, key)}.")
     values = recipe.to_dict() if recipe is not None else {}
     for key, arg in (("teacher", teacher), ("dataset", dataset), ("data_root", data_root),
                      ("teacher_blocks", None if blocks is None else list(blocks)),
@@ -176,7 +183,7 @@ def run_selection(out_dir, *, recipe: Optional[Recipe] = None, teacher=None, blo
         if arg is not None:
             values[key] = arg
     values["timesteps"] = [0]
-    recipe = make_recipe(values, source="distill select")
+    recipe = make_recipe(values, source="selection settings")  # not "distill select": the CLI prefixes that
     ds, channels = build_train_data(recipe)
     tea = build_teacher(recipe, channels, timesteps=[0]).to(eval_device(device))
     tea.set_timesteps(check_candidates(recipe.timestep_candidates, tea.num_train_timesteps,

@@ -30,22 +30,26 @@ def in_hub_cache(repo: str) -> bool:
     return any(isinstance(try_to_load_from_cache(repo, f, cache_dir=constants.HF_HUB_CACHE), str) for f in _MARKERS)
 
 
-def _download_hint(repo: str) -> str:
+def _download_hint(repo: str, local: bool = True) -> str:
+    """How to get ``repo`` onto a machine without the hub; ``local``: also what to do if it was meant as a local
+    folder (left out where `_hub_subject` already said so)."""
     return (f"download it on a machine with network (`hf download {repo} --local-dir DIR`, or "
-            f"DDPMPipeline.from_pretrained('{repo}').save_pretrained('DIR')), copy DIR here and set teacher: DIR; if "
-            f"'{repo}' was meant as a local folder, it does not exist here (a teacher you train: "
-            f"tools/train_teacher.py --dataset DATASET --data-root DIR --out {repo} in a source checkout)")
+            f"DDPMPipeline.from_pretrained('{repo}').save_pretrained('DIR')), copy DIR here and set teacher: DIR"
+            + (f"; if '{repo}' was meant as a local folder, it does not exist here (a teacher you train: "
+               f"tools/train_teacher.py --dataset DATASET --data-root DIR --out {repo} in a source checkout)"
+               if local else ""))
 
 
-def _local_folder_lead(repo: str) -> str:
-    """When ``repo``'s owner part is a folder here (``runs/teacher`` with ``runs/`` present), the likelier cause
-    first: a local teacher folder that does not exist (a typo, or not trained yet), before the hub error."""
+def _hub_subject(repo: str) -> "tuple[str, bool]":
+    """The start of a hub error for ``repo`` and whether it already covered a local folder. When ``repo``'s owner
+    part is a folder here (``runs/teacher`` with ``runs/`` present), the likelier cause comes first: a local teacher
+    folder that does not exist (a typo, or not trained yet); then the hub error."""
     owner, name = repo.split("/")
     if not Path(owner).expanduser().is_dir():
-        return ""
+        return f"teacher {repo!r} is a hub id", False
     return (f"teacher {repo!r} is not a folder here: '{owner}/' exists but holds no '{name}' (check the path, or "
-            f"train it first: tools/train_teacher.py --dataset DATASET --data-root DIR --out {repo}). Read as a "
-            f"hub id instead: ")
+            f"train it first: tools/train_teacher.py --dataset DATASET --data-root DIR --out {repo}). As a hub id "
+            f"it cannot be loaded either", True)
 
 
 def check_hub_reachable(repo: str, timeout: Optional[float] = None) -> None:
@@ -63,9 +67,10 @@ def check_hub_reachable(repo: str, timeout: Optional[float] = None) -> None:
 
     if constants.HF_HUB_OFFLINE:
         if not in_hub_cache(repo):
-            raise ValueError(f"{_local_folder_lead(repo)}teacher {repo!r} is a hub id, HF_HUB_OFFLINE is set and the "
-                             f"hub cache ({constants.HF_HUB_CACHE}) has no copy of it. Fix: {_download_hint(repo)}; or unset "
-                             f"HF_HUB_OFFLINE on a machine that can reach {constants.ENDPOINT}.")
+            subject, local = _hub_subject(repo)
+            raise ValueError(f"{subject}: HF_HUB_OFFLINE is set and the hub cache ({constants.HF_HUB_CACHE}) has no "
+                             f"copy of it. Fix: {_download_hint(repo, not local)}; or unset HF_HUB_OFFLINE on a "
+                             f"machine that can reach {constants.ENDPOINT}.")
         return
     from huggingface_hub.utils import get_session
 
@@ -75,9 +80,10 @@ def check_hub_reachable(repo: str, timeout: Optional[float] = None) -> None:
     except Exception as e:  # noqa: BLE001 - connection refused, DNS, timeout, proxy: the network error kinds vary
         why = " ".join(str(e).split())[:160] or type(e).__name__
         cached = in_hub_cache(repo)
+        subject, local = _hub_subject(repo)
+        hint = _download_hint(repo, not local)
         fix = (f"it is in the hub cache ({constants.HF_HUB_CACHE}): set HF_HUB_OFFLINE=1 to load it from there; or "
-               f"{_download_hint(repo)}" if cached else f"{_download_hint(repo)}; or, if it was downloaded to the hub "
-               f"cache, set HF_HUB_CACHE to that cache and HF_HUB_OFFLINE=1")
-        raise ValueError(f"{_local_folder_lead(repo)}teacher {repo!r} is a hub id but the hub ({constants.ENDPOINT}) "
-                         f"cannot be reached within "
-                         f"{timeout:g} s ({type(e).__name__}: {why}). Fix: {fix}.") from None
+               f"{hint}" if cached else f"{hint}; or, if it was downloaded to the hub cache, set HF_HUB_CACHE to that "
+               f"cache and HF_HUB_OFFLINE=1")
+        raise ValueError(f"{subject}: the hub ({constants.ENDPOINT}) cannot be reached within {timeout:g} s "
+                         f"({type(e).__name__}: {why}). Fix: {fix}.") from None

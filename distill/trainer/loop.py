@@ -276,8 +276,11 @@ def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool
         NonFiniteLossError: a non-finite loss with ``on_nonfinite: error``.
         ValueError: a recipe that cannot run (the message names the key and the fix), or a resume whose recipe or
             resolved values (mean/std, teacher weights, data, feature layout) differ from the run's without
-            ``allow_changes`` (each difference listed; ``steps`` may grow).
+            ``allow_changes`` (each difference listed; ``steps`` may grow); ``allow_changes`` without ``resume``.
     """
+    if allow_changes and not resume:  # it applies to a resume only: alone it was accepted and did nothing
+        raise ValueError(f"{option('allow_changes', flag=True)} applies to a resume only (it lets a resumed run "
+                         f"continue with changed settings); add {option('resume', flag=True)}, or leave it out.")
     run_dir = Path(output_dir)
     acc = accelerator or make_accelerator(recipe, run_dir)
     with RunLock(run_dir) if acc.is_main_process else contextlib.nullcontext():  # one training process per run
@@ -398,8 +401,8 @@ def interrupted(signum: int, step: int, run_dir: Path) -> TrainingInterrupted:
 
     return TrainingInterrupted(
         f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint written to "
-        f"{run_dir / f'checkpoint-{step}'}. Continue with the same recipe plus {option('resume', flag=True)} (on "
-        f"the command line: distill train RECIPE -o {run_dir} --resume [--set ...]).", signum)
+        f"{run_dir / f'checkpoint-{step}'}. Continue with the same recipe plus {option('resume', flag=True)}.",
+        signum)  # the distill command adds the exact command line (distill.cli.resume_command)
 
 
 def finish(s: Session) -> dict:

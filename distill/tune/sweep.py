@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ..errors import option
+from ..errors import option, renamed
 from ..logs import count
 from .config import TuneConfig
 from .outdir import RESULT_FILE, read_result
@@ -33,7 +33,9 @@ def sweep(cfg: TuneConfig, output_dir: str, fractions: Sequence[float], seeds: S
         raise ValueError(f"{option('fractions')} and {option('seeds')} need at least one value each.")
     runs = [(f, s) for f in fractions for s in seeds]
     for f, s in runs:
-        dataclasses.replace(cfg, fraction=f, seed=s).validate()
+        run_cfg = dataclasses.replace(cfg, fraction=f, seed=s)
+        with renamed({"fraction": "fractions", "seed": "seeds"}):  # a bad fraction is one of --fractions here
+            run_cfg.validate()
     if len(set(map(lambda r: run_dir_name(*r), runs))) != len(runs):
         raise ValueError(f"{option('fractions')} {list(fractions)} / {option('seeds')} {list(seeds)} contain "
                          "duplicates.")
