@@ -309,6 +309,17 @@ def _plain(v):
     return yaml.safe_load(yaml.safe_dump(v))
 
 
+def check_resume_flags(resume: bool, allow_changes: bool) -> None:
+    """``allow_changes`` applies to a resume only (alone it was accepted and did nothing).
+
+    Raises:
+        ValueError: ``allow_changes`` without ``resume``.
+    """
+    if allow_changes and not resume:
+        raise ValueError(f"{option('allow_changes', flag=True)} applies to a resume only (it lets a resumed run "
+                         f"continue with changed settings); add {option('resume', flag=True)}, or leave it out.")
+
+
 def check_resume(run_dir: Path, start: int, recipe: Recipe, resolved: Optional[dict], allow_changes: bool) -> list:
     """The resume contract: refuse a resume whose recipe or resolved values differ from the run's, except
     `RESUME_FREE_KEYS` (and ``steps`` only upwards of the checkpoint ``start``); with ``allow_changes``

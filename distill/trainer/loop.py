@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,8 +25,8 @@ from ..data import IndexedDataset
 from ..errors import TrainingInterrupted, option
 from ..policy import entropy_weight
 from ..cache import data_fingerprint, teacher_settings, teacher_sha256
-from ..rundir import (MONITOR, check_resume, checkpoint_step, latest_checkpoint, newest_loadable_checkpoint,
-                      prepare_run_dir, record_changes, write_config, write_summary)
+from ..rundir import (MONITOR, check_resume, check_resume_flags, checkpoint_step, latest_checkpoint,
+                      newest_loadable_checkpoint, prepare_run_dir, record_changes, write_config, write_summary)
 from ..runlock import RunLock
 from ..select import check_candidates
 from .accelerator import exact_accumulation, make_accelerator, process_seed, start_trackers
@@ -278,9 +279,7 @@ def train(recipe: Recipe, output_dir: str, resume: bool = False, overwrite: bool
             resolved values (mean/std, teacher weights, data, feature layout) differ from the run's without
             ``allow_changes`` (each difference listed; ``steps`` may grow); ``allow_changes`` without ``resume``.
     """
-    if allow_changes and not resume:  # it applies to a resume only: alone it was accepted and did nothing
-        raise ValueError(f"{option('allow_changes', flag=True)} applies to a resume only (it lets a resumed run "
-                         f"continue with changed settings); add {option('resume', flag=True)}, or leave it out.")
+    check_resume_flags(resume, allow_changes)
     run_dir = Path(output_dir)
     acc = accelerator or make_accelerator(recipe, run_dir)
     with RunLock(run_dir) if acc.is_main_process else contextlib.nullcontext():  # one training process per run
@@ -397,8 +396,6 @@ def monitor_step(s: Session, step: int) -> Optional[float]:
 
 def interrupted(signum: int, step: int, run_dir: Path) -> TrainingInterrupted:
     """The exception that ends a run stopped by a signal, saying how to continue."""
-    import signal
-
     return TrainingInterrupted(
         f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint written to "
         f"{run_dir / f'checkpoint-{step}'}. Continue with the same recipe plus {option('resume', flag=True)}.",
