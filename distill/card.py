@@ -60,25 +60,24 @@ def model_card(cfg: dict, probe_rows: Optional[list] = None, monitor: Optional[d
     ema = d.get("weights") == "ema"
     if d.get("method") == "simclr":  # bench/ssl_baseline.py: the self-supervised baseline, no teacher
         tags, title = ["- self-supervised", "- simclr"], f"# {t(arch)} pretrained with SimCLR"
-        intro = (f"A [timm](https://github.com/huggingface/pytorch-image-models) {c(arch, False)} backbone trained "
-                 f"with SimCLR ({SIMCLR_PAPER[0]}; lightly's NT-Xent loss and projection head) by distill's "
-                 f"`bench/ssl_baseline.py`, the self-supervised baseline its distilled students are compared with "
-                 f"at the same compute. It is a feature extractor (`num_classes=0`): no classifier was trained. It "
-                 f"is not timm's supervised {c(arch, False)}; none of those weights were used.")
+        how = (f"trained with SimCLR ({SIMCLR_PAPER[0]}; lightly's NT-Xent loss and projection head) by distill's "
+               f"`bench/ssl_baseline.py`, the self-supervised baseline its distilled students are compared with at "
+               f"the same compute")
         seconds = d.get("seconds")
         made = [f"| method | SimCLR, two augmented views per image"
                 f"{', ' + t(round(float(seconds))) + ' s of training' if isinstance(seconds, (int, float)) else ''} |"]
         licence = "check the dataset's terms"
     else:
         tags, title = ["- distill", "- knowledge-distillation"], f"# {t(arch)} distilled from a diffusion model"
-        intro = (f"A [timm](https://github.com/huggingface/pytorch-image-models) {c(arch, False)} backbone whose "
-                 f"weights were trained by distill {t(d.get('version', '?'))} to regress the features of the "
-                 f"diffusion model {c(d.get('teacher'), False)} (DreamTeacher-style feature distillation, "
-                 f"{METHOD_PAPER[0]}). It is a feature extractor (`num_classes=0`): no classifier was trained. It is "
-                 f"not timm's supervised {c(arch, False)}; none of those weights were used.")
+        how = (f"whose weights were trained by distill {t(d.get('version', '?'))} to regress the features of the "
+               f"diffusion model {c(d.get('teacher'), False)} (DreamTeacher-style feature distillation, "
+               f"{METHOD_PAPER[0]})")
         made = [f"| teacher | {c(d.get('teacher'))} (sha256 of its weights {c(str(d.get('teacher_sha256'))[:16])}...) |",
                 f"| teacher blocks, timesteps | {t(d.get('teacher_blocks'))}, {t(d.get('timesteps'))} |"]
         licence = "check the teacher's and the dataset's terms"
+    intro = (f"A [timm](https://github.com/huggingface/pytorch-image-models) {c(arch, False)} backbone {how}. It is a "
+             f"feature extractor (`num_classes=0`): no classifier was trained. It is not timm's supervised "
+             f"{c(arch, False)}; none of those weights were used.")
     lines = ["---", "library_name: timm", "license: other", "tags:", "- image-feature-extraction", "- timm",
              *tags, "---", "", title, "", intro, "",
              "## How it was made", "",
