@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distill.errors import refuse  # noqa: E402
 from distill.version import install_hint  # noqa: E402
 from bench._common import emit, interleave, library_step, machine, paired, quickstart_setup  # noqa: E402
 
@@ -255,14 +256,14 @@ def _main(ap: argparse.ArgumentParser, argv=None) -> int:
         overrides = parse_overrides(args.set)
         recipe = load_recipe(args.recipe, overrides)
     except (ValueError, FileNotFoundError) as e:
-        ap.error(f"--recipe {args.recipe!r} / --set: {e}")
+        refuse(ap, f"--recipe {args.recipe!r} / --set: {e}")
     if not args.ratio and not args.output_dir:
-        ap.error("--output-dir is required to train (only --ratio runs without one)")
+        refuse(ap, "--output-dir is required to train (only --ratio runs without one)")
     out = Path(args.output_dir) if args.output_dir else None
     if out is not None and out.exists():
-        ap.error(f"--output-dir {out} exists; pick a new directory (nothing was written).")
+        refuse(ap, f"--output-dir {out} exists; pick a new directory (nothing was written).")
     if args.distill_run and not (Path(args.distill_run) / "summary.json").is_file():
-        ap.error(f"--distill-run {args.distill_run}: no summary.json there; give a finished distill train run "
+        refuse(ap, f"--distill-run {args.distill_run}: no summary.json there; give a finished distill train run "
                  f"directory, or leave --distill-run out.")
     # the extra is checked after the arguments: bad input is named as such whether or not lightly is installed
     NTXentLoss, SimCLRProjectionHead = require_lightly()

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import emit, interleave, library_step, machine, paired, quickstart_setup  # noqa: E402
+from distill.errors import refuse  # noqa: E402
 
 
 def step_fn(recipe_name: str, overrides: dict, n_batches: int):
@@ -71,20 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(ap: argparse.ArgumentParser, argv=None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1:
-        ap.error(f"--rounds {args.rounds} must be >= 1 (e.g. 6)")
+        refuse(ap, f"--rounds {args.rounds} must be >= 1 (e.g. 6)")
     from distill.recipes import load_recipe, parse_overrides
 
     for flag, items in (("--set", args.set), ("--variant", args.variant)):
         try:
             parse_overrides(items)
         except ValueError as e:
-            ap.error(f"{flag}: {str(e).replace('--set ', flag + ' ')}")
+            refuse(ap, f"{flag}: {str(e).replace('--set ', flag + ' ')}")
     base = parse_overrides(args.set)
     variant = {**base, **parse_overrides(args.variant)}
     try:
         load_recipe(args.recipe, variant)
     except (ValueError, FileNotFoundError) as e:
-        ap.error(f"recipe {args.recipe!r} with --set / --variant: {e}")
+        refuse(ap, f"recipe {args.recipe!r} with --set / --variant: {e}")
     at_start = machine()
     recipe_step, _ = step_fn(args.recipe, base, args.rounds + 1)
     variant_step, _ = step_fn(args.recipe, variant, args.rounds + 1)

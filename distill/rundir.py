@@ -144,9 +144,10 @@ def newest_loadable_checkpoint(run_dir: Path, model_only: bool = False, deep: bo
         skipped.append((ckpt.name, problem))
     if skipped:
         listed = "; ".join(f"{name}: {why}" for name, why in skipped)
+        # a whole command, not option('overwrite'): under distill export or probe, --overwrite means another thing
         raise UnreadableFileError(
-            f"no checkpoint of '{run_dir}' can be loaded ({listed}). Fix: restore the run from a copy, or start it "
-            f"again ({option('overwrite', flag=True)}).", run_dir)
+            f"no checkpoint of '{run_dir}' can be loaded ({listed}). Fix: restore the run from a copy, or train it "
+            f"again with the recipe that made it (distill train RECIPE -o {run_dir} --overwrite).", run_dir)
     return None
 
 

@@ -283,6 +283,9 @@ def test_every_checkpoint_damaged_is_an_error_listing_each(tmp_path):
         newest_loadable_checkpoint(run)
     assert "checkpoint-4: empty directory" in str(info.value) and "checkpoint-2: model.safetensors: empty" in \
         str(info.value)
+    # how to start again names distill train's --overwrite, not the option of the command that asked (export, probe)
+    assert str(info.value).endswith(f"train it again with the recipe that made it (distill train RECIPE -o {run} "
+                                    f"--overwrite).")
     assert newest_loadable_checkpoint(tmp_path / "no-run") is None
 
 
