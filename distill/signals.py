@@ -36,7 +36,7 @@ class StopOnSignal:
         self._old: dict = {}
         self._checked: "tuple[int, float] | None" = None  # (step, clock) of the last all-reduce
         self._next = 0  # the next step that all-reduces (the first call does)
-        self.processes = processes  # the first signal's message says how late (`requested` keeps it current)
+        self.processes = processes  # the first signal's message says how late
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():
@@ -75,7 +75,6 @@ class StopOnSignal:
         process plans the same step): ``seconds`` of training ahead, at least 1 and at most ``every`` steps. Every
         process must call with the same ``step`` and ``due`` sequence.
         """
-        self.processes = accelerator.num_processes
         if accelerator.num_processes == 1:
             return self.signum is not None
         if not due and step < self._next:

@@ -320,18 +320,7 @@ def test_the_signal_message_says_how_late_several_processes_stop():
     steps later (the message said 'finishing this step' there too)."""
     from distill.signals import StopOnSignal
 
-    class Acc:
-        device = torch.device("cpu")
-
-        def __init__(self, n):
-            self.num_processes = n
-
-        def reduce(self, t, op):
-            return t
-
-    one, two = StopOnSignal(), StopOnSignal(every=10, seconds=1.0)
-    one.requested(Acc(1), 1)
-    two.requested(Acc(2), 1)
+    one, two = StopOnSignal(), StopOnSignal(every=10, seconds=1.0, processes=2)
     assert one.when() == "finishing this step"
     assert two.when() == ("finishing the steps until all 2 processes agree to stop (about 1 s of training, at most "
                           "9 more steps)")
